@@ -1,0 +1,119 @@
+"""conv(relu(bn(x))) as one autograd Function that saves x, not relu(bn(x)), and recomputes it in backward.
+
+Several convolutions may read the same activation (a pre-activation unit's branch2a and its projection
+shortcut): they share one BN-ReLU forward and one recompute. The convolutions are torch's (cuDNN on GPU);
+with ``dropout`` the Bernoulli mask is kept as bool (1 byte/element) instead of the activation.
+
+Shapes: x (N, C, H, W), NCHW or channels_last; outputs (N, C_out_i, H_i, W_i) per conv.
+Dtypes: x fp32/fp16/bf16; the convs compute in the autocast dtype when autocast is on, else in x's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _runtime
+from .bn_relu import BNParams, bn_params, bn_relu_backward, bn_relu_forward, compute_dtype
+
+
+def _activation(x, p: BNParams, backend, dtype, mask, keep):
+    a = bn_relu_forward(x, p, backend=backend, out_dtype=dtype)
+    if mask is not None:
+        a = a.mul_(mask).mul_(1.0 / keep)
+    return a
+
+
+class _BNReLUConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gamma, beta, p: BNParams, backend: str, cdtype, mask, keep: float, sync, group,
+                geometry: tuple, *params):
+        # params: for each conv, (weight, bias-or-None); geometry: for each conv (stride, padding, dilation, groups)
+        weights, biases = params[0::2], params[1::2]
+        a = _activation(x, p, backend, cdtype, mask, keep)
+        device_type = x.device.type
+        with torch.autocast(device_type, enabled=False):
+            outs = tuple(
+                F.conv2d(a, w.to(cdtype), None if b is None else b.to(cdtype), *geo)
+                for w, b, geo in zip(weights, biases, geometry)
+            )
+        ctx.p, ctx.backend, ctx.cdtype, ctx.keep, ctx.sync, ctx.group = p, backend, cdtype, keep, sync, group
+        ctx.geometry, ctx.has_bias, ctx.has_mask = geometry, [b is not None for b in biases], mask is not None
+        ctx.save_for_backward(x, *(() if mask is None else (mask,)), *weights)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        saved = ctx.saved_tensors
+        x, rest = saved[0], saved[1:]
+        mask, weights = (rest[0], rest[1:]) if ctx.has_mask else (None, rest)
+        a = _activation(x, ctx.p, ctx.backend, ctx.cdtype, mask, ctx.keep)
+        n_fixed = 11
+        grad_a = None
+        param_grads: list[torch.Tensor | None] = []
+        for i, (w, gy, geo, has_b) in enumerate(zip(weights, grad_outs, ctx.geometry, ctx.has_bias)):
+            need_w = ctx.needs_input_grad[n_fixed + 2 * i]
+            need_b = has_b and ctx.needs_input_grad[n_fixed + 2 * i + 1]
+            if gy is None:
+                param_grads += [None, None]
+                continue
+            stride, padding, dilation, groups = geo
+            gi, gw, gb = torch.ops.aten.convolution_backward(
+                gy.to(ctx.cdtype), a, w.to(ctx.cdtype), [w.shape[0]] if has_b else None,
+                list(stride), list(padding), list(dilation), False, [0, 0], groups, [True, need_w, need_b],
+            )
+            grad_a = gi if grad_a is None else grad_a.add_(gi)
+            param_grads += [gw.to(w.dtype) if need_w else None, gb.to(w.dtype) if need_b else None]
+        del a
+        if grad_a is None:
+            return (None,) * (n_fixed + len(param_grads))
+        if mask is not None:
+            grad_a = grad_a.mul_(mask).mul_(1.0 / ctx.keep)
+        dx, dgamma, dbeta = bn_relu_backward(x, grad_a, ctx.p, backend=ctx.backend, need_dx=ctx.needs_input_grad[0],
+                                             sync=ctx.sync, process_group=ctx.group)
+        return (dx, dgamma.to(ctx.p.weight.dtype) if ctx.needs_input_grad[1] else None,
+                dbeta if ctx.needs_input_grad[2] else None, *([None] * (n_fixed - 3)), *param_grads)
+
+
+def _geometry(conv: nn.Conv2d) -> tuple:
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(f"bn_relu_conv supports zero padding given as numbers, not {conv.padding!r}/{conv.padding_mode!r}")
+    return (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+
+
+def bn_relu_conv(
+    x: torch.Tensor,
+    bn: nn.modules.batchnorm._BatchNorm,
+    convs: Sequence[nn.Conv2d],
+    *,
+    dropout: float = 0.0,
+    backend: str = "auto",
+    sync: bool = False,
+    process_group=None,
+) -> list[torch.Tensor]:
+    """``[conv(dropout(relu(bn(x)))) for conv in convs]`` sharing one activation that is never stored.
+
+    ``bn`` follows nn.BatchNorm2d semantics (batch statistics and running-stat updates in training,
+    running statistics in eval; frozen statistics with trainable gamma/beta = bn.eval() with requires_grad).
+    ``dropout`` is element-wise inverted dropout between ReLU and the convs (applied when > 0).
+    """
+    if not convs:
+        raise ValueError("bn_relu_conv needs at least one convolution")
+    be = _runtime.resolve_backend(backend, x)
+    p = bn_params(x, bn, backend=be, sync=sync, process_group=process_group)
+    cdtype = compute_dtype(x)
+    mask, keep = None, 1.0
+    if dropout > 0:
+        keep = 1.0 - dropout
+        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            mask = mask.contiguous(memory_format=torch.channels_last)
+    params: list[torch.Tensor | None] = []
+    for conv in convs:
+        params += [conv.weight, conv.bias]
+    outs = _BNReLUConvFunction.apply(x, bn.weight, bn.bias, p, be, cdtype, mask, keep, sync, process_group,
+                                     tuple(_geometry(c) for c in convs), *params)
+    return list(outs)

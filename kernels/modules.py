@@ -1,0 +1,64 @@
+"""Drop-in nn.Modules built on the recompute kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .bn_relu import bn_relu
+from .bn_relu_conv import bn_relu_conv
+
+
+class BNReLU(nn.BatchNorm2d):
+    """nn.BatchNorm2d followed by ReLU, saving only its input for backward.
+
+    Same parameters, buffers and state_dict keys as nn.BatchNorm2d, so it replaces one in place.
+    ``sync=True`` synchronises batch statistics over torch.distributed (gloo or NCCL).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, *, backend: str = "auto", sync: bool = False,
+                 process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.backend, self.sync, self.process_group = backend, sync, process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bn_relu(x, self, backend=self.backend, sync=self.sync, process_group=self.process_group)
+
+
+class BNReLUConv2d(nn.Module):
+    """The pre-activation step ``conv(relu(bn(x)))`` that stores x, not relu(bn(x)), for backward.
+
+    ``.bn`` is an nn.BatchNorm2d and ``.conv`` an nn.Conv2d holding exactly their usual parameters and
+    buffers, so state_dict keys are ``bn.*`` / ``conv.*`` and weights move freely to and from plain models.
+    ``dropout``: element-wise dropout between ReLU and conv in training (mask kept as bool).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride=1,
+                 padding=0, dilation=1, bias: bool = False, *, groups: int = 1, eps: float = 1e-5,
+                 momentum: float | None = 0.1, dropout: float = 0.0, backend: str = "auto", sync: bool = False,
+                 process_group=None):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.dropout, self.backend, self.sync, self.process_group = dropout, backend, sync, process_group
+
+    @classmethod
+    def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, **kwargs) -> "BNReLUConv2d":
+        """Wrap existing modules (their parameters are shared, not copied)."""
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.bn, block.conv = bn, conv
+        block.dropout = kwargs.get("dropout", 0.0)
+        block.backend = kwargs.get("backend", "auto")
+        block.sync = kwargs.get("sync", False)
+        block.process_group = kwargs.get("process_group")
+        return block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        return bn_relu_conv(x, self.bn, [self.conv], dropout=p, backend=self.backend, sync=self.sync,
+                            process_group=self.process_group)[0]
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, dropout={self.dropout}, sync={self.sync}"

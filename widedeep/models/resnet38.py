@@ -1,0 +1,374 @@
+"""ResNet-38 Models A, A1, A2 (Wu, Shen, van den Hengel, "Wider or Deeper"), as in itijyou/ademxapp.
+
+One table of levels (:data:`LEVELS`) defines the units; the variant decides where the five 2x
+downsamplings sit (max-pool after a level, ``'p'``, or stride 2 in the next level's first unit, ``'c'``),
+and the output stride turns the last one or two of them into dilation exactly as ademxapp's
+``rna_feat`` does: a converted stride keeps the old dilation on the unit's ``branch2a`` and doubles it from
+``branch2b1`` on; a converted pool becomes a 3x3 stride-1 pool and doubles the dilation of all later convs.
+
+Module names follow the psa ``resnet38d.Net`` port (``conv1a``, ``b2``, ``b2_1``, ..., ``b7``, ``bn7``;
+``bn_branch2a``, ``conv_branch2a``, ``conv_branch1`` ...) so its checkpoints load unchanged; the ademxapp
+``.params`` names map one-to-one (see :mod:`widedeep.weights.mapping`).
+
+Tensors: input (N, 3, H, W) float, RGB normalised with ImageNet mean/std, NCHW or channels_last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BN_EPS = 1.001e-5  # ademxapp's value since 2017-01 ("for compatibility with cudnn v5"); the weights expect it
+BN_MOMENTUM = 0.1  # MXNet momentum 0.9 in PyTorch's convention
+
+# level -> (number of units, branch-2 output widths). Two widths: two 3x3 convs ("b33");
+# three widths: 1x1-3x3-1x1 bottleneck ("b131").
+LEVELS: dict[int, tuple[int, tuple[int, ...]]] = {
+    2: (3, (128, 128)),
+    3: (3, (256, 256)),
+    4: (6, (512, 512)),
+    5: (3, (512, 1024)),
+    6: (1, (512, 1024, 2048)),
+    7: (1, (1024, 2048, 4096)),
+}
+STEM_CHANNELS = 64
+NUM_FEATURES = 4096
+
+# Downsampling after levels 1..5: 'p' = 3x3/2 max-pool, 'c' = stride 2 in the next level's first unit.
+DOWNSAMPLING: dict[str, str] = {"a": "ppppp", "a1": "ccccc", "a2": "ppccc"}
+
+PoolStyle = Literal["mxnet", "caffe", "ceil"]
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """Shape of one pre-activation residual unit.
+
+    ``dilations[i]`` is the dilation of branch-2 conv ``i`` (only meaningful for 3x3 convs).
+    """
+
+    name: str  # ademxapp unit name: '2a', '4b3', '6a'
+    module: str  # our module name: 'b2', 'b4_3', 'b6'
+    in_channels: int
+    widths: tuple[int, ...]
+    stride: int
+    dilations: tuple[int, ...]
+    projection: bool
+    dropout: float  # before the last conv of branch 2 (segmentation trunks only)
+
+    @property
+    def kernels(self) -> tuple[int, ...]:
+        return (3, 3) if len(self.widths) == 2 else (1, 3, 1)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    after_level: int
+    stride: int
+
+
+def unit_module_name(level: int, index: int) -> str:
+    return f"b{level}" if index == 0 else f"b{level}_{index}"
+
+
+def unit_ademxapp_name(level: int, index: int) -> str:
+    return f"{level}a" if index == 0 else f"{level}b{index}"
+
+
+def build_plan(
+    variant: str, output_stride: int, dropout: Sequence[float] | None = None
+) -> list[UnitSpec | PoolSpec]:
+    """The ordered list of units and pools of a trunk (conv1a excluded)."""
+    if variant not in DOWNSAMPLING:
+        raise ValueError(f"unknown ResNet-38 variant {variant!r}: expected one of {sorted(DOWNSAMPLING)}")
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    converted = {32: 0, 16: 1, 8: 2}[output_stride]
+    drop = {6: dropout[0], 7: dropout[1]} if dropout else {}
+    plan: list[UnitSpec | PoolSpec] = []
+    dilation, channels = 1, STEM_CHANNELS
+    for level, (count, widths) in LEVELS.items():
+        stride, first_dilation = 1, dilation
+        t = level - 2  # index of the transition that enters this level (after level 1..5)
+        if t < 5:
+            dilate = t >= 5 - converted
+            if DOWNSAMPLING[variant][t] == "p":
+                plan.append(PoolSpec(after_level=level - 1, stride=1 if dilate else 2))
+                if dilate:
+                    dilation *= 2
+                    first_dilation = dilation
+            elif dilate:
+                dilation *= 2  # branch2a keeps first_dilation, the rest doubles
+            else:
+                stride = 2
+        for i in range(count):
+            d_first = first_dilation if i == 0 else dilation
+            dil = (d_first,) + (dilation,) * (len(widths) - 1)
+            plan.append(
+                UnitSpec(
+                    name=unit_ademxapp_name(level, i),
+                    module=unit_module_name(level, i),
+                    in_channels=channels,
+                    widths=widths,
+                    stride=stride if i == 0 else 1,
+                    dilations=dil,
+                    projection=i == 0,
+                    dropout=drop.get(level, 0.0),
+                )
+            )
+            channels = widths[-1]
+    return plan
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class PreActUnit(nn.Module):
+    """Pre-activation residual unit: ``out = shortcut + branch2(x)``.
+
+    branch 2 is ``[BN -> ReLU -> (Dropout) -> conv]`` repeated; the stride sits on the first conv. The
+    projection shortcut (first unit of a level) is a 1x1 conv on the *BN-ReLU output of branch2a's BN*,
+    shared with branch2a; identity units add the raw input.
+    """
+
+    def __init__(self, spec: UnitSpec):
+        super().__init__()
+        self.spec = spec
+        cin = spec.in_channels
+        stages = ["branch2a", "branch2b1", "branch2b2"][: len(spec.widths)]
+        for i, (stage, width, k, d) in enumerate(zip(stages, spec.widths, spec.kernels, spec.dilations)):
+            d = d if k == 3 else 1
+            setattr(self, f"bn_{stage}", _bn(cin))
+            conv = nn.Conv2d(cin, width, k, stride=spec.stride if i == 0 else 1,
+                             padding=d * (k // 2), dilation=d, bias=False)
+            setattr(self, f"conv_{stage}", conv)
+            cin = width
+        self.stages = stages
+        if spec.projection:
+            self.conv_branch1 = nn.Conv2d(spec.in_channels, spec.widths[-1], 1, stride=spec.stride, bias=False)
+        self.backend: str | None = None  # None: plain torch ops; else a kernels backend name
+
+    def _stage_convs(self, i: int) -> list[nn.Conv2d]:
+        convs = [getattr(self, f"conv_{self.stages[i]}")]
+        if i == 0 and self.spec.projection:
+            convs.append(self.conv_branch1)
+        return convs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        t = x
+        last = len(self.stages) - 1
+        for i, stage in enumerate(self.stages):
+            bn = getattr(self, f"bn_{stage}")
+            p = self.spec.dropout if (i == last and self.training) else 0.0
+            if self.backend is not None:
+                from kernels import bn_relu_conv
+
+                outs = bn_relu_conv(t, bn, self._stage_convs(i), dropout=p, backend=self.backend)
+            else:
+                a = F.relu(bn(t))
+                if p:
+                    a = F.dropout(a, p, training=True)
+                outs = [conv(a) for conv in self._stage_convs(i)]
+            t = outs[0]
+            if i == 0 and self.spec.projection:
+                shortcut = outs[1]
+        return shortcut + t
+
+
+class TwoConvHead(nn.Module):
+    """ademxapp's "2 conv." segmentation head: 3x3 d12 conv (+bias) -> ReLU -> 3x3 d12 conv (+bias).
+
+    (N, 4096, h, w) -> (N, num_classes, h, w) raw scores; no upsampling.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 512, dilation: int = 12):
+        super().__init__()
+        self.conv6a = nn.Conv2d(in_channels, hidden, 3, padding=dilation, dilation=dilation, bias=True)
+        self.score = nn.Conv2d(hidden, num_classes, 3, padding=dilation, dilation=dilation, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(F.relu(self.conv6a(x)))
+
+
+class ResNet38(nn.Module):
+    """ResNet-38 trunk with a classification or "2 conv." segmentation head.
+
+    Args:
+        variant: ``"a"`` (max-pools), ``"a1"`` (strided convs) or ``"a2"`` (pools at levels 1-2, strides after).
+        num_classes: classifier outputs; 0 gives a headless trunk (``forward`` returns features).
+        output_stride: 32, 16 or 8 (dilation replaces the last strides).
+        segmentation: ``True`` for the dilated FCN with the "2 conv." head; ``forward`` then returns
+            (N, C, H', W') scores at 1/output_stride resolution.
+        pool_style: Model A/A2 max-pools: ``"mxnet"`` 3x3/2 pad 1 (new training), ``"caffe"`` pad 0 floor
+            (the seed's ``--pool-top-infer-style caffe``, needed by the released Model A weights) or
+            ``"ceil"`` pad 0 ceil-mode (the sizes of the original training graph).
+        dropout: rates before the last 1x1 of units 6a / 7a (ademxapp: (0.3, 0.5) for segmentation only).
+        fused: ``False``, ``True``/``"auto"`` or a :mod:`kernels` backend name: run every BN-ReLU-conv
+            through the recompute-in-backward kernels. Parameters and state_dict keys do not change.
+    """
+
+    def __init__(
+        self,
+        variant: str = "a1",
+        num_classes: int = 1000,
+        output_stride: int = 32,
+        *,
+        segmentation: bool = False,
+        pool_style: PoolStyle = "mxnet",
+        dropout: Sequence[float] | None = None,
+        in_chans: int = 3,
+        fused: bool | str = False,
+    ):
+        super().__init__()
+        if pool_style not in ("mxnet", "caffe", "ceil"):
+            raise ValueError(f"pool_style must be 'mxnet', 'caffe' or 'ceil', got {pool_style!r}")
+        self.variant, self.output_stride, self.segmentation = variant, output_stride, segmentation
+        self.pool_style = pool_style
+        self.num_classes = num_classes
+        self.num_features = NUM_FEATURES
+        self.plan = build_plan(variant, output_stride, dropout)
+        self.conv1a = nn.Conv2d(in_chans, STEM_CHANNELS, 3, padding=1, bias=False)
+        reduction, self.feature_info = 1, [dict(num_chs=STEM_CHANNELS, reduction=1, module="conv1a")]
+        for item in self.plan:
+            if isinstance(item, PoolSpec):
+                pad, ceil = (0, pool_style == "ceil") if pool_style != "mxnet" else (1, False)
+                if item.stride == 1:
+                    pad, ceil = 1, False
+                self.add_module(f"pool{item.after_level}", nn.MaxPool2d(3, item.stride, pad, ceil_mode=ceil))
+                reduction *= item.stride
+            else:
+                self.add_module(item.module, PreActUnit(item))
+                reduction *= item.stride
+                self._record_feature(item, reduction)
+        self.bn7 = _bn(NUM_FEATURES)
+        self.feature_info[-1] = dict(num_chs=NUM_FEATURES, reduction=reduction, module="bn7")
+        self._fused_backend: str | None = None
+        self.fc: nn.Linear | None = None
+        self.head: TwoConvHead | None = None
+        if num_classes:
+            if segmentation:
+                self.head = TwoConvHead(NUM_FEATURES, num_classes)
+            else:
+                self.fc = nn.Linear(NUM_FEATURES, num_classes)
+        self.reset_parameters()
+        self.set_fused(fused)
+
+    def _record_feature(self, spec: UnitSpec, reduction: int) -> None:
+        """feature_info: the output of each level's last unit (levels 2-5) and relu(bn7) at level 7."""
+        level = int(spec.name[0])
+        if spec.module == unit_module_name(level, LEVELS[level][0] - 1) and level in (2, 3, 4, 5, 7):
+            self.feature_info.append(dict(num_chs=spec.widths[-1], reduction=reduction, module=spec.module))
+
+    # ------------------------------------------------------------------ construction helpers
+    def reset_parameters(self) -> None:
+        """ademxapp init: He-normal convs (fan-in), BN 1/0, Torch-style uniform FC, zero head biases."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_parameters()
+        if self.fc is not None:
+            bound = 1.0 / NUM_FEATURES**0.5
+            nn.init.uniform_(self.fc.weight, -bound, bound)
+            nn.init.uniform_(self.fc.bias, -bound, bound)
+
+    def units(self) -> list[PreActUnit]:
+        return [m for m in self.children() if isinstance(m, PreActUnit)]
+
+    def set_fused(self, fused: bool | str) -> "ResNet38":
+        """Switch every BN-ReLU-conv between plain torch ops and the fused recompute kernels."""
+        backend = None if fused is False or fused is None else ("auto" if fused is True else str(fused))
+        self._fused_backend = backend
+        for unit in self.units():
+            unit.backend = backend
+        return self
+
+    def get_classifier(self) -> nn.Module | None:
+        return self.head.score if self.head is not None else self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the last layer (FC or the head's score conv) with a freshly initialised one."""
+        self.num_classes = num_classes
+        if self.segmentation:
+            if self.head is None or num_classes == 0:
+                self.head = TwoConvHead(NUM_FEATURES, num_classes) if num_classes else None
+            else:
+                self.head.score = nn.Conv2d(self.head.score.in_channels, num_classes, 3, padding=12, dilation=12)
+            modules = [self.head] if self.head is not None else []
+        else:
+            self.fc = nn.Linear(NUM_FEATURES, num_classes) if num_classes else None
+            modules = [self.fc] if self.fc is not None else []
+        for m in (m for mod in modules for m in mod.modules()):
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                bound = 1.0 / NUM_FEATURES**0.5
+                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.uniform_(m.bias, -bound, bound)
+
+    # ------------------------------------------------------------------ forward
+    def _bn_relu7(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_backend is not None:
+            from kernels import bn_relu
+
+            return bn_relu(x, self.bn7, backend=self._fused_backend)
+        return F.relu(self.bn7(x))
+
+    def forward_trunk(self, x: torch.Tensor, *, collect: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        feats: list[torch.Tensor] = []
+        names = {info["module"] for info in self.feature_info}
+        x = self.conv1a(x)
+        if collect:
+            feats.append(x)
+        for name, module in self.named_children():
+            if name in ("conv1a", "bn7", "fc", "head"):
+                continue
+            x = module(x)
+            if collect and name in names:
+                feats.append(x)
+        x = self._bn_relu7(x)
+        if collect:
+            feats.append(x)
+        return x, feats
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> relu(bn7(trunk)) of shape (N, 4096, H/os, W/os)."""
+        return self.forward_trunk(x)[0]
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The six feature maps of :attr:`feature_info` (strides 1, 2, 4, 8, 16, 32 at output stride 32)."""
+        return self.forward_trunk(x, collect=True)[1]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.segmentation:
+            return x if (pre_logits or self.head is None) else self.head(x)
+        x = x.mean(dim=(2, 3))
+        return x if (pre_logits or self.fc is None) else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Classification: (N, num_classes) scores. Segmentation: (N, num_classes, H', W') scores."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_as_dict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """psa ``resnet38d.Net.forward_as_dict``: BN-ReLU'd inputs of b5 ('conv4') and b6 ('conv5'), and 'conv6'."""
+        out: dict[str, Any] = {}
+        x = self.conv1a(x)
+        for name, module in self.named_children():
+            if name in ("conv1a", "bn7", "fc", "head"):
+                continue
+            if name == "b5":
+                out["conv4"] = F.relu(module.bn_branch2a(x))
+            elif name == "b6":
+                out["conv5"] = F.relu(module.bn_branch2a(x))
+            x = module(x)
+        out["conv6"] = self._bn_relu7(x)
+        return out
