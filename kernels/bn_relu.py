@@ -130,13 +130,16 @@ def bn_params(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, bac
               sync: bool = False, process_group=None) -> BNParams:
     """Statistics for ``bn`` applied to ``x`` following nn.BatchNorm2d's rules; updates running stats in training."""
     C = x.shape[1]
-    weight = bn.weight.detach().float() if bn.weight is not None else x.new_ones(C, dtype=torch.float32)
-    bias = bn.bias.detach().float() if bn.bias is not None else x.new_zeros(C, dtype=torch.float32)
+    # fp32 math (fp64 for fp64 inputs on the torch path, which makes it an exact oracle in tests)
+    dt = torch.float64 if (x.dtype == torch.float64 and backend != "triton") else torch.float32
+    weight = bn.weight.detach().to(dt) if bn.weight is not None else x.new_ones(C, dtype=dt)
+    bias = bn.bias.detach().to(dt) if bn.bias is not None else x.new_zeros(C, dtype=dt)
     use_batch = bn.training or bn.running_mean is None
     if not use_batch:
-        return BNParams(bn.running_mean.float(), torch.rsqrt(bn.running_var.float() + bn.eps), weight, bias,
+        return BNParams(bn.running_mean.to(dt), torch.rsqrt(bn.running_var.to(dt) + bn.eps), weight, bias,
                         x.numel() // C, False)
     mean, var, count = channel_stats(x, backend=backend, sync=sync, process_group=process_group)
+    mean, var = mean.to(dt), var.to(dt)
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
@@ -152,7 +155,7 @@ def bn_relu_forward(x: torch.Tensor, p: BNParams, *, backend: str, out_dtype: to
     out_dtype = out_dtype or x.dtype
     if backend != "triton":
         shape = (1, -1, 1, 1)
-        z = (x.float() - p.mean.view(shape)) * p.scale.view(shape) + p.bias.view(shape)
+        z = (x.to(p.mean.dtype) - p.mean.view(shape)) * p.scale.view(shape) + p.bias.view(shape)
         return torch.relu_(z).to(out_dtype)
     x, channels_last = as_nchw_or_nhwc(x)
     y = _like(x, channels_last, out_dtype)
@@ -199,8 +202,8 @@ def bn_relu_backward(
         dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         sum_g, sum_gx = _grad_sums_triton(x, dy, p, channels_last)
     else:
-        xc = x.float() - p.mean.view(shape)
-        g = torch.where(xc * p.scale.view(shape) + p.bias.view(shape) > 0, dy.float(), 0.0)
+        xc = x.to(p.mean.dtype) - p.mean.view(shape)
+        g = torch.where(xc * p.scale.view(shape) + p.bias.view(shape) > 0, dy.to(p.mean.dtype), 0.0)
         sum_g, sum_gx = g.sum((0, 2, 3)), (g * xc).sum((0, 2, 3))
     # Parameter gradients stay local (DDP averages them); dx uses the group-wide sums, as SyncBatchNorm does.
     dbeta, dgamma = sum_g, sum_gx * p.rstd
@@ -245,6 +248,7 @@ class _BNReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p: BNParams, backend: str, out_dtype, sync: bool, group):
         ctx.p, ctx.backend, ctx.sync, ctx.group = p, backend, sync, group
+        ctx.param_dtype = weight.dtype if weight is not None else x.dtype
         ctx.save_for_backward(x)
         return bn_relu_forward(x, p, backend=backend, out_dtype=out_dtype)
 
@@ -253,8 +257,8 @@ class _BNReLUFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         dx, dgamma, dbeta = bn_relu_backward(x, dy, ctx.p, backend=ctx.backend, need_dx=ctx.needs_input_grad[0],
                                              sync=ctx.sync, process_group=ctx.group)
-        dw = dgamma.to(ctx.p.weight.dtype) if ctx.needs_input_grad[1] else None
-        db = dbeta if ctx.needs_input_grad[2] else None
+        dw = dgamma.to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
+        db = dbeta.to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None, None
 
 

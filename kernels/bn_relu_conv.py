@@ -41,6 +41,7 @@ class _BNReLUConvFunction(torch.autograd.Function):
                 for w, b, geo in zip(weights, biases, geometry)
             )
         ctx.p, ctx.backend, ctx.cdtype, ctx.keep, ctx.sync, ctx.group = p, backend, cdtype, keep, sync, group
+        ctx.param_dtype = gamma.dtype if gamma is not None else x.dtype
         ctx.geometry, ctx.has_bias, ctx.has_mask = geometry, [b is not None for b in biases], mask is not None
         ctx.save_for_backward(x, *(() if mask is None else (mask,)), *weights)
         return outs
@@ -74,8 +75,8 @@ class _BNReLUConvFunction(torch.autograd.Function):
             grad_a = grad_a.mul_(mask).mul_(1.0 / ctx.keep)
         dx, dgamma, dbeta = bn_relu_backward(x, grad_a, ctx.p, backend=ctx.backend, need_dx=ctx.needs_input_grad[0],
                                              sync=ctx.sync, process_group=ctx.group)
-        return (dx, dgamma.to(ctx.p.weight.dtype) if ctx.needs_input_grad[1] else None,
-                dbeta if ctx.needs_input_grad[2] else None, *([None] * (n_fixed - 3)), *param_grads)
+        return (dx, dgamma.to(ctx.param_dtype) if ctx.needs_input_grad[1] else None,
+                dbeta.to(ctx.param_dtype) if ctx.needs_input_grad[2] else None, *([None] * (n_fixed - 3)), *param_grads)
 
 
 def _geometry(conv: nn.Conv2d) -> tuple:

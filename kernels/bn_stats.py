@@ -114,7 +114,7 @@ def _stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def _stats_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)  # two-pass in ATen: no cancellation
     M = x.numel() // x.shape[1]
     return mean, var * M, M

@@ -120,7 +120,8 @@ def load_weights(
         report.dropped = [k for k in state if k.startswith(CLASSIFIER_PREFIXES)]
         state = {k: v for k, v in state.items() if k not in report.dropped}
     target = model.state_dict()
-    report.missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    report.missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")
+                      and not (drop_classifier and k.startswith(CLASSIFIER_PREFIXES))]
     report.unexpected = [k for k in state if k not in target]
     mis_shaped = [(k, tuple(state[k].shape), tuple(target[k].shape))
                   for k in state if k in target and state[k].shape != target[k].shape]
