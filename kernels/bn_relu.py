@@ -138,7 +138,8 @@ def bn_params(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, bac
     if not use_batch:
         return BNParams(bn.running_mean.to(dt), torch.rsqrt(bn.running_var.to(dt) + bn.eps), weight, bias,
                         x.numel() // C, False)
-    mean, var, count = channel_stats(x, backend=backend, sync=sync, process_group=process_group)
+    with torch.no_grad():  # the backward formula accounts for the statistics; no graph through them
+        mean, var, count = channel_stats(x, backend=backend, sync=sync, process_group=process_group)
     mean, var = mean.to(dt), var.to(dt)
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():

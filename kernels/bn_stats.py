@@ -33,13 +33,17 @@ if HAS_TRITON:
         x_ptr, mean_ptr, m2_ptr, M, C, HW, m_per_prog,
         CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """Partial (mean, M2) of channels [pid_c*BLOCK_C, +BLOCK_C) over positions [pid_m*m_per_prog, +m_per_prog)."""
+        """Partial (mean - pivot, M2) of channels [pid_c*BLOCK_C, +BLOCK_C) over positions [pid_m*m_per_prog, +m_per_prog)."""
         pid_c = tl.program_id(0)
         pid_m = tl.program_id(1)
         cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
         m_start = pid_m * m_per_prog
         m_end = tl.minimum(m_start + m_per_prog, M)
+        # Shift by a per-channel pivot (the channel's first element) so tile sums are of small numbers:
+        # fp32 sums of values near a large mean would otherwise lose the variance.
+        pivot = tl.load(x_ptr + _element_offsets(tl.zeros([1], dtype=tl.int32), cs, C, HW, CHANNELS_LAST),
+                        mask=cmask[None, :], other=0.0).to(tl.float32)
         mean = tl.zeros([BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
         count = 0.0
@@ -50,6 +54,7 @@ if HAS_TRITON:
                 ms = ms.to(tl.int64)
             mask = mmask[:, None] & cmask[None, :]
             x = tl.load(x_ptr + _element_offsets(ms, cs, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
+            x = tl.where(mask, x - pivot, 0.0)
             n_tile = tl.sum(mmask.to(tl.float32), axis=0)
             tile_mean = tl.sum(x, axis=0) / n_tile
             d = tl.where(mask, x - tile_mean[None, :], 0.0)
@@ -60,7 +65,7 @@ if HAS_TRITON:
             m2 += tile_m2 + delta * delta * (count * n_tile / total)
             count = total
         out = pid_m * C + cs
-        tl.store(mean_ptr + out, mean, mask=cmask)
+        tl.store(mean_ptr + out, mean, mask=cmask)  # still shifted: the launcher merges, then adds the pivot
         tl.store(m2_ptr + out, m2, mask=cmask)
 
 
@@ -110,7 +115,8 @@ def _stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     )
     counts = (M - torch.arange(splits, device=x.device, dtype=torch.float32) * m_per_prog).clamp(0, m_per_prog)
     _, mean, m2 = merge_partials(counts, mean, m2)
-    return mean, m2, M
+    pivot = x[0, :, 0, 0].float()
+    return mean + pivot, m2, M
 
 
 def _stats_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -1,0 +1,125 @@
+"""ResNet-38 built on the recompute kernels: same keys, outputs and gradients; half the saved activations."""
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels.profiling import saved_tensor_bytes
+from widedeep.models import create_model
+
+
+@pytest.mark.parametrize("name", ["ilsvrc-cls_rna-a_cls1000", "ilsvrc-cls_rna-a1_cls1000", "voc_rna-a2_cls21_s8"])
+def test_fused_equals_unfused_in_float64(name):
+    """fp64 makes the comparison exact (1e-9): differences would be logic, not rounding."""
+    plain = create_model(name).double().train()
+    fused = create_model(name, fused="torch").double().train()
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    fused.load_state_dict(plain.state_dict())
+    for m in (plain, fused):  # dropout off so both see the same function
+        for u in m.units():
+            u.spec = type(u.spec)(**{**u.spec.__dict__, "dropout": 0.0})
+    x = torch.randn(2, 3, 79, 37, dtype=torch.float64) if "rna-a_" in name else torch.randn(2, 3, 33, 29, dtype=torch.float64)
+    y, yf = plain(x), fused(x)
+    torch.testing.assert_close(yf, y, rtol=1e-9, atol=1e-9)
+    y.square().sum().backward()
+    yf.square().sum().backward()
+    for (k, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-7, atol=1e-9 * p.grad.abs().max().item(), msg=k)
+    for (k, b), c in zip(plain.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_fused_triton_backend_matches_in_fp32():
+    """Stride 8 at 48 px keeps 72 values per channel in every BN: small batches at stride 32 make train-mode BN
+    so ill-conditioned (2 values per channel at 32 px) that fp32 rounding alone moves outputs by 10%."""
+    plain = create_model("voc_rna-a1_cls21_s8", dropout=None).train()
+    fused = create_model("voc_rna-a1_cls21_s8", dropout=None, fused="triton").train()
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 48, 48)
+    y, yf = plain(x), fused(x)
+    torch.testing.assert_close(yf, y, rtol=1e-3, atol=1e-3 * y.abs().max().item())
+    y.logsumexp(1).sum().backward()
+    yf.logsumexp(1).sum().backward()
+    g, gf = plain.conv1a.weight.grad, fused.conv1a.weight.grad
+    assert F.cosine_similarity(g.flatten(), gf.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("name", ["ilsvrc-cls_rna-a1_cls1000", "voc_rna-a1_cls21_s8"])
+def test_saved_activation_bytes_at_most_055_of_unfused(name):
+    model = create_model(name).train()
+    x = torch.randn(2, 3, 64, 64)
+    unfused = saved_tensor_bytes(lambda: model(x).sum(), exclude=model.parameters())
+    model.set_fused(True)
+    fused = saved_tensor_bytes(lambda: model(x).sum(), exclude=model.parameters())
+    assert fused <= 0.55 * unfused, (fused, unfused)
+
+
+def test_fuse_pass_keeps_keys_and_matches():
+    def net():
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=2, dilation=2),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)),
+            nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        )
+    plain, fused = net().train(), net().train()
+    fused.load_state_dict(plain.state_dict())
+    keys = list(fused.state_dict())
+    params = [id(p) for p in fused.parameters()]
+    assert kernels.fuse_bn_relu_conv(fused, backend="torch") == 2  # the trailing BN-ReLU has no conv: left alone
+    assert list(fused.state_dict()) == keys and [id(p) for p in fused.parameters()] == params
+    x = torch.randn(2, 3, 9, 9)
+    y, yf = plain(x), fused(x)
+    torch.testing.assert_close(yf, y, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    yf.square().sum().backward()
+    scale = max(p.grad.abs().max().item() for p in plain.parameters())  # conv bias before a BN: grad is ~0
+    for p, q in zip(plain.parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * scale)
+    saved_plain = saved_tensor_bytes(lambda: plain(x), exclude=plain.parameters())
+    saved_fused = saved_tensor_bytes(lambda: fused(x), exclude=fused.parameters())
+    assert saved_fused < saved_plain
+
+
+def _sync_worker(rank, world, port, backend, result):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 6, 7) * 3 + 1
+    dy = torch.randn(4, 5, 6, 7)
+    bn = nn.BatchNorm2d(5)
+    xs = x[rank * 2:(rank + 1) * 2].clone().requires_grad_()
+    y = kernels.bn_relu(xs, bn, backend=backend, sync=True)
+    y.backward(dy[rank * 2:(rank + 1) * 2])
+    dist.all_reduce(bn.weight.grad)  # what DDP does to parameter gradients (sum here)
+    result[rank] = (y.detach(), xs.grad, bn.weight.grad, bn.running_var.clone())
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sync_statistics_over_two_gloo_processes_equal_one_big_batch(backend):
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        result = manager.dict()
+        port = 29500 + os.getpid() % 1000 + (backend == "triton")
+        mp.start_processes(_sync_worker, args=(2, port, backend, result), nprocs=2, start_method="spawn")
+        out = dict(result)
+    torch.manual_seed(0)
+    x = (torch.randn(4, 5, 6, 7) * 3 + 1).requires_grad_()
+    dy = torch.randn(4, 5, 6, 7)
+    bn = nn.BatchNorm2d(5)
+    y = F.relu(bn(x))
+    y.backward(dy)
+    for r in (0, 1):
+        yr, dxr, dgr, rv = out[r]
+        torch.testing.assert_close(yr, y.detach()[r * 2:(r + 1) * 2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dxr, x.grad[r * 2:(r + 1) * 2], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dgr, bn.weight.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rv, bn.running_var, rtol=1e-5, atol=1e-5)
