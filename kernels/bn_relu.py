@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _runtime
-from .bn_stats import as_nchw_or_nhwc, channel_stats, tile_sizes
+from .bn_stats import as_nchw_or_nhwc, channel_stats, reduction_grid
 from ._runtime import HAS_TRITON
 
 if HAS_TRITON:
@@ -173,11 +173,7 @@ def _grad_sums_triton(x: torch.Tensor, dy: torch.Tensor, p: BNParams, channels_l
     """Per-channel sum(g), sum(g * (x - mean)) with g = dy * [relu active]; fp32. x, dy share one layout."""
     N, C, H, W = x.shape
     M = N * H * W
-    block_m, block_c = tile_sizes(C, channels_last)
-    c_blocks = triton.cdiv(C, block_c)
-    splits = max(1, min(triton.cdiv(M, block_m), _runtime.num_programs_hint(x) // c_blocks))
-    m_per_prog = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    splits = triton.cdiv(M, m_per_prog)
+    block_m, block_c, c_blocks, splits, m_per_prog = reduction_grid(x, channels_last)
     sum_g = torch.empty((splits, C), device=x.device, dtype=torch.float32)
     sum_gx = torch.empty_like(sum_g)
     _bn_relu_grad_sums_kernel[(c_blocks, splits)](

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _runtime  # noqa: F401  (sets TRITON_INTERPRET before triton.jit runs)
+from . import _runtime  # first: sets TRITON_INTERPRET before triton.jit runs
 from ._runtime import HAS_TRITON
 
 if HAS_TRITON:
@@ -88,6 +88,17 @@ def tile_sizes(C: int, channels_last: bool) -> tuple[int, int]:
     return 128, min(16, triton.next_power_of_2(C))
 
 
+def reduction_grid(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_C, channel blocks, splits, positions per program) for a per-channel reduction of x."""
+    N, C, H, W = x.shape
+    M = N * H * W
+    block_m, block_c = tile_sizes(C, channels_last)
+    c_blocks = triton.cdiv(C, block_c)
+    splits = max(1, min(triton.cdiv(M, block_m), _runtime.num_programs_hint(x) // c_blocks))
+    m_per_prog = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    return block_m, block_c, c_blocks, triton.cdiv(M, m_per_prog), m_per_prog
+
+
 def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chan's parallel merge of K partial statistics: (K,) or (K, C) counts, (K, C) means and M2 -> (count, mean, M2)."""
     if count.dim() == 1:
@@ -102,11 +113,7 @@ def _stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     x, channels_last = as_nchw_or_nhwc(x)
     N, C, H, W = x.shape
     M, HW = N * H * W, H * W
-    block_m, block_c = tile_sizes(C, channels_last)
-    c_blocks = triton.cdiv(C, block_c)
-    splits = max(1, min(triton.cdiv(M, block_m), _runtime.num_programs_hint(x) // c_blocks))
-    m_per_prog = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    splits = triton.cdiv(M, m_per_prog)
+    block_m, block_c, c_blocks, splits, m_per_prog = reduction_grid(x, channels_last)
     mean = torch.empty((splits, C), device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
     _channel_stats_kernel[(c_blocks, splits)](

@@ -21,6 +21,7 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 BN_EPS = 1.001e-5  # ademxapp's value since 2017-01 ("for compatibility with cudnn v5"); the weights expect it
 BN_MOMENTUM = 0.1  # MXNet momentum 0.9 in PyTorch's convention
@@ -249,6 +250,7 @@ class ResNet38(nn.Module):
         self.bn7 = _bn(NUM_FEATURES)
         self.feature_info[-1] = dict(num_chs=NUM_FEATURES, reduction=reduction, module="bn7")
         self._fused_backend: str | None = None
+        self.grad_checkpointing = False
         self.fc: nn.Linear | None = None
         self.head: TwoConvHead | None = None
         if num_classes:
@@ -291,6 +293,10 @@ class ResNet38(nn.Module):
             unit.backend = backend
         return self
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each unit in backward with torch.utils.checkpoint (timm's switch; a baseline for fusion)."""
+        self.grad_checkpointing = enable
+
     def get_classifier(self) -> nn.Module | None:
         return self.head.score if self.head is not None else self.fc
 
@@ -332,7 +338,10 @@ class ResNet38(nn.Module):
         for name, module in self.named_children():
             if name in ("conv1a", "bn7", "fc", "head"):
                 continue
-            x = module(x)
+            if self.grad_checkpointing and self.training and isinstance(module, PreActUnit):
+                x = torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
+            else:
+                x = module(x)
             if collect and name in names:
                 feats.append(x)
         x = self._bn_relu7(x)

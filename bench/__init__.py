@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): `python -m bench.memory`, `python -m bench.gpu_step`, and pytest-benchmark files."""
