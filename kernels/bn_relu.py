@@ -186,18 +186,19 @@ def _grad_sums_triton(x: torch.Tensor, dy: torch.Tensor, p: BNParams, channels_l
 
 def bn_relu_backward(
     x: torch.Tensor, dy: torch.Tensor, p: BNParams, *, backend: str, need_dx: bool = True,
-    sync: bool = False, process_group=None,
+    sync: bool = False, process_group=None, sums: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(dx, dgamma, dbeta) of y = relu(bn(x)) given dy, recomputing the ReLU mask from x.
 
     dx has x's dtype and layout; dgamma/dbeta are fp32. With ``sync`` the two per-channel sums are
-    all-reduced first (as the statistics were), like SyncBatchNorm.
+    all-reduced first (as the statistics were), like SyncBatchNorm. ``sums``: per-channel (sum g,
+    sum g*(x-mean)) already computed elsewhere (the implicit-GEMM dgrad epilogue), skipping that pass.
     """
     shape = (1, -1, 1, 1)
     if backend == "triton":
         x, channels_last = as_nchw_or_nhwc(x)
         dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        sum_g, sum_gx = _grad_sums_triton(x, dy, p, channels_last)
+        sum_g, sum_gx = sums if sums is not None else _grad_sums_triton(x, dy, p, channels_last)
     else:
         xc = x.to(p.mean.dtype) - p.mean.view(shape)
         g = torch.where(xc * p.scale.view(shape) + p.bias.view(shape) > 0, dy.to(p.mean.dtype), 0.0)

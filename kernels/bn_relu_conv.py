@@ -79,6 +79,60 @@ class _BNReLUConvFunction(torch.autograd.Function):
                 dbeta.to(ctx.param_dtype) if ctx.needs_input_grad[2] else None, *([None] * (n_fixed - 3)), *param_grads)
 
 
+class _IGemmBNReLUConvFunction(torch.autograd.Function):
+    """Same contract as _BNReLUConvFunction, with the implicit-GEMM kernels of :mod:`kernels.conv`:
+    relu(bn(x)) is never written, not even in forward or backward (it is recomputed in each operand load)."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, p: BNParams, cdtype, geometry: tuple, *params):
+        from .conv import conv_fprop
+
+        weights, biases = params[0::2], params[1::2]
+        vec = (p.mean.float(), p.scale.float(), p.bias.float())
+        outs = []
+        for w, b, (stride, padding, dilation, _groups) in zip(weights, biases, geometry):
+            y = conv_fprop(x, w.to(cdtype), stride[0], padding[0], dilation[0], vec)
+            outs.append(y if b is None else y.add_(b.to(cdtype).view(1, -1, 1, 1)))
+        ctx.p, ctx.cdtype, ctx.geometry, ctx.has_bias = p, cdtype, geometry, [b is not None for b in biases]
+        ctx.param_dtype = gamma.dtype if gamma is not None else x.dtype
+        ctx.save_for_backward(x, *weights)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        from .conv import conv_dgrad, conv_wgrad
+
+        x, *weights = ctx.saved_tensors
+        p = ctx.p
+        vec = (p.mean.float(), p.scale.float(), p.bias.float())
+        g = sum_g = sum_gx = None
+        param_grads: list[torch.Tensor | None] = []
+        for w, gy, (stride, padding, dilation, _groups), has_b in zip(weights, grad_outs, ctx.geometry, ctx.has_bias):
+            if gy is None:
+                param_grads += [None, None]
+                continue
+            gi, sg, sgx = conv_dgrad(gy, w.to(ctx.cdtype), x, stride[0], padding[0], dilation[0], vec)
+            g, sum_g, sum_gx = (gi, sg, sgx) if g is None else (g.add_(gi), sum_g.add_(sg), sum_gx.add_(sgx))
+            dw = conv_wgrad(gy, x, w.shape, stride[0], padding[0], dilation[0], vec, dtype=ctx.cdtype)
+            param_grads += [dw.to(w.dtype), gy.float().sum((0, 2, 3)).to(w.dtype) if has_b else None]
+        n_fixed = 6
+        if g is None:
+            return (None,) * (n_fixed + len(param_grads))
+        dx, dgamma, dbeta = bn_relu_backward(x, g, p, backend="triton", sums=(sum_g, sum_gx))
+        return (dx, dgamma.to(ctx.param_dtype), dbeta.to(ctx.param_dtype), None, None, None, *param_grads)
+
+
+def _igemm_supported(convs: Sequence[nn.Conv2d], dropout: float, sync: bool) -> str | None:
+    """Why the implicit-GEMM path cannot take these convs, or None when it can."""
+    if dropout > 0 or sync:
+        return "dropout and synchronised statistics use the cuDNN path"
+    for c in convs:
+        if c.groups != 1 or len(set(c.kernel_size)) != 1 or len(set(c.stride)) != 1 or len(set(c.dilation)) != 1 \
+                or isinstance(c.padding, str) or len(set(c.padding)) != 1 or c.padding_mode != "zeros":
+            return f"{c} is not a square, ungrouped, zero-padded convolution"
+    return None
+
+
 def _geometry(conv: nn.Conv2d) -> tuple:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"bn_relu_conv supports zero padding given as numbers, not {conv.padding!r}/{conv.padding_mode!r}")
@@ -94,18 +148,31 @@ def bn_relu_conv(
     backend: str = "auto",
     sync: bool = False,
     process_group=None,
+    conv: str = "torch",
 ) -> list[torch.Tensor]:
     """``[conv(dropout(relu(bn(x)))) for conv in convs]`` sharing one activation that is never stored.
 
     ``bn`` follows nn.BatchNorm2d semantics (batch statistics and running-stat updates in training,
     running statistics in eval; frozen statistics with trainable gamma/beta = bn.eval() with requires_grad).
     ``dropout`` is element-wise inverted dropout between ReLU and the convs (applied when > 0).
+    ``conv="triton"`` (with the triton backend) runs the convolutions as implicit GEMMs that normalise and
+    rectify x while loading it (:mod:`kernels.conv`); ``"torch"`` (default) uses torch/cuDNN convolutions.
     """
     if not convs:
         raise ValueError("bn_relu_conv needs at least one convolution")
     be = _runtime.resolve_backend(backend, x)
+    if conv not in ("torch", "triton"):
+        raise ValueError(f"conv must be 'torch' or 'triton', got {conv!r}")
+    if conv == "triton":
+        why = "it needs backend='triton'" if be != "triton" else _igemm_supported(convs, dropout, sync)
+        if why:
+            raise ValueError(f"conv='triton' cannot be used here: {why}")
     p = bn_params(x, bn, backend=be, sync=sync, process_group=process_group)
     cdtype = compute_dtype(x)
+    if conv == "triton":
+        params_ = [t for c in convs for t in (c.weight, c.bias)]
+        return list(_IGemmBNReLUConvFunction.apply(x, bn.weight, bn.bias, p, cdtype,
+                                                   tuple(_geometry(c) for c in convs), *params_))
     mask, keep = None, 1.0
     if dropout > 0:
         keep = 1.0 - dropout

@@ -32,16 +32,18 @@ class BNReLUConv2d(nn.Module):
     ``.bn`` is an nn.BatchNorm2d and ``.conv`` an nn.Conv2d holding exactly their usual parameters and
     buffers, so state_dict keys are ``bn.*`` / ``conv.*`` and weights move freely to and from plain models.
     ``dropout``: element-wise dropout between ReLU and conv in training (mask kept as bool).
+    ``conv="triton"``: implicit-GEMM convolutions with the BN-ReLU prologue (see :mod:`kernels.conv`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride=1,
                  padding=0, dilation=1, bias: bool = False, *, groups: int = 1, eps: float = 1e-5,
                  momentum: float | None = 0.1, dropout: float = 0.0, backend: str = "auto", sync: bool = False,
-                 process_group=None):
+                 process_group=None, conv: str = "torch"):
         super().__init__()
         self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.dropout, self.backend, self.sync, self.process_group = dropout, backend, sync, process_group
+        self.conv_impl = conv
 
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, **kwargs) -> "BNReLUConv2d":
@@ -53,12 +55,13 @@ class BNReLUConv2d(nn.Module):
         block.backend = kwargs.get("backend", "auto")
         block.sync = kwargs.get("sync", False)
         block.process_group = kwargs.get("process_group")
+        block.conv_impl = kwargs.get("conv", "torch")
         return block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         return bn_relu_conv(x, self.bn, [self.conv], dropout=p, backend=self.backend, sync=self.sync,
-                            process_group=self.process_group)[0]
+                            process_group=self.process_group, conv=self.conv_impl)[0]
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, dropout={self.dropout}, sync={self.sync}"
