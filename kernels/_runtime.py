@@ -28,7 +28,7 @@ _default = os.environ.get("WIDEDEEP_KERNEL_BACKEND", "auto")
 
 
 def set_default_backend(name: str) -> None:
-    """Backend used where a call says ``backend="auto"``... or rather, what ``"auto"`` means process-wide."""
+    """Make ``backend="auto"`` mean ``name`` process-wide (also settable as WIDEDEEP_KERNEL_BACKEND)."""
     global _default
     if name not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {name!r}")

@@ -169,3 +169,20 @@ def test_channels_last_gives_the_same_scores():
         ref = m(x)
         out = m.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3 * ref.abs().max().item())  # fp32 reassociation
+
+
+def test_frozen_bn_statistics_survive_train_and_keep_gamma_trainable():
+    m = create_model("voc_rna-a1_cls21_s8").freeze_bn_stats()
+    m.train()
+    before = m.b3.bn_branch2a.running_mean.clone()
+    x = torch.randn(2, 3, 40, 40)
+    m(x).sum().backward()
+    assert torch.equal(m.b3.bn_branch2a.running_mean, before) and not m.b3.bn_branch2a.training
+    assert m.b3.bn_branch2a.weight.grad is not None and m.b3.training
+    fused = create_model("voc_rna-a1_cls21_s8", fused="torch").freeze_bn_stats()
+    fused.load_state_dict(m.state_dict())
+    for model in (m, fused):  # dropout off: compare the normalisation only
+        for u in model.units():
+            u.spec = type(u.spec)(**{**u.spec.__dict__, "dropout": 0.0})
+    fused.train()
+    torch.testing.assert_close(fused(x), m(x), rtol=1e-4, atol=1e-4 * m(x).abs().max().item())

@@ -251,6 +251,7 @@ class ResNet38(nn.Module):
         self.feature_info[-1] = dict(num_chs=NUM_FEATURES, reduction=reduction, module="bn7")
         self._fused_backend: str | None = None
         self.grad_checkpointing = False
+        self.frozen_bn_stats = False
         self.fc: nn.Linear | None = None
         self.head: TwoConvHead | None = None
         if num_classes:
@@ -291,6 +292,20 @@ class ResNet38(nn.Module):
         self._fused_backend = backend
         for unit in self.units():
             unit.backend = backend
+        return self
+
+    def freeze_bn_stats(self, enable: bool = True) -> "ResNet38":
+        """Normalise with the running statistics even in training (ademxapp's ``use_global_stats`` for
+        segmentation fine-tuning, psa's frozen BN); gamma/beta stay trainable. Survives ``model.train()``."""
+        self.frozen_bn_stats = enable
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ResNet38":
+        super().train(mode)
+        if self.frozen_bn_stats:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
