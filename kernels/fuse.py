@@ -1,19 +1,29 @@
 """Swap BatchNorm2d -> ReLU -> Conv2d chains of existing models for the recompute-in-backward kernel.
 
-Caught: three consecutive children ``BatchNorm2d``/``SyncBatchNorm``, ``ReLU``, ``Conv2d`` (zero padding) of
-an ``nn.Sequential`` (exact type: a subclass with its own ``forward`` is left alone), anywhere in the model.
-The modules themselves are untouched and stay where they are: only the container's class becomes
-:class:`FusedSequential`, whose forward routes each chain through :func:`kernels.bn_relu_conv`. Hence
-parameters, buffers, state_dict keys and optimizer state are exactly those of the original model.
+Caught, anywhere in the model:
 
-Not caught: chains written in a custom ``forward`` (``F.relu(self.bn(x))`` then ``self.conv``): call
-:func:`kernels.bn_relu_conv` there, as :class:`widedeep.models.ResNet38` does.
+1. three consecutive children ``BatchNorm2d``/``SyncBatchNorm``, ``ReLU``, ``Conv2d`` of an ``nn.Sequential``
+   (exact type): the container's class becomes :class:`FusedSequential`;
+2. with ``trace=True`` (default), chains in custom ``forward`` code, found by torch.fx on the real data flow:
+   a BN whose only user is a ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``.relu()``) whose users are all
+   ``Conv2d`` modules, e.g. psa's ``F.relu(self.bn_branch2a(x))`` feeding ``conv_branch2a`` *and*
+   ``conv_branch1`` (they share one recomputed activation). The rewritten graph becomes that module's
+   ``forward`` (an instance attribute); its other methods are unchanged. Modules that fx cannot trace are
+   skipped (their children are tried).
+
+The modules themselves are untouched and stay where they are, so parameters, buffers, state_dict keys and
+optimizer state are exactly those of the original model. Not caught: chains whose BN or ReLU output is also
+used elsewhere (the activation must then exist anyway).
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .bn_relu_conv import bn_relu_conv
 
@@ -53,8 +63,77 @@ class FusedSequential(nn.Sequential):
         return x
 
 
-def fuse_bn_relu_conv(model: nn.Module, *, backend: str = "auto") -> int:
-    """Fuse every BN -> ReLU -> Conv2d chain of ``model``'s nn.Sequential containers in place.
+class _FusedChain(nn.Module):
+    """Graph node running one BN -> ReLU -> conv(s) chain; holds its modules unregistered (no state_dict keys)."""
+
+    def __init__(self, bn: nn.Module, convs: list[nn.Conv2d], backend: str):
+        super().__init__()
+        object.__setattr__(self, "_chain", (bn, convs))
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        bn, convs = self._chain
+        return tuple(bn_relu_conv(x, bn, convs, backend=self.backend, sync=isinstance(bn, nn.SyncBatchNorm),
+                                  process_group=getattr(bn, "process_group", None)))
+
+
+def _is_relu(node: torch.fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+class _Tracer(torch.fx.Tracer):
+    """Keeps already-fused containers opaque: they are not traced into again."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (FusedSequential, _FusedChain)) or super().is_leaf_module(m, qualname)
+
+
+def _fuse_traced(module: nn.Module, backend: str, start: int) -> int:
+    """Trace ``module`` and rewrite its BN -> ReLU -> Conv2d chains; 0 when untraceable or nothing found."""
+    try:
+        gm = torch.fx.GraphModule(module, _Tracer().trace(module))
+    except Exception:  # data-dependent control flow etc.: the caller tries the children instead
+        return 0
+    modules = dict(gm.named_modules())
+    graph, found = gm.graph, 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            continue
+        if len(node.users) != 1 or len(node.args) != 1:
+            continue
+        relu = next(iter(node.users))
+        if not _is_relu(relu, modules) or relu.args[0] is not node or not relu.users:
+            continue
+        convs = list(relu.users)
+        if not all(c.op == "call_module" and type(modules.get(c.target)) is nn.Conv2d and len(c.args) == 1
+                   and not c.kwargs and modules[c.target].padding_mode == "zeros"
+                   and not isinstance(modules[c.target].padding, str) for c in convs):
+            continue
+        name = f"_fused_chain_{start + found}"
+        module.add_module(name, _FusedChain(modules[node.target], [modules[c.target] for c in convs], backend))
+        gm.add_submodule(name, module.get_submodule(name))
+        with graph.inserting_before(node):
+            fused = graph.call_module(name, (node.args[0],))
+        for i, c in enumerate(convs):
+            with graph.inserting_after(fused):
+                item = graph.call_function(operator.getitem, (fused, i))
+            c.replace_all_uses_with(item)
+        for dead in convs + [relu, node]:
+            graph.erase_node(dead)
+        found += 1
+    if found:
+        graph.lint()
+        gm.recompile()
+        module.forward = gm.forward  # gm shares every submodule with `module`
+    return found
+
+
+def fuse_bn_relu_conv(model: nn.Module, *, backend: str = "auto", trace: bool = True) -> int:
+    """Fuse every BN -> ReLU -> Conv2d chain of ``model`` in place (see the module docstring for the patterns).
 
     Returns the number of chains fused. ``backend``: ``"auto"``, ``"triton"`` or ``"torch"``.
     """
@@ -75,4 +154,22 @@ def fuse_bn_relu_conv(model: nn.Module, *, backend: str = "auto") -> int:
             module.fused_starts = tuple(starts)
             module.fused_backend = backend
             fused += len(starts)
+    if trace:
+        fused += _fuse_traced_tree(model, backend, fused)
     return fused
+
+
+def _fuse_traced_tree(module: nn.Module, backend: str, start: int) -> int:
+    """Trace from the top; where tracing fails (or a module is a Sequential, handled above), try the children."""
+    if isinstance(module, (nn.Sequential, _FusedChain)):
+        return sum(_fuse_traced_tree(c, backend, start) for c in module.children())
+    has_bn = any(isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) for m in module.modules())
+    if not has_bn:
+        return 0
+    found = _fuse_traced(module, backend, start)
+    if found:
+        return found
+    total = 0
+    for child in list(module.children()):
+        total += _fuse_traced_tree(child, backend, start + total)
+    return total

@@ -123,3 +123,45 @@ def test_sync_statistics_over_two_gloo_processes_equal_one_big_batch(backend):
         torch.testing.assert_close(dxr, x.grad[r * 2:(r + 1) * 2], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(dgr, bn.weight.grad, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(rv, bn.running_var, rtol=1e-5, atol=1e-5)
+
+
+class _PsaLikeUnit(nn.Module):
+    """A pre-activation unit written like psa's ResBlock: functional ReLU, one activation feeding two convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_branch2a = nn.BatchNorm2d(6)
+        self.conv_branch2a = nn.Conv2d(6, 8, 3, padding=1, bias=False)
+        self.conv_branch1 = nn.Conv2d(6, 8, 1, bias=False)
+        self.bn_branch2b1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv_branch2b1 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False)
+        self.bn_side = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        a = F.relu(self.bn_branch2a(x))
+        t = self.conv_branch2b1(self.relu(self.bn_branch2b1(self.conv_branch2a(a))))
+        side = F.relu(self.bn_side(t))  # also used by the sum below: must stay unfused
+        return self.conv_branch1(a) + t + side
+
+
+def test_fuse_pass_traces_custom_forwards():
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _PsaLikeUnit(),
+                             nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1)))
+    plain, fused = net().train(), net().train()
+    fused.load_state_dict(plain.state_dict())
+    keys = list(fused.state_dict())
+    assert kernels.fuse_bn_relu_conv(fused, backend="torch") == 3
+    assert list(fused.state_dict()) == keys
+    x = torch.randn(2, 3, 9, 9)
+    y, yf = plain(x), fused(x)
+    torch.testing.assert_close(yf, y, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    yf.square().sum().backward()
+    scale = max(p.grad.abs().max().item() for p in plain.parameters())
+    for p, q in zip(plain.parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * scale)
+    assert saved_tensor_bytes(lambda: fused(x), fused.parameters()) < saved_tensor_bytes(lambda: plain(x), plain.parameters())
+    fused.eval()
+    assert not fused[1].bn_branch2a.training  # mode switches still reach the shared modules
