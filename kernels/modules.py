@@ -42,20 +42,19 @@ class BNReLUConv2d(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self._set_options(dropout, backend, sync, process_group, conv)
+
+    def _set_options(self, dropout=0.0, backend="auto", sync=False, process_group=None, conv="torch") -> None:
         self.dropout, self.backend, self.sync, self.process_group = dropout, backend, sync, process_group
         self.conv_impl = conv
 
     @classmethod
-    def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, **kwargs) -> "BNReLUConv2d":
-        """Wrap existing modules (their parameters are shared, not copied)."""
+    def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, **options) -> "BNReLUConv2d":
+        """Wrap existing modules (their parameters are shared, not copied); options as in ``__init__``."""
         block = cls.__new__(cls)
         nn.Module.__init__(block)
         block.bn, block.conv = bn, conv
-        block.dropout = kwargs.get("dropout", 0.0)
-        block.backend = kwargs.get("backend", "auto")
-        block.sync = kwargs.get("sync", False)
-        block.process_group = kwargs.get("process_group")
-        block.conv_impl = kwargs.get("conv", "torch")
+        block._set_options(**options)
         return block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -344,15 +344,17 @@ class ResNet38(nn.Module):
             return bn_relu(x, self.bn7, backend=self._fused_backend)
         return F.relu(self.bn7(x))
 
+    def _body(self):
+        """(name, module) of the pools and units between conv1a and bn7, in forward order."""
+        return ((n, m) for n, m in self.named_children() if n not in ("conv1a", "bn7", "fc", "head"))
+
     def forward_trunk(self, x: torch.Tensor, *, collect: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         feats: list[torch.Tensor] = []
         names = {info["module"] for info in self.feature_info}
         x = self.conv1a(x)
         if collect:
             feats.append(x)
-        for name, module in self.named_children():
-            if name in ("conv1a", "bn7", "fc", "head"):
-                continue
+        for name, module in self._body():
             if self.grad_checkpointing and self.training and isinstance(module, PreActUnit):
                 x = torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
             else:
@@ -386,9 +388,7 @@ class ResNet38(nn.Module):
         """psa ``resnet38d.Net.forward_as_dict``: BN-ReLU'd inputs of b5 ('conv4') and b6 ('conv5'), and 'conv6'."""
         out: dict[str, Any] = {}
         x = self.conv1a(x)
-        for name, module in self.named_children():
-            if name in ("conv1a", "bn7", "fc", "head"):
-                continue
+        for name, module in self._body():
             if name == "b5":
                 out["conv4"] = F.relu(module.bn_branch2a(x))
             elif name == "b6":
