@@ -80,10 +80,20 @@ def unit_ademxapp_name(level: int, index: int) -> str:
     return f"{level}a" if index == 0 else f"{level}b{index}"
 
 
+def scaled(channels: int, width: float) -> int:
+    """``channels * width`` rounded to a multiple of 8 (at least 8); width 1 is the published net."""
+    return channels if width == 1 else max(8, int(round(channels * width / 8)) * 8)
+
+
 def build_plan(
-    variant: str, output_stride: int, dropout: Sequence[float] | None = None
+    variant: str, output_stride: int, dropout: Sequence[float] | None = None, width: float = 1.0
 ) -> list[UnitSpec | PoolSpec]:
-    """The ordered list of units and pools of a trunk (conv1a excluded)."""
+    """The ordered list of units and pools of a trunk (conv1a excluded).
+
+    ``width`` scales every channel count (tiny nets for demos and tests; the released weights need 1).
+    """
+    if not width > 0:
+        raise ValueError(f"width must be positive, got {width}")
     if variant not in DOWNSAMPLING:
         raise ValueError(f"unknown ResNet-38 variant {variant!r}: expected one of {sorted(DOWNSAMPLING)}")
     if output_stride not in (8, 16, 32):
@@ -91,8 +101,9 @@ def build_plan(
     converted = {32: 0, 16: 1, 8: 2}[output_stride]
     drop = {6: dropout[0], 7: dropout[1]} if dropout else {}
     plan: list[UnitSpec | PoolSpec] = []
-    dilation, channels = 1, STEM_CHANNELS
+    dilation, channels = 1, scaled(STEM_CHANNELS, width)
     for level, (count, widths) in LEVELS.items():
+        widths = tuple(scaled(c, width) for c in widths)
         stride, first_dilation = 1, dilation
         t = level - 2  # index of the transition that enters this level (after level 1..5)
         if t < 5:
@@ -212,6 +223,7 @@ class ResNet38(nn.Module):
         dropout: rates before the last 1x1 of units 6a / 7a (ademxapp: (0.3, 0.5) for segmentation only).
         fused: ``False``, ``True``/``"auto"`` or a :mod:`kernels` backend name: run every BN-ReLU-conv
             through the recompute-in-backward kernels. Parameters and state_dict keys do not change.
+        width: channel multiplier (1 = the published nets; e.g. 1/16 for CPU demos and tests).
     """
 
     def __init__(
@@ -225,6 +237,7 @@ class ResNet38(nn.Module):
         dropout: Sequence[float] | None = None,
         in_chans: int = 3,
         fused: bool | str = False,
+        width: float = 1.0,
     ):
         super().__init__()
         if pool_style not in ("mxnet", "caffe", "ceil"):
@@ -232,10 +245,12 @@ class ResNet38(nn.Module):
         self.variant, self.output_stride, self.segmentation = variant, output_stride, segmentation
         self.pool_style = pool_style
         self.num_classes = num_classes
-        self.num_features = NUM_FEATURES
-        self.plan = build_plan(variant, output_stride, dropout)
-        self.conv1a = nn.Conv2d(in_chans, STEM_CHANNELS, 3, padding=1, bias=False)
-        reduction, self.feature_info = 1, [dict(num_chs=STEM_CHANNELS, reduction=1, module="conv1a")]
+        self.width = width
+        self.num_features = features = scaled(NUM_FEATURES, width)
+        self.plan = build_plan(variant, output_stride, dropout, width)
+        stem = scaled(STEM_CHANNELS, width)
+        self.conv1a = nn.Conv2d(in_chans, stem, 3, padding=1, bias=False)
+        reduction, self.feature_info = 1, [dict(num_chs=stem, reduction=1, module="conv1a")]
         for item in self.plan:
             if isinstance(item, PoolSpec):
                 pad, ceil = (0, pool_style == "ceil") if pool_style != "mxnet" else (1, False)
@@ -247,8 +262,8 @@ class ResNet38(nn.Module):
                 self.add_module(item.module, PreActUnit(item))
                 reduction *= item.stride
                 self._record_feature(item, reduction)
-        self.bn7 = _bn(NUM_FEATURES)
-        self.feature_info[-1] = dict(num_chs=NUM_FEATURES, reduction=reduction, module="bn7")
+        self.bn7 = _bn(features)
+        self.feature_info[-1] = dict(num_chs=features, reduction=reduction, module="bn7")
         self._fused_backend: str | None = None
         self.grad_checkpointing = False
         self.frozen_bn_stats = False
@@ -256,9 +271,9 @@ class ResNet38(nn.Module):
         self.head: TwoConvHead | None = None
         if num_classes:
             if segmentation:
-                self.head = TwoConvHead(NUM_FEATURES, num_classes)
+                self.head = TwoConvHead(features, num_classes, hidden=scaled(512, width))
             else:
-                self.fc = nn.Linear(NUM_FEATURES, num_classes)
+                self.fc = nn.Linear(features, num_classes)
         self.reset_parameters()
         self.set_fused(fused)
 
@@ -279,7 +294,7 @@ class ResNet38(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 m.reset_parameters()
         if self.fc is not None:
-            bound = 1.0 / NUM_FEATURES**0.5
+            bound = 1.0 / self.num_features**0.5
             nn.init.uniform_(self.fc.weight, -bound, bound)
             nn.init.uniform_(self.fc.bias, -bound, bound)
 
@@ -320,19 +335,21 @@ class ResNet38(nn.Module):
         self.num_classes = num_classes
         if self.segmentation:
             if self.head is None or num_classes == 0:
-                self.head = TwoConvHead(NUM_FEATURES, num_classes) if num_classes else None
+                self.head = (
+                    TwoConvHead(self.num_features, num_classes, hidden=scaled(512, self.width)) if num_classes else None
+                )
             else:
                 self.head.score = nn.Conv2d(self.head.score.in_channels, num_classes, 3, padding=12, dilation=12)
             modules = [self.head] if self.head is not None else []
         else:
-            self.fc = nn.Linear(NUM_FEATURES, num_classes) if num_classes else None
+            self.fc = nn.Linear(self.num_features, num_classes) if num_classes else None
             modules = [self.fc] if self.fc is not None else []
         for m in (m for mod in modules for m in mod.modules()):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
-                bound = 1.0 / NUM_FEATURES**0.5
+                bound = 1.0 / self.num_features**0.5
                 nn.init.uniform_(m.weight, -bound, bound)
                 nn.init.uniform_(m.bias, -bound, bound)
 
