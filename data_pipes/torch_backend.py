@@ -117,5 +117,6 @@ class TorchBackend:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.workers,
             persistent_workers=False, prefetch_factor=2 if self.workers else None,
+            generator=torch.Generator().manual_seed(epoch),  # never draw from the global RNG (exact resume)
         )
         yield from loader

@@ -164,6 +164,7 @@ class PreActUnit(nn.Module):
         if spec.projection:
             self.conv_branch1 = nn.Conv2d(spec.in_channels, spec.widths[-1], 1, stride=spec.stride, bias=False)
         self.backend: str | None = None  # None: plain torch ops; else a kernels backend name
+        self.sync_bn = False  # fused path only: batch statistics all-gathered over torch.distributed
 
     def _stage_convs(self, i: int) -> list[nn.Conv2d]:
         convs = [getattr(self, f"conv_{self.stages[i]}")]
@@ -181,7 +182,7 @@ class PreActUnit(nn.Module):
             if self.backend is not None:
                 from kernels import bn_relu_conv
 
-                outs = bn_relu_conv(t, bn, self._stage_convs(i), dropout=p, backend=self.backend)
+                outs = bn_relu_conv(t, bn, self._stage_convs(i), dropout=p, backend=self.backend, sync=self.sync_bn)
             else:
                 a = F.relu(bn(t))
                 if p:
@@ -266,6 +267,7 @@ class ResNet38(nn.Module):
         self.feature_info[-1] = dict(num_chs=features, reduction=reduction, module="bn7")
         self._fused_backend: str | None = None
         self.grad_checkpointing = False
+        self.sync_bn = False
         self.frozen_bn_stats = False
         self.fc: nn.Linear | None = None
         self.head: TwoConvHead | None = None
@@ -307,6 +309,17 @@ class ResNet38(nn.Module):
         self._fused_backend = backend
         for unit in self.units():
             unit.backend = backend
+        return self
+
+    def set_sync_bn(self, enable: bool = True) -> "ResNet38":
+        """Synchronise BN batch statistics across ranks (fused kernels; any torch.distributed backend, gloo too).
+        For the unfused model on GPUs use ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` instead."""
+        if enable and self._fused_backend is None:
+            raise ValueError("set_sync_bn needs the fused kernels (set_fused(True)); for plain BN use "
+                             "torch.nn.SyncBatchNorm.convert_sync_batchnorm (GPU only)")
+        self.sync_bn = enable
+        for unit in self.units():
+            unit.sync_bn = enable
         return self
 
     def freeze_bn_stats(self, enable: bool = True) -> "ResNet38":
@@ -358,7 +371,7 @@ class ResNet38(nn.Module):
         if self._fused_backend is not None:
             from kernels import bn_relu
 
-            return bn_relu(x, self.bn7, backend=self._fused_backend)
+            return bn_relu(x, self.bn7, backend=self._fused_backend, sync=self.sync_bn)
         return F.relu(self.bn7(x))
 
     def _body(self):

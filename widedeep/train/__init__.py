@@ -1,0 +1,12 @@
+"""Training and evaluation (``python -m widedeep.train``): the seed's recipes and test protocols."""
+
+from .cli import parse, parser
+from .engine import TrainingError, evaluate, train
+
+__all__ = ["TrainingError", "evaluate", "main", "parse", "parser", "train"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from .run import main as _main
+
+    return _main(argv)

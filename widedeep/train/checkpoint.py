@@ -1,0 +1,61 @@
+"""Atomic training checkpoints (``last``, ``best``, recovery) and the seed's ``<label>_ep-NNNN.params`` exports."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """torch.save to a temporary file, fsync, then rename: readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"--resume {path}: not a readable checkpoint ({e})") from None
+    missing = {"model", "optimizer", "epoch", "step_in_epoch", "global_step", "rng"} - set(ckpt)
+    if missing:
+        raise ValueError(f"--resume {path}: not a widedeep training checkpoint (missing {sorted(missing)})")
+    return ckpt
+
+
+def epoch_params_path(output: str | os.PathLike, label: str, epoch: int) -> Path:
+    """The seed's per-epoch weights name, usable as ``--weights`` by the next stage."""
+    return Path(output) / f"{label}_ep-{epoch:04d}.params"

@@ -1,0 +1,106 @@
+"""Command line: the seed's flags (``iclass/ilsvrc.py`` and ``issegm/voc.py``) plus ours.
+
+With no arguments it runs the embedded demo: a synthetic VOC-layout dataset, a width-1/16 A1-s8 net trained
+on CPU for a few minutes, then evaluated with the seed's protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+NO_MEANING = "accepted for the seed's commands; no meaning here"
+DEMO_ARGS = [
+    "--data-root", "data/synthetic-voc", "--output", "output/demo", "--model", "voc_rna-a1_cls21_s8",
+    "--width", "0.0625", "--split", "train", "--batch-images", "8", "--crop-size", "96", "--origin-size", "96",
+    "--lr-type", "poly", "--base-lr", "0.05", "--to-epoch", "40", "--bn-stats", "batch", "--test-scales", "112",
+    "--test-flipping", "--eval-every", "10", "--log-interval", "40", "--synthetic", "--backend", "torch",
+    "--prefetch-threads", "0", "--save-every", "10",
+]
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in s.split(",") if v != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m widedeep.train", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = ap.add_argument_group("the seed's flags")
+    g.add_argument("--data-root", help="dataset folder in the seed's layout (data/ilsvrc12, data/VOCdevkit, ...)")
+    g.add_argument("--output", default="output", help="run folder; <label>_ep-NNNN.params exports land here")
+    g.add_argument("--model", help="seed label, e.g. voc_rna-a1_cls21_s8 (default: from the --weights file name)")
+    g.add_argument("--weights", help=".params / .safetensors / .pth to start from (or to evaluate)")
+    g.add_argument("--phase", choices=["train", "val"], default="train")
+    g.add_argument("--split", help="train, train+ or val (default: train for --phase train, val otherwise)")
+    g.add_argument("--batch-images", type=int, help="GLOBAL batch over all GPUs (cls 256, seg 16; val 1)")
+    g.add_argument("--crop-size", type=int, help="training crop (cls 224, seg 500 -> 504); the seg test canvas")
+    g.add_argument("--origin-size", type=int, help="seg: nominal longer side for scale jitter (VOC 500, Cityscapes 2048)")
+    g.add_argument("--scale-rate-range", type=_floats, default=(0.7, 1.3))
+    g.add_argument("--lr-type", choices=["fixed", "linear", "poly"], default="fixed")
+    g.add_argument("--base-lr", type=float, help="cls 0.1, seg 0.0016")
+    g.add_argument("--weight-decay", type=float, help="cls 1e-4 (weights, gamma), seg 5e-4")
+    g.add_argument("--to-epoch", type=int, default=1, help="schedule length in epochs")
+    g.add_argument("--from-epoch", type=int, default=0, help="start at this epoch of the schedule (prefer --resume)")
+    g.add_argument("--stop-epoch", type=int, help="stop after this epoch (the schedule still ends at --to-epoch)")
+    g.add_argument("--test-scales", type=_ints, help="cls: shorter side(s) (320); seg: longer side(s) (500, 2048)")
+    g.add_argument("--test-flipping", action="store_true", help="average probabilities with the mirrored input")
+    g.add_argument("--test-steps", type=int, default=1, help="seg: shift-and-stitch steps (ADE20K: 2)")
+    g.add_argument("--test-3crops", action="store_true", help="cls: average three crops along the longer side")
+    g.add_argument("--pool-top-infer-style", choices=["mxnet", "caffe", "ceil"],
+                   help="Model A max-pool padding ('caffe' for the released Model A file; chosen automatically)")
+    g.add_argument("--gpus", type=_ints, help="GPU ids; several spawn one DDP process each (or use torchrun)")
+    g.add_argument("--prefetch-threads", type=int, help="data workers (DALI threads / DataLoader processes)")
+    g.add_argument("--backward-do-mirror", action="store_true",
+                   help="recompute BN-ReLU in backward instead of storing it (= --fused on)")
+    g.add_argument("--save-predictions", action="store_true", help="seg val: also save fp16 score maps (.npz)")
+    for flag in ("--prefetcher", "--kvstore", "--cache-images", "--debug", "--no-choose-interp-method"):
+        kw = {"action": "store_true"} if flag in ("--debug", "--no-choose-interp-method") else {}
+        g.add_argument(flag, help=NO_MEANING, **kw)
+    o = ap.add_argument_group("widedeep")
+    o.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off", help="autocast dtype")
+    o.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
+                   help="fused BN-ReLU-conv recompute kernels (auto: on with CUDA)")
+    o.add_argument("--channels-last", action="store_true")
+    o.add_argument("--bn-stats", choices=["auto", "batch", "frozen", "sync"], default="auto",
+                   help="BN statistics in training: auto = frozen for seg (the seed), batch for cls; "
+                        "sync = synchronised over ranks")
+    o.add_argument("--loss-resolution", choices=["feature", "full"], default="feature",
+                   help="seg: labels subsampled [4::8] (the seed) or logits upsampled to the crop")
+    o.add_argument("--no-ohem", action="store_true", help="seg: plain cross-entropy instead of OHEM")
+    o.add_argument("--width", type=float, default=1.0, help="channel multiplier (demos/tests; 1 = published)")
+    o.add_argument("--resume", nargs="?", const="auto", help="checkpoint to continue from ('auto' = <run>/last.pt)")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--log-interval", type=int, default=20, help="steps between log lines")
+    o.add_argument("--checkpoint-interval", type=int, default=0, help="steps between recovery checkpoints (0: epochs)")
+    o.add_argument("--save-every", type=int, default=1, help="epochs between <label>_ep-NNNN.params exports")
+    o.add_argument("--eval-every", type=int, default=0, help="epochs between evaluations while training (0: end)")
+    o.add_argument("--no-eval", action="store_true", help="train only")
+    o.add_argument("--backend", choices=["auto", "dali", "torch"], default="auto", help="data backend")
+    o.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    o.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (counted) instead of stopping")
+    o.add_argument("--no-verify-weights", action="store_true",
+                   help="skip the md5 check of files named like the released ones (automatic under --output)")
+    o.add_argument("--val-list", help="ILSVRC: validation label list (default: <data-root>/val.lst)")
+    o.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (extra 'tensorboard')")
+    o.add_argument("--synthetic", action="store_true", help="write a synthetic dataset at --data-root first")
+    o.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill
+    return ap
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv or DEMO_ARGS)
+    args.demo = not argv
+    return args

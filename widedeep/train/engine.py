@@ -1,0 +1,404 @@
+"""Training and evaluation loops for ``python -m widedeep.train``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from data_pipes import LABEL_SPACES, build_loader
+from widedeep.models import create_model, parse_label
+from widedeep.models.resnet38 import ResNet38
+
+from . import checkpoint, distributed
+from .cityscapes_metrics import CityscapesScores
+from .evaluate import canvas_for, classify, nan_to_none, segment
+from .logs import Summary
+from .losses import labels_at_feature_resolution, ohem_cross_entropy
+from .metrics import ConfusionMatrix, TopK
+from .optim import learning_rate, make_optimizer, set_lr
+
+log = logging.getLogger("widedeep.train")
+DATASET_OF_LABEL = {"ilsvrc-cls": "ilsvrc", "voc": "voc", "cityscapes": "cityscapes", "ade20k": "ade20k"}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (NaN loss, bad flags); the message says what to do."""
+
+
+@dataclass
+class Context:
+    args: object
+    label: str
+    dataset: str
+    task: str  # "cls" | "seg"
+    device: torch.device
+    dist: distributed.DistInfo
+    run_dir: Path
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+
+def resolve(args) -> tuple[str, str, str]:
+    """(label, dataset, task) from --model or the --weights file name, as the seed does."""
+    name = args.model or (Path(args.weights).name if args.weights else None)
+    if name is None:
+        raise TrainingError("give --model <label> (e.g. voc_rna-a1_cls21_s8) or --weights <label>_ep-NNNN.params")
+    lab = parse_label(name)
+    if lab.dataset not in DATASET_OF_LABEL:
+        raise TrainingError(f"--model {name}: no data pipeline for dataset {lab.dataset!r}; "
+                            f"supported: {', '.join(DATASET_OF_LABEL)}")
+    return lab.label, DATASET_OF_LABEL[lab.dataset], "seg" if lab.task == "segmentation" else "cls"
+
+
+def build_model(ctx: Context) -> ResNet38:
+    a = ctx.args
+    fused = {"on": True, "off": False, "auto": ctx.device.type == "cuda"}[a.fused] or a.backward_do_mirror
+    model = create_model(ctx.label, pool_style=a.pool_top_infer_style, width=a.width, fused=bool(fused))
+    if a.weights and not a.resume:
+        from widedeep.weights import load_weights
+
+        strict = a.phase == "val"
+        # md5 checks are for released files; our own exports reuse the seed's <label>_ep-NNNN names
+        verify = not a.no_verify_weights and not _inside(a.weights, a.output)
+        from widedeep.weights import ChecksumError
+
+        try:
+            drop = not strict and _classes_differ(model, a.weights, verify)
+            report = load_weights(model, a.weights, strict=strict, drop_classifier=drop, verify=verify)
+        except ChecksumError as e:
+            raise TrainingError(f"--weights: {e} On the command line: --no-verify-weights.") from None
+        log.info("weights %s: %d tensors loaded; not in file: %s; ignored: %s", a.weights, len(report.loaded),
+                 _short(report.missing), _short(report.unexpected + report.dropped))
+    bn = a.bn_stats if a.bn_stats != "auto" else ("frozen" if ctx.task == "seg" else "batch")
+    if bn == "frozen":
+        model.freeze_bn_stats()
+    elif bn == "sync" and ctx.dist.enabled:
+        if fused:
+            model.set_sync_bn()
+        elif ctx.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            raise TrainingError("--bn-stats sync on CPU needs --fused on (torch's SyncBatchNorm is GPU-only)")
+    model.to(ctx.device)
+    if a.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _inside(path: str, folder: str) -> bool:
+    return Path(folder).resolve() in Path(path).resolve().parents
+
+
+def _classes_differ(model: ResNet38, path: str, verify: bool) -> bool:
+    from widedeep.weights import read_state_dict
+
+    state = read_state_dict(path, verify=verify)
+    n = {int(v.shape[0]) for k, v in state.items() if k in ("fc.weight", "head.score.weight")}
+    return bool(n) and n != {model.num_classes}
+
+
+def _short(names: list[str], k: int = 6) -> str:
+    return "none" if not names else ", ".join(names[:k]) + (f" (+{len(names) - k})" if len(names) > k else "")
+
+
+def _autocast(ctx: Context):
+    a = ctx.args.amp
+    if a == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(ctx.device.type, dtype=torch.bfloat16 if a == "bf16" else torch.float16)
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except Exception:
+        return math.nan
+
+
+def train(ctx: Context) -> dict:
+    a = ctx.args
+    world, rank = ctx.dist.world_size, ctx.dist.rank
+    batch = a.batch_images or (256 if ctx.task == "cls" else 16)
+    if batch % world:
+        raise TrainingError(f"--batch-images {batch} (global) must be divisible by the {world} processes")
+    per_rank = batch // world
+    recipe = {}
+    if ctx.task == "seg":
+        recipe["scale_rate_range"] = tuple(a.scale_rate_range)
+        if a.origin_size:
+            recipe["origin_size"] = a.origin_size
+    loader = build_loader(ctx.dataset, a.data_root, a.split or "train", batch_size=per_rank, train=True,
+                          crop_size=a.crop_size, device=ctx.device, backend=a.backend, shard_id=rank,
+                          num_shards=world, seed=a.seed, workers=a.prefetch_threads, skip_bad=a.skip_bad,
+                          val_list=a.val_list, **recipe)
+    iters = len(loader)
+    total = a.to_epoch * iters
+    stop_epoch = min(a.stop_epoch or a.to_epoch, a.to_epoch)
+    model = build_model(ctx)
+    base_lr = a.base_lr if a.base_lr is not None else (0.1 if ctx.task == "cls" else 0.0016)
+    opt = make_optimizer(model, ctx.task, base_lr, a.weight_decay)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=a.amp == "fp16")
+    start_epoch, start_step, best = a.from_epoch, 0, None
+    resume = (ctx.run_dir / "last.pt") if a.resume == "auto" else (Path(a.resume) if a.resume else None)
+    if resume is not None:
+        ck = checkpoint.load(resume)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        start_epoch, start_step, best = ck["epoch"], ck["step_in_epoch"], ck.get("best")
+        checkpoint.set_rng_state(ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"])
+        log.info("resumed %s at epoch %d step %d", resume, start_epoch + 1, start_step)
+    net = model
+    if ctx.dist.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    summary = Summary(ctx.run_dir / "summary.csv", ctx.run_dir / "tb" if a.tensorboard else None) if ctx.is_main else None
+    log.info("%s on %s: %d process(es), batch %d per process = %d global, %d iterations/epoch, epochs %d..%d of %d, "
+             "lr %s %.4g", ctx.label, ctx.dataset, world, per_rank, batch, iters, start_epoch + 1, stop_epoch,
+             a.to_epoch, a.lr_type, base_lr)
+    global_step = start_epoch * iters + start_step
+    metrics: dict = {}
+
+    def save_state(epoch: int, step_in_epoch: int, name: str = "last.pt") -> None:
+        rngs = [checkpoint.rng_state()]
+        if ctx.dist.enabled:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if ctx.is_main:
+            checkpoint.save(ctx.run_dir / name, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "best": best,
+                "rng": rngs if ctx.dist.enabled else rngs[0], "args": vars(a), "label": ctx.label})
+
+    for epoch in range(start_epoch, stop_epoch):
+        net.train()
+        seen, loss_sum, loss_n, t_epoch = 0, 0.0, 0, time.perf_counter()
+        correct = torch.zeros(2, dtype=torch.float64)
+        t_data = t0 = time.perf_counter()
+        data_time = 0.0
+        first = start_step if epoch == start_epoch else 0
+        for step, b in enumerate(loader.iter_epoch(epoch, first), start=first):
+            data_time += time.perf_counter() - t_data
+            lr = learning_rate(a.lr_type, base_lr, global_step, total)
+            set_lr(opt, lr)
+            x = b["image"].to(ctx.device, non_blocking=True)
+            if a.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = b["label"].to(ctx.device, non_blocking=True)
+            with _autocast(ctx):
+                out = net(x)
+            loss, hits = _loss(ctx, out, y)
+            bad = distributed.broadcast_flag(not torch.isfinite(loss).item(), ctx.device)
+            if bad:
+                raise TrainingError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1} (lr {lr:.4g}); "
+                                    "lower --base-lr, try --amp off, or check the data")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            global_step += 1
+            seen += len(y)
+            loss_sum += loss.item()
+            loss_n += 1
+            correct += hits
+            if ctx.is_main and (step + 1) % a.log_interval == 0 or step + 1 == iters:
+                dt = time.perf_counter() - t0
+                eta = dt / max(1, step + 1 - first) * (iters - step - 1)
+                log.info("epoch %d [%d/%d] lr %.4g loss %.4f %s %.3f img/s %.1f (global %.1f) data %.3fs mem %.0fMB "
+                         "eta %ds", epoch + 1, step + 1, iters, lr, loss_sum / loss_n,
+                         "acc" if ctx.task == "cls" else "pix-acc", (correct[0] / correct[1].clamp(min=1)).item(),
+                         seen / dt, seen * world / dt, data_time / max(1, step + 1 - first), _peak_mb(ctx.device), eta)
+            if a.checkpoint_interval and global_step % a.checkpoint_interval == 0:
+                save_state(epoch, step + 1)
+            if a.stop_after_steps and global_step >= a.stop_after_steps:
+                save_state(epoch, step + 1)
+                log.info("stopping after %d steps (--stop-after-steps)", global_step)
+                return {"stopped_at": global_step}
+            t_data = time.perf_counter()
+        start_step = 0
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(1, loss_n),
+               "train_acc": (correct[0] / correct[1].clamp(min=1)).item(),
+               "epoch_s": round(time.perf_counter() - t_epoch, 2)}
+        do_eval = not a.no_eval and (epoch + 1 == stop_epoch or (a.eval_every and (epoch + 1) % a.eval_every == 0))
+        if do_eval:
+            metrics = evaluate(ctx, model, split="val", save=False)
+            key = "err1" if ctx.task == "cls" else "miou"
+            score = metrics[key]
+            row[f"val_{key}"] = score
+            if best is None or (score < best if key == "err1" else score > best):
+                best = score
+                if ctx.is_main:
+                    checkpoint.save(ctx.run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch + 1,
+                                                              key: score, "label": ctx.label})
+        global_step_end = global_step
+        save_state(epoch + 1, 0)
+        if ctx.is_main:
+            if a.save_every and (epoch + 1) % a.save_every == 0:
+                from widedeep.weights import save_weights
+
+                save_weights(model, checkpoint.epoch_params_path(a.output, ctx.label, epoch + 1))
+            summary.add(row)
+            summary.plot(ctx.run_dir / "curves.png")
+        assert global_step_end == global_step
+    return metrics
+
+
+def _loss(ctx: Context, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and (correct, counted) for the running training accuracy (seg: the seed's ``fcn_valid``)."""
+    if ctx.task == "cls":
+        loss = F.cross_entropy(out.float(), y)
+        return loss, torch.tensor([(out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+    if ctx.args.loss_resolution == "feature":
+        y = labels_at_feature_resolution(y, ctx.args.crop_size and 8 or 8)
+        if y.shape[-2:] != out.shape[-2:]:
+            raise TrainingError(f"labels {tuple(y.shape[-2:])} vs scores {tuple(out.shape[-2:])}: the crop must be a "
+                                "multiple of 8 (it is rounded up for you) and the model output stride 8")
+    else:
+        out = F.interpolate(out.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+    loss = (F.cross_entropy(out.float(), y, ignore_index=255) if ctx.args.no_ohem
+            else ohem_cross_entropy(out, y))
+    valid = y != 255
+    hits = ((out.argmax(1) == y) & valid).sum().item()
+    return loss, torch.tensor([hits, valid.sum().item()], dtype=torch.float64)
+
+
+@torch.no_grad()
+def evaluate(ctx: Context, model: nn.Module, *, split: str = "val", save: bool = True) -> dict:
+    a = ctx.args
+    model.eval()
+    fn = _evaluate_cls if ctx.task == "cls" else _evaluate_seg
+    metrics = fn(ctx, model, split, save)
+    model.train()
+    if ctx.is_main:
+        text = json.dumps(nan_to_none(metrics), indent=1)
+        (ctx.run_dir / f"metrics-{split}.json").write_text(text)
+        log.info("%s %s: %s", ctx.label, split, _headline(ctx, metrics))
+    del a
+    return metrics
+
+
+def _headline(ctx: Context, m: dict) -> str:
+    if ctx.task == "cls":
+        return (f"top-1 error {m['err1']:.4f} top-5 error {m['err5']:.4f} (accuracy {m['acc1']:.4f} / {m['acc5']:.4f})"
+                f" on {m['count']} images")
+    s = f"mIoU {m['miou']:.4f} pixel acc {m['pixel_acc']:.4f} mean acc {m['mean_acc']:.4f}"
+    if "cityscapes" in m:
+        c = m["cityscapes"]
+        s += (f" | Cityscapes IoU class {c['averageScoreClasses']:.4f} iIoU class {c['averageScoreInstClasses']:.4f}"
+              f" IoU category {c['averageScoreCategories']:.4f} iIoU category {c['averageScoreInstCategories']:.4f}")
+    return s
+
+
+def _val_loader(ctx: Context, split: str, **kw):
+    a = ctx.args
+    return build_loader(ctx.dataset, a.data_root, split, batch_size=kw.pop("batch_size", 1), train=False,
+                        device=ctx.device, backend=a.backend, shard_id=ctx.dist.rank, num_shards=ctx.dist.world_size,
+                        seed=a.seed, workers=a.prefetch_threads, skip_bad=a.skip_bad, val_list=a.val_list, **kw)
+
+
+def _evaluate_cls(ctx: Context, model: nn.Module, split: str, save: bool) -> dict:
+    a = ctx.args
+    scales = a.test_scales or (320,)
+    per_scale, probs, labels = {}, {}, {}
+    batch = a.batch_images if a.phase == "val" and a.batch_images else 10
+    for s in scales:
+        top = TopK(ctx.device)
+        for b in _val_loader(ctx, split, batch_size=batch, crop_size=s, crops=3 if a.test_3crops else 1):
+            with _autocast(ctx):
+                p = classify(model, b["image"], flip=a.test_flipping)
+            real = b["real"]
+            p, y = p[real.to(p.device)], b["label"][real.to(b["label"].device)]
+            top.update(p, y)
+            for i, pi, yi in zip(b["index"][real].tolist(), p.cpu(), y.tolist()):
+                probs.setdefault(i, []).append(pi)
+                labels[i] = yi
+        per_scale[s] = top.all_reduce().scores()
+    out = dict(per_scale[scales[0]])
+    if len(scales) > 1:  # the seed: the mean of softmax probabilities over all scales
+        top = TopK(ctx.device)
+        keys = sorted(probs)
+        if keys:
+            top.update(torch.stack([torch.stack(probs[i]).mean(0) for i in keys]).to(ctx.device),
+                       torch.tensor([labels[i] for i in keys], device=ctx.device))
+        out = top.all_reduce().scores()
+    out["scales"] = {str(s): v for s, v in per_scale.items()}
+    return out
+
+
+def _evaluate_seg(ctx: Context, model: nn.Module, split: str, save: bool) -> dict:
+    a = ctx.args
+    space = LABEL_SPACES[ctx.dataset]
+    loader = _val_loader(ctx, split, batch_size=1, scale=None)
+    cm = ConfusionMatrix(space.num_classes, ctx.device)
+    cs = CityscapesScores() if ctx.dataset == "cityscapes" else None
+    scales = a.test_scales or (None,)
+    canvas = canvas_for(ctx.dataset, -(-(a.crop_size or 500) // 8) * 8)
+    pred_dir = ctx.run_dir / f"{split}-predictions"
+    samples = loader.index.samples
+    for b in loader:
+        for k in range(len(b["index"])):
+            if not bool(b["real"][k]):
+                continue
+            h, w = b["image_size"][k].tolist()
+            lh, lw = b["label_size"][k].tolist()
+            img = b["image"][k, :, :h, :w]
+            with _autocast(ctx):
+                probs = segment(model, img, space.num_classes, scales=scales, flip=a.test_flipping,
+                                steps=a.test_steps, canvas_min=canvas)
+            if probs.shape[-2:] != (lh, lw):
+                probs = F.interpolate(probs[None], size=(lh, lw), mode="bilinear", align_corners=False)[0]
+            pred = probs.argmax(0)
+            label = b["label"][k, :lh, :lw].to(pred.device)
+            cm.update(pred, label)
+            sample = samples[int(b["index"][k])]
+            raw = space.decode(pred.to(torch.uint8).cpu().numpy())
+            if cs is not None:
+                gt_raw = np.asarray(Image.open(sample.target))
+                inst_path = sample.target.replace("_labelIds.png", "_instanceIds.png")
+                inst = np.asarray(Image.open(inst_path)) if os.path.isfile(inst_path) else None
+                cs.update(raw, gt_raw, inst)
+            if save:
+                _save_prediction(pred_dir, sample.image, raw, space, probs if a.save_predictions else None)
+    out = cm.all_reduce().scores()
+    out["class_names"] = list(space.names)
+    if cs is not None:
+        out["cityscapes"] = cs.all_reduce(ctx.device if ctx.device.type == "cuda" else "cpu").scores()
+    return out
+
+
+def _save_prediction(folder: Path, image_path: str, raw: np.ndarray, space, probs: torch.Tensor | None) -> None:
+    """Dataset ids as a single-channel PNG (Cityscapes labelIds, VOC indices, ADE 1..150) plus a colour PNG."""
+    stem = Path(image_path).stem.replace("_leftImg8bit", "")
+    (folder / "ids").mkdir(parents=True, exist_ok=True)
+    (folder / "color").mkdir(parents=True, exist_ok=True)
+    _atomic_png(Image.fromarray(raw, "L"), folder / "ids" / f"{stem}.png")
+    im = Image.fromarray(raw, "P")
+    im.putpalette(space.palette.tobytes())
+    _atomic_png(im, folder / "color" / f"{stem}.png")
+    if probs is not None:
+        np.savez_compressed(folder / "ids" / f"{stem}_scores.npz", scores=probs.half().cpu().numpy())
+
+
+def _atomic_png(im: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)

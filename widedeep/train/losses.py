@@ -1,0 +1,38 @@
+"""Segmentation losses: the seed's OHEM ("bootstrapping") softmax loss and label subsampling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = 255
+
+
+def labels_at_feature_resolution(label: torch.Tensor, stride: int = 8) -> torch.Tensor:
+    """The seed's ``label[4::8, 4::8]``: score cell i sits over pixel ``stride * i + stride // 2``. (N, H, W)."""
+    return label[:, stride // 2::stride, stride // 2::stride]
+
+
+def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, thresh: float = 0.6, min_kept: int = 256,
+                       ignore_index: int = IGNORE) -> torch.Tensor:
+    """Mean cross-entropy over the hard pixels of this (per-device) batch, as ademxapp's ``ohem_softmax``.
+
+    Valid pixels (label != ignore) whose ground-truth probability is <= ``thresh`` are kept; the threshold is
+    raised to the ``min_kept``-th smallest probability when fewer would be kept; with at most ``min_kept``
+    valid pixels all are kept. logits (N, C, H, W) any float dtype (computed in fp32), target (N, H, W) int64.
+    """
+    if logits.shape[-2:] != target.shape[-2:]:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(target.shape)} differ in size; "
+                         "subsample labels (labels_at_feature_resolution) or upsample logits first")
+    nll = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    with torch.no_grad():
+        valid = target != ignore_index
+        n = int(valid.sum())
+        if n == 0:
+            return logits.sum() * 0.0
+        keep = valid
+        if n > min_kept:
+            prob = torch.exp(-nll.detach())
+            kth = prob[valid].kthvalue(min_kept).values
+            keep = valid & (prob <= torch.clamp(kth, min=thresh))
+    return nll[keep].sum() / keep.sum().clamp(min=1)

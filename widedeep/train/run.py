@@ -1,0 +1,89 @@
+"""Process setup around the engine: devices, torchrun/DDP or ``--gpus`` spawning, the demo's dataset."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .cli import parse
+from .engine import Context, TrainingError, build_model, evaluate, resolve, train
+from .logs import setup_logging
+
+log = logging.getLogger("widedeep.train")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(local_rank: int, argv: list[str], gpus: tuple[int, ...], port: int) -> None:
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(len(gpus)),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
+    main(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse(argv)
+    gpus = args.gpus or ()
+    if len(gpus) > 1 and "RANK" not in os.environ:  # the seed's --gpus 0,1,2,3 in one command: one process per GPU
+        if not torch.cuda.is_available():
+            raise TrainingError(f"--gpus {','.join(map(str, gpus))}: no CUDA device here")
+        torch.multiprocessing.spawn(_spawned, args=(argv, gpus, _free_port()), nprocs=len(gpus))
+        return {}
+    info = distributed.env_info()
+    if args.device == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        kind = torch.device(args.device).type
+    if kind == "cuda":
+        index = info.local_rank if info.enabled else (gpus[0] if gpus else 0)
+        if os.environ.get("CUDA_VISIBLE_DEVICES") and len(gpus) > 1:
+            index = info.local_rank
+        device = torch.device("cuda", index)
+    else:
+        device = torch.device("cpu")
+    info = distributed.init(kind)
+    try:
+        return _run(args, info, device)
+    finally:
+        distributed.shutdown()
+
+
+def _run(args, info, device) -> dict:
+    if args.data_root is None:
+        raise TrainingError("--data-root is required (the dataset folder in the seed's layout)")
+    label, dataset, task = resolve(args)
+    run_dir = Path(args.output) / label
+    setup_logging(run_dir, info.is_main)
+    if args.demo:
+        log.info("no arguments: running the demo (python -m widedeep.train --help for the real flags)")
+    if args.synthetic and info.is_main:
+        from data_pipes.synthetic import write_synthetic
+
+        # 5 segmentation classes (or 10 ILSVRC classes): learnable by a tiny net in about a minute of CPU time
+        write_synthetic(dataset, args.data_root, num_train=64, num_val=16, size=(64, 112), seed=0,
+                        num_classes=10 if dataset == "ilsvrc" else 5)
+    distributed.barrier()
+    torch.manual_seed(args.seed + info.rank)
+    ctx = Context(args, label, dataset, task, device, info, run_dir)
+    t0 = time.perf_counter()
+    if args.phase == "val":
+        if not args.weights:
+            raise TrainingError("--phase val needs --weights")
+        model = build_model(ctx)
+        metrics = evaluate(ctx, model, split=args.split or "val", save=True)
+    else:
+        metrics = train(ctx)
+        if args.demo and info.is_main and metrics:
+            log.info("demo finished in %.0f s: %s", time.perf_counter() - t0, run_dir)
+    return metrics
