@@ -23,7 +23,7 @@ from widedeep.models.resnet38 import ResNet38
 
 from . import checkpoint, distributed
 from .cityscapes_metrics import CityscapesScores
-from .evaluate import canvas_for, classify, nan_to_none, segment
+from .evaluate import STRIDE, canvas_for, classify, nan_to_none, segment
 from .logs import Summary
 from .losses import labels_at_feature_resolution, ohem_cross_entropy
 from .metrics import ConfusionMatrix, TopK
@@ -115,6 +115,14 @@ def _short(names: list[str], k: int = 6) -> str:
     return "none" if not names else ", ".join(names[:k]) + (f" (+{len(names) - k})" if len(names) > k else "")
 
 
+def _progress(ctx: Context, total: int, initial: int, desc: str):
+    """A tqdm bar on rank 0 of an interactive terminal; silent on non-TTY (logs, CI) and other ranks."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, mininterval=2,
+                disable=None if ctx.is_main else True)
+
+
 def _autocast(ctx: Context):
     a = ctx.args.amp
     if a == "off":
@@ -196,7 +204,9 @@ def train(ctx: Context) -> dict:
         t_data = t0 = time.perf_counter()
         data_time = 0.0
         first = start_step if epoch == start_epoch else 0
+        bar = _progress(ctx, iters, first, f"epoch {epoch + 1}")
         for step, b in enumerate(loader.iter_epoch(epoch, first), start=first):
+            bar.update()
             data_time += time.perf_counter() - t_data
             lr = learning_rate(a.lr_type, base_lr, global_step, total)
             set_lr(opt, lr)
@@ -234,6 +244,7 @@ def train(ctx: Context) -> dict:
                 log.info("stopping after %d steps (--stop-after-steps)", global_step)
                 return {"stopped_at": global_step}
             t_data = time.perf_counter()
+        bar.close()
         start_step = 0
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(1, loss_n),
                "train_acc": (correct[0] / correct[1].clamp(min=1)).item(),
@@ -249,7 +260,6 @@ def train(ctx: Context) -> dict:
                 if ctx.is_main:
                     checkpoint.save(ctx.run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch + 1,
                                                               key: score, "label": ctx.label})
-        global_step_end = global_step
         save_state(epoch + 1, 0)
         if ctx.is_main:
             if a.save_every and (epoch + 1) % a.save_every == 0:
@@ -258,7 +268,6 @@ def train(ctx: Context) -> dict:
                 save_weights(model, checkpoint.epoch_params_path(a.output, ctx.label, epoch + 1))
             summary.add(row)
             summary.plot(ctx.run_dir / "curves.png")
-        assert global_step_end == global_step
     return metrics
 
 
@@ -268,7 +277,7 @@ def _loss(ctx: Context, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
         loss = F.cross_entropy(out.float(), y)
         return loss, torch.tensor([(out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
     if ctx.args.loss_resolution == "feature":
-        y = labels_at_feature_resolution(y, ctx.args.crop_size and 8 or 8)
+        y = labels_at_feature_resolution(y, STRIDE)
         if y.shape[-2:] != out.shape[-2:]:
             raise TrainingError(f"labels {tuple(y.shape[-2:])} vs scores {tuple(out.shape[-2:])}: the crop must be a "
                                 "multiple of 8 (it is rounded up for you) and the model output stride 8")
@@ -283,7 +292,6 @@ def _loss(ctx: Context, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def evaluate(ctx: Context, model: nn.Module, *, split: str = "val", save: bool = True) -> dict:
-    a = ctx.args
     model.eval()
     fn = _evaluate_cls if ctx.task == "cls" else _evaluate_seg
     metrics = fn(ctx, model, split, save)
@@ -292,7 +300,6 @@ def evaluate(ctx: Context, model: nn.Module, *, split: str = "val", save: bool =
         text = json.dumps(nan_to_none(metrics), indent=1)
         (ctx.run_dir / f"metrics-{split}.json").write_text(text)
         log.info("%s %s: %s", ctx.label, split, _headline(ctx, metrics))
-    del a
     return metrics
 
 
@@ -354,7 +361,7 @@ def _evaluate_seg(ctx: Context, model: nn.Module, split: str, save: bool) -> dic
     canvas = canvas_for(ctx.dataset, -(-(a.crop_size or 500) // 8) * 8)
     pred_dir = ctx.run_dir / f"{split}-predictions"
     samples = loader.index.samples
-    for b in loader:
+    for b in _progress_iter(ctx, loader, f"{split} images"):
         for k in range(len(b["index"])):
             if not bool(b["real"][k]):
                 continue
@@ -383,6 +390,14 @@ def _evaluate_seg(ctx: Context, model: nn.Module, split: str, save: bool) -> dic
     if cs is not None:
         out["cityscapes"] = cs.all_reduce(ctx.device if ctx.device.type == "cuda" else "cpu").scores()
     return out
+
+
+def _progress_iter(ctx: Context, iterable, desc: str):
+    bar = _progress(ctx, len(iterable), 0, desc)
+    for item in iterable:
+        yield item
+        bar.update()
+    bar.close()
 
 
 def _save_prediction(folder: Path, image_path: str, raw: np.ndarray, space, probs: torch.Tensor | None) -> None:
