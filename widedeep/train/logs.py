@@ -54,8 +54,8 @@ class Summary:
 
     def plot(self, path: Path) -> None:
         """Loss and eval metric per epoch as a PNG (matplotlib when installed, else a plain Pillow drawing)."""
-        series = {k: [float(r[k]) if r.get(k) not in (None, "") else math.nan for r in self.rows]
-                  for k in (self.rows[0].keys() if self.rows else []) if k not in ("epoch", "lr")}
+        keys = dict.fromkeys(k for r in self.rows for k in r if k not in ("epoch", "lr", "epoch_s"))
+        series = {k: [float(r[k]) if r.get(k) not in (None, "") else math.nan for r in self.rows] for k in keys}
         epochs = [int(r["epoch"]) for r in self.rows]
         if not epochs:
             return
@@ -67,7 +67,7 @@ class Summary:
 
             fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)
             for ax, (k, v) in zip(axes[0], series.items()):
-                ax.plot(epochs, v, marker="o")
+                ax.plot([e for e, x in zip(epochs, v) if not math.isnan(x)], [x for x in v if not math.isnan(x)], marker="o")
                 ax.set_title(k)
                 ax.set_xlabel("epoch")
             fig.tight_layout()
