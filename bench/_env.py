@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -28,3 +30,10 @@ def environment() -> dict:
         p = torch.cuda.get_device_properties(0)
         env.update(device=p.name, cuda=torch.version.cuda, gpu_memory_gib=round(p.total_memory / 2**30, 1))
     return env
+
+
+def write_results(path: str | os.PathLike, results: list[dict], **fields) -> None:
+    """A results file: environment (device, versions, commit), any extra fields, then the rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(environment=environment(), **fields, results=results), indent=2) + "\n")

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from bench._env import environment
+from bench._env import write_results
 from widedeep.models import create_model
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         rows.append(bench_shape(s))
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
-        args.out.write_text(json.dumps(dict(environment=environment(), results=rows), indent=2) + "\n")
+        write_results(args.out, rows)
     return 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench._env import environment
+from bench._env import write_results
 from data_pipes import build_loader
 from data_pipes.dali_backend import available as dali_available
 from data_pipes.synthetic import write_synthetic
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(dict(case=case, backend=backend, device=device, workers=a.workers, batch=a.batch,
                                  crop=crop, images_per_s=round(ips, 1)))
                 print(json.dumps(rows[-1]), flush=True)
-    result = dict(environment=environment(), images=a.images, image_sides="375-500 px JPEG", rows=rows)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_results(a.out, rows, images=a.images, image_sides="375-500 px JPEG")
     return 0
 
 

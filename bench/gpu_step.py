@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench._env import environment
+from bench._env import write_results
 from widedeep.models import create_model
 
 MODES = ("unfused", "fused", "checkpoint")
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             results.append(dict(run(mode, args.label, b, args.size, args.iters), largest_batch=True))
             print(json.dumps(results[-1]), flush=True)
     if args.out:
-        args.out.write_text(json.dumps(dict(environment=environment(), results=results), indent=2) + "\n")
+        write_results(args.out, results)
     return 0
 
 

@@ -9,13 +9,12 @@ one forward of a training step. Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from bench._env import environment
+from bench._env import write_results
 from kernels.profiling import saved_tensor_bytes
 from widedeep.models import create_model
 
@@ -50,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(f"{label:28s} unfused {r['unfused_MiB']:9.1f} MiB  fused {r['fused_MiB']:9.1f} MiB  ratio {r['ratio']:.3f}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(environment=environment(), results=results), indent=2) + "\n")
+        write_results(args.out, results)
         print(f"wrote {args.out}")
     return 0
 

@@ -104,9 +104,9 @@ class _Source:
                 target=None) -> dict:
         if data is None:
             s = self.index.samples[i]
-            size = image_size(s.image)
             with open(s.image, "rb") as f:
                 data = f.read()
+            size = image_size(s.image, data)
             if isinstance(s.target, str):
                 mask = load_mask(s.target, self.index.label_space, size, s.image)
             target = s.target
@@ -179,8 +179,7 @@ def _build(source: _Source, recipe, batch_size: int, threads: int, device: str, 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor | list[torch.Tensor]:
     """A DALI TensorList -> one stacked tensor (uniform shapes) or a list (variable shapes)."""
-    gpu = hasattr(tl, "as_cpu") and type(tl).__name__.endswith("GPU")
-    if gpu:
+    if type(tl).__name__ == "TensorListGPU":
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         def one(t):

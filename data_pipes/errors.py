@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image
 
@@ -12,10 +14,10 @@ class BadSampleError(ValueError):
     """An image or mask that cannot be used; the message names the file."""
 
 
-def image_size(path: str) -> tuple[int, int]:
-    """(width, height) from the header only."""
+def image_size(path: str, data: bytes | None = None) -> tuple[int, int]:
+    """(width, height) from the header only (of ``data`` when given: the file's bytes, already read)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             return im.size
     except Exception as e:  # PIL raises several types for garbage
         raise BadSampleError(f"{path}: not a readable image ({e})") from None

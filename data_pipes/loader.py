@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -60,7 +59,9 @@ class Loader:
                              shard_id=self.shard_id, num_shards=self.num_shards, even=self.even)
 
     def __len__(self) -> int:
-        return -(-len(self.plan(0)[0]) // self.batch_size)
+        n, s = len(self.index), self.num_shards
+        samples = -(-n // s) if self.even else len(range(self.shard_id, n, s))  # this shard's share of each epoch
+        return -(-samples // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

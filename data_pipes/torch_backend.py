@@ -14,7 +14,7 @@ from PIL import Image
 
 from .errors import BadSampleError, load_mask, load_rgb
 from .layouts import DatasetIndex
-from .recipes import MEAN_RGB_255, ClsTrain, ClsVal, SegTrain, SegVal, adaptive_filter, sample_rng
+from .recipes import MEAN_RGB_255, ClsTrain, ClsVal, SegTrain, adaptive_filter, sample_rng
 
 log = logging.getLogger(__name__)
 _FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}

@@ -188,7 +188,7 @@ def test_flip_averages_the_unmirrored_probabilities():
 def test_segment_returns_original_size_and_averages_scales():
     img = torch.zeros(3, 30, 44)
     img[1, :, 22:] = 1.0  # right half is class 1
-    p = segment(_Sampler(), img, 3, scales=[None, 64], canvas_min=48)
+    p = segment(_Sampler(), img, scales=[None, 64], canvas_min=48)
     assert p.shape == (3, 30, 44)
     pred = p.argmax(0)
     assert (pred[:, :16] != 1).all() and (pred[:, 30:] == 1).all()

@@ -146,11 +146,11 @@ def create_model(
     args.update(kwargs)
     model = ResNet38(pool_style=pool_style, fused=fused, **args)
     if weights is not None:
-        from widedeep.weights import load_weights, read_state_dict
+        from widedeep.weights import load_weights, num_classes_of, read_state_dict
 
         state = read_state_dict(weights)
-        file_classes = {int(v.shape[0]) for k, v in state.items() if k in ("fc.weight", "head.score.weight")}
-        drop = num_classes is not None and bool(file_classes) and file_classes != {num_classes}
+        file_classes = num_classes_of(state)
+        drop = num_classes is not None and file_classes > 0 and file_classes != num_classes
         report = load_weights(model, state, strict=weights_strict, drop_classifier=drop, name=str(weights))
         if report.dropped:
             log.info("%s: classifier dropped (num_classes=%d): %s", weights, num_classes, report.dropped)

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from widedeep.fileio import atomic_open
+
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -27,19 +29,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """torch.save to a temporary file, fsync, then rename: readers see the old file or the whole new one."""
+    """torch.save, atomically (readers see the old file or the whole new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(path) as f:
+        torch.save(payload, f)
 
 
 def load(path: str | os.PathLike) -> dict:

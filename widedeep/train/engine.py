@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data_pipes import LABEL_SPACES, build_loader
+from widedeep.fileio import atomic_open
 from widedeep.models import create_model, parse_label
 from widedeep.models.resnet38 import ResNet38
 
@@ -69,18 +70,18 @@ def build_model(ctx: Context) -> ResNet38:
     fused = {"on": True, "off": False, "auto": ctx.device.type == "cuda"}[a.fused] or a.backward_do_mirror
     model = create_model(ctx.label, pool_style=a.pool_top_infer_style, width=a.width, fused=bool(fused))
     if a.weights and not a.resume:
-        from widedeep.weights import load_weights
+        from widedeep.weights import ChecksumError, load_weights, num_classes_of, read_state_dict
 
         strict = a.phase == "val"
         # md5 checks are for released files; our own exports reuse the seed's <label>_ep-NNNN names
         verify = not a.no_verify_weights and not _inside(a.weights, a.output)
-        from widedeep.weights import ChecksumError
-
         try:
-            drop = not strict and _classes_differ(model, a.weights, verify)
-            report = load_weights(model, a.weights, strict=strict, drop_classifier=drop, verify=verify)
+            state = read_state_dict(a.weights, verify=verify)
         except ChecksumError as e:
             raise TrainingError(f"--weights: {e} On the command line: --no-verify-weights.") from None
+        file_classes = num_classes_of(state)
+        drop = not strict and file_classes > 0 and file_classes != model.num_classes
+        report = load_weights(model, state, strict=strict, drop_classifier=drop, name=a.weights)
         log.info("weights %s: %d tensors loaded; not in file: %s; ignored: %s", a.weights, len(report.loaded),
                  _short(report.missing), _short(report.unexpected + report.dropped))
     bn = a.bn_stats if a.bn_stats != "auto" else ("frozen" if ctx.task == "seg" else "batch")
@@ -101,14 +102,6 @@ def build_model(ctx: Context) -> ResNet38:
 
 def _inside(path: str, folder: str) -> bool:
     return Path(folder).resolve() in Path(path).resolve().parents
-
-
-def _classes_differ(model: ResNet38, path: str, verify: bool) -> bool:
-    from widedeep.weights import read_state_dict
-
-    state = read_state_dict(path, verify=verify)
-    n = {int(v.shape[0]) for k, v in state.items() if k in ("fc.weight", "head.score.weight")}
-    return bool(n) and n != {model.num_classes}
 
 
 def _short(names: list[str], k: int = 6) -> str:
@@ -369,7 +362,7 @@ def _evaluate_seg(ctx: Context, model: nn.Module, split: str, save: bool) -> dic
             lh, lw = b["label_size"][k].tolist()
             img = b["image"][k, :, :h, :w]
             with _autocast(ctx):
-                probs = segment(model, img, space.num_classes, scales=scales, flip=a.test_flipping,
+                probs = segment(model, img, scales=scales, flip=a.test_flipping,
                                 steps=a.test_steps, canvas_min=canvas)
             if probs.shape[-2:] != (lh, lw):
                 probs = F.interpolate(probs[None], size=(lh, lw), mode="bilinear", align_corners=False)[0]
@@ -414,6 +407,5 @@ def _save_prediction(folder: Path, image_path: str, raw: np.ndarray, space, prob
 
 
 def _atomic_png(im: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        im.save(f, format="PNG")

@@ -62,7 +62,7 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def segment(model: nn.Module, image: torch.Tensor, num_classes: int, *, scales: Iterable[int | None] = (None,),
+def segment(model: nn.Module, image: torch.Tensor, *, scales: Iterable[int | None] = (None,),
             flip: bool = False, steps: int = 1, canvas_min: int = 0, stride: int = STRIDE) -> torch.Tensor:
     """Class probabilities (C, H, W) for one normalised image (3, H, W) at its original size.
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
-import os
 import sys
 from pathlib import Path
+
+from widedeep.fileio import atomic_write_bytes
 
 log = logging.getLogger("widedeep.train")
 
@@ -41,12 +43,11 @@ class Summary:
     def add(self, row: dict) -> None:
         self.rows = [r for r in self.rows if int(r["epoch"]) != int(row["epoch"])] + [row]
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_bytes(self.path, text.getvalue().encode())
         if self.tb is not None:
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, (int, float)):

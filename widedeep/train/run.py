@@ -47,8 +47,6 @@ def main(argv: list[str] | None = None) -> dict:
         kind = torch.device(args.device).type
     if kind == "cuda":
         index = info.local_rank if info.enabled else (gpus[0] if gpus else 0)
-        if os.environ.get("CUDA_VISIBLE_DEVICES") and len(gpus) > 1:
-            index = info.local_rank
         device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")

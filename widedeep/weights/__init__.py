@@ -16,12 +16,14 @@ import torch
 import torch.nn as nn
 
 from .mapping import UnknownNameError, ademxapp_to_key, is_segmentation_file, key_to_ademxapp
-from .mxnet_params import ParamsFormatError, atomic_write_bytes, read_params, write_params
+from widedeep.fileio import atomic_open, atomic_write_bytes
+
+from .mxnet_params import ParamsFormatError, read_params, write_params
 from .released import RELEASED_MD5, ChecksumError, verify_released
 
 __all__ = [
     "ChecksumError", "ParamsFormatError", "WeightsMismatchError", "LoadReport", "RELEASED_MD5",
-    "read_params", "write_params", "read_state_dict", "load_weights", "save_weights", "to_ademxapp",
+    "read_params", "write_params", "read_state_dict", "load_weights", "save_weights", "to_ademxapp", "num_classes_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -154,7 +156,8 @@ def load_weights(
     return report
 
 
-def _num_classes(state: Mapping[str, torch.Tensor]) -> int:
+def num_classes_of(state: Mapping[str, torch.Tensor]) -> int:
+    """Classifier outputs of a state_dict (``fc`` or the segmentation ``head.score``); 0 when headless."""
     for key in ("fc.weight", "head.score.weight"):
         if key in state:
             return int(state[key].shape[0])
@@ -163,7 +166,7 @@ def _num_classes(state: Mapping[str, torch.Tensor]) -> int:
 
 def to_ademxapp(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state_dict -> ``{"arg:...": tensor, "aux:...": tensor}`` as ademxapp's checkpoints name them."""
-    n = _num_classes(state)
+    n = num_classes_of(state)
     out = {}
     for key, tensor in state.items():
         name = key_to_ademxapp(key, num_classes=n)
@@ -191,8 +194,7 @@ def save_weights(
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         atomic_write_bytes(path, save(tensors, metadata=dict(metadata or {})))
     elif ext in (".pth", ".pt"):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
-        os.replace(tmp, path)
+        with atomic_open(path) as f:
+            torch.save({k: v.detach().cpu() for k, v in state.items()}, f)
     else:
         raise ValueError(f"{path}: unknown weights format {ext!r}: expected .params, .safetensors or .pth")

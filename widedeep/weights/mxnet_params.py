@@ -25,6 +25,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from widedeep.fileio import atomic_write_bytes  # noqa: F401  (re-exported: weights API)
+
 LIST_MAGIC = 0x112
 V1_MAGIC = 0xF993FAC8
 V2_MAGIC = 0xF993FAC9
@@ -204,18 +206,3 @@ def write_params(path: str | os.PathLike, arrays: Mapping[str, torch.Tensor], *,
         enc = name.encode("utf-8")
         body.append(struct.pack("<Q", len(enc)) + enc)
     atomic_write_bytes(path, b"".join(body))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
