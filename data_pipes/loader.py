@@ -70,7 +70,12 @@ class Loader:
         yield from self.iter_epoch(self.epoch)
         self.epoch += 1
 
-    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
+    def iter_epoch(self, epoch: int, start_batch: int = 0, keep_empty: bool = False) -> Iterator[dict]:
+        """Batches of ``epoch`` from batch ``start_batch`` on.
+
+        A batch whose samples were all skipped (``skip_bad``) is left out, or, with ``keep_empty``, yielded as
+        ``{"empty": True, "skipped": n}`` so that the k-th item is always batch k (DDP ranks stay in step).
+        """
         for raw in self.backend.iterate(epoch, self.plan, self.batch_size, start_batch):
             if raw.get("skipped"):
                 self.skipped += raw["skipped"]
@@ -81,6 +86,9 @@ class Loader:
                     raw = _select(raw, keep)
                 if len(raw["index"]):
                     yield self.finish(raw)
+                    continue
+            if keep_empty:
+                yield {"empty": True, "skipped": raw.get("skipped", 0)}
 
     def finish(self, raw: dict) -> dict:
         out = {"index": raw["index"].long(), "real": raw["real"].bool(), "skipped": raw.get("skipped", 0)}
@@ -124,8 +132,13 @@ def _select(raw: dict, keep: torch.Tensor) -> dict:
 
 
 def _chw(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [0, 1]."""
-    return x.movedim(-1, -3).float().div_(255)
+    """uint8 (..., H, W, 3) -> contiguous float (..., 3, H, W) in [0, 1].
+
+    Contiguous NCHW on purpose: ``movedim`` alone gives channels_last strides, and oneDNN's backward of a
+    strided 1x1 convolution on a channels_last input with few channels crashes on AVX-512 CPUs (torch 2.13).
+    Models that want channels_last convert the batch themselves (``--channels-last``).
+    """
+    return x.movedim(-1, -3).contiguous().float().div_(255)
 
 
 def build_loader(dataset: str, data_root: str | os.PathLike, split: str, *, batch_size: int, train: bool,

@@ -9,7 +9,9 @@ Caught, anywhere in the model:
    ``Conv2d`` modules, e.g. psa's ``F.relu(self.bn_branch2a(x))`` feeding ``conv_branch2a`` *and*
    ``conv_branch1`` (they share one recomputed activation). The rewritten graph becomes that module's
    ``forward`` (an instance attribute); its other methods are unchanged. Modules that fx cannot trace are
-   skipped (their children are tried).
+   skipped (their children are tried). Python-level reads of ``self.training`` are traced per mode (one
+   graph for train, one for eval, picked by the module's mode at call time); other Python attributes are
+   frozen at fuse time, as in any torch.fx transform.
 
 The modules themselves are untouched and stay where they are, so parameters, buffers, state_dict keys and
 optimizer state are exactly those of the original model. Not caught: chains whose BN or ReLU output is also
@@ -92,14 +94,36 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, (FusedSequential, _FusedChain)) or super().is_leaf_module(m, qualname)
 
 
-def _fuse_traced(module: nn.Module, backend: str, start: int) -> int:
-    """Trace ``module`` and rewrite its BN -> ReLU -> Conv2d chains; 0 when untraceable or nothing found."""
+def _trace(module: nn.Module, training: bool) -> torch.fx.GraphModule:
+    """``module`` traced as in ``module.train(training)``; every module's own mode is restored afterwards."""
+    modes = {m: m.training for m in module.modules()}
     try:
-        gm = torch.fx.GraphModule(module, _Tracer().trace(module))
-    except Exception:  # data-dependent control flow etc.: the caller tries the children instead
-        return 0
+        for m in modes:
+            m.training = training  # set directly: a train() override (frozen BN) must not change the trace
+        return torch.fx.GraphModule(module, _Tracer().trace(module))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+class _PerMode:
+    """``forward`` of a module whose traced graph depends on its mode (e.g. ``F.dropout(..., self.training)``):
+    fx freezes Python-level attributes at trace time, so there is one graph per mode, picked at call time."""
+
+    def __init__(self, owner: nn.Module, train_graph: torch.fx.GraphModule, eval_graph: torch.fx.GraphModule):
+        self.owner, self.train_graph, self.eval_graph = owner, train_graph, eval_graph
+
+    def __call__(self, *args, **kwargs):
+        return (self.train_graph if self.owner.training else self.eval_graph)(*args, **kwargs)
+
+
+def _rewrite(gm: torch.fx.GraphModule, module: nn.Module, backend: str, chains: dict) -> None:
+    """Replace the BN -> ReLU -> Conv2d chains of ``gm``'s graph by :class:`_FusedChain` nodes.
+
+    ``chains`` maps (bn, convs) targets to the chain module's name, shared by the graphs of both modes.
+    """
     modules = dict(gm.named_modules())
-    graph, found = gm.graph, 0
+    graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), (nn.BatchNorm2d, nn.SyncBatchNorm)):
             continue
@@ -113,8 +137,11 @@ def _fuse_traced(module: nn.Module, backend: str, start: int) -> int:
                    and not c.kwargs and modules[c.target].padding_mode == "zeros"
                    and not isinstance(modules[c.target].padding, str) for c in convs):
             continue
-        name = f"_fused_chain_{start + found}"
-        module.add_module(name, _FusedChain(modules[node.target], [modules[c.target] for c in convs], backend))
+        key = (node.target, tuple(c.target for c in convs))
+        if key not in chains:
+            chains[key] = name = f"_fused_chain_{chains['start'] + len(chains) - 1}"
+            module.add_module(name, _FusedChain(modules[node.target], [modules[c.target] for c in convs], backend))
+        name = chains[key]
         gm.add_submodule(name, module.get_submodule(name))
         with graph.inserting_before(node):
             fused = graph.call_module(name, (node.args[0],))
@@ -124,11 +151,30 @@ def _fuse_traced(module: nn.Module, backend: str, start: int) -> int:
             c.replace_all_uses_with(item)
         for dead in convs + [relu, node]:
             graph.erase_node(dead)
-        found += 1
+    graph.lint()
+    gm.recompile()
+
+
+def _fuse_traced(module: nn.Module, backend: str, start: int) -> int:
+    """Trace ``module`` and rewrite its BN -> ReLU -> Conv2d chains; 0 when untraceable or nothing found.
+
+    Traced in both modes; when the two graphs differ (Python code reading ``self.training``), the module's
+    forward picks the graph of its current mode, so ``m.eval()`` after fusing behaves like the original.
+    """
+    try:
+        graphs = {mode: _trace(module, mode) for mode in (True, False)}
+    except Exception:  # data-dependent control flow etc.: the caller tries the children instead
+        return 0
+    chains: dict = {"start": start}
+    for gm in graphs.values():
+        _rewrite(gm, module, backend, chains)
+    found = len(chains) - 1
     if found:
-        graph.lint()
-        gm.recompile()
-        module.forward = gm.forward  # gm shares every submodule with `module`
+        train_graph, eval_graph = graphs[True], graphs[False]
+        if train_graph.code == eval_graph.code:
+            module.forward = train_graph.forward  # the graph shares every submodule with `module`
+        else:
+            module.forward = _PerMode(module, train_graph, eval_graph)
     return found
 
 

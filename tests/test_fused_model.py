@@ -165,3 +165,39 @@ def test_fuse_pass_traces_custom_forwards():
     assert saved_tensor_bytes(lambda: fused(x), fused.parameters()) < saved_tensor_bytes(lambda: plain(x), plain.parameters())
     fused.eval()
     assert not fused[1].bn_branch2a.training  # mode switches still reach the shared modules
+
+
+class _DropoutInForward(nn.Module):
+    """A custom forward reading ``self.training`` (fx would freeze it at trace time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(6), nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        y = self.conv1(F.relu(self.bn1(x)))
+        y = F.dropout(y, 0.5, training=self.training)
+        return self.conv2(F.relu(self.bn2(y)))
+
+
+@pytest.mark.parametrize("fuse_in", ["train", "eval"])
+def test_fuse_pass_keeps_train_and_eval_behaviour(fuse_in):
+    plain, fused = _DropoutInForward(), _DropoutInForward()
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    getattr(fused, fuse_in)()
+    assert kernels.fuse_bn_relu_conv(fused, backend="torch") == 2
+    plain.eval(), fused.eval()
+    a, b = fused(x), fused(x)
+    assert torch.equal(a, b)  # eval after fusing is deterministic: no dropout frozen in from training
+    torch.testing.assert_close(a, plain(x), rtol=1e-5, atol=1e-6)
+    plain.train(), fused.train()
+    torch.manual_seed(1)
+    y = plain(x)
+    torch.manual_seed(1)
+    yf = fused(x)
+    torch.testing.assert_close(yf, y, rtol=1e-5, atol=1e-6)  # and training still drops (same mask: same RNG)
+    assert not torch.equal(yf, fused(x))
+    for m in (fused.bn1, fused.bn2):
+        assert m.running_mean.abs().sum() > 0  # batch statistics still update in training

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from widedeep.models import ResNet38, create_model, model_args, parse_label
 from widedeep.models.resnet38 import PreActUnit
@@ -186,3 +187,41 @@ def test_frozen_bn_statistics_survive_train_and_keep_gamma_trainable():
             u.spec = type(u.spec)(**{**u.spec.__dict__, "dropout": 0.0})
     fused.train()
     torch.testing.assert_close(fused(x), m(x), rtol=1e-4, atol=1e-4 * m(x).abs().max().item())
+
+
+@pytest.mark.parametrize("fused", [False, "torch"])
+def test_forward_as_dict_runs_each_bn_once_and_stays_fused(fused, monkeypatch):
+    """psa/SEAM's forward_as_dict: conv3 (SEAM), conv4, conv5, conv6; BN statistics updated once per call."""
+    m = create_model("resnet38d", width=0.0625, fused=fused).train()
+    ref = create_model("resnet38d", width=0.0625).train()
+    ref.load_state_dict(m.state_dict())
+    for model in (m, ref):  # no dropout: compare values
+        for u in model.units():
+            u.spec = type(u.spec)(**{**u.spec.__dict__, "dropout": 0.0})
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    m.double(), ref.double()
+    calls = []
+    if fused:
+        import kernels
+
+        real = kernels.bn_relu_conv
+        monkeypatch.setattr(kernels, "bn_relu_conv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = m.forward_as_dict(x)
+    assert set(out) == {"conv3", "conv4", "conv5", "conv6"}
+    assert out["conv3"].shape[1] == m.b4.bn_branch2a.num_features and out["conv3"].shape[-1] == 12  # stride 4
+    for name in ("b4", "b5", "b6", "b2"):
+        assert int(getattr(m, name).bn_branch2a.num_batches_tracked) == 1, name  # once, not twice
+    if fused:
+        assert len(calls) > 20  # the other units and stages still run the fused kernels
+    # the same values as psa's reference: relu(bn(x)) of the units' inputs, and features
+    a = ref.conv1a(x)
+    want = {}
+    for name, unit in ref._body():
+        if name in ("b4", "b5", "b6"):
+            want[{"b4": "conv3", "b5": "conv4", "b6": "conv5"}[name]] = F.relu(unit.bn_branch2a(a))
+        a = unit(a)
+    want["conv6"] = F.relu(ref.bn7(a))
+    for k in want:
+        torch.testing.assert_close(out[k], want[k], rtol=1e-9, atol=1e-9)
+    out["conv5"].sum().backward()  # gradients flow through the returned activations
+    assert m.b6.bn_branch2a.weight.grad is not None

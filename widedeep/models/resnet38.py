@@ -172,26 +172,39 @@ class PreActUnit(nn.Module):
             convs.append(self.conv_branch1)
         return convs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, get_x_bn_relu: bool = False):
+        """(N, C, H, W) -> the unit's output; with ``get_x_bn_relu`` (psa's flag) also relu(bn_branch2a(x)).
+
+        That activation is then materialised once (BN run once, its statistics updated once) and the
+        first convolutions read it, also on the fused path, which otherwise never stores it.
+        """
         shortcut = x
         t = x
         last = len(self.stages) - 1
+        first_act = None
         for i, stage in enumerate(self.stages):
             bn = getattr(self, f"bn_{stage}")
             p = self.spec.dropout if (i == last and self.training) else 0.0
-            if self.backend is not None:
+            if self.backend is not None and not (i == 0 and get_x_bn_relu):
                 from kernels import bn_relu_conv
 
                 outs = bn_relu_conv(t, bn, self._stage_convs(i), dropout=p, backend=self.backend, sync=self.sync_bn)
             else:
-                a = F.relu(bn(t))
+                if self.backend is not None:
+                    from kernels import bn_relu
+
+                    a = bn_relu(t, bn, backend=self.backend, sync=self.sync_bn)
+                else:
+                    a = F.relu(bn(t))
+                if i == 0:
+                    first_act = a
                 if p:
                     a = F.dropout(a, p, training=True)
                 outs = [conv(a) for conv in self._stage_convs(i)]
             t = outs[0]
             if i == 0 and self.spec.projection:
                 shortcut = outs[1]
-        return shortcut + t
+        return (shortcut + t, first_act) if get_x_bn_relu else shortcut + t
 
 
 class TwoConvHead(nn.Module):
@@ -415,14 +428,15 @@ class ResNet38(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_as_dict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """psa ``resnet38d.Net.forward_as_dict``: BN-ReLU'd inputs of b5 ('conv4') and b6 ('conv5'), and 'conv6'."""
+        """psa/SEAM ``resnet38d.Net.forward_as_dict``: the BN-ReLU'd inputs of b4 ('conv3', SEAM), b5 ('conv4')
+        and b6 ('conv5'), and relu(bn7) ('conv6'). Each BN runs once, on the fused path too."""
         out: dict[str, Any] = {}
+        keys = {"b4": "conv3", "b5": "conv4", "b6": "conv5"}
         x = self.conv1a(x)
         for name, module in self._body():
-            if name == "b5":
-                out["conv4"] = F.relu(module.bn_branch2a(x))
-            elif name == "b6":
-                out["conv5"] = F.relu(module.bn_branch2a(x))
-            x = module(x)
+            if name in keys:
+                x, out[keys[name]] = module(x, get_x_bn_relu=True)
+            else:
+                x = module(x)
         out["conv6"] = self._bn_relu7(x)
         return out

@@ -1,9 +1,6 @@
 import sys
 
-from . import main
+from .run import cli
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(cli())

@@ -58,19 +58,23 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--test-3crops", action="store_true", help="cls: average three crops along the longer side")
     g.add_argument("--pool-top-infer-style", choices=["mxnet", "caffe", "ceil"],
                    help="Model A max-pool padding ('caffe' for the released Model A file; chosen automatically)")
-    g.add_argument("--gpus", type=_ints, help="GPU ids; several spawn one DDP process each (or use torchrun)")
+    g.add_argument("--gpus", type=_ints, help="GPU ids; several spawn one DDP process each (or use torchrun). "
+                   "Without a CUDA device any --gpus is ignored with a warning: one CPU process")
     g.add_argument("--prefetch-threads", type=int, help="data workers (DALI threads / DataLoader processes)")
     g.add_argument("--backward-do-mirror", action="store_true",
                    help="recompute BN-ReLU in backward instead of storing it (= --fused on)")
     g.add_argument("--save-predictions", action="store_true", help="seg val: also save fp16 score maps (.npz)")
-    for flag in ("--prefetcher", "--kvstore", "--cache-images", "--debug", "--no-choose-interp-method"):
-        kw = {"action": "store_true"} if flag in ("--debug", "--no-choose-interp-method") else {}
+    g.add_argument("--debug", action="store_true", help="show the Python traceback of an error (else one line)")
+    for flag in ("--prefetcher", "--kvstore", "--cache-images", "--no-choose-interp-method"):
+        kw = {"action": "store_true"} if flag == "--no-choose-interp-method" else {}
         g.add_argument(flag, help=NO_MEANING, **kw)
     o = ap.add_argument_group("widedeep")
     o.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off", help="autocast dtype")
     o.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
                    help="fused BN-ReLU-conv recompute kernels (auto: on with CUDA)")
-    o.add_argument("--channels-last", action="store_true")
+    o.add_argument("--channels-last", action="store_true",
+                   help="channels_last model and batches (batches are NCHW otherwise); ignored when training on "
+                        "a CPU a model with strided convs of <16 channels, which crash oneDNN on some CPUs")
     o.add_argument("--bn-stats", choices=["auto", "batch", "frozen", "sync"], default="auto",
                    help="BN statistics in training: auto = frozen for seg (the seed), batch for cls; "
                         "sync = synchronised over ranks")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data_pipes import LABEL_SPACES, build_loader
-from widedeep.fileio import atomic_open
+from widedeep.fileio import atomic_open, remove_stale_temporaries
 from widedeep.models import create_model, parse_label
 from widedeep.models.resnet38 import ResNet38
 
@@ -26,6 +26,7 @@ from . import checkpoint, distributed
 from .cityscapes_metrics import CityscapesScores
 from .evaluate import STRIDE, canvas_for, classify, nan_to_none, segment
 from .logs import Summary
+from .memory_format import use_channels_last
 from .losses import labels_at_feature_resolution, ohem_cross_entropy
 from .metrics import ConfusionMatrix, TopK
 from .optim import learning_rate, make_optimizer, set_lr
@@ -47,6 +48,7 @@ class Context:
     device: torch.device
     dist: distributed.DistInfo
     run_dir: Path
+    channels_last: bool = False  # decided by build_model (see memory_format)
 
     @property
     def is_main(self) -> bool:
@@ -95,7 +97,8 @@ def build_model(ctx: Context) -> ResNet38:
         else:
             raise TrainingError("--bn-stats sync on CPU needs --fused on (torch's SyncBatchNorm is GPU-only)")
     model.to(ctx.device)
-    if a.channels_last:
+    ctx.channels_last = use_channels_last(model, ctx.device, a.channels_last, training=a.phase == "train")
+    if ctx.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
 
@@ -153,18 +156,22 @@ def train(ctx: Context) -> dict:
     iters = len(loader)
     total = a.to_epoch * iters
     stop_epoch = min(a.stop_epoch or a.to_epoch, a.to_epoch)
+    if ctx.is_main:  # temporaries of a run killed while saving (.last.pt.tmp-<pid>); live writers are kept
+        for folder in (ctx.run_dir, Path(a.output)):
+            remove_stale_temporaries(folder)
     model = build_model(ctx)
     base_lr = a.base_lr if a.base_lr is not None else (0.1 if ctx.task == "cls" else 0.0016)
     opt = make_optimizer(model, ctx.task, base_lr, a.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=a.amp == "fp16")
-    start_epoch, start_step, best = a.from_epoch, 0, None
+    start_epoch, start_step, best, partial = a.from_epoch, 0, None, None
     resume = (ctx.run_dir / "last.pt") if a.resume == "auto" else (Path(a.resume) if a.resume else None)
     if resume is not None:
         ck = checkpoint.load(resume)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+        _load_scaler(scaler, ck, a.amp)
         start_epoch, start_step, best = ck["epoch"], ck["step_in_epoch"], ck.get("best")
+        partial = ck.get("epoch_stats") if start_step else None
         checkpoint.set_rng_state(ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"])
         log.info("resumed %s at epoch %d step %d", resume, start_epoch + 1, start_step)
     net = model
@@ -177,6 +184,8 @@ def train(ctx: Context) -> dict:
              a.to_epoch, a.lr_type, base_lr)
     global_step = start_epoch * iters + start_step
     metrics: dict = {}
+    saved = {"path": resume, "epoch": start_epoch, "step": start_step}  # the newest checkpoint, for Ctrl-C
+    stats = EpochStats()
 
     def save_state(epoch: int, step_in_epoch: int, name: str = "last.pt") -> None:
         rngs = [checkpoint.rng_state()]
@@ -188,80 +197,145 @@ def train(ctx: Context) -> dict:
             checkpoint.save(ctx.run_dir / name, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "best": best,
-                "rng": rngs if ctx.dist.enabled else rngs[0], "args": vars(a), "label": ctx.label})
+                "rng": rngs if ctx.dist.enabled else rngs[0], "args": vars(a), "label": ctx.label,
+                "epoch_stats": stats.state() if step_in_epoch else None})
+            saved.update(path=ctx.run_dir / name, epoch=epoch, step=step_in_epoch)
 
-    for epoch in range(start_epoch, stop_epoch):
-        net.train()
-        seen, loss_sum, loss_n, t_epoch = 0, 0.0, 0, time.perf_counter()
-        correct = torch.zeros(2, dtype=torch.float64)
-        t_data = t0 = time.perf_counter()
-        data_time = 0.0
-        first = start_step if epoch == start_epoch else 0
-        bar = _progress(ctx, iters, first, f"epoch {epoch + 1}")
-        for step, b in enumerate(loader.iter_epoch(epoch, first), start=first):
-            bar.update()
-            data_time += time.perf_counter() - t_data
-            lr = learning_rate(a.lr_type, base_lr, global_step, total)
-            set_lr(opt, lr)
-            x = b["image"].to(ctx.device, non_blocking=True)
-            if a.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = b["label"].to(ctx.device, non_blocking=True)
-            with _autocast(ctx):
-                out = net(x)
-            loss, hits = _loss(ctx, out, y)
-            bad = distributed.broadcast_flag(not torch.isfinite(loss).item(), ctx.device)
-            if bad:
-                raise TrainingError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1} (lr {lr:.4g}); "
-                                    "lower --base-lr, try --amp off, or check the data")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            global_step += 1
-            seen += len(y)
-            loss_sum += loss.item()
-            loss_n += 1
-            correct += hits
-            if ctx.is_main and (step + 1) % a.log_interval == 0 or step + 1 == iters:
-                dt = time.perf_counter() - t0
-                eta = dt / max(1, step + 1 - first) * (iters - step - 1)
-                log.info("epoch %d [%d/%d] lr %.4g loss %.4f %s %.3f img/s %.1f (global %.1f) data %.3fs mem %.0fMB "
-                         "eta %ds", epoch + 1, step + 1, iters, lr, loss_sum / loss_n,
-                         "acc" if ctx.task == "cls" else "pix-acc", (correct[0] / correct[1].clamp(min=1)).item(),
-                         seen / dt, seen * world / dt, data_time / max(1, step + 1 - first), _peak_mb(ctx.device), eta)
-            if a.checkpoint_interval and global_step % a.checkpoint_interval == 0:
-                save_state(epoch, step + 1)
-            if a.stop_after_steps and global_step >= a.stop_after_steps:
-                save_state(epoch, step + 1)
-                log.info("stopping after %d steps (--stop-after-steps)", global_step)
-                return {"stopped_at": global_step}
-            t_data = time.perf_counter()
-        bar.close()
-        start_step = 0
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(1, loss_n),
-               "train_acc": (correct[0] / correct[1].clamp(min=1)).item(),
-               "epoch_s": round(time.perf_counter() - t_epoch, 2)}
-        do_eval = not a.no_eval and (epoch + 1 == stop_epoch or (a.eval_every and (epoch + 1) % a.eval_every == 0))
-        if do_eval:
-            metrics = evaluate(ctx, model, split="val", save=False)
-            key = "err1" if ctx.task == "cls" else "miou"
-            score = metrics[key]
-            row[f"val_{key}"] = score
-            if best is None or (score < best if key == "err1" else score > best):
-                best = score
-                if ctx.is_main:
-                    checkpoint.save(ctx.run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch + 1,
-                                                              key: score, "label": ctx.label})
-        save_state(epoch + 1, 0)
+    try:
+        for epoch in range(start_epoch, stop_epoch):
+            net.train()
+            first = start_step if epoch == start_epoch else 0
+            # the running sums of an epoch resumed mid-way continue from the checkpoint: one row per whole epoch
+            stats = EpochStats.restore(partial if epoch == start_epoch else None)
+            t_epoch = t_data = t0 = time.perf_counter()
+            data_time = 0.0
+            lr = learning_rate(a.lr_type, base_lr, global_step, total)  # defined even when no step is left
+            bar = _progress(ctx, iters, first, f"epoch {epoch + 1}")
+            for step, b in enumerate(loader.iter_epoch(epoch, first, keep_empty=True), start=first):
+                bar.update()
+                data_time += time.perf_counter() - t_data
+                lr = learning_rate(a.lr_type, base_lr, global_step, total)
+                set_lr(opt, lr)
+                # every rank takes every step (DDP): if --skip-bad emptied a batch on any rank, all skip it
+                empty = "empty" in b
+                if a.skip_bad and ctx.dist.enabled:
+                    empty = distributed.broadcast_flag(empty, ctx.device)
+                if empty:
+                    log.warning("epoch %d step %d skipped: a batch had no readable sample", epoch + 1, step + 1)
+                else:
+                    x = b["image"].to(ctx.device, non_blocking=True)
+                    if ctx.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    y = b["label"].to(ctx.device, non_blocking=True)
+                    with _autocast(ctx):
+                        out = net(x)
+                    loss, hits = _loss(ctx, out, y)
+                    bad = distributed.broadcast_flag(not torch.isfinite(loss).item(), ctx.device)
+                    if bad:
+                        raise TrainingError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1} (lr {lr:.4g}); "
+                                            "lower --base-lr, try --amp off, or check the data")
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    stats.add(loss.item(), hits, len(y))
+                global_step += 1
+                if ctx.is_main and (step + 1) % a.log_interval == 0 or step + 1 == iters:
+                    dt = time.perf_counter() - t0
+                    eta = dt / max(1, step + 1 - first) * (iters - step - 1)
+                    log.info("epoch %d [%d/%d] lr %.4g loss %.4f %s %.3f img/s %.1f (global %.1f) data %.3fs "
+                             "mem %.0fMB eta %ds", epoch + 1, step + 1, iters, lr, stats.loss,
+                             "acc" if ctx.task == "cls" else "pix-acc", stats.acc, stats.seen_here / dt,
+                             stats.seen_here * world / dt, data_time / max(1, step + 1 - first),
+                             _peak_mb(ctx.device), eta)
+                if a.checkpoint_interval and global_step % a.checkpoint_interval == 0:
+                    save_state(epoch, step + 1)
+                if a.stop_after_steps and global_step >= a.stop_after_steps:
+                    save_state(epoch, step + 1)
+                    log.info("stopping after %d steps (--stop-after-steps)", global_step)
+                    return {"stopped_at": global_step}
+                t_data = time.perf_counter()
+            bar.close()
+            start_step = 0
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_acc": stats.acc,
+                   "epoch_s": round(time.perf_counter() - t_epoch, 2)}
+            if first:
+                row["resumed_at_step"] = first  # loss/acc cover the whole epoch; epoch_s only the part after it
+            do_eval = not a.no_eval and (epoch + 1 == stop_epoch or (a.eval_every and (epoch + 1) % a.eval_every == 0))
+            if do_eval:
+                metrics = evaluate(ctx, model, split="val", save=False)
+                key = "err1" if ctx.task == "cls" else "miou"
+                score = metrics[key]
+                row[f"val_{key}"] = score
+                if best is None or (score < best if key == "err1" else score > best):
+                    best = score
+                    if ctx.is_main:
+                        checkpoint.save(ctx.run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch + 1,
+                                                                  key: score, "label": ctx.label})
+            save_state(epoch + 1, 0)
+            if ctx.is_main:
+                if a.save_every and (epoch + 1) % a.save_every == 0:
+                    from widedeep.weights import save_weights
+
+                    save_weights(model, checkpoint.epoch_params_path(a.output, ctx.label, epoch + 1))
+                summary.add(row)
+                summary.plot(ctx.run_dir / "curves.png")
+    except KeyboardInterrupt:
         if ctx.is_main:
-            if a.save_every and (epoch + 1) % a.save_every == 0:
-                from widedeep.weights import save_weights
-
-                save_weights(model, checkpoint.epoch_params_path(a.output, ctx.label, epoch + 1))
-            summary.add(row)
-            summary.plot(ctx.run_dir / "curves.png")
+            log.warning("interrupted. %s", _resume_hint(saved, ctx))
+        raise
     return metrics
+
+
+class EpochStats:
+    """Running loss/accuracy sums of one epoch; saved in mid-epoch checkpoints so a resumed epoch merges."""
+
+    def __init__(self, loss_sum: float = 0.0, steps: int = 0, hits: float = 0.0, counted: float = 0.0, seen: int = 0):
+        self.loss_sum, self.steps, self.hits, self.counted, self.seen = loss_sum, steps, hits, counted, seen
+        self.seen_here = 0  # images since this process started the epoch (for images/s)
+
+    @classmethod
+    def restore(cls, state: dict | None) -> "EpochStats":
+        return cls(**state) if state else cls()
+
+    def state(self) -> dict:
+        return {"loss_sum": self.loss_sum, "steps": self.steps, "hits": self.hits, "counted": self.counted,
+                "seen": self.seen}
+
+    def add(self, loss: float, hits: torch.Tensor, n: int) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.hits += float(hits[0])
+        self.counted += float(hits[1])
+        self.seen += n
+        self.seen_here += n
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(1, self.steps)
+
+    @property
+    def acc(self) -> float:
+        return self.hits / max(1.0, self.counted)
+
+
+def _load_scaler(scaler: torch.amp.GradScaler, ck: dict, amp: str) -> None:
+    """The fp16 loss scale of the checkpoint, when both runs use fp16; a switch of --amp starts afresh."""
+    state = ck.get("scaler") or {}
+    before = (ck.get("args") or {}).get("amp", "off")
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
+    elif before != amp:
+        log.info("--amp %s (the checkpoint was trained with --amp %s)%s", amp, before,
+                 ": starting a new fp16 loss scale" if scaler.is_enabled() else "")
+
+
+def _resume_hint(saved: dict, ctx: Context) -> str:
+    if saved["path"] is None:
+        return "No checkpoint was written yet in this run."
+    where = f"epoch {saved['epoch'] + 1} step {saved['step']}" if saved["step"] else f"the end of epoch {saved['epoch']}"
+    return (f"Last checkpoint: {saved['path']} (at {where}). To continue, run the same command with --resume"
+            + ("" if Path(saved["path"]) == ctx.run_dir / "last.pt" else f" {saved['path']}") + ".")
 
 
 def _loss(ctx: Context, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,20 +31,64 @@ def _spawned(local_rank: int, argv: list[str], gpus: tuple[int, ...], port: int)
     main(argv)
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m widedeep.train``: runs :func:`main`; a usage or input error is one line and exit status 2
+    (the traceback only with ``--debug``); Ctrl-C is exit status 130 after the resume hint."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        return 130
+    except USER_ERRORS as e:
+        if "--debug" in argv:
+            raise
+        print(f"python -m widedeep.train: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# What bad flags, files and data raise: all are reported as one line. ValueError covers the weights, label,
+# checkpoint and data errors (WeightsMismatchError, ParamsFormatError, BadSampleError ...).
+USER_ERRORS = (TrainingError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _one_line(e: BaseException) -> str:
+    from data_pipes.errors import BadSampleError
+
+    text = str(e).strip() or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: its last line is the message
+        text = lines[-1].split(": ", 1)[-1] if ": " in lines[-1] else lines[-1]
+    else:
+        text = " ".join(lines)
+    if isinstance(e, BadSampleError) or "BadSampleError" in str(e):
+        text += " (--skip-bad skips unreadable samples and counts them)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     gpus = args.gpus or ()
+    if gpus and not torch.cuda.is_available():
+        # one rule for any --gpus list: without CUDA the seed's commands still run, as one CPU process
+        # (--batch-images is global, so the recipe is unchanged)
+        print(f"warning: --gpus {','.join(map(str, gpus))} ignored: no CUDA device here; running one process on "
+              "the CPU", file=sys.stderr)
+        gpus = ()
     if len(gpus) > 1 and "RANK" not in os.environ:  # the seed's --gpus 0,1,2,3 in one command: one process per GPU
-        if not torch.cuda.is_available():
-            raise TrainingError(f"--gpus {','.join(map(str, gpus))}: no CUDA device here")
         torch.multiprocessing.spawn(_spawned, args=(argv, gpus, _free_port()), nprocs=len(gpus))
         return {}
     info = distributed.env_info()
     if args.device == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     else:
-        kind = torch.device(args.device).type
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            raise TrainingError(f"--device {args.device}: expected auto, cpu, cuda or cuda:N") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise TrainingError(f"--device {args.device}: no CUDA device here")
     if kind == "cuda":
         index = info.local_rank if info.enabled else (gpus[0] if gpus else 0)
         device = torch.device("cuda", index)
