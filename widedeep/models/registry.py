@@ -89,10 +89,6 @@ def parse_label(label: str) -> ModelLabel:
     return ModelLabel(m["dataset"], m["variant"], int(m["classes"]), stride, m["extra"])
 
 
-def _is_released_model_a(weights: str | None) -> bool:
-    return weights is not None and Path(str(weights)).name.startswith("ilsvrc-cls_rna-a_")
-
-
 def model_args(name: str, *, num_classes: int | None = None, output_stride: int | None = None) -> dict[str, Any]:
     """Constructor arguments of :class:`ResNet38` for a plain name or a seed label."""
     key = ALIASES.get(name, name)
@@ -106,8 +102,8 @@ def model_args(name: str, *, num_classes: int | None = None, output_stride: int 
             if seg:
                 raise ValueError(
                     f"model label {name!r} names a segmentation dataset but has no output stride: ademxapp silently "
-                    "built a stride-32 net here (ademxapp issue #16, 56% mIoU). Add _s8 to the label (e.g. "
-                    f"{lab.dataset}_rna-{lab.variant}_cls{lab.num_classes}_s8) or pass output_stride explicitly."
+                    "built a stride-32 net here (ademxapp issue #16, 56% mIoU). Add _s8 to the label (on the command "
+                    f"line: --model {lab.dataset}_rna-{lab.variant}_cls{lab.num_classes}_s8) or pass output_stride=8."
                 )
             stride = 32
         args = dict(variant=lab.variant, num_classes=lab.num_classes, output_stride=stride, segmentation=seg)
@@ -129,30 +125,49 @@ def create_model(
     pool_style: str | None = None,
     fused: bool | str = False,
     weights_strict: bool = True,
+    weights_verify: bool | str = True,
     **kwargs: Any,
 ) -> ResNet38:
     """Build a ResNet-38 by plain name (``resnet38_a1``, ``resnet38d`` ...) or seed label, optionally with weights.
 
-    ``num_classes`` different from the weights file's drops the file's classifier (fine-tuning).
-    ``pool_style`` defaults to ``"caffe"`` when ``weights`` is the released Model A file (its reference
-    accuracy needs pad-0 pools, the seed's ``--pool-top-infer-style caffe``), else ``"mxnet"``.
+    ``num_classes`` different from the weights file's drops the file's classifier (fine-tuning); a trunk-only
+    model (``resnet38d``, ``num_classes=0``) drops it by itself.
+    ``pool_style`` (Model A/A2 max-pools), when not given, is decided from the weights' content, never their
+    name: a ``pool_style`` recorded in the file (``save_weights`` writes it into ``.safetensors``/``.pth``),
+    ``"caffe"`` for the released Model A file (by md5: its reference accuracy needs pad-0 pools, the seed's
+    ``--pool-top-infer-style caffe``), else ``"mxnet"``. The choice and its reason are logged.
+    ``weights_verify``: md5 check of files named like the released ones (``True``: warn on a mismatch and load
+    as the user's own file; ``"strict"``: raise :class:`ChecksumError`; ``False``: skip).
     ``fused`` selects the recompute-in-backward BN-ReLU-conv kernels (same parameters either way).
     """
     args = model_args(name, num_classes=num_classes, output_stride=output_stride)
-    if pool_style is None:
-        pool_style = "caffe" if _is_released_model_a(weights) else "mxnet"
-        if pool_style == "caffe":
-            log.info("released Model A weights: using caffe-style (pad 0) max-pools as the seed's tests do")
     args.update(kwargs)
-    model = ResNet38(pool_style=pool_style, fused=fused, **args)
+    pooled = args.get("variant") in ("a", "a2")
+    wf = None
     if weights is not None:
-        from widedeep.weights import load_weights, num_classes_of, read_state_dict
+        from widedeep.weights import pool_style_of, read_weights
 
-        state = read_state_dict(weights)
-        file_classes = num_classes_of(state)
-        drop = num_classes is not None and file_classes > 0 and file_classes != num_classes
-        report = load_weights(model, state, strict=weights_strict, drop_classifier=drop, name=str(weights))
-        if report.dropped:
+        wf = read_weights(weights, verify=weights_verify)
+        if pooled:
+            found, why = pool_style_of(wf, args.get("variant"))
+            if pool_style is None:
+                pool_style = found
+                log.info("%s: %s-style max-pools: %s", name, pool_style, why)
+            elif found != pool_style and "metadata" in why:
+                log.warning("%s: pool_style=%r as given, although the weights file asks for %r (%s)",
+                            name, pool_style, found, why)
+            else:
+                log.info("%s: %s-style max-pools (pool_style given)", name, pool_style)
+    if pool_style is None:
+        pool_style = "mxnet"
+    model = ResNet38(pool_style=pool_style, fused=fused, **args)
+    if wf is not None:
+        from widedeep.weights import load_weights, num_classes_of
+
+        file_classes = num_classes_of(wf.state)
+        drop = num_classes is not None and file_classes > 0 and file_classes != num_classes and num_classes > 0
+        report = load_weights(model, wf, strict=weights_strict, drop_classifier=drop)
+        if drop and report.dropped:
             log.info("%s: classifier dropped (num_classes=%d): %s", weights, num_classes, report.dropped)
     model.model_name = name
     return model

@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--device", default="auto", help="auto, cpu or cuda")
     o.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (counted) instead of stopping")
     o.add_argument("--no-verify-weights", action="store_true",
-                   help="skip the md5 check of files named like the released ones (automatic under --output)")
+                   help="skip the md5 check of files named like the released ones (a mismatch only warns)")
     o.add_argument("--val-list", help="ILSVRC: validation label list (default: <data-root>/val.lst)")
     o.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (extra 'tensorboard')")
     o.add_argument("--synthetic", action="store_true", help="write a synthetic dataset at --data-root first")

@@ -20,6 +20,7 @@ from PIL import Image
 from data_pipes import LABEL_SPACES, build_loader
 from widedeep.fileio import atomic_open, remove_stale_temporaries
 from widedeep.models import create_model, parse_label
+from widedeep.models.registry import ModelLabel
 from widedeep.models.resnet38 import ResNet38
 
 from . import checkpoint, distributed
@@ -70,20 +71,29 @@ def resolve(args) -> tuple[str, str, str]:
 def build_model(ctx: Context) -> ResNet38:
     a = ctx.args
     fused = {"on": True, "off": False, "auto": ctx.device.type == "cuda"}[a.fused] or a.backward_do_mirror
-    model = create_model(ctx.label, pool_style=a.pool_top_infer_style, width=a.width, fused=bool(fused))
+    wf = None
     if a.weights and not a.resume:
-        from widedeep.weights import ChecksumError, load_weights, num_classes_of, read_state_dict
+        from widedeep.weights import read_weights
+
+        # md5 checks are for released files: a mismatch (e.g. our own <label>_ep-NNNN exports) warns and loads
+        wf = read_weights(a.weights, verify=not a.no_verify_weights)
+    pool_style = a.pool_top_infer_style
+    if pool_style is None and wf is not None and parse_label(ctx.label).variant != "a1":
+        from widedeep.weights import pool_style_of
+
+        pool_style, why = pool_style_of(wf, parse_label(ctx.label).variant)
+        log.info("max-pool style %s: %s (--pool-top-infer-style overrides)", pool_style, why)
+    model = create_model(ctx.label, pool_style=pool_style, width=a.width, fused=bool(fused))
+    if wf is not None:
+        from widedeep.weights import WeightsMismatchError, load_weights, num_classes_of
 
         strict = a.phase == "val"
-        # md5 checks are for released files; our own exports reuse the seed's <label>_ep-NNNN names
-        verify = not a.no_verify_weights and not _inside(a.weights, a.output)
-        try:
-            state = read_state_dict(a.weights, verify=verify)
-        except ChecksumError as e:
-            raise TrainingError(f"--weights: {e} On the command line: --no-verify-weights.") from None
-        file_classes = num_classes_of(state)
+        file_classes = num_classes_of(wf.state)
         drop = not strict and file_classes > 0 and file_classes != model.num_classes
-        report = load_weights(model, state, strict=strict, drop_classifier=drop, name=a.weights)
+        try:
+            report = load_weights(model, wf, strict=strict, drop_classifier=drop, name=a.weights)
+        except WeightsMismatchError as e:
+            raise TrainingError(_cli_mismatch_hint(e, ctx)) from None
         log.info("weights %s: %d tensors loaded; not in file: %s; ignored: %s", a.weights, len(report.loaded),
                  _short(report.missing), _short(report.unexpected + report.dropped))
     bn = a.bn_stats if a.bn_stats != "auto" else ("frozen" if ctx.task == "seg" else "batch")
@@ -103,8 +113,16 @@ def build_model(ctx: Context) -> ResNet38:
     return model
 
 
-def _inside(path: str, folder: str) -> bool:
-    return Path(folder).resolve() in Path(path).resolve().parents
+def _cli_mismatch_hint(e, ctx: Context) -> str:
+    """The weights mismatch in command-line terms (flags, not Python arguments)."""
+    a, lab = ctx.args, parse_label(ctx.label)
+    if e.width_ratio:
+        return f"--weights {e.path}: the file is a width-{e.file_width:g} net, the model width {e.model_width:g}: add --width {e.file_width:g}"
+    if e.file_classes and e.model_classes is not None and e.file_classes != e.model_classes and len(e.mis_shaped) <= 4:
+        fix = ModelLabel(lab.dataset, lab.variant, e.file_classes, lab.output_stride, lab.extra).label
+        return (f"--weights {e.path}: the file's classifier has {e.file_classes} classes, --model {ctx.label} has "
+                f"{e.model_classes}: use --model {fix}" + (" (or --phase train to fine-tune)" if a.phase == "val" else ""))
+    return str(e)  # its hints name the command-line flags too
 
 
 def _short(names: list[str], k: int = 6) -> str:

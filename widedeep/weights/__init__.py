@@ -1,14 +1,18 @@
 """Weights in every format users have: ademxapp ``.params``, psa ``.pth``, safetensors.
 
-``read_state_dict`` turns any of them into our state_dict keys; ``load_weights`` checks names and shapes
-against a model and copies; ``save_weights`` writes ``.params`` / ``.safetensors`` / ``.pth`` atomically.
+``read_state_dict`` turns any of them into our state_dict keys (``read_weights`` also returns the file's
+metadata and md5 status); ``load_weights`` checks names and shapes against a model and copies;
+``save_weights`` writes ``.params`` / ``.safetensors`` / ``.pth`` atomically; ``pool_style_of`` decides a
+Model A's max-pool style from a file's content (metadata, or the released file's md5), never its name.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Mapping
 
@@ -18,20 +22,42 @@ import torch.nn as nn
 from .mapping import UnknownNameError, ademxapp_to_key, is_segmentation_file, key_to_ademxapp
 from widedeep.fileio import atomic_open, atomic_write_bytes
 
-from .mxnet_params import ParamsFormatError, read_params, write_params
-from .released import RELEASED_MD5, ChecksumError, verify_released
+from .mxnet_params import ParamsFormatError, WeightsFormatError, read_params, write_params
+from .released import (
+    RELEASED_MD5, RELEASED_MODEL_A, SKIP_HINT, ChecksumError, check_released, is_released_model_a, verify_released,
+)
 
 __all__ = [
-    "ChecksumError", "ParamsFormatError", "WeightsMismatchError", "LoadReport", "RELEASED_MD5",
-    "read_params", "write_params", "read_state_dict", "load_weights", "save_weights", "to_ademxapp", "num_classes_of",
+    "ChecksumError", "ParamsFormatError", "WeightsFormatError", "WeightsMismatchError", "LoadReport", "WeightsFile",
+    "RELEASED_MD5", "read_params", "write_params", "read_weights", "read_state_dict", "load_weights", "save_weights",
+    "to_ademxapp", "num_classes_of", "pool_style_of", "verify_released",
 ]
 
 log = logging.getLogger(__name__)
 CLASSIFIER_PREFIXES = ("fc.", "head.score.")
+HEAD_PREFIXES = ("fc.", "head.")
+POOL_STYLES = ("mxnet", "caffe", "ceil")
+_PTH_META = "widedeep"  # key of our entry in a saved state_dict's ``_metadata`` (torch's own per-module dict)
 
 
 class WeightsMismatchError(ValueError):
-    """A weights file does not fit the model: the message lists missing, unexpected and mis-shaped entries."""
+    """A weights file does not fit the model: the message lists missing, unexpected and mis-shaped entries.
+
+    Attributes (for callers that phrase their own hints, e.g. the trainer's CLI): ``path``; ``missing`` and
+    ``unexpected`` (state_dict keys); ``mis_shaped`` (``(key, file_shape, model_shape)``); ``file_classes`` and
+    ``model_classes`` (classifier outputs, 0 = headless, None = unknown); ``file_width`` / ``model_width`` and
+    ``width_ratio`` (file / model) when the shapes are those of the same net at another ``width``, else None.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, missing=(), unexpected=(), mis_shaped=(),
+                 file_classes: int | None = None, model_classes: int | None = None,
+                 file_width: float | None = None, model_width: float | None = None):
+        super().__init__(message)
+        self.path = path
+        self.missing, self.unexpected, self.mis_shaped = list(missing), list(unexpected), list(mis_shaped)
+        self.file_classes, self.model_classes = file_classes, model_classes
+        self.file_width, self.model_width = file_width, model_width
+        self.width_ratio = file_width / model_width if file_width and model_width else None
 
 
 @dataclass
@@ -41,7 +67,18 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
-    checksum_verified: bool = False
+    checksum_verified: bool = False  # True only when the file has a released name and the released md5
+    checksum: str = "unchecked"  # "verified", "mismatch" (released name, other md5: loaded as the user's) or "unchecked"
+
+
+@dataclass
+class WeightsFile:
+    """A weights file read into our keys: ``state``, our writers' ``metadata`` (e.g. ``pool_style``) and the md5 status."""
+
+    path: str
+    state: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    checksum: str = "unchecked"
 
 
 def _suffix(path: str | os.PathLike) -> str:
@@ -52,20 +89,81 @@ def _suffix(path: str | os.PathLike) -> str:
     return Path(name).suffix
 
 
-def read_state_dict(path: str | os.PathLike, *, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Read a weights file into our state_dict keys.
+def _looks_like(path: str) -> str:
+    """A short description of what a file's first bytes say it is, for error messages."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        size = os.path.getsize(path)
+    except OSError:
+        return "unreadable"
+    if size == 0:
+        return "an empty file"
+    if head[:8] == (0x112).to_bytes(8, "little"):
+        return "an MXNet .params file"
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (a torch.save checkpoint or a numpy .npz)"
+    if head[:1] == b"\x80":
+        return "a Python pickle (an old-style torch.save checkpoint)"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "a safetensors file"
+    if head.lstrip()[:1] in (b"<", b"{", b"[") or all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return f"a text file ({size} bytes; an HTML error page or a Git LFS pointer instead of the download?)"
+    return f"{size} bytes of something else"
 
-    ``.params``/``.npz``: ademxapp/MXNet arrays renamed (md5-checked when the name is a released one);
-    ``.safetensors``: as saved by :func:`save_weights`; ``.pth``/``.pt``/``.pth.tar``: a state_dict, possibly
-    under ``state_dict``/``model`` and with DataParallel's ``module.`` prefix (psa ``resnet38d`` keys are ours).
-    """
+
+def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except Exception as e:  # safetensors' SafetensorError ("header too small" ...) names no file
+        raise WeightsFormatError(
+            f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); expected an 8-byte header length, "
+            f"a JSON header and tensor data as written by safetensors or save_weights; the file is {_looks_like(path)}"
+        ) from None
+
+
+def _read_pth(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e)
+        kind = _looks_like(path)
+        if kind.startswith(("a zip", "a Python pickle")) and "Unsupported global" in msg:
+            raise WeightsFormatError(
+                f"{path}: the checkpoint holds Python objects besides tensors, which torch.load(weights_only=True) "
+                "refuses to unpickle; if you trust the file, load it with torch.load(..., weights_only=False) and "
+                "torch.save its state_dict alone"
+            ) from None
+        raise WeightsFormatError(
+            f"{path}: not a readable torch checkpoint ({type(e).__name__}: {msg.splitlines()[0] if msg else ''}); "
+            f"expected a state_dict written by torch.save; the file is {kind}"
+        ) from None
+    metadata = {}
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise WeightsMismatchError(f"{path}: expected a state_dict (a dict of tensors), found {type(obj).__name__}",
+                                   path=path)
+    ours = (getattr(obj, "_metadata", None) or {}).get(_PTH_META)
+    if isinstance(ours, dict):
+        metadata = {str(k): str(v) for k, v in ours.items()}
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items() if torch.is_tensor(v)}
+    return state, metadata
+
+
+def read_weights(path: str | os.PathLike, *, verify: bool | str = True) -> WeightsFile:
+    """Read a weights file into our state_dict keys, with its metadata and md5 status (see :func:`read_state_dict`)."""
     path = str(path)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such weights file")
     ext = _suffix(path)
     if ext in (".params", ".npz"):
-        if verify:
-            verify_released(path)
+        checksum = check_released(path, verify)
         arrays = read_params(path)
         seg = is_segmentation_file(arrays)
         out, unknown = {}, []
@@ -77,75 +175,175 @@ def read_state_dict(path: str | os.PathLike, *, verify: bool = True) -> dict[str
         if unknown:
             raise WeightsMismatchError(
                 f"{path}: {len(unknown)} arrays are not ResNet-38 (ademxapp) parameters: {', '.join(unknown[:10])}"
-                + (" ..." if len(unknown) > 10 else "")
+                + (" ..." if len(unknown) > 10 else ""), path=path, unexpected=unknown,
             )
-        return out
+        return WeightsFile(path, out, {}, checksum)
     if ext == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
+        return WeightsFile(path, *_read_safetensors(path))
     if ext in (".pth", ".pt", ".pth.tar"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-                obj = obj[key]
-        if not isinstance(obj, dict):
-            raise WeightsMismatchError(f"{path}: expected a state_dict (a dict of tensors), found {type(obj).__name__}")
-        return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items() if torch.is_tensor(v)}
-    raise ValueError(f"{path}: unknown weights format {ext!r}: expected .params, .safetensors, .pth, .pt or .pth.tar")
+        return WeightsFile(path, *_read_pth(path))
+    raise WeightsFormatError(
+        f"{path}: unknown weights format {ext!r}: expected .params, .safetensors, .pth, .pt or .pth.tar"
+    )
+
+
+def read_state_dict(path: str | os.PathLike, *, verify: bool | str = True) -> dict[str, torch.Tensor]:
+    """Read a weights file into our state_dict keys.
+
+    ``.params``/``.npz``: ademxapp/MXNet arrays renamed; ``.safetensors``: as saved by :func:`save_weights`;
+    ``.pth``/``.pt``/``.pth.tar``: a state_dict, possibly under ``state_dict``/``model`` and with DataParallel's
+    ``module.`` prefix (psa ``resnet38d`` keys are ours).
+
+    ``verify``: a file named like a released ademxapp file is md5-checked. ``True`` (default): a mismatch logs
+    a warning and the file loads as the user's own (the trainer's exports reuse those names); ``"strict"``:
+    a mismatch raises :class:`ChecksumError`; ``False``: no check. Unreadable files raise
+    :class:`WeightsFormatError` (``ParamsFormatError`` for ``.params``) naming the file.
+    """
+    return read_weights(path, verify=verify).state
+
+
+def pool_style_of(source: WeightsFile | str | os.PathLike | Mapping, variant: str | None = None) -> tuple[str, str]:
+    """The max-pool style a weights file needs, decided from its content: ``(style, reason)``.
+
+    A ``pool_style`` recorded by our writers (safetensors / ``.pth`` metadata) wins; a ``.params`` file with
+    the released Model A's md5 needs ``"caffe"`` (md5 computed only for ``variant`` ``"a"`` or None);
+    anything else is ``"mxnet"`` (this project's training default). The file name is never used.
+    """
+    if isinstance(source, Mapping):
+        return "mxnet", "default (weights given as a state_dict)"
+    wf = source if isinstance(source, WeightsFile) else None
+    path = wf.path if wf else str(source)
+    metadata = wf.metadata if wf else _metadata_of(path)
+    style = metadata.get("pool_style")
+    if style in POOL_STYLES:
+        return style, f"recorded in {Path(path).name}'s metadata"
+    if variant in (None, "a") and _suffix(path) == ".params" and is_released_model_a(path):
+        return "caffe", (f"{Path(path).name} has the md5 of the released {RELEASED_MODEL_A}, whose accuracy "
+                         "needs caffe-style (pad 0) pools")
+    return "mxnet", (f"default: {Path(path).name} records no pool style and is not the released Model A "
+                     "(by md5)" if variant in (None, "a") and _suffix(path) == ".params"
+                     else f"default: {Path(path).name} records no pool style")
+
+
+def _metadata_of(path: str) -> dict[str, str]:
+    ext = _suffix(path)
+    if ext == ".safetensors":
+        return _read_safetensors(path)[1]
+    if ext in (".pth", ".pt", ".pth.tar"):
+        return _read_pth(path)[1]
+    return {}
+
+
+def _fits_width(model: nn.Module, state: Mapping[str, torch.Tensor]) -> float | None:
+    """The ``width`` at which ``model``'s architecture has the file's trunk shapes, or None."""
+    from widedeep.models.resnet38 import NUM_FEATURES, ResNet38
+
+    if not isinstance(model, ResNet38) or "bn7.weight" not in state:
+        return None
+    raw = state["bn7.weight"].shape[0] / NUM_FEATURES
+    candidates = dict.fromkeys([float(Fraction(raw).limit_denominator(64)), raw])
+    for w in candidates:
+        if w <= 0 or w == model.width:
+            continue
+        try:
+            with torch.device("meta"):
+                ref = ResNet38(model.variant, model.num_classes, model.output_stride, segmentation=model.segmentation,
+                               width=w, in_chans=model.conv1a.in_channels)
+        except Exception:
+            continue
+        shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+        trunk = [k for k in state if k in shapes and not k.startswith(CLASSIFIER_PREFIXES)]
+        if trunk and all(tuple(state[k].shape) == shapes[k] for k in trunk):
+            return w
+    return None
+
+
+def _trim(names: list[str], k: int = 12) -> str:
+    return ", ".join(names[:k]) + (" ..." if len(names) > k else "")
 
 
 def load_weights(
     model: nn.Module,
-    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    source: str | os.PathLike | Mapping[str, torch.Tensor] | WeightsFile,
     *,
     strict: bool = True,
     drop_classifier: bool = False,
-    verify: bool = True,
+    verify: bool | str = True,
     name: str | None = None,
 ) -> LoadReport:
-    """Copy weights from ``source`` (a file, or a state_dict from :func:`read_state_dict`) into ``model``
-    after checking every name and shape.
+    """Copy weights from ``source`` (a file, a :class:`WeightsFile` or a state_dict from :func:`read_state_dict`)
+    into ``model`` after checking every name and shape.
 
     ``drop_classifier``: ignore the file's last layer (``fc``/``head.score``), e.g. to fine-tune with another
-    class count. ``strict=False`` allows missing and unexpected names (reported, not copied); shape
-    mismatches always raise. ``name`` labels a state_dict source in messages. Raises :class:`WeightsMismatchError` listing what does not fit.
+    class count. A trunk-only model (``num_classes=0``, e.g. ``resnet38d``) drops a file's heads by itself
+    (logged). ``strict=False`` allows missing and unexpected names (reported, not copied); shape mismatches
+    always raise. ``verify``: md5 check of released names, see :func:`read_state_dict`. ``name`` labels a
+    state_dict source in messages. Raises :class:`WeightsMismatchError` listing what does not fit.
     """
-    if isinstance(source, Mapping):
+    if isinstance(source, WeightsFile):
+        path, state = source.path, dict(source.state)
+        report = LoadReport(path=path, checksum=source.checksum)
+    elif isinstance(source, Mapping):
         path, state = name or "<state_dict>", dict(source)
         report = LoadReport(path=path)
     else:
-        path = str(source)
-        report = LoadReport(path=path, checksum_verified=verify and Path(path).name in RELEASED_MD5)
-        state = read_state_dict(path, verify=verify)
+        wf = read_weights(source, verify=verify)
+        path, state = wf.path, wf.state
+        report = LoadReport(path=path, checksum=wf.checksum)
+    report.checksum_verified = report.checksum == "verified"
+    target = model.state_dict()
     if drop_classifier:
         report.dropped = [k for k in state if k.startswith(CLASSIFIER_PREFIXES)]
-        state = {k: v for k, v in state.items() if k not in report.dropped}
-    target = model.state_dict()
+    trunk_only = not any(k.startswith(HEAD_PREFIXES) for k in target)
+    if trunk_only:
+        heads = [k for k in state if k.startswith(HEAD_PREFIXES) and k not in report.dropped]
+        if heads:
+            log.info("%s: the model is a trunk without a classifier: dropped the file's %s (%d tensors)",
+                     path, "classifier" if all(k.startswith("fc.") for k in heads) else "head", len(heads))
+            report.dropped += heads
+    state = {k: v for k, v in state.items() if k not in report.dropped}
     report.missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")
                       and not (drop_classifier and k.startswith(CLASSIFIER_PREFIXES))]
     report.unexpected = [k for k in state if k not in target]
     mis_shaped = [(k, tuple(state[k].shape), tuple(target[k].shape))
                   for k in state if k in target and state[k].shape != target[k].shape]
+    file_classes, model_classes = num_classes_of(state), num_classes_of(target)
+    model_width = getattr(model, "width", None)
+    file_width = None
     problems = []
     if mis_shaped:
         cls = [m for m in mis_shaped if m[0].startswith(CLASSIFIER_PREFIXES)]
-        if cls and len(cls) == len(mis_shaped):
+        other = [m for m in mis_shaped if m not in cls]
+        classes_differ = bool(cls) and file_classes > 0 and model_classes > 0 and file_classes != model_classes
+        file_width = _fits_width(model, state) if other or (cls and not classes_differ) else None
+        unexplained = [] if file_width is not None else list(other)
+        if file_width is not None:
+            k, a, b = (other or cls)[0]
             problems.append(
-                f"the file's classifier has {cls[0][1][0]} classes but the model has {cls[0][2][0]}: build the model "
-                f"with num_classes={cls[0][1][0]}, or pass drop_classifier=True (create_model: a different "
-                "num_classes) to keep only the backbone"
+                f"the file is the same net at width {file_width:g} (the model has width {model_width:g}: every "
+                f"channel count x{file_width / model_width:g}, e.g. {k} file {a} vs model {b}): build the model with "
+                f"width={file_width:g} (on the command line: --width {file_width:g})"
             )
-        else:
-            problems.append("shape mismatches: " + "; ".join(f"{k} file {a} vs model {b}" for k, a, b in mis_shaped[:10]))
+        if classes_differ:
+            problems.append(
+                f"the file's classifier has {file_classes} classes but the model has {model_classes}: build the model "
+                f"with num_classes={file_classes} (on the command line: --model <label>_cls{file_classes}), or pass "
+                "drop_classifier=True (create_model: a different num_classes) to keep only the backbone"
+            )
+        elif file_width is None:
+            unexplained += cls
+        if unexplained:
+            problems.append("shape mismatches: " + "; ".join(f"{k} file {a} vs model {b}" for k, a, b in unexplained[:10]))
     if strict and report.missing:
-        problems.append(f"missing from the file ({len(report.missing)}): {', '.join(report.missing[:12])}"
-                        + (" ..." if len(report.missing) > 12 else ""))
+        problems.append(f"missing from the file ({len(report.missing)}): {_trim(report.missing)}")
     if strict and report.unexpected:
-        problems.append(f"not in the model ({len(report.unexpected)}): {', '.join(report.unexpected[:12])}"
-                        + (" ..." if len(report.unexpected) > 12 else ""))
+        problems.append(f"not in the model ({len(report.unexpected)}): {_trim(report.unexpected)}")
     if problems:
-        raise WeightsMismatchError(f"{path} does not fit {type(model).__name__}: " + "; ".join(problems))
+        raise WeightsMismatchError(
+            f"{path} does not fit {type(model).__name__}: " + "; ".join(problems), path=path,
+            missing=report.missing, unexpected=report.unexpected, mis_shaped=mis_shaped, file_classes=file_classes,
+            model_classes=model_classes, file_width=file_width, model_width=model_width,
+        )
     with torch.no_grad():
         for key, tensor in state.items():
             if key in target:
@@ -182,19 +380,40 @@ def save_weights(
     metadata: Mapping[str, str] | None = None,
     params_format: str = "v2",
 ) -> None:
-    """Write weights atomically; the format follows the suffix (``.params``, ``.safetensors``, ``.pth``)."""
-    state = source.state_dict() if isinstance(source, nn.Module) else dict(source)
+    """Write weights atomically; the format follows the suffix (``.params``, ``.safetensors``, ``.pth``).
+
+    ``.safetensors`` and ``.pth`` record ``metadata`` (for ``.pth`` in the state_dict's ``_metadata``, so it
+    stays a plain loadable state_dict); a model's ``pool_style`` is recorded unless ``metadata`` sets it, so
+    :func:`pool_style_of` / ``create_model`` bring the same pools back. ``.params`` cannot hold metadata.
+    """
+    meta = {}
+    if isinstance(source, nn.Module):
+        state = source.state_dict()
+        if getattr(source, "pool_style", None) in POOL_STYLES:
+            meta["pool_style"] = source.pool_style
+    else:
+        state = dict(source)
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     path = Path(path)
     ext = _suffix(path)
     if ext == ".params":
+        pooled = getattr(source, "variant", None) in ("a", "a2")
+        if meta.get("pool_style", "mxnet") != "mxnet" and (pooled or not isinstance(source, nn.Module)):
+            log.warning("%s: .params files cannot record pool_style=%r; load it with pool_style=%r (on the command "
+                        "line: --pool-top-infer-style %s), or save as .safetensors", path, meta["pool_style"],
+                        meta["pool_style"], meta["pool_style"])
         write_params(path, to_ademxapp(state), fmt=params_format)
     elif ext == ".safetensors":
         from safetensors.torch import save
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        atomic_write_bytes(path, save(tensors, metadata=dict(metadata or {})))
+        atomic_write_bytes(path, save(tensors, metadata=meta))
     elif ext in (".pth", ".pt"):
+        out = OrderedDict((k, v.detach().cpu()) for k, v in state.items())
+        out._metadata = OrderedDict(getattr(state, "_metadata", None) or {})  # type: ignore[attr-defined]
+        if meta:
+            out._metadata[_PTH_META] = meta  # type: ignore[attr-defined]
         with atomic_open(path) as f:
-            torch.save({k: v.detach().cpu() for k, v in state.items()}, f)
+            torch.save(out, f)
     else:
         raise ValueError(f"{path}: unknown weights format {ext!r}: expected .params, .safetensors or .pth")

@@ -52,7 +52,11 @@ _CODE_OF: dict[torch.dtype, int] = {t: code for code, (_, t) in _DTYPES.items()}
 _STYPES = {1: "row_sparse", 2: "csr"}
 
 
-class ParamsFormatError(ValueError):
+class WeightsFormatError(ValueError):
+    """A weights file cannot be read as its format; the message names the file, the problem and what was expected."""
+
+
+class ParamsFormatError(WeightsFormatError):
     """A ``.params`` file is not what it should be; the message names the file and the problem."""
 
 
@@ -141,11 +145,17 @@ def read_params(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such weights file") from None
-    if data[:4] == b"PK\x03\x04":
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
-    if data[:6] == b"\x93NUMPY":
-        return {"0": torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))}
+    try:
+        if data[:4] == b"PK\x03\x04":
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
+        if data[:6] == b"\x93NUMPY":
+            return {"0": torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))}
+    except Exception as e:  # a zip that is not an .npz, e.g. a torch.save file under a .params name
+        raise ParamsFormatError(
+            f"{path}: a zip/numpy file that numpy cannot read as MXNet 2.x arrays ({type(e).__name__}: {e}); "
+            "a torch.save checkpoint should be named .pth"
+        ) from None
     cur = _Cursor(memoryview(data), path)
     if len(data) < 24:
         raise ParamsFormatError(f"{path}: truncated file: {len(data)} bytes, a .params header needs 24")
