@@ -1,57 +1,154 @@
 """Implicit-GEMM convolution whose operand loader applies BatchNorm + ReLU: relu(bn(x)) never exists in memory.
 
-Layouts: x (N, H, W, C) channels_last storage of an (N, C, H, W) tensor; weight (K, C, R, S) OIHW as in
-nn.Conv2d (repacked to (R, S, C, K) / (R, S, K, C) for the kernels); outputs channels_last. Square kernels,
-stride, dilation and zero padding (any value), groups = 1. fp16/bf16/fp32 operands, fp32 accumulation.
+Layouts: x (N, H, W, C) channels_last storage of an (N, C, H, W) tensor (an NCHW input is copied to it once per
+call); weight (K, C, R, S) OIHW as in nn.Conv2d, repacked to (R, S, C, K) / (R, S, K, C) for the kernels
+(:func:`pack_weight`; a caller may pass the packed tensor to skip the per-call repack); outputs channels_last.
+Square kernels, stride, dilation and zero padding (any value), groups = 1. fp16/bf16/fp32 operands, fp32 accumulation.
 
     fprop  y[n,p,q,k]   = sum_{r,s,c} a[n, p*st-pad+r*d, q*st-pad+s*d, c] * W[k,c,r,s],   a = relu(bn(x)) on load
     dgrad  g[n,h,w,c]   = [z>0] * sum_{r,s,k} dy[n, (h+pad-r*d)/st, (w+pad-s*d)/st, k] * W[k,c,r,s]
-           (epilogue: per-channel sum(g) and sum(g*(x-mean)) for the BN backward, by atomics)
+           (epilogue: per-channel sum(g) and sum(g*(x-mean)) for the BN backward)
     wgrad  dW[k,c,r,s]  = sum_{n,p,q} dy[n,p,q,k] * a[n, p*st-pad+r*d, q*st-pad+s*d, c]   (a recomputed on load)
+
+GPU fitness:
+- fp32 operands use ``tl.dot(..., input_precision="ieee")`` (exact fp32 FMA, as torch's default conv) unless TF32
+  is asked for (``set_fp32_precision("tf32")`` or ``precision="tf32"``); bf16/fp16 run on tensor cores.
+- Offsets are int32 unless a tensor has 2**31 elements or more; then the launcher picks the ``INT64`` variant.
+- On a GPU the tile is autotuned over :data:`GPU_CONFIGS` (keyed on the shape); under the interpreter one fixed
+  config (:data:`INTERPRETER_CONFIG`, or the one given by ``config=`` / :func:`use_config`) runs.
+- The split-M weight gradient and the dgrad epilogue sums use fp32 atomics, coalesced along C; ``deterministic=True``
+  (or :func:`set_deterministic`) writes per-split partials instead and sums them in a fixed order.
+- Every variant the launchers can choose is listed by :func:`aot_variants` and compiled for sm_80/sm_90 in CI
+  (tests/test_aot_compile.py, kernels/aot.py).
 
 Reference: torch.nn.functional.conv2d / torch.nn.grad.conv2d_{input,weight} on relu(bn(x)) (see tests).
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 
 from . import _runtime  # first: sets TRITON_INTERPRET before triton.jit runs
 from ._runtime import HAS_TRITON
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """One tile configuration: BLOCK_M x BLOCK_N output tile, BLOCK_K reduction step, GROUP_M grouped order."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def meta(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
+
+    def label(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
+
+
+# Autotuned on a GPU, per operand class (tl.dot needs every block dim >= 16 with Triton 3.6; wgmma wants BLOCK_M a
+# multiple of 64 per 4 warps; fp32 "ieee" runs on FMA units, small tiles keep its registers in check). Chosen so
+# that no variant spills on sm_80/sm_90 with Triton 3.9's ptxas (bench/results/aot-compile.md); 128x64x32,
+# 128x128x32 and 64x64x64 spill there or with Triton 3.6. The first config of a class is the fixed one (INT64 and
+# deterministic variants).
+GPU_CONFIGS = {
+    "16bit": (ConvConfig(64, 64, 32, 8, 4, 3), ConvConfig(64, 128, 32, 8, 8, 2)),
+    "tf32": (ConvConfig(64, 64, 16, 8, 4, 3), ConvConfig(128, 64, 16, 8, 8, 3)),
+    "ieee": (ConvConfig(32, 64, 16, 8, 4, 1), ConvConfig(64, 32, 16, 8, 4, 1)),
+}
+INTERPRETER_CONFIG = ConvConfig(16, 16, 16, 1, 1, 1)
+INT32_LIMIT = 2**31  # a tensor with this many elements or more needs 64-bit offsets
+
+_forced_config: ConvConfig | None = None
+_fp32_precision = "ieee"
+_deterministic = False
+
+
+@contextlib.contextmanager
+def use_config(config: ConvConfig | None):
+    """Run every conv launch inside the block with ``config`` (no autotuning): e.g. the GPU tiles in the interpreter."""
+    global _forced_config
+    old, _forced_config = _forced_config, config
+    try:
+        yield
+    finally:
+        _forced_config = old
+
+
+def set_fp32_precision(precision: str) -> None:
+    """``"ieee"`` (default: exact fp32 products) or ``"tf32"`` (tensor cores, ~1e-3 relative error) for fp32 convs."""
+    global _fp32_precision
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"fp32 precision must be 'ieee' or 'tf32', got {precision!r}")
+    _fp32_precision = precision
+
+
+def set_deterministic(flag: bool) -> None:
+    """Reductions without atomics (bitwise reproducible dW and BN sums) process-wide."""
+    global _deterministic
+    _deterministic = bool(flag)
+
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, PROLOGUE: tl.constexpr):
-        """relu((a - mean) * scale + beta) per channel; positions outside the image (padding) stay 0."""
-        if PROLOGUE:
-            af = a.to(tl.float32)
-            mu = tl.load(mean_ptr + cs, mask=c_ok, other=0.0)
-            sc = tl.load(scale_ptr + cs, mask=c_ok, other=0.0)
-            be = tl.load(beta_ptr + cs, mask=c_ok, other=0.0)
-            af = tl.maximum((af - mu[None, :]) * sc[None, :] + be[None, :], 0.0)
-            return tl.where(ok, af, 0.0)
-        return a
+    def _idx(v, INT64: tl.constexpr):
+        """Row indices in the offset width: int64 when a tensor has 2**31 elements or more."""
+        if INT64:
+            v = v.to(tl.int64)
+        return v
 
     @triton.jit
-    def _mma(a, b, acc, UPCAST: tl.constexpr):
+    def _grouped(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) in grouped order: GROUP_M row tiles share their column tiles while they are in L2."""
+        width = GROUP_M * num_n
+        group = pid // width
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr):
+        """relu((a - mean) * scale + beta) per channel in fp32; positions outside the image (padding) stay 0.
+
+        One return of one type (fp32): a GPU compile rejects returns of different types in one function."""
+        af = a.to(tl.float32)
+        mu = tl.load(mean_ptr + cs, mask=c_ok, other=0.0)
+        sc = tl.load(scale_ptr + cs, mask=c_ok, other=0.0)
+        be = tl.load(beta_ptr + cs, mask=c_ok, other=0.0)
+        af = tl.maximum((af - mu[None, :]) * sc[None, :] + be[None, :], 0.0)
+        return tl.where(ok, af, 0.0)
+
+    @triton.jit
+    def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         if UPCAST:  # the Triton interpreter computes bf16 tl.dot wrongly (numpy has no bf16): fp32 MMA there
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-        return tl.dot(a, b, acc)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        return acc
 
     @triton.jit
     def _fprop_kernel(
         x_ptr, w_ptr, y_ptr, mean_ptr, scale_ptr, beta_ptr,
         N, H, W, C, P, Q, K, R, S, stride, pad, dil,
-        PROLOGUE: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PROLOGUE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = ms < N * P * Q
+        M = N * P * Q
+        pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+        ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # positions: M < 2**31 (checked by the launcher)
+        m_ok = ms < M
         n = ms // (P * Q)
         p = (ms % (P * Q)) // Q
         q = ms % Q
@@ -62,28 +159,34 @@ if HAS_TRITON:
             h = p * stride - pad + (rs // S) * dil
             w = q * stride - pad + (rs % S) * dil
             pos_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            base = ((n * H + h) * W + w) * C
+            base = _idx((n * H + h) * W + w, INT64) * C
             for c0 in range(0, C, BLOCK_K):
                 cs = c0 + tl.arange(0, BLOCK_K)
                 c_ok = cs < C
                 ok = pos_ok[:, None] & c_ok[None, :]
                 a = tl.load(x_ptr + base[:, None] + cs[None, :], mask=ok, other=0.0)
-                a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, PROLOGUE).to(w_ptr.dtype.element_ty)
+                if PROLOGUE:
+                    a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr).to(w_ptr.dtype.element_ty)
+                else:
+                    a = a.to(w_ptr.dtype.element_ty)
                 b = tl.load(w_ptr + (rs * C + cs)[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, UPCAST)
-        tl.store(y_ptr + ms[:, None] * K + ks[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+                acc = _mma(a, b, acc, UPCAST, PRECISION)
+        tl.store(y_ptr + _idx(ms, INT64)[:, None] * K + ks[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
     @triton.jit
     def _dgrad_kernel(
-        dy_ptr, w_ptr, g_ptr, x_ptr, mean_ptr, scale_ptr, beta_ptr, sum_g_ptr, sum_gx_ptr,
+        dy_ptr, w_ptr, g_ptr, x_ptr, mean_ptr, scale_ptr, beta_ptr, sums_ptr,
         N, H, W, C, P, Q, K, R, S, stride, pad, dil,
-        EPILOGUE: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        EPILOGUE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+        DETERMINISTIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        # sums_ptr: (2, C) fp32 accumulated by atomics, or (2, cdiv(M, BLOCK_M), C) partials when DETERMINISTIC.
+        M = N * H * W
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m, pid_n = _grouped(tl.program_id(0), num_m, tl.cdiv(C, BLOCK_N), GROUP_M)
         ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = ms < N * H * W
+        m_ok = ms < M
         n = ms // (H * W)
         h = (ms % (H * W)) // W
         w = ms % W
@@ -96,41 +199,48 @@ if HAS_TRITON:
             p = ph // stride
             q = qw // stride
             ok = m_ok & (ph >= 0) & (qw >= 0) & (ph % stride == 0) & (qw % stride == 0) & (p < P) & (q < Q)
-            base = ((n * P + p) * Q + q) * K
+            base = _idx((n * P + p) * Q + q, INT64) * K
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < K
                 a = tl.load(dy_ptr + base[:, None] + ks[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_ptr + (rs * K + ks)[:, None] * C + cs[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-                acc = _mma(a.to(w_ptr.dtype.element_ty), b, acc, UPCAST)
+                acc = _mma(a.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
         out_ok = m_ok[:, None] & c_ok[None, :]
-        offs = ms[:, None] * C + cs[None, :]
+        offs = _idx(ms, INT64)[:, None] * C + cs[None, :]
         if EPILOGUE:  # ReLU mask recomputed from x, plus the per-channel sums of the BN backward
             xc = tl.load(x_ptr + offs, mask=out_ok, other=0.0).to(tl.float32) - tl.load(mean_ptr + cs, mask=c_ok, other=0.0)[None, :]
             z = xc * tl.load(scale_ptr + cs, mask=c_ok, other=0.0)[None, :] + tl.load(beta_ptr + cs, mask=c_ok, other=0.0)[None, :]
             acc = tl.where(out_ok & (z > 0.0), acc, 0.0)
-            tl.atomic_add(sum_g_ptr + cs, tl.sum(acc, axis=0), mask=c_ok)
-            tl.atomic_add(sum_gx_ptr + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
+            if DETERMINISTIC:
+                tl.store(sums_ptr + pid_m * C + cs, tl.sum(acc, axis=0), mask=c_ok)
+                tl.store(sums_ptr + (num_m + pid_m) * C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
+            else:
+                tl.atomic_add(sums_ptr + cs, tl.sum(acc, axis=0), mask=c_ok)
+                tl.atomic_add(sums_ptr + C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
         tl.store(g_ptr + offs, acc.to(g_ptr.dtype.element_ty), mask=out_ok)
 
     @triton.jit
     def _wgrad_kernel(
         dy_ptr, x_ptr, dw_ptr, mean_ptr, scale_ptr, beta_ptr,
-        N, H, W, C, P, Q, K, R, S, stride, pad, dil, m_per_split, SPLITS,
-        PROLOGUE: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        N, H, W, C, P, Q, K, R, S, stride, pad, dil, SPLITS,
+        PROLOGUE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+        DETERMINISTIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # Tile: BLOCK_M output channels k x BLOCK_N input channels c, reduced over BLOCK_K positions at a time.
-        pid_k = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        rs = tl.program_id(2) // SPLITS
-        split = tl.program_id(2) % SPLITS
+        # dw_ptr: (R, S, K, C) fp32 (C contiguous: coalesced atomics), or (SPLITS, R, S, K, C) partials.
+        pid_k, pid_c = _grouped(tl.program_id(0), tl.cdiv(K, BLOCK_M), tl.cdiv(C, BLOCK_N), GROUP_M)
+        rs = tl.program_id(1) // SPLITS
+        split = tl.program_id(1) % SPLITS
         ks = pid_k * BLOCK_M + tl.arange(0, BLOCK_M)
         k_ok = ks < K
         cs = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
         c_ok = cs < C
+        M = N * P * Q
+        m_per_split = tl.cdiv(tl.cdiv(M, SPLITS), BLOCK_K) * BLOCK_K
         m_lo = split * m_per_split
-        m_hi = tl.minimum(m_lo + m_per_split, N * P * Q)
+        m_hi = tl.minimum(m_lo + m_per_split, M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for m0 in range(m_lo, m_hi, BLOCK_K):
             ms = m0 + tl.arange(0, BLOCK_K)
@@ -142,21 +252,83 @@ if HAS_TRITON:
             w = q * stride - pad + (rs % S) * dil
             pos_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
             ok = pos_ok[:, None] & c_ok[None, :]
-            a = tl.load(x_ptr + (((n * H + h) * W + w) * C)[:, None] + cs[None, :], mask=ok, other=0.0)
-            a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, PROLOGUE).to(dy_ptr.dtype.element_ty)
-            dyt = tl.load(dy_ptr + ms[None, :] * K + ks[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = _mma(dyt, a, acc, UPCAST)
-        offs = (ks[:, None] * C + cs[None, :]) * (R * S) + rs
-        tl.atomic_add(dw_ptr + offs, acc, mask=k_ok[:, None] & c_ok[None, :])
+            a = tl.load(x_ptr + (_idx((n * H + h) * W + w, INT64) * C)[:, None] + cs[None, :], mask=ok, other=0.0)
+            if PROLOGUE:
+                a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr).to(dy_ptr.dtype.element_ty)
+            else:
+                a = a.to(dy_ptr.dtype.element_ty)
+            dyt = tl.load(dy_ptr + _idx(ms, INT64)[None, :] * K + ks[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = _mma(dyt, a, acc, UPCAST, PRECISION)
+        offs = (rs * K + ks[:, None]) * C + cs[None, :]
+        out_ok = k_ok[:, None] & c_ok[None, :]
+        if DETERMINISTIC:
+            tl.store(dw_ptr + split * (R * S * K * C) + offs, acc, mask=out_ok)
+        else:
+            tl.atomic_add(dw_ptr + offs, acc, mask=out_ok)
+
+    _FPROP_KEY = ["N", "H", "W", "C", "K", "R", "stride", "dil"]
+
+    def _configs(cls):
+        return [triton.Config(c_.meta(), num_warps=c_.num_warps, num_stages=c_.num_stages) for c_ in GPU_CONFIGS[cls]]
+
+    _fprop_tuned = {cls: triton.autotune(_configs(cls), key=_FPROP_KEY)(_fprop_kernel) for cls in GPU_CONFIGS}
+    _dgrad_tuned = {cls: triton.autotune(_configs(cls), key=_FPROP_KEY, reset_to_zero=["sums_ptr"])(_dgrad_kernel)
+                    for cls in GPU_CONFIGS}
+    _wgrad_tuned = {cls: triton.autotune(_configs(cls), key=_FPROP_KEY + ["SPLITS"], reset_to_zero=["dw_ptr"])(_wgrad_kernel)
+                    for cls in GPU_CONFIGS}
 
 
-def _blocks(x: torch.Tensor) -> tuple[int, int, int]:
-    # tl.dot needs every block dimension >= 16. Larger tiles on a GPU; autotuning per shape is future work.
-    return (64, 64, 32) if (x.is_cuda and not _runtime.INTERPRET) else (16, 16, 16)
+def _compiled(x: torch.Tensor) -> bool:
+    return x.is_cuda and not _runtime.INTERPRET
+
+
+def operand_class(dtype: torch.dtype, precision: str) -> str:
+    """Which GPU config list applies: "16bit" (fp16/bf16 operands), "tf32" or "ieee" (fp32 operands)."""
+    return "16bit" if dtype != torch.float32 else precision
+
+
+def _choose(x: torch.Tensor, config: ConvConfig | None, cls: str, fixed: bool) -> ConvConfig | None:
+    """The fixed config to launch, or None to autotune (compiled, nothing forced, not ``fixed``).
+
+    ``fixed``: the INT64 and deterministic variants run the first (default) config of their class: autotuning
+    would make results depend on the timing-picked tile, and it keeps the number of compiled variants down."""
+    config = config or _forced_config
+    if config is not None:
+        return config
+    if not _compiled(x):
+        return INTERPRETER_CONFIG
+    return GPU_CONFIGS[cls][0] if fixed else None
+
+
+def _launch(tuned, raw, grid, config: ConvConfig | None, *args, **flags):
+    if config is None:
+        tuned[grid](*args, **flags)
+    else:
+        meta = config.meta()
+        raw[lambda _m: grid(meta)](*args, **flags, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
     return _runtime.INTERPRET and dtype == torch.bfloat16
+
+
+def _precision(dtype: torch.dtype, precision: str | None) -> str:
+    """tl.dot input precision: fp32 operands "ieee" unless TF32 is asked for; 16-bit operands ignore it."""
+    if precision not in (None, "ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    if dtype != torch.float32:
+        return "tf32"
+    return precision or _fp32_precision
+
+
+def _check_positions(*counts: int) -> None:
+    if max(counts) >= INT32_LIMIT:
+        raise ValueError(f"implicit GEMM: {max(counts)} output/input positions (N*H*W) exceed int32 row indices")
+
+
+def needs_int64(*numels: int) -> bool:
+    """Whether offsets into tensors with these element counts overflow int32 (the INT64 kernel variant)."""
+    return max(numels) >= INT32_LIMIT
 
 
 def _out_size(n: int, k: int, stride: int, pad: int, dil: int) -> int:
@@ -170,73 +342,165 @@ def _vectors(bn: tuple | None, x: torch.Tensor):
     return tuple(v.float().contiguous() for v in bn)
 
 
+def pack_weight(weight: torch.Tensor, for_: str) -> torch.Tensor:
+    """(K, C, R, S) weight in the kernel layout: ``"fprop"`` (R, S, C, K), ``"dgrad"`` (R, S, K, C)."""
+    order = {"fprop": (2, 3, 1, 0), "dgrad": (2, 3, 0, 1)}[for_]
+    return weight.permute(*order).contiguous()
+
+
 def conv_fprop(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, dil: int,
-               bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, *,
+               packed: torch.Tensor | None = None, config: ConvConfig | None = None,
+               precision: str | None = None) -> torch.Tensor:
     """conv2d(relu(bn(x)), weight) (or conv2d(x, weight) when ``bn`` is None) -> (N, K, P, Q) channels_last.
 
     ``bn`` = per-channel fp32 (mean, scale = gamma*rstd, beta). x: (N, C, H, W) any layout (made channels_last).
-    Operands are cast to weight's dtype; accumulation fp32.
+    Operands are cast to weight's dtype; accumulation fp32. ``packed``: ``pack_weight(weight, "fprop")`` when
+    the caller caches it. ``config``: a fixed tile config (default: autotuned on a GPU, the interpreter's).
+    ``precision``: ``"ieee"``/``"tf32"`` for fp32 operands (default :func:`set_fp32_precision`).
     """
     N, C, H, W = x.shape
     K, C2, R, S = weight.shape
     if C2 != C or R != S:
         raise ValueError(f"conv_fprop: weight {tuple(weight.shape)} does not fit input channels {C} (square kernels only)")
     P, Q = _out_size(H, R, stride, pad, dil), _out_size(W, S, stride, pad, dil)
+    _check_positions(N * H * W, N * P * Q)
     xl = x.contiguous(memory_format=torch.channels_last)
-    wt = weight.permute(2, 3, 1, 0).contiguous()  # (R, S, C, K)
+    wt = packed if packed is not None else pack_weight(weight, "fprop")
     y = torch.empty((N, K, P, Q), device=x.device, dtype=weight.dtype, memory_format=torch.channels_last)
-    bm, bn_, bk = _blocks(x)
     mean, scale, beta = _vectors(bn, x)
-    grid = (triton.cdiv(N * P * Q, bm), triton.cdiv(K, bn_))
-    _fprop_kernel[grid](xl, wt, y, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil,
-                        PROLOGUE=bn is not None, UPCAST=_upcast(weight.dtype), BLOCK_M=bm, BLOCK_N=bn_, BLOCK_K=bk)
+    prec = _precision(weight.dtype, precision)
+    cls, int64 = operand_class(weight.dtype, prec), needs_int64(xl.numel(), y.numel())
+    grid = lambda m: (triton.cdiv(N * P * Q, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),)  # noqa: E731
+    _launch(_fprop_tuned.get(cls), _fprop_kernel, grid, _choose(x, config, cls, int64),
+            xl, wt, y, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil,
+            PROLOGUE=bn is not None, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64)
     return y
 
 
 def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: int, pad: int, dil: int,
-               bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+               bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, *,
+               packed: torch.Tensor | None = None, config: ConvConfig | None = None,
+               precision: str | None = None, deterministic: bool | None = None):
     """Gradient wrt the activated input, (N, C, H, W) channels_last fp32.
 
     With ``bn``: masked by the recomputed ReLU, and also returns the per-channel fp32 sums (sum g,
     sum g*(x-mean)) that the BN backward needs: ``(g, sum_g, sum_gx)``. Without: ``(grad_input, None, None)``.
+    ``packed``: ``pack_weight(weight, "dgrad")``; ``deterministic``: the sums without atomics (fixed config).
     """
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
     P, Q = dy.shape[-2:]
+    _check_positions(N * H * W, N * P * Q)
     dyl = dy.to(weight.dtype).contiguous(memory_format=torch.channels_last)
-    wt = weight.permute(2, 3, 0, 1).contiguous()  # (R, S, K, C)
+    wt = packed if packed is not None else pack_weight(weight, "dgrad")
     xl = x.contiguous(memory_format=torch.channels_last)
     g = torch.empty((N, C, H, W), device=x.device, dtype=torch.float32, memory_format=torch.channels_last)
-    sums = torch.zeros((2, C), device=x.device, dtype=torch.float32)
-    bm, bn_, bk = _blocks(x)
+    det = (_deterministic if deterministic is None else deterministic) and bn is not None
+    prec = _precision(weight.dtype, precision)
+    cls, int64 = operand_class(weight.dtype, prec), needs_int64(dyl.numel(), g.numel())
+    cfg = _choose(x, config, cls, int64 or det)
+    if det:  # partial sums per row tile, summed below in a fixed order
+        sums = torch.zeros((2, triton.cdiv(N * H * W, cfg.block_m), C), device=x.device, dtype=torch.float32)
+    else:
+        sums = torch.zeros((2, C), device=x.device, dtype=torch.float32)
     mean, scale, beta = _vectors(bn, x)
-    grid = (triton.cdiv(N * H * W, bm), triton.cdiv(C, bn_))
-    _dgrad_kernel[grid](dyl, wt, g, xl, mean, scale, beta, sums[0], sums[1], N, H, W, C, P, Q, K, R, S,
-                        stride, pad, dil, EPILOGUE=bn is not None, UPCAST=_upcast(weight.dtype),
-                        BLOCK_M=bm, BLOCK_N=bn_, BLOCK_K=bk)
-    return (g, sums[0], sums[1]) if bn is not None else (g, None, None)
+    grid = lambda m: (triton.cdiv(N * H * W, m["BLOCK_M"]) * triton.cdiv(C, m["BLOCK_N"]),)  # noqa: E731
+    _launch(_dgrad_tuned.get(cls), _dgrad_kernel, grid, cfg,
+            dyl, wt, g, xl, mean, scale, beta, sums, N, H, W, C, P, Q, K, R, S, stride, pad, dil,
+            EPILOGUE=bn is not None, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
+    if bn is None:
+        return g, None, None
+    if det:
+        sums = sums.sum(1)
+    return g, sums[0], sums[1]
+
+
+def wgrad_splits(x: torch.Tensor, M: int, K: int, C: int) -> int:
+    """How many programs share the M = N*P*Q reduction of one weight tile (split-M; independent of the tile)."""
+    tiles = triton.cdiv(K, 64) * triton.cdiv(C, 64)
+    return max(1, min(triton.cdiv(M, 128), _runtime.num_programs_hint(x) // max(tiles, 1)))
 
 
 def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, stride: int, pad: int, dil: int,
                bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Weight gradient (K, C, R, S) fp32, with relu(bn(x)) recomputed on load when ``bn`` is given."""
+               dtype: torch.dtype | None = None, *, config: ConvConfig | None = None,
+               precision: str | None = None, deterministic: bool | None = None) -> torch.Tensor:
+    """Weight gradient (K, C, R, S) fp32, with relu(bn(x)) recomputed on load when ``bn`` is given.
+
+    Accumulated (R, S, K, C) so the split-M atomics are coalesced along C, then permuted. ``deterministic``:
+    per-split partials summed in a fixed order instead of atomics (fixed config)."""
     N, C, H, W = x.shape
     K, _, R, S = weight_shape
     P, Q = dy.shape[-2:]
+    _check_positions(N * H * W, N * P * Q)
     dtype = dtype or dy.dtype
     dyl = dy.to(dtype).contiguous(memory_format=torch.channels_last)
     xl = x.contiguous(memory_format=torch.channels_last)
-    dw = torch.zeros((K, C, R, S), device=x.device, dtype=torch.float32)
-    bm, bn_, bk = _blocks(x)
     M = N * P * Q
-    tiles = triton.cdiv(K, bm) * triton.cdiv(C, bn_) * R * S
-    splits = max(1, min(triton.cdiv(M, bk), _runtime.num_programs_hint(x) // max(tiles // (R * S), 1)))
-    m_per_split = triton.cdiv(triton.cdiv(M, splits), bk) * bk
-    splits = triton.cdiv(M, m_per_split)
+    splits = wgrad_splits(x, M, K, C)
+    det = _deterministic if deterministic is None else deterministic
+    dw = torch.zeros(((splits,) if det else ()) + (R, S, K, C), device=x.device, dtype=torch.float32)
     mean, scale, beta = _vectors(bn, x)
-    grid = (triton.cdiv(K, bm), triton.cdiv(C, bn_), R * S * splits)
-    _wgrad_kernel[grid](dyl, xl, dw, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil,
-                        m_per_split, splits, PROLOGUE=bn is not None, UPCAST=_upcast(dtype),
-                        BLOCK_M=bm, BLOCK_N=bn_, BLOCK_K=bk)
-    return dw
+    prec = _precision(dtype, precision)
+    cls, int64 = operand_class(dtype, prec), needs_int64(dyl.numel(), xl.numel())
+    grid = lambda m: (triton.cdiv(K, m["BLOCK_M"]) * triton.cdiv(C, m["BLOCK_N"]), R * S * splits)  # noqa: E731
+    _launch(_wgrad_tuned.get(cls), _wgrad_kernel, grid, _choose(x, config, cls, int64 or det),
+            dyl, xl, dw, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, splits,
+            PROLOGUE=bn is not None, UPCAST=_upcast(dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
+    if det:
+        dw = dw.sum(0)
+    return dw.permute(2, 3, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time variants (kernels/aot.py compiles each for sm_80 and sm_90 in CI)
+
+_TNAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (x dtype, operand dtype) the launchers see: same dtype, or an fp32 input under fp16/bf16 autocast
+DTYPE_COMBOS = ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                (torch.float32, torch.float16), (torch.float32, torch.bfloat16))
+_SCALARS = ("N", "H", "W", "C", "P", "Q", "K", "R", "S", "stride", "pad", "dil")
+
+
+def aot_variants() -> list:
+    """Every (kernel, dtypes, flags, config) the CUDA launchers can choose, as :class:`kernels.aot.Variant`.
+
+    Per kernel and (x dtype, operand dtype[, fp32 precision]): BN prologue/epilogue on and off, each autotune
+    config of its class with int32 offsets, and the fixed-config INT64 and DETERMINISTIC variants. NCHW and
+    channels_last inputs reach the same kernels (the launchers pass channels_last storage), so the layout adds no
+    variant; UPCAST is interpreter-only (False on a GPU).
+    """
+    from .aot import Variant
+
+    ints = {s: "i32" for s in _SCALARS}
+    out = []
+    for xdt, odt in DTYPE_COMBOS:
+        xs, os_ = _TNAME[xdt], _TNAME[odt]
+        for prec in (("ieee", "tf32") if odt == torch.float32 else ("tf32",)):
+            cls = operand_class(odt, prec)
+            tag = f"x={xs} op={os_}" + (f" {prec}" if odt == torch.float32 else "")
+            sigs = {
+                "conv_fprop": (_fprop_kernel, "PROLOGUE", {"x_ptr": f"*{xs}", "w_ptr": f"*{os_}", "y_ptr": f"*{os_}"}),
+                "conv_dgrad": (_dgrad_kernel, "EPILOGUE", {"dy_ptr": f"*{os_}", "w_ptr": f"*{os_}", "g_ptr": "*fp32",
+                                                           "x_ptr": f"*{xs}", "sums_ptr": "*fp32"}),
+                "conv_wgrad": (_wgrad_kernel, "PROLOGUE", {"dy_ptr": f"*{os_}", "x_ptr": f"*{xs}", "dw_ptr": "*fp32",
+                                                           "SPLITS": "i32"}),
+            }
+            for name, (fn, flag_name, ptrs) in sigs.items():
+                sig = {**ptrs, "mean_ptr": "*fp32", "scale_ptr": "*fp32", "beta_ptr": "*fp32", **ints}
+                has_det = name != "conv_fprop"
+                for flag in (True, False):
+                    # (config, INT64, DETERMINISTIC): every autotune config, then the fixed-config variants
+                    plans = [(c_, False, False) for c_ in GPU_CONFIGS[cls]] + [(GPU_CONFIGS[cls][0], True, False)]
+                    if has_det and (flag or name == "conv_wgrad"):
+                        plans += [(GPU_CONFIGS[cls][0], i64, True) for i64 in (False, True)]
+                    for cfg, i64, det in plans:
+                        const = {flag_name: flag, "UPCAST": False, "PRECISION": prec, "INT64": i64, **cfg.meta()}
+                        if has_det:
+                            const["DETERMINISTIC"] = det
+                        flags = ("bn" if flag else "plain") + (" i64" if i64 else "") + (" det" if det else "")
+                        out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
+                                           f"{flags} {cfg.label()}", tensor_cores=cls != "ieee",
+                                           divisible=("C", "K")))
+    return out

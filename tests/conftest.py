@@ -9,6 +9,27 @@ import kernels  # noqa: F401
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip without CUDA; on a CUDA machine every test taking ``device`` is also a ``gpu`` test, so
+    ``python -m pytest -q -m gpu`` runs the compiled kernels (tryfirst: before ``-m`` deselects)."""
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if HAS_CUDA and "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.gpu)
+        elif not HAS_CUDA and "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """"cuda" (compiled kernels, no interpreter) when a GPU is present, else "cpu" (the Triton interpreter)."""
+    return "cuda" if HAS_CUDA else "cpu"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,19 +1,34 @@
-"""Triton (interpreted on CPU) and torch recompute paths vs nn.BatchNorm2d + ReLU (+ Conv2d).
+"""Triton (compiled on CUDA, interpreted on CPU) and torch recompute paths vs nn.BatchNorm2d + ReLU (+ Conv2d).
+
+Every kernel test takes the ``device`` fixture (tests/conftest.py): on a CUDA machine the kernels run compiled
+and these tests are ``gpu`` tests; on CPU they run in Triton's interpreter, with the tile shapes the CUDA
+launchers choose (the launchers pick tiles from the tensor shape only).
 
 Tolerances: fp32 inputs: rtol 1e-4, atol 1e-4 x the reference's magnitude (fp32 reassociation in the
 reductions). bf16/fp16 inputs: the reference runs in fp32 on the *same* low-precision inputs; outputs are
 rounded to bf16 (8 mantissa bits) so rtol/atol 3e-2 x magnitude; fp16 1e-2.
+
+Also: the launch budget of one BN-ReLU step (Triton launches and leftover torch ops), every launch being one
+of the variants the ahead-of-time GPU compile check compiles (``aot_variants()``), the int64 offset paths, and
+synchronised statistics over two gloo ranks with no host synchronisation.
 """
 
+import importlib
+import os
 import random
+from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
 from kernels import reference as ref
+
+bn_relu_mod = importlib.import_module("kernels.bn_relu")  # kernels.bn_relu is also the function
+bn_stats_mod = importlib.import_module("kernels.bn_stats")
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 BACKENDS = ["triton", "torch"]
@@ -36,32 +51,29 @@ def _cases(n, seed):
     return out
 
 
-def _bn(C, mode):
-    bn = nn.BatchNorm2d(C)
+def _bn(C, mode, device="cpu", momentum=0.1):
+    bn = nn.BatchNorm2d(C, momentum=momentum)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
-    return bn.train(mode == "train")
+    return bn.train(mode == "train").to(device)
 
 
-def _input(c, offset=0.0):
-    x = torch.randn(c["N"], c["C"], c["H"], c["W"]) * 2 + offset
+def _input(c, device="cpu", offset=0.0):
+    x = torch.randn(c["N"], c["C"], c["H"], c["W"], device=device) * 2 + offset
     if c["channels_last"]:
         x = x.contiguous(memory_format=torch.channels_last)
     return x.to(c["dtype"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", _cases(24, seed=1), ids=lambda c: "{N}x{C}x{H}x{W}-{mode}-{dtype}-cl{channels_last}".format(**c))
-def test_bn_relu_matches_batchnorm_relu(case, backend):
-    if case["N"] * case["H"] * case["W"] == 1 and case["mode"] == "train":
-        case = dict(case, H=2)  # BatchNorm2d refuses one value per channel in training
-    bn, bn_ref = _bn(case["C"], case["mode"]), None
-    bn_ref = _bn(case["C"], case["mode"])
+def _check_against_torch(case, backend, device):
+    """bn_relu forward/backward vs F.relu(nn.BatchNorm2d) in fp32 on the same inputs: y, dx, dgamma, dbeta, running stats."""
+    bn = _bn(case["C"], case["mode"], device, case.get("momentum", 0.1))
+    bn_ref = _bn(case["C"], case["mode"], device, case.get("momentum", 0.1))
     bn_ref.load_state_dict(bn.state_dict())
-    x = _input(case).requires_grad_()
+    x = _input(case, device, case.get("offset", 0.0)).requires_grad_()
     xr = x.detach().float().requires_grad_()
     y = kernels.bn_relu(x, bn, backend=backend)
     yr = F.relu(bn_ref(xr))
@@ -76,11 +88,79 @@ def test_bn_relu_matches_batchnorm_relu(case, backend):
     close(bn.bias.grad, bn_ref.bias.grad, dt, "dbeta")
     close(bn.running_mean, bn_ref.running_mean, dt, "running_mean")
     close(bn.running_var, bn_ref.running_var, dt, "running_var")
+    assert int(bn.num_batches_tracked) == int(bn_ref.num_batches_tracked)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_statistics_are_stable_on_large_mean_inputs(backend):
-    x = torch.randn(4, 8, 16, 16) * 0.01 + 1e4  # |mean| / std = 1e6
+@pytest.mark.parametrize("case", _cases(24, seed=1), ids=lambda c: "{N}x{C}x{H}x{W}-{mode}-{dtype}-cl{channels_last}".format(**c))
+def test_bn_relu_matches_batchnorm_relu(case, backend, device):
+    if case["N"] * case["H"] * case["W"] == 1 and case["mode"] == "train":
+        case = dict(case, H=2)  # BatchNorm2d refuses one value per channel in training
+    _check_against_torch(case, backend, device)
+
+
+# Shapes that make the launchers use every GPU tile and span several tiles with a partial last one:
+# elementwise (rows, cols) tiles 64x16 (H*W or C <= 16) and 16x64; reductions 128x16 (NCHW, channels_last C <= 16)
+# and 32x64 (channels_last C > 16); finalize kernels 64 channels per program.
+MULTI_TILE = [
+    dict(N=2, C=37, H=5, W=9, channels_last=False),  # 45 positions: 1 partial 64-column block; 3 channel blocks of 16
+    dict(N=1, C=5, H=13, W=11, channels_last=False),  # 143 positions: 3 column blocks, the last 15 wide
+    dict(N=2, C=150, H=3, W=5, channels_last=True),  # 3 channel tiles of 64 (the last 22 wide); 3 finalize blocks
+    dict(N=3, C=13, H=7, W=6, channels_last=True),  # C <= 16: 64x16 / 128x16 tiles, 126 positions
+    dict(N=3, C=20, H=3, W=4, channels_last=False),  # H*W <= 16: 64x16 tiles over 60 rows
+]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "frozen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", MULTI_TILE, ids=lambda s: "{N}x{C}x{H}x{W}-cl{channels_last}".format(**s))
+def test_gpu_tiles_with_partial_multi_tile_channels(shape, dtype, mode, device):
+    _check_against_torch(dict(shape, dtype=dtype, mode=mode, offset=3.0), "triton", device)
+
+
+def test_tiling_covers_gpu_shapes():
+    """The tile the launchers pick per layout and size, and the grid limits of full-resolution Cityscapes."""
+    t = bn_relu_mod.elementwise_tiling
+    assert t((2, 37, 5, 9), False) == (74, 45, 16, 64)
+    assert t((1, 5, 13, 11), False) == (5, 143, 16, 64)
+    assert t((2, 150, 3, 5), True) == (30, 150, 16, 64)
+    assert t((3, 13, 7, 6), True) == (126, 13, 64, 16)
+    assert t((3, 20, 3, 4), False) == (60, 12, 64, 16)
+    R, L, br, bl = t((16, 4096, 1024, 2048), True)  # 1.4e11 elements: INT64 offsets, grid within CUDA's limits
+    assert R * L >= 2**31
+    grid = bn_relu_mod._elementwise_grid(R, L, br, bl, True)
+    assert grid[0] < 2**31 - 1 and grid[1] <= 65535
+    R, L, br, bl = t((16, 4096, 1024, 2048), False)
+    grid = bn_relu_mod._elementwise_grid(R, L, br, bl, False)
+    assert grid[0] < 2**31 - 1 and grid[1] <= 65535
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_int64_offsets_give_the_same_result(device, monkeypatch):
+    """The INT64 code paths (taken from 2**31 elements; forced here on small tensors) of every BN kernel give
+    bit-identical statistics, y, dx, dgamma, dbeta and running statistics."""
+    results = {}
+    for int64_from in (2**31, 0):
+        monkeypatch.setattr(bn_stats_mod, "INT64_FROM", int64_from)
+        for cl in (False, True):
+            torch.manual_seed(1)
+            bn = _bn(70, "train", device)
+            x = torch.randn(2, 70, 9, 13, device=device) + 2
+            x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format).requires_grad_()
+            y = kernels.bn_relu(x, bn, backend="triton")
+            y.backward(torch.randn_like(y))
+            results[int64_from, cl] = [y, x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var]
+    for cl in (False, True):
+        for a, b in zip(results[2**31, cl], results[0, cl]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_statistics_are_stable_on_large_mean_inputs(backend, device):
+    x = torch.randn(4, 8, 16, 16, device=device) * 0.01 + 1e4  # |mean| / std = 1e6
     mean, var, count = kernels.channel_stats(x, backend=backend)
     rmean, rvar = ref.channel_stats(x)
     assert count == 4 * 16 * 16
@@ -89,18 +169,33 @@ def test_statistics_are_stable_on_large_mean_inputs(backend):
     assert (naive.double() - rvar).abs().max() > 100 * (var.double() - rvar).abs().max()
 
 
+@pytest.mark.parametrize("momentum", [None, 0.1, 0.7])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_running_statistics_over_several_steps(backend):
-    bn, bn_ref = _bn(5, "train"), _bn(5, "train")
+def test_running_statistics_over_several_steps(backend, momentum, device):
+    bn, bn_ref = _bn(5, "train", device, momentum), _bn(5, "train", device, momentum)
     bn_ref.load_state_dict(bn.state_dict())
-    bn.momentum = bn_ref.momentum = None  # cumulative average exercises num_batches_tracked too
     for step in range(4):
-        x = torch.randn(3, 5, 6, 7) * (step + 1) + step
+        x = torch.randn(3, 5, 6, 7, device=device) * (step + 1) + step
+        if step % 2:
+            x = x.contiguous(memory_format=torch.channels_last)
         kernels.bn_relu(x, bn, backend=backend)
         bn_ref(x)
     assert int(bn.num_batches_tracked) == 4
     torch.testing.assert_close(bn.running_mean, bn_ref.running_mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bn.running_var, bn_ref.running_var, rtol=1e-5, atol=1e-5)
+
+
+def test_bn_without_affine_or_running_stats(device):
+    for bn in (nn.BatchNorm2d(6, affine=False), nn.BatchNorm2d(6, track_running_stats=False)):
+        bn = bn.to(device)
+        x = (torch.randn(2, 6, 5, 5, device=device) + 1).requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        y = kernels.bn_relu(x, bn, backend="triton")
+        yr = F.relu(F.batch_norm(xr, None, None, bn.weight, bn.bias, True, 0.1, bn.eps))
+        close(y, yr, torch.float32, "y")
+        y.square().sum().backward()
+        yr.square().sum().backward()
+        close(x.grad, xr.grad, torch.float32, "dx")
 
 
 CONV_CASES = [
@@ -113,23 +208,25 @@ CONV_CASES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k, stride, dil, N, C, O, H, W", CONV_CASES)
-def test_bn_relu_conv_matches_modules(k, stride, dil, N, C, O, H, W, dtype, backend):
-    block = kernels.BNReLUConv2d(C, O, k, stride, dil * (k // 2), dil, bias=True, backend=backend)
+def test_bn_relu_conv_matches_modules(k, stride, dil, N, C, O, H, W, dtype, backend, device):
+    block = kernels.BNReLUConv2d(C, O, k, stride, dil * (k // 2), dil, bias=True, backend=backend).to(device)
     with torch.no_grad():
         block.bn.weight.uniform_(0.5, 1.5)
         block.bn.bias.uniform_(-0.5, 0.5)
-    bn, conv = nn.BatchNorm2d(C), nn.Conv2d(C, O, k, stride, dil * (k // 2), dil, bias=True)
+    bn, conv = nn.BatchNorm2d(C).to(device), nn.Conv2d(C, O, k, stride, dil * (k // 2), dil, bias=True).to(device)
     bn.load_state_dict(block.bn.state_dict())
     conv.load_state_dict(block.conv.state_dict())
-    x = (torch.randn(N, C, H, W) + 0.3).contiguous(memory_format=torch.channels_last if k == 3 else torch.contiguous_format)
+    x = (torch.randn(N, C, H, W, device=device) + 0.3).contiguous(
+        memory_format=torch.channels_last if k == 3 else torch.contiguous_format)
     x = x.to(dtype).requires_grad_()
     xr = x.detach().float().requires_grad_()
     if dtype == torch.float32:
         y = block(x)
     else:
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast(device, dtype=dtype):
             y = block(x)
-    yr = conv(F.relu(bn(xr)))
+    with torch.autocast(device, enabled=False):
+        yr = conv(F.relu(bn(xr)))
     assert y.dtype == dtype and y.shape == yr.shape
     dy = torch.randn_like(yr)
     y.backward(dy.to(y.dtype))
@@ -144,13 +241,14 @@ def test_bn_relu_conv_matches_modules(k, stride, dil, N, C, O, H, W, dtype, back
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_shared_activation_feeds_two_convs_like_a_projection_unit(backend):
-    bn = _bn(6, "train")
-    c1, c2 = nn.Conv2d(6, 4, 3, 2, 1, bias=False), nn.Conv2d(6, 8, 1, 2, bias=False)
-    bn_r, c1_r, c2_r = _bn(6, "train"), nn.Conv2d(6, 4, 3, 2, 1, bias=False), nn.Conv2d(6, 8, 1, 2, bias=False)
+def test_shared_activation_feeds_two_convs_like_a_projection_unit(backend, device):
+    bn = _bn(6, "train", device)
+    c1, c2 = nn.Conv2d(6, 4, 3, 2, 1, bias=False).to(device), nn.Conv2d(6, 8, 1, 2, bias=False).to(device)
+    bn_r, c1_r = _bn(6, "train", device), nn.Conv2d(6, 4, 3, 2, 1, bias=False).to(device)
+    c2_r = nn.Conv2d(6, 8, 1, 2, bias=False).to(device)
     for a, b in [(bn, bn_r), (c1, c1_r), (c2, c2_r)]:
         b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 6, 9, 7, requires_grad=True)
+    x = torch.randn(2, 6, 9, 7, device=device, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
     y1, y2 = kernels.bn_relu_conv(x, bn, [c1, c2], backend=backend)
     a = F.relu(bn_r(xr))
@@ -163,13 +261,13 @@ def test_shared_activation_feeds_two_convs_like_a_projection_unit(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dropout_mask_is_reused_in_backward(backend):
-    bn, conv = _bn(4, "eval"), nn.Conv2d(4, 3, 1, bias=False)
-    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+def test_dropout_mask_is_reused_in_backward(backend, device):
+    bn, conv = _bn(4, "eval", device), nn.Conv2d(4, 3, 1, bias=False).to(device)
+    x = torch.randn(2, 4, 8, 8, device=device, requires_grad=True)
     torch.manual_seed(5)
     y = kernels.bn_relu_conv(x, bn, [conv], dropout=0.5, backend=backend)[0]
     torch.manual_seed(5)
-    mask = torch.empty(x.shape, dtype=torch.bool).bernoulli_(0.5)
+    mask = torch.empty(x.shape, dtype=torch.bool, device=device).bernoulli_(0.5)
     xr = x.detach().clone().requires_grad_()
     yr = ref.bn_relu_conv(xr, bn, conv, dropout_mask=mask, p=0.5)
     close(y, yr, torch.float32, "y")
@@ -195,6 +293,218 @@ def test_backward_saves_only_the_input():
 def test_backend_switch():
     x = torch.randn(1, 2, 3, 3)
     assert kernels.resolve_backend("auto", x) == "torch"
-    assert kernels.resolve_backend("triton", x) == "triton"  # interpreter on this CPU machine
+    if kernels.INTERPRET:
+        assert kernels.resolve_backend("triton", x) == "triton"  # interpreter on a CPU machine
     with pytest.raises(ValueError, match="backend must be one of"):
         kernels.resolve_backend("cuda", x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch budget, AOT variant list, synchronised statistics without host syncs
+
+# aten ops that allocate or alias without launching a kernel
+_NONCOMPUTE = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "view", "_unsafe_view",
+               "unbind", "select", "slice", "detach", "alias", "as_strided", "expand", "unsqueeze", "squeeze", "t",
+               "permute", "transpose", "_reshape_alias", "reshape", "lift_fresh", "is_same_size", "contiguous"}
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+                 torch.int32: "i32"}
+
+
+@contextmanager
+def recording():
+    """(launches, ops): every Triton kernel launch as (name, {arg: value, tensors as their dtype}), and the aten
+    ops run outside launches (under the interpreter a launch runs aten ops of its own)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if kernels.INTERPRET:
+        from triton.runtime.interpreter import InterpretedFunction as cls
+    else:
+        from triton.runtime.jit import JITFunction as cls
+    inside, launches, ops = [0], [], []
+    orig = cls.run
+
+    def run(self, *args, grid, warmup, **kw):
+        if not warmup:
+            named = dict(zip(self.arg_names, args), **kw)  # tensors as dtypes: no references kept
+            launches.append((self.__name__, {k: v.dtype if isinstance(v, torch.Tensor) else v for k, v in named.items()}))
+        inside[0] += 1
+        try:
+            return orig(self, *args, grid=grid, warmup=warmup, **kw)
+        finally:
+            inside[0] -= 1
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0]:
+                ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    cls.run = run
+    try:
+        with Mode():
+            yield launches, ops
+    finally:
+        cls.run = orig
+
+
+@pytest.mark.parametrize("mode", ["train", "frozen"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_launches_per_bn_relu_step(mode, channels_last, device):
+    """Training: stats + finalize + forward, grad sums + grad finalize + dx = 6 Triton launches and one torch op
+    (num_batches_tracked += 1); frozen: 5 launches, no torch op. (Before: 4 launches + 37 torch ops; 3 + 10.)"""
+    bn = _bn(70, mode, device)
+    x = torch.randn(2, 70, 5, 6, device=device)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format).requires_grad_()
+    dy = torch.randn_like(x)
+    kernels.bn_relu(x, bn, backend="triton").backward(dy)  # compile / warm up
+    x.grad = bn.weight.grad = bn.bias.grad = None  # no gradient accumulation (add_) in the counted step
+    with recording() as (launches, ops):
+        kernels.bn_relu(x, bn, backend="triton").backward(dy)
+    names = [n for n, _ in launches]
+    expect = ["_channel_stats_kernel", "_stats_finalize_kernel"] if mode == "train" else ["_stats_finalize_kernel"]
+    expect += ["_bn_relu_fwd_kernel", "_bn_relu_grad_sums_kernel", "_grad_finalize_kernel", "_bn_relu_bwd_kernel"]
+    assert names == expect
+    compute = [o for o in ops if o not in _NONCOMPUTE]
+    assert compute == (["add_"] if mode == "train" else []), compute
+
+
+def _variant_key(name, constexprs, pointers):
+    return name, tuple(sorted(constexprs.items())), tuple(sorted(pointers.items()))
+
+
+def test_every_launch_is_an_aot_variant(device):
+    """Each launch the BN launchers make (dtypes, layouts, tiles, flags) is listed by the modules' aot_variants(),
+    which the ahead-of-time GPU compile check compiles for sm_80 and sm_90."""
+    known, const_names = set(), {}
+    for v in bn_relu_mod.aot_variants() + bn_stats_mod.aot_variants():
+        ptrs = {k: t for k, t in v.signature.items() if t.startswith("*")}
+        known.add(_variant_key(v.name, v.constexprs, ptrs))
+        const_names[v.name] = set(v.constexprs)
+    # the smallest tensors that make the launchers pick each tile (H*W or C <= / > 16)
+    shapes = [dict(N=1, C=3, H=2, W=3, channels_last=False), dict(N=1, C=2, H=3, W=6, channels_last=False),
+              dict(N=1, C=3, H=2, W=2, channels_last=True), dict(N=1, C=17, H=2, W=2, channels_last=True)]
+    with recording() as (launches, _):
+        for shape in shapes:
+            for dtype, autocast in [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+                                    (torch.float32, torch.bfloat16), (torch.float32, torch.float16)]:
+                case = dict(shape, dtype=dtype, mode="train")
+                bn = _bn(shape["C"], "train", device, momentum=None if dtype == torch.float16 else 0.1)
+                x = _input(case, device).requires_grad_()
+                with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                    y = kernels.bn_relu(x, bn, backend="triton")
+                y.backward(torch.ones_like(y))
+                kernels.bn_relu(x, bn.eval(), backend="triton").sum().backward()
+        for bn in (nn.BatchNorm2d(6, affine=False), nn.BatchNorm2d(6, track_running_stats=False)):
+            x = torch.randn(2, 6, 3, 3, device=device, requires_grad=True)
+            kernels.bn_relu(x, bn.to(device), backend="triton").sum().backward()
+        kernels.channel_stats(torch.randn(2, 6, 3, 3, device=device))
+    assert {(a["CHANNELS_LAST"], a["BLOCK_L"]) for n, a in launches if n == "_bn_relu_fwd_kernel"} == \
+        {(False, 16), (False, 64), (True, 16), (True, 64)}
+    for name, args in launches:
+        const = {k: v for k, v in args.items() if k in const_names[name]}
+        ptrs = {k: "*" + _TRITON_TYPES[v] for k, v in args.items() if isinstance(v, torch.dtype)}
+        assert _variant_key(name, const, ptrs) in known, (name, const, ptrs)
+
+
+def _sync_worker(rank, world, port, result):
+    import torch.distributed as dist
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+    class Ops(TorchDispatchMode):  # .item(), float(t), int(t), bool(t) all dispatch aten::_local_scalar_dense
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        torch.ones(()).item()
+    assert Ops.seen == ["ones", "_local_scalar_dense"], Ops.seen  # the detector sees a host sync
+    out = {}
+    for key, (backend, cl, momentum, C) in SYNC_CONFIGS.items():
+        torch.manual_seed(0)
+        bn = nn.BatchNorm2d(C, momentum=momentum)
+        host_syncs = 0
+        for step in range(2):  # two steps: running statistics (and 1/num_batches_tracked with momentum=None)
+            x = torch.randn(4, C, 5, 6) * 3 + 1
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            dy = torch.randn(4, C, 5, 6)
+            xs = x[rank * 2:(rank + 1) * 2].clone().requires_grad_()
+            Ops.seen = []
+            with Ops():
+                y = kernels.bn_relu(xs, bn, backend=backend, sync=True)
+                y.backward(dy[rank * 2:(rank + 1) * 2])
+                count = kernels.channel_stats(xs.detach(), backend=backend, sync=True)[2]
+            host_syncs += Ops.seen.count("_local_scalar_dense")
+        dist.all_reduce(bn.weight.grad)  # what DDP does to parameter gradients (sum here)
+        dist.all_reduce(bn.bias.grad)
+        out[key] = (y.detach(), xs.grad, bn.weight.grad, bn.bias.grad, bn.running_mean.clone(),
+                    bn.running_var.clone(), int(bn.num_batches_tracked), isinstance(count, torch.Tensor),
+                    float(count), host_syncs)
+    result[rank] = out
+    dist.destroy_process_group()
+
+
+# (backend, channels_last, momentum, C): C = 70 spans two finalize blocks (64) and two channels_last tiles
+SYNC_CONFIGS = {f"{b}-cl{int(cl)}-m{m}": (b, cl, m, C) for b, cl, m, C in [
+    ("triton", False, 0.1, 70), ("triton", True, None, 70), ("torch", False, None, 5), ("torch", True, 0.1, 5)]}
+
+
+def test_sync_statistics_over_two_gloo_ranks_equal_one_big_batch_without_host_sync():
+    """Two gloo ranks with half a batch each give the full batch's y, dx, dgamma/dbeta (summed as DDP would)
+    and running statistics over two steps, with the merged count a device tensor and no host sync
+    (no aten::_local_scalar_dense: .item(), int(t), float(t)) in forward or backward."""
+    if not kernels.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter for CPU tensors")
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        result = manager.dict()
+        port = 30500 + os.getpid() % 1000
+        mp.start_processes(_sync_worker, args=(2, port, result), nprocs=2, start_method="spawn")
+        out = dict(result)
+    for key, (backend, cl, momentum, C) in SYNC_CONFIGS.items():
+        torch.manual_seed(0)
+        bn = nn.BatchNorm2d(C, momentum=momentum)
+        for step in range(2):
+            x = torch.randn(4, C, 5, 6) * 3 + 1
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            dy = torch.randn(4, C, 5, 6)
+            x.requires_grad_()
+            y = F.relu(bn(x))
+            y.backward(dy)
+        for r in (0, 1):
+            yr, dxr, dgr, dbr, rm, rv, nbt, count_is_tensor, count, host_syncs = out[r][key]
+            torch.testing.assert_close(yr, y.detach()[r * 2:(r + 1) * 2], rtol=1e-5, atol=1e-5, msg=key)
+            torch.testing.assert_close(dxr, x.grad[r * 2:(r + 1) * 2], rtol=1e-4, atol=1e-5, msg=key)
+            # two steps accumulate into .grad on both sides; the reference's second step used the full batch
+            torch.testing.assert_close(dgr, bn.weight.grad, rtol=1e-4, atol=1e-4, msg=key)
+            torch.testing.assert_close(dbr, bn.bias.grad, rtol=1e-4, atol=1e-4, msg=key)
+            torch.testing.assert_close(rm, bn.running_mean, rtol=1e-5, atol=1e-5, msg=key)
+            torch.testing.assert_close(rv, bn.running_var, rtol=1e-5, atol=1e-5, msg=key)
+            assert nbt == 2 and count_is_tensor and count == 4 * 5 * 6, key
+            assert host_syncs == 0, f"{key}: {host_syncs} host syncs"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_step_makes_no_host_sync(mode, channels_last):
+    """On CUDA, a compiled bf16 BN-ReLU step (statistics, running-stat update, forward, backward) never
+    synchronises with the host (torch's sync debug mode raises on any)."""
+    bn = _bn(70, mode, "cuda")
+    x = torch.randn(2, 70, 17, 19, device="cuda", dtype=torch.bfloat16) + 1
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format).requires_grad_()
+    dy = torch.randn_like(x)
+    kernels.bn_relu(x, bn, backend="triton").backward(dy)  # compile outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kernels.bn_relu(x, bn, backend="triton").backward(dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

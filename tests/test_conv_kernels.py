@@ -1,9 +1,17 @@
-"""Implicit-GEMM BN-ReLU-conv (kernels.conv) vs nn.BatchNorm2d + ReLU + nn.Conv2d, under the interpreter.
+"""Implicit-GEMM BN-ReLU-conv (kernels.conv) vs plain torch, on ``device``: compiled on CUDA, interpreted on CPU.
 
-Every kernel size / stride / dilation of the model family (1x1 and 3x3; stride 1, 2; dilation 1, 2, 4, 12 with
-padding = dilation) plus general padding; values and gradients of x, gamma, beta, W, b; fp32 and bf16.
-Tolerances as in test_bn_relu_kernels: fp32 1e-4, bf16 3e-2 (x the reference's magnitude); the weight
-gradient sums N*P*Q bf16 products, so its bf16 tolerance is 6e-2.
+Two levels:
+- the module (kernels.BNReLUConv2d / bn_relu_conv with conv="triton") vs nn.BatchNorm2d + ReLU + nn.Conv2d, values
+  and gradients of x, gamma, beta, W, b (train, eval and frozen BN; two convs sharing one activation);
+- the launchers conv_fprop / conv_dgrad / conv_wgrad vs F.conv2d and torch.nn.grad.conv2d_input/weight on
+  relu(bn(x)) in float64, with the GPU tile configs (every autotune config; 64x64x32 etc.) forced in the
+  interpreter and channel counts spanning several tiles that are not multiples of them (C=150, K=136).
+
+Tolerances (relative to the reference's largest magnitude). The launcher tests cast the reference's operands
+exactly as the kernels do (activation rounded to the operand dtype), so only accumulation order and output
+rounding differ: fp32 outputs 1e-4 (fp32 runs ``input_precision="ieee"``; opt-in TF32 5e-3), fp16 outputs 2e-3,
+bf16 outputs 1e-2 (one rounding of y); dgrad/wgrad/BN sums are fp32 outputs of exact 16-bit products: 1e-4.
+Module tests compare to an fp32 torch model: fp32 1e-4, bf16 3e-2 (dW 6e-2: it sums N*P*Q bf16 products).
 """
 
 import pytest
@@ -12,30 +20,226 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels.conv import conv_dgrad, conv_fprop, conv_wgrad
+from kernels import _runtime
+from kernels import conv as kc
+from kernels.conv import GPU_CONFIGS, ConvConfig, conv_dgrad, conv_fprop, conv_wgrad
 
 CASES = [(1, s, 1, 0) for s in (1, 2)] + [(3, s, d, d) for s in (1, 2) for d in (1, 2, 4, 12)] + [(3, 1, 1, 0), (3, 2, 2, 3)]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+Y_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+GRAD_TOL = 1e-4
 
 
 def _close(a, b, tol, what):
     scale = max(b.abs().max().item(), 1e-3)
-    torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(a.double().cpu(), b.double().cpu(), rtol=tol, atol=tol * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _bn_vectors(C, device):
+    mean = torch.randn(C, device=device) * 0.3
+    scale = torch.rand(C, device=device) + 0.5
+    beta = torch.rand(C, device=device) - 0.5
+    return mean, scale, beta
+
+
+def _interpreted(device) -> bool:
+    return not (device == "cuda" and not _runtime.INTERPRET)
+
+
+def _round(a64, odt, device):
+    """The kernels' fp32 -> operand dtype cast: round-to-nearest, except that the Triton interpreter truncates
+    fp32 -> bf16 (rounds toward zero); emulated exactly so the gradient tolerances stay tight."""
+    a32 = a64.float()
+    if odt == torch.bfloat16 and _interpreted(device):
+        a32 = (a32.view(torch.int32) & -65536).view(torch.float32)
+    return a32.to(odt).double()
+
+
+def _reference(x, w, dy, vec, stride, pad, dil, odt):
+    """fp64 fprop/dgrad/wgrad on relu(bn(x)) with the kernels' operand roundings; and the BN-backward sums."""
+    mean, scale, beta = (v.double().view(1, -1, 1, 1) for v in vec)
+    xc = x.double() - mean
+    z = (x.float() - mean.float()) * scale.float() + beta.float()  # fp32 as in the kernels
+    a = _round(torch.relu(z.double()), odt, x.device.type)
+    w64, dy64 = w.to(odt).double(), dy.to(odt).double()
+    y = F.conv2d(a, w64, None, stride, pad, dil)
+    g = torch.nn.grad.conv2d_input(x.shape, w64, dy64, stride, pad, dil) * (z > 0)
+    dw = torch.nn.grad.conv2d_weight(a, w.shape, dy64, stride, pad, dil)
+    return y, g, dw, g.sum((0, 2, 3)), (g * xc).sum((0, 2, 3))
+
+
+def _check_launchers(device, x, w, vec, stride, pad, dil, odt, config=None, precision=None, y_tol=None,
+                     grad_tol=GRAD_TOL, deterministic=None):
+    y = conv_fprop(x, w.to(odt), stride, pad, dil, vec, config=config, precision=precision)
+    dy = torch.randn(y.shape, device=device)
+    g, sg, sgx = conv_dgrad(dy, w.to(odt), x, stride, pad, dil, vec, config=config, precision=precision,
+                            deterministic=deterministic)
+    dw = conv_wgrad(dy, x, w.shape, stride, pad, dil, vec, dtype=odt, config=config, precision=precision,
+                    deterministic=deterministic)
+    ry, rg, rdw, rsg, rsgx = _reference(x, w, dy, vec, stride, pad, dil, odt)
+    assert y.dtype == odt and y.shape == ry.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert dw.shape == w.shape and dw.dtype == torch.float32
+    _close(y, ry, y_tol or Y_TOL[odt], "y")
+    _close(g, rg, grad_tol, "dgrad")
+    _close(sg, rsg, grad_tol, "sum g")
+    _close(sgx, rsgx, grad_tol, "sum g*(x-mean)")
+    _close(dw, rdw, grad_tol, "wgrad")
+    return y, g, sg, sgx, dw
+
+
+def _class_of(odt, precision="ieee"):
+    return kc.operand_class(odt, precision)
+
+
+# --- launchers with the GPU tile configs, multi-tile channel counts -----------------------------------------------
+
+# (kernel, stride, dilation, pad, operand dtype, config index in its class): every stride/dilation of the model
+# family, each dtype on several; C=150, K=136 span 3 column tiles of 64 (neither a multiple), 5 K-steps of 32.
+GPU_TILE_CASES = [(3, 1, 1, 1, "bf16", 0), (3, 2, 1, 1, "fp16", 0), (3, 1, 2, 2, "fp16", 0), (3, 1, 4, 4, "bf16", 0),
+                  (3, 2, 12, 12, "fp16", 0), (1, 2, 1, 0, "fp32", 0), (1, 1, 1, 0, "bf16", 0)]
+
+
+@pytest.mark.parametrize("k, stride, dil, pad, dt, ci", GPU_TILE_CASES, ids=lambda v: str(v))
+def test_launchers_gpu_tiles_multi_tile_channels(device, k, stride, dil, pad, dt, ci):
+    """fprop/dgrad/wgrad (+ BN sums) with a GPU tile config, C=150 and K=136, vs float64 torch."""
+    odt = DTYPES[dt]
+    C, K = 150, 136
+    x = torch.randn(2 if k == 1 else 1, C, 5, 6, device=device)
+    if dt == "bf16":
+        x = x.to(odt)  # bf16 input; the fp16 cases take an fp32 input (the autocast combination)
+    w = torch.randn(K, C, k, k, device=device) / (C * k * k) ** 0.5
+    cfg = GPU_CONFIGS[_class_of(odt)][ci]
+    _check_launchers(device, x, w, _bn_vectors(C, device), stride, pad, dil, odt, config=cfg)
+
+
+@pytest.mark.parametrize("cls, cfg", [(c, cfg) for c, cfgs in GPU_CONFIGS.items() for cfg in cfgs],
+                         ids=lambda v: v.label().replace(" ", "-") if isinstance(v, ConvConfig) else v)
+def test_every_autotune_config(device, cls, cfg):
+    """Each config the GPU autotuner may pick gives the right result (forced here); 1x1 stride 2 keeps it quick."""
+    odt = torch.float32 if cls in ("tf32", "ieee") else torch.bfloat16
+    prec = cls if cls in ("tf32", "ieee") else None
+    C, K = 150, 136
+    x = torch.randn(2, C, 5, 7, device=device)  # fp32 input: the autocast combination for bf16 operands
+    w = torch.randn(K, C, 1, 1, device=device) / C ** 0.5
+    compiled = device == "cuda" and not _runtime.INTERPRET
+    tol = 5e-3 if (cls == "tf32" and compiled) else None  # the interpreter computes tf32 as fp32
+    _check_launchers(device, x, w, _bn_vectors(C, device), 2, 0, 1, odt, config=cfg, precision=prec,
+                     y_tol=tol, grad_tol=tol or GRAD_TOL)
+
+
+def test_plain_conv_kernels_without_prologue(device):
+    x, w = torch.randn(1, 16, 6, 5, device=device), torch.randn(8, 16, 3, 3, device=device)
+    y = conv_fprop(x, w, 2, 1, 1)
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 2, 1, 1), rtol=1e-4, atol=1e-4)
+    dy = torch.randn_like(y)
+    g, s1, s2 = conv_dgrad(dy, w, x, 2, 1, 1)
+    assert s1 is None and s2 is None
+    torch.testing.assert_close(g, torch.nn.grad.conv2d_input(x.shape, w, dy, 2, 1, 1), rtol=1e-4, atol=1e-4)
+    dw = conv_wgrad(dy, x, w.shape, 2, 1, 1)
+    torch.testing.assert_close(dw, torch.nn.grad.conv2d_weight(x, w.shape, dy, 2, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_deterministic_mode_is_reproducible(device):
+    """deterministic=True: no atomics; the same bits twice, and the same values as the atomic path."""
+    C, K = 24, 16
+    x = torch.randn(1, C, 5, 5, device=device)
+    w = torch.randn(K, C, 3, 3, device=device) / (C * 9) ** 0.5
+    vec = _bn_vectors(C, device)
+    cfg = None  # the interpreter's config on CPU; the fixed GPU config on CUDA (deterministic: no autotuning)
+    torch.manual_seed(1)
+    a = _check_launchers(device, x, w, vec, 1, 1, 1, torch.float32, config=cfg, deterministic=True)
+    torch.manual_seed(1)
+    b = _check_launchers(device, x, w, vec, 1, 1, 1, torch.float32, config=cfg, deterministic=True)
+    for u, v in zip(a[1:], b[1:]):
+        assert torch.equal(u, v)
+
+
+def test_int64_offsets_chosen_for_big_tensors_on_meta(monkeypatch):
+    """A tensor of 2**31 elements or more selects INT64 (and its fixed config); meta tensors: nothing allocated."""
+    launches = []
+    monkeypatch.setattr(kc, "_launch", lambda tuned, raw, grid, cfg, *a, **flags: launches.append((cfg, flags)))
+    w = torch.empty(64, 4096, 1, 1, device="meta")
+    # Cityscapes 1024x2048 at batch 16, a 4096-channel layer at 1/8 resolution: 16*4096*128*256 = 2**31 elements
+    big = torch.empty(16, 4096, 128, 256, device="meta")
+    small = torch.empty(16, 4096, 128, 255, device="meta")
+    conv_fprop(big, w, 1, 0, 1)
+    conv_fprop(small, w, 1, 0, 1)
+    assert big.numel() == 2**31 and small.numel() < 2**31
+    assert launches[0][1]["INT64"] is True and launches[1][1]["INT64"] is False
+    dy = torch.empty(16, 64, 128, 256, device="meta")
+    conv_dgrad(dy, w, big, 1, 0, 1)
+    conv_wgrad(dy, big, w.shape, 1, 0, 1)
+    assert launches[2][1]["INT64"] is True and launches[3][1]["INT64"] is True
+    assert kc.needs_int64(2**31 - 1) is False and kc.needs_int64(2**31) is True
+    with pytest.raises(ValueError, match="int32 row indices"):
+        kc._check_positions(2**31)
+
+
+def test_int64_offset_arithmetic():
+    """Why the switch exists: past 2**31 elements the last offset ((n*H+h)*W+w)*C+c wraps in int32, not in int64."""
+    N, H, W, C = 16, 128, 257, 4096
+    n, h, w, c = N - 1, H - 1, W - 1, C - 1
+    rows = torch.tensor([(n * H + h) * W + w], dtype=torch.int32)  # the kernels keep row indices int32
+    wrapped = rows * C + c
+    wide = rows.to(torch.int64) * C + c  # INT64: _idx(row) * C
+    assert wrapped.item() < 0 and wide.item() == N * H * W * C - 1
+
+
+def test_int64_variant_matches_int32(device, monkeypatch):
+    """The INT64 code path (forced on small tensors) computes the same as the int32 one."""
+    C, K = 40, 24
+    x = torch.randn(2, C, 6, 5, device=device, dtype=torch.bfloat16)
+    w = torch.randn(K, C, 3, 3, device=device) / (C * 9) ** 0.5
+    vec = _bn_vectors(C, device)
+    monkeypatch.setattr(kc, "needs_int64", lambda *n: True)
+    _check_launchers(device, x, w, vec, 2, 1, 1, torch.bfloat16, config=GPU_CONFIGS["16bit"][0])
+
+
+def test_bad_precision_refused(device):
+    x, w = torch.randn(1, 4, 5, 5, device=device), torch.randn(4, 4, 1, 1, device=device)
+    with pytest.raises(ValueError, match="precision"):
+        conv_fprop(x, w, 1, 0, 1, precision="fp16")
+    with pytest.raises(ValueError, match="precision"):
+        kc.set_fp32_precision("fast")
+
+
+@pytest.mark.gpu
+def test_compiled_on_gpu_autotuned_bf16_and_tf32():
+    """Only on CUDA: the compiled, autotuned kernels (no interpreter) on a bigger shape; TF32 opt-in tolerance."""
+    assert not _runtime.INTERPRET, "TRITON_INTERPRET is set: the GPU tests must run compiled kernels"
+    C, K = 192, 160
+    x = torch.randn(4, C, 28, 30, device="cuda")
+    w = torch.randn(K, C, 3, 3, device="cuda") / (C * 9) ** 0.5
+    vec = _bn_vectors(C, "cuda")
+    _check_launchers("cuda", x.bfloat16(), w, vec, 1, 2, 2, torch.bfloat16)
+    _check_launchers("cuda", x, w, vec, 2, 1, 1, torch.float32, precision="tf32", y_tol=5e-3, grad_tol=5e-3)
+    _check_launchers("cuda", x, w, vec, 1, 1, 1, torch.float32)  # ieee
+
+
+# --- the module -------------------------------------------------------------------------------------------------
+
+def _pair(C, K, k, stride, pad, dil, device):
+    block = kernels.BNReLUConv2d(C, K, k, stride, pad, dil, bias=True, backend="triton", conv_impl="triton").to(device)
+    with torch.no_grad():
+        block.bn.weight.uniform_(0.5, 1.5)
+        block.bn.bias.uniform_(-0.5, 0.5)
+        block.bn.running_mean.uniform_(-0.3, 0.3)
+        block.bn.running_var.uniform_(0.5, 1.5)
+    bn, conv = nn.BatchNorm2d(C).to(device), nn.Conv2d(C, K, k, stride, pad, dil, bias=True).to(device)
+    bn.load_state_dict(block.bn.state_dict())
+    conv.load_state_dict(block.conv.state_dict())
+    return block, bn, conv
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("k, stride, dil, pad", CASES, ids=lambda v: str(v))
-def test_igemm_block_matches_modules(k, stride, dil, pad, dtype):
+def test_igemm_block_matches_modules(device, k, stride, dil, pad, dtype):
     C, K = 5, 6
-    block = kernels.BNReLUConv2d(C, K, k, stride, pad, dil, bias=True, backend="triton", conv="triton")
-    with torch.no_grad():
-        block.bn.weight.uniform_(0.5, 1.5)
-        block.bn.bias.uniform_(-0.5, 0.5)
-    bn, conv = nn.BatchNorm2d(C), nn.Conv2d(C, K, k, stride, pad, dil, bias=True)
-    bn.load_state_dict(block.bn.state_dict())
-    conv.load_state_dict(block.conv.state_dict())
-    x = torch.randn(2, C, 7, 9).to(dtype).requires_grad_()
+    block, bn, conv = _pair(C, K, k, stride, pad, dil, device)
+    x = torch.randn(2, C, 7, 9, device=device).to(dtype).requires_grad_()
     xr = x.detach().float().requires_grad_()
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
         y = block(x)
     yr = conv(F.relu(bn(xr)))
     assert y.shape == yr.shape and y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
@@ -49,17 +253,69 @@ def test_igemm_block_matches_modules(k, stride, dil, pad, dtype):
     _close(block.bn.bias.grad, bn.bias.grad, tol, "dbeta")
     _close(block.conv.weight.grad, conv.weight.grad, 2 * tol, "dW")
     _close(block.conv.bias.grad, conv.bias.grad, tol, "db")
+    _close(block.bn.running_mean, bn.running_mean, 1e-4, "running mean")
 
 
-def test_plain_conv_kernels_without_prologue():
-    x, w = torch.randn(1, 16, 6, 5), torch.randn(8, 16, 3, 3)
-    y = conv_fprop(x, w, 2, 1, 1)
-    torch.testing.assert_close(y, F.conv2d(x, w, None, 2, 1, 1), rtol=1e-4, atol=1e-4)
-    dy = torch.randn_like(y)
-    g, _, _ = conv_dgrad(dy, w, x, 2, 1, 1)
-    torch.testing.assert_close(g, torch.nn.grad.conv2d_input(x.shape, w, dy, 2, 1, 1), rtol=1e-4, atol=1e-4)
-    dw = conv_wgrad(dy, x, w.shape, 2, 1, 1)
-    torch.testing.assert_close(dw, torch.nn.grad.conv2d_weight(x, w.shape, dy, 2, 1, 1), rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("mode, dt, k", [("eval", "fp16", 1), ("frozen", "fp32", 1)])
+def test_igemm_block_eval_and_frozen_bn_gpu_tiles(device, mode, dt, k):
+    """Running statistics (eval: no grads wrt BN params needed; frozen: eval statistics, trainable gamma/beta)
+    with the GPU tiles and C=150, K=136. fp16 under autocast from fp32 input."""
+    dtype = DTYPES[dt]
+    C, K = 150, 136
+    block, bn, conv = _pair(C, K, k, 1, 2 if k == 3 else 0, 2, device)
+    block.eval(), bn.eval()
+    if mode == "eval":
+        for p in (*block.bn.parameters(), *bn.parameters()):
+            p.requires_grad_(False)
+    x = torch.randn(1, C, 5, 6, device=device, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    with kc.use_config(GPU_CONFIGS[_class_of(dtype)][0]), \
+            torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        y = block(x)
+    yr = conv(F.relu(bn(xr)))
+    dy = torch.randn_like(yr)
+    y.backward(dy.to(y.dtype))
+    yr.backward(dy)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    _close(y, yr, tol, "y")
+    _close(x.grad, xr.grad, tol, "dx")
+    _close(block.conv.weight.grad, conv.weight.grad, tol, "dW")
+    if mode == "frozen":
+        _close(block.bn.weight.grad, bn.weight.grad, tol, "dgamma")
+        _close(block.bn.bias.grad, bn.bias.grad, tol, "dbeta")
+    else:
+        assert block.bn.weight.grad is None
+    _close(block.bn.running_mean, bn.running_mean, 0, "running mean untouched")
+
+
+def test_two_convs_share_one_activation_gpu_tiles(device):
+    """A unit's branch2a and projection shortcut read one relu(bn(x)): both outputs and the summed gradients."""
+    C = 150
+    bn = nn.BatchNorm2d(C).to(device)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    convs = [nn.Conv2d(C, 136, 3, 2, 1, bias=False).to(device), nn.Conv2d(C, 72, 1, 2, 0, bias=False).to(device)]
+    bnr, convsr = nn.BatchNorm2d(C).to(device), [nn.Conv2d(C, 136, 3, 2, 1, bias=False).to(device),
+                                                 nn.Conv2d(C, 72, 1, 2, 0, bias=False).to(device)]
+    bnr.load_state_dict(bn.state_dict())
+    for a, b in zip(convs, convsr):
+        b.load_state_dict(a.state_dict())
+    x = torch.randn(2, C, 6, 5, device=device, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    with kc.use_config(GPU_CONFIGS["ieee"][0]):
+        ys = kernels.bn_relu_conv(x, bn, convs, backend="triton", conv="triton")
+        a = F.relu(bnr(xr))
+        yrs = [c(a) for c in convsr]
+        dys = [torch.randn_like(t) for t in yrs]
+        torch.autograd.backward(ys, dys)
+        torch.autograd.backward(yrs, dys)
+    for i, (y, yr) in enumerate(zip(ys, yrs)):
+        _close(y, yr, 1e-4, f"y{i}")
+        _close(convs[i].weight.grad, convsr[i].weight.grad, 1e-4, f"dW{i}")
+    _close(x.grad, xr.grad, 1e-4, "dx")
+    _close(bn.weight.grad, bnr.weight.grad, 1e-4, "dgamma")
+    _close(bn.bias.grad, bnr.bias.grad, 1e-4, "dbeta")
 
 
 def test_igemm_refuses_what_it_cannot_do():

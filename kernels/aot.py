@@ -1,0 +1,242 @@
+"""Ahead-of-time compilation of every kernel variant for a GPU target, on a machine with no GPU and no driver.
+
+Triton's frontend, LLVM and its bundled ``ptxas`` run on the CPU: ``triton.compile(ASTSource(fn, signature,
+constexprs), target=GPUTarget("cuda", 90, 32))`` yields PTX and a cubin. For each variant (from the kernel modules'
+``aot_variants()``) this records registers, spills (from ``ptxas -v``), shared memory (``metadata.shared``) and
+tensor-core instructions in the PTX (``wgmma`` on sm_90, ``mma.sync`` on sm_80), and checks them:
+
+- no compile error, no register spill;
+- shared memory within the target's opt-in limit (sm_90 227 KB = 232448 B, sm_80 163 KB = 166912 B);
+- sm_90 bf16/fp16 (and opt-in TF32) conv kernels use ``wgmma``; sm_80 ones ``mma.sync``.
+
+The kernels must be imported with ``TRITON_INTERPRET=0`` (under the interpreter ``@triton.jit`` gives an
+InterpretedFunction, which cannot be compiled), so this runs as its own process::
+
+    TRITON_INTERPRET=0 python -m kernels.aot --arch 90,80 --jobs 2 --json out.json --md bench/results/aot-compile.md
+
+(tests/test_aot_compile.py does exactly that). Works with Triton 3.3 through 3.9 (``ASTSource`` with name-keyed
+signature/constexprs and ``"constexpr"`` signature entries); older versions are refused with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory per block (opt-in maximum)
+MIN_TRITON = (3, 3)
+MODULES = ("kernels.conv", "kernels.bn_relu", "kernels.bn_stats")
+
+
+@dataclass
+class Variant:
+    """One compilable kernel variant: the launch a launcher makes on CUDA, minus the tensors."""
+
+    fn: Any                    # the @triton.jit function (a JITFunction: import with TRITON_INTERPRET=0)
+    signature: dict            # runtime argument name -> Triton type ("*bf16", "i32", "fp32", ...)
+    constexprs: dict           # constexpr argument name -> value
+    num_warps: int = 4
+    num_stages: int = 3
+    kernel: str = ""           # launcher / kernel label for the table
+    dtypes: str = ""
+    config: str = ""
+    tensor_cores: bool = False  # must use tensor-core MMA instructions (wgmma on sm_90, mma on sm_80)
+    divisible: tuple = field(default=())  # extra integer args assumed divisible by 16 (pointers always are)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__name__", None) or self.fn.fn.__name__
+
+
+def triton_version() -> tuple[int, int]:
+    import triton
+
+    return tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+
+
+def _full_signature(v: Variant) -> tuple[dict, dict]:
+    names = list(v.fn.arg_names)
+    missing = [n for n in names if n not in v.signature and n not in v.constexprs]
+    if missing:
+        raise ValueError(f"{v.name}: no type or value for {missing}")
+    sig = {n: (v.signature[n] if n in v.signature else "constexpr") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n in v.signature and (v.signature[n].startswith("*") or n in v.divisible)}
+    return sig, attrs
+
+
+def _ptxas_info(log: str) -> tuple[int | None, int | None]:
+    regs = re.findall(r"Used (\d+) registers", log)
+    spill = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    return (int(regs[-1]) if regs else None), (max(spill) if spill else None)
+
+
+def _run_ptxas(ptx: str, arch: int) -> str:
+    """``ptxas -v`` on the PTX with Triton's bundled ptxas (fallback when the compile log was not captured)."""
+    from triton import knobs
+
+    ptxas = knobs.nvidia.ptxas.path
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.o")],
+                           capture_output=True, text=True)
+        return r.stdout + r.stderr
+
+
+def compile_variant(v: Variant, arch: int) -> dict:
+    """Compile ``v`` for sm_``arch``; a dict row for the table with ``problems`` (empty when it passes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    row = dict(kernel=v.kernel or v.name, fn=v.name, dtypes=v.dtypes, config=v.config, arch=arch,
+               regs=None, spills=None, shared=None, mma=None, seconds=None, problems=[])
+    t0 = time.time()
+    try:
+        sig, attrs = _full_signature(v)
+        src = ASTSource(fn=v.fn, signature=sig, constexprs=dict(v.constexprs), attrs=attrs)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):  # TRITON_DUMP_PTXAS_LOG=1 prints `ptxas -v` here
+            ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    except Exception as e:  # noqa: BLE001 - every compile failure is a finding for the table
+        msg = " ".join(str(e).split())
+        row["problems"].append(f"compile error: {type(e).__name__}: {msg[:300]}")
+        row["seconds"] = round(time.time() - t0, 2)
+        return row
+    ptx = ck.asm.get("ptx", "")
+    log = out.getvalue()
+    regs, spills = _ptxas_info(log)
+    if regs is None:
+        regs, spills = _ptxas_info(_run_ptxas(ptx, arch))
+    row["regs"], row["spills"] = regs, spills
+    row["shared"] = int(ck.metadata.shared)
+    wgmma = len(re.findall(r"\bwgmma\.mma_async", ptx))
+    mma = len(re.findall(r"\bmma\.sync", ptx))
+    row["mma"] = f"{wgmma} wgmma" if wgmma else (f"{mma} mma" if mma else "0")
+    if regs is None:
+        row["problems"].append("no ptxas register report")
+    if spills:
+        row["problems"].append(f"{spills} bytes of register spills")
+    if row["shared"] > SHARED_LIMIT.get(arch, SHARED_LIMIT[80]):
+        row["problems"].append(f"shared memory {row['shared']} B over the sm_{arch} limit {SHARED_LIMIT[arch]} B")
+    if v.tensor_cores and arch >= 90 and not wgmma:
+        row["problems"].append("sm_90 tensor-core kernel without wgmma in its PTX")
+    if v.tensor_cores and arch < 90 and not mma:
+        row["problems"].append(f"sm_{arch} tensor-core kernel without mma.sync in its PTX")
+    row["seconds"] = round(time.time() - t0, 2)
+    return row
+
+
+def collect_variants(modules=MODULES) -> list[Variant]:
+    import importlib
+
+    out = []
+    for name in modules:
+        mod = importlib.import_module(name)
+        if hasattr(mod, "aot_variants"):
+            out += list(mod.aot_variants())
+    return out
+
+
+_VARIANTS: list[Variant] = []
+
+
+def _work(job: tuple[int, int]) -> dict:
+    i, arch = job
+    return compile_variant(_VARIANTS[i], arch)
+
+
+def compile_all(archs=(90, 80), jobs: int = 2, modules=MODULES, limit: int | None = None) -> list[dict]:
+    """Compile every variant of ``modules`` for each arch (``jobs`` processes); rows in a fixed order."""
+    global _VARIANTS
+    _VARIANTS = collect_variants(modules)
+    if limit:
+        _VARIANTS = _VARIANTS[:limit]
+    work = [(i, a) for a in archs for i in range(len(_VARIANTS))]
+    if jobs <= 1:
+        return [_work(j) for j in work]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
+        return list(pool.map(_work, work, chunksize=4))
+
+
+def table(rows: list[dict]) -> str:
+    head = "| arch | kernel | dtypes | config | regs | spills | shared B | tensor-core instrs | status |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        status = "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
+        lines.append(f"| sm_{r['arch']} | {r['kernel']} | {r['dtypes']} | {r['config']} | {r['regs']} | "
+                     f"{r['spills']} | {r['shared']} | {r['mma']} | {status} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    import triton
+
+    failed = [r for r in rows if r["problems"]]
+    per_arch = {}
+    for r in rows:
+        per_arch.setdefault(r["arch"], [0, 0])
+        per_arch[r["arch"]][0] += 1
+        per_arch[r["arch"]][1] += not r["problems"]
+    parts = ", ".join(f"sm_{a}: {ok}/{n} ok" for a, (n, ok) in sorted(per_arch.items(), reverse=True))
+    shared = max((r["shared"] or 0) for r in rows) if rows else 0
+    regs = max((r["regs"] or 0) for r in rows) if rows else 0
+    return (f"Triton {triton.__version__}: {len(rows)} compiles ({parts}); {len(failed)} failed; "
+            f"max registers {regs}, max shared memory {shared} B")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="90,80", help="comma-separated compute capabilities (default 90,80)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--modules", default=",".join(MODULES))
+    ap.add_argument("--limit", type=int, default=None, help="only the first N variants (debugging)")
+    ap.add_argument("--json", default=None, help="write the rows as JSON here")
+    ap.add_argument("--md", default=None, help="write the markdown table here")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("kernels.aot: run with TRITON_INTERPRET=0 (interpreted kernels cannot be compiled)", file=sys.stderr)
+        return 2
+    if triton_version() < MIN_TRITON:
+        print(f"kernels.aot: needs Triton >= {'.'.join(map(str, MIN_TRITON))} (ASTSource with name-keyed "
+              f"constexprs); this is {'.'.join(map(str, triton_version()))}", file=sys.stderr)
+        return 3
+    t0 = time.time()
+    rows = compile_all(tuple(int(a) for a in args.arch.split(",")), args.jobs, tuple(args.modules.split(",")),
+                       args.limit)
+    text = summary(rows) + f" in {time.time() - t0:.0f} s on {args.jobs} processes\n\n" + table(rows) + "\n"
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.md:
+        os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
+        with open(args.md, "w") as f:
+            f.write("# Ahead-of-time compile check (no GPU)\n\n"
+                    "Generated by `tests/test_aot_compile.py` (`python -m kernels.aot`): every kernel variant the "
+                    "CUDA launchers can choose, compiled for sm_90 and sm_80 on CPU; registers and spills from "
+                    "`ptxas -v`, shared memory from the compiled metadata, tensor-core instructions counted in the "
+                    "PTX.\n\n" + text)
+    return 1 if any(r["problems"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_DUMP_PTXAS_LOG", "1")
+    sys.exit(main())
