@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .bn_relu import bn_relu
 from .bn_relu_conv import bn_relu_conv
@@ -29,24 +32,44 @@ class BNReLU(nn.BatchNorm2d):
 class BNReLUConv2d(nn.Module):
     """The pre-activation step ``conv(relu(bn(x)))`` that stores x, not relu(bn(x)), for backward.
 
+    A drop-in for ``nn.Conv2d`` placed after BN-ReLU: the positional arguments and defaults are
+    ``nn.Conv2d``'s (``in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+    bias=True, padding_mode="zeros", device=None, dtype=None``); the BatchNorm (``eps``, ``momentum``,
+    ``affine``, ``track_running_stats``, on ``in_channels``) and the kernel options are keyword-only.
     ``.bn`` is an nn.BatchNorm2d and ``.conv`` an nn.Conv2d holding exactly their usual parameters and
     buffers, so state_dict keys are ``bn.*`` / ``conv.*`` and weights move freely to and from plain models.
     ``dropout``: element-wise dropout between ReLU and conv in training (mask kept as bool).
-    ``conv="triton"``: implicit-GEMM convolutions with the BN-ReLU prologue (see :mod:`kernels.conv`).
+    ``conv_impl="triton"``: implicit-GEMM convolutions with the BN-ReLU prologue (see :mod:`kernels.conv`);
+    ``"torch"`` (default): torch/cuDNN convolutions. (The old keyword ``conv=`` still works, with a
+    DeprecationWarning.) String padding (``"same"``) or a ``padding_mode`` other than ``"zeros"`` runs
+    BN-ReLU fused and the convolution as nn.Conv2d, which then keeps the activation for backward.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride=1,
-                 padding=0, dilation=1, bias: bool = False, *, groups: int = 1, eps: float = 1e-5,
-                 momentum: float | None = 0.1, dropout: float = 0.0, backend: str = "auto", sync: bool = False,
-                 process_group=None, conv: str = "torch"):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", device=None, dtype=None, *, eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 dropout: float = 0.0, backend: str = "auto", sync: bool = False, process_group=None,
+                 conv_impl: str = "torch", conv: str | None = None):
         super().__init__()
-        self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum)
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        self._set_options(dropout, backend, sync, process_group, conv)
+        if conv is not None:
+            warnings.warn("BNReLUConv2d(conv=...) is deprecated (it shadowed the .conv attribute): use conv_impl=",
+                          DeprecationWarning, stacklevel=2)
+            conv_impl = conv
+        self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum, affine=affine,
+                                 track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                              padding_mode, device=device, dtype=dtype)
+        self._set_options(dropout, backend, sync, process_group, conv_impl)
 
-    def _set_options(self, dropout=0.0, backend="auto", sync=False, process_group=None, conv="torch") -> None:
+    def _set_options(self, dropout=0.0, backend="auto", sync=False, process_group=None, conv_impl="torch",
+                     conv=None) -> None:
+        if conv is not None:
+            warnings.warn("conv= is deprecated: use conv_impl=", DeprecationWarning, stacklevel=3)
+            conv_impl = conv
         self.dropout, self.backend, self.sync, self.process_group = dropout, backend, sync, process_group
-        self.conv_impl = conv
+        self.conv_impl = conv_impl
 
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, **options) -> "BNReLUConv2d":
@@ -59,8 +82,11 @@ class BNReLUConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
+        if isinstance(self.conv.padding, str) or self.conv.padding_mode != "zeros":
+            a = bn_relu(x, self.bn, backend=self.backend, sync=self.sync, process_group=self.process_group)
+            return self.conv(F.dropout(a, p, training=True) if p else a)
         return bn_relu_conv(x, self.bn, [self.conv], dropout=p, backend=self.backend, sync=self.sync,
                             process_group=self.process_group, conv=self.conv_impl)[0]
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}, dropout={self.dropout}, sync={self.sync}"
+        return f"backend={self.backend!r}, conv_impl={self.conv_impl!r}, dropout={self.dropout}, sync={self.sync}"

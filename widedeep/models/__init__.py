@@ -9,5 +9,3 @@ __all__ = [
     "BN_EPS", "DATASETS", "LEVELS", "ModelLabel", "PreActUnit", "ResNet38", "TwoConvHead", "build_plan",
     "create_model", "list_models", "model_args", "parse_label", "register_timm",
 ]
-
-register_timm()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +125,7 @@ def create_model(
     fused: bool | str = False,
     weights_strict: bool = True,
     weights_verify: bool | str = True,
+    recompute: str | list | dict | None = None,
     **kwargs: Any,
 ) -> ResNet38:
     """Build a ResNet-38 by plain name (``resnet38_a1``, ``resnet38d`` ...) or seed label, optionally with weights.
@@ -139,6 +139,8 @@ def create_model(
     ``weights_verify``: md5 check of files named like the released ones (``True``: warn on a mismatch and load
     as the user's own file; ``"strict"``: raise :class:`ChecksumError`; ``False``: skip).
     ``fused`` selects the recompute-in-backward BN-ReLU-conv kernels (same parameters either way).
+    ``recompute``: per-unit activation-memory modes, e.g. ``"unit"`` (keep only each unit's input; see
+    :meth:`ResNet38.set_recompute` and :mod:`widedeep.models.recompute`).
     """
     args = model_args(name, num_classes=num_classes, output_stride=output_stride)
     args.update(kwargs)
@@ -161,6 +163,8 @@ def create_model(
     if pool_style is None:
         pool_style = "mxnet"
     model = ResNet38(pool_style=pool_style, fused=fused, **args)
+    if recompute is not None:
+        model.set_recompute(recompute)
     if wf is not None:
         from widedeep.weights import load_weights, num_classes_of
 
@@ -178,24 +182,12 @@ def list_models() -> list[str]:
 
 
 def register_timm() -> bool:
-    """Register the plain names with timm so ``timm.create_model("resnet38_a1")`` works. False without timm."""
+    """Register the plain names with timm now (importing timm). False when timm is missing or broken (it needs
+    a matching torchvision). Not needed after ``import widedeep``, which registers as soon as timm is imported."""
+    from widedeep._timm_hook import register_now
+
     try:
-        from timm.models import register_model
-        from timm.models._registry import is_model
-    except Exception:  # timm absent or broken (it needs torchvision)
+        return register_now()
+    except Exception as e:  # timm present but broken
+        log.warning("timm registration failed: %r", e)
         return False
-    for plain in list(PLAIN_NAMES) + list(ALIASES):
-        if is_model(plain):
-            continue
-
-        def entry(pretrained: bool = False, _name: str = plain, **kw: Any) -> ResNet38:
-            if pretrained:
-                warnings.warn("ademxapp weights are not downloadable; pass weights=<path to .params>", stacklevel=2)
-            kw.pop("pretrained_cfg", None)
-            kw.pop("pretrained_cfg_overlay", None)
-            return create_model(_name, **kw)
-
-        entry.__name__ = plain
-        entry.__module__ = "widedeep.models"
-        register_model(entry)
-    return True
