@@ -146,7 +146,7 @@ def test_timm_style_surface():
     m = create_model("resnet38_a1").eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        feats = m.forward_intermediates(x)
+        feats = m.forward_intermediates(x, intermediates_only=True)
         f = m.forward_features(x)
     assert [i["reduction"] for i in m.feature_info] == [1, 2, 4, 8, 16, 32]
     assert [t.shape[1] for t in feats] == [i["num_chs"] for i in m.feature_info] == [64, 128, 256, 512, 1024, 4096]

@@ -252,6 +252,18 @@ def test_channels_last_on_cpu_never_reaches_the_crashing_onednn_backward(voc5, t
     assert not use_channels_last(wide, torch.device("cpu"), False, training=True)
 
 
+def test_recompute_unit_trains_like_the_fused_model(voc5, tmp_path):
+    """--recompute unit re-runs each unit in backward: the same weights after training (dropout masks replayed)."""
+    common = ["--data-root", voc5, *TINY, "--batch-images", "4", "--to-epoch", "1", "--no-eval", "--fused", "on",
+              "--bn-stats", "batch", "--stop-after-steps", "3"]
+    ok(cli(*common, "--output", tmp_path / "f"))
+    ok(cli(*common, "--output", tmp_path / "u", "--recompute", "unit"))
+    f = torch.load(tmp_path / "f" / "voc_rna-a1_cls21_s8" / "last.pt", weights_only=False)["model"]
+    u = torch.load(tmp_path / "u" / "voc_rna-a1_cls21_s8" / "last.pt", weights_only=False)["model"]
+    for k in f:
+        torch.testing.assert_close(u[k], f[k], rtol=1e-4, atol=1e-6, msg=k)  # running stats updated once too
+
+
 def test_gpus_without_cuda_run_one_cpu_process(voc5, tmp_path):
     for gpus in ("0", "0,1"):
         r = cli("--data-root", voc5, "--output", tmp_path / gpus, *TINY, "--batch-images", "4", "--to-epoch", "1",

@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from .recompute import normalise_plan, recompute_unit
+
 BN_EPS = 1.001e-5  # ademxapp's value since 2017-01 ("for compatibility with cudnn v5"); the weights expect it
 BN_MOMENTUM = 0.1  # MXNet momentum 0.9 in PyTorch's convention
 
@@ -38,6 +40,41 @@ LEVELS: dict[int, tuple[int, tuple[int, ...]]] = {
 }
 STEM_CHANNELS = 64
 NUM_FEATURES = 4096
+
+# timm's global_pool names -> feature multiplier of the pooled vector ("" = no pooling, headless only)
+GLOBAL_POOLS: dict[str, int] = {"avg": 1, "max": 1, "avgmax": 1, "catavgmax": 2, "": 1}
+
+
+def take_indices(num_features: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's ``feature_take_indices``: None -> all, int n -> the last n, a sequence -> those (negative from
+    the end). Returns (absolute indices, largest index)."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {num_features})")
+        take = list(range(num_features - indices, num_features))
+    else:
+        take = [num_features + i if i < 0 else i for i in indices]
+        bad = [i for i in take if not 0 <= i < num_features]
+        if bad or not take:
+            raise ValueError(f"feature indices {list(indices)} out of range (0 to {num_features - 1})")
+    return take, max(take)
+
+
+def global_pool_2d(x: torch.Tensor, pool_type: str) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C) or (N, 2C) for timm's pool types; ``""`` returns x unchanged."""
+    if pool_type == "avg":
+        return x.mean(dim=(2, 3))
+    if pool_type == "max":
+        return x.amax(dim=(2, 3))
+    if pool_type == "avgmax":
+        return 0.5 * (x.mean(dim=(2, 3)) + x.amax(dim=(2, 3)))
+    if pool_type == "catavgmax":
+        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+    if pool_type == "":
+        return x
+    raise ValueError(f"global_pool must be one of {sorted(GLOBAL_POOLS)}, got {pool_type!r}")
 
 # Downsampling after levels 1..5: 'p' = 3x3/2 max-pool, 'c' = stride 2 in the next level's first unit.
 DOWNSAMPLING: dict[str, str] = {"a": "ppppp", "a1": "ccccc", "a2": "ppccc"}
@@ -164,6 +201,7 @@ class PreActUnit(nn.Module):
         if spec.projection:
             self.conv_branch1 = nn.Conv2d(spec.in_channels, spec.widths[-1], 1, stride=spec.stride, bias=False)
         self.backend: str | None = None  # None: plain torch ops; else a kernels backend name
+        self.recompute = False  # training: keep only the unit's input and re-run the unit in backward
         self.sync_bn = False  # fused path only: batch statistics all-gathered over torch.distributed
 
     def _stage_convs(self, i: int) -> list[nn.Conv2d]:
@@ -221,6 +259,13 @@ class TwoConvHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(F.relu(self.conv6a(x)))
 
+    def forward_from_bn(self, x: torch.Tensor, bn: nn.BatchNorm2d, backend: str, sync: bool = False) -> torch.Tensor:
+        """``forward(relu(bn(x)))`` with relu(bn(x)) fused into conv6a: only x (bn7's input) is kept for
+        backward, not the 4096-channel activation (the largest single tensor of the stride-8 nets)."""
+        from kernels import bn_relu_conv
+
+        return self.score(F.relu(bn_relu_conv(x, bn, [self.conv6a], backend=backend, sync=sync)[0]))
+
 
 class ResNet38(nn.Module):
     """ResNet-38 trunk with a classification or "2 conv." segmentation head.
@@ -238,7 +283,12 @@ class ResNet38(nn.Module):
         fused: ``False``, ``True``/``"auto"`` or a :mod:`kernels` backend name: run every BN-ReLU-conv
             through the recompute-in-backward kernels. Parameters and state_dict keys do not change.
         width: channel multiplier (1 = the published nets; e.g. 1/16 for CPU demos and tests).
+        drop_rate: dropout before the classifier FC (timm's ``drop_rate``; classification only).
+        global_pool: timm's pool type before the FC: ``"avg"`` (ademxapp), ``"max"``, ``"avgmax"``,
+            ``"catavgmax"`` (FC input 2 x 4096) or ``""`` (no pooling; only without a classifier).
     """
+
+    recompute_plan: dict[str, str] | None = None  # set by set_recompute
 
     def __init__(
         self,
@@ -252,6 +302,8 @@ class ResNet38(nn.Module):
         in_chans: int = 3,
         fused: bool | str = False,
         width: float = 1.0,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         if pool_style not in ("mxnet", "caffe", "ceil"):
@@ -260,6 +312,12 @@ class ResNet38(nn.Module):
         self.pool_style = pool_style
         self.num_classes = num_classes
         self.width = width
+        self.in_chans = in_chans
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {sorted(GLOBAL_POOLS)}, got {global_pool!r}")
+        if global_pool == "" and num_classes and not segmentation:
+            raise ValueError("global_pool='' (no pooling) needs num_classes=0: the classifier is a Linear layer")
+        self.drop_rate, self.global_pool = drop_rate, global_pool
         self.num_features = features = scaled(NUM_FEATURES, width)
         self.plan = build_plan(variant, output_stride, dropout, width)
         stem = scaled(STEM_CHANNELS, width)
@@ -288,7 +346,7 @@ class ResNet38(nn.Module):
             if segmentation:
                 self.head = TwoConvHead(features, num_classes, hidden=scaled(512, width))
             else:
-                self.fc = nn.Linear(features, num_classes)
+                self.fc = nn.Linear(features * GLOBAL_POOLS[global_pool], num_classes)
         self.reset_parameters()
         self.set_fused(fused)
 
@@ -324,6 +382,27 @@ class ResNet38(nn.Module):
             unit.backend = backend
         return self
 
+    def set_recompute(self, plan: str | Sequence[str] | dict | None) -> "ResNet38":
+        """Activation-memory mode per unit in training: ``"stored"``, ``"fused"`` or ``"unit"`` (see
+        :mod:`widedeep.models.recompute`), given for all units, as a list in forward order, or as
+        {unit name: mode} (others "stored"). ``None`` undoes it (back to :meth:`set_fused`'s choice).
+        Parameters and state_dict keys never change."""
+        units = self.units()
+        names = [n for n, m in self.named_children() if isinstance(m, PreActUnit)]
+        if plan is None:
+            self.set_fused(self._fused_backend or False)
+            for u in units:
+                u.recompute = False
+            self.recompute_plan = None
+            return self
+        modes = normalise_plan(units, plan, names)
+        backend = self._fused_backend or "auto"
+        for u, mode in zip(units, modes):
+            u.backend = None if mode == "stored" else backend
+            u.recompute = mode == "unit"
+        self.recompute_plan = dict(zip(names, modes))
+        return self
+
     def set_sync_bn(self, enable: bool = True) -> "ResNet38":
         """Synchronise BN batch statistics across ranks (fused kernels; any torch.distributed backend, gloo too).
         For the unfused model on GPUs use ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` instead."""
@@ -356,8 +435,15 @@ class ResNet38(nn.Module):
     def get_classifier(self) -> nn.Module | None:
         return self.head.score if self.head is not None else self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the last layer (FC or the head's score conv) with a freshly initialised one."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the last layer (FC or the head's score conv) with a freshly initialised one (timm's
+        signature; ``global_pool`` changes the classification pooling, ignored by segmentation nets)."""
+        if global_pool is not None and not self.segmentation:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {sorted(GLOBAL_POOLS)}, got {global_pool!r}")
+            if global_pool == "" and num_classes:
+                raise ValueError("global_pool='' (no pooling) needs num_classes=0")
+            self.global_pool = global_pool
         self.num_classes = num_classes
         if self.segmentation:
             if self.head is None or num_classes == 0:
@@ -368,7 +454,8 @@ class ResNet38(nn.Module):
                 self.head.score = nn.Conv2d(self.head.score.in_channels, num_classes, 3, padding=12, dilation=12)
             modules = [self.head] if self.head is not None else []
         else:
-            self.fc = nn.Linear(self.num_features, num_classes) if num_classes else None
+            features = self.num_features * GLOBAL_POOLS[self.global_pool]
+            self.fc = nn.Linear(features, num_classes) if num_classes else None
             modules = [self.fc] if self.fc is not None else []
         for m in (m for mod in modules for m in mod.modules()):
             if isinstance(m, nn.Conv2d):
@@ -391,19 +478,30 @@ class ResNet38(nn.Module):
         """(name, module) of the pools and units between conv1a and bn7, in forward order."""
         return ((n, m) for n, m in self.named_children() if n not in ("conv1a", "bn7", "fc", "head"))
 
-    def forward_trunk(self, x: torch.Tensor, *, collect: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_trunk(self, x: torch.Tensor, *, collect: bool = False, bn7: bool = True,
+                      stop_after: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(features, intermediates): relu(bn7(trunk(x))), or the trunk before bn7 with ``bn7=False``;
+        ``stop_after``: return right after that module (a ``feature_info`` module name)."""
         feats: list[torch.Tensor] = []
         names = {info["module"] for info in self.feature_info}
         x = self.conv1a(x)
         if collect:
             feats.append(x)
+        if stop_after == "conv1a":
+            return x, feats
         for name, module in self._body():
-            if self.grad_checkpointing and self.training and isinstance(module, PreActUnit):
+            if self.training and isinstance(module, PreActUnit) and module.recompute:
+                x = recompute_unit(module, x)
+            elif self.grad_checkpointing and self.training and isinstance(module, PreActUnit):
                 x = torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
             else:
                 x = module(x)
             if collect and name in names:
                 feats.append(x)
+            if name == stop_after:
+                return x, feats
+        if not bn7:
+            return x, feats
         x = self._bn_relu7(x)
         if collect:
             feats.append(x)
@@ -413,18 +511,72 @@ class ResNet38(nn.Module):
         """(N, 3, H, W) -> relu(bn7(trunk)) of shape (N, 4096, H/os, W/os)."""
         return self.forward_trunk(x)[0]
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The six feature maps of :attr:`feature_info` (strides 1, 2, 4, 8, 16, 32 at output stride 32)."""
-        return self.forward_trunk(x, collect=True)[1]
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ``forward_intermediates``: the :attr:`feature_info` maps picked by ``indices`` (None: all six,
+        strides 1, 2, 4, 8, 16, 32 at output stride 32; int n: the last n; a sequence, negative from the end).
+
+        Returns ``(final, intermediates)``, where ``final`` is ``forward_features(x)`` (or, with ``stop_early``,
+        the map at the last index taken), or only the list with ``intermediates_only`` (which stops early).
+        ``norm`` has no effect: the last feature already is relu(bn7(x)), the trunk's only final norm.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, max_index = take_indices(len(self.feature_info), indices)
+        last = len(self.feature_info) - 1
+        has_bn7 = getattr(self, "bn7", None) is not None
+        stop = None
+        if (stop_early or intermediates_only or not has_bn7) and max_index < last:
+            stop = self.feature_info[max_index]["module"]
+        elif not has_bn7:
+            raise ValueError("this model was pruned (prune_intermediate_layers): bn7 is gone, take indices < "
+                             f"{last}")
+        x, feats = self.forward_trunk(x, collect=True, stop_after=stop)
+        intermediates = [feats[i] for i in take]
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's ``prune_intermediate_layers``: drop the units (and bn7) after the last feature that ``indices``
+        takes, and the classifier (``prune_head``). Returns the absolute indices kept. ``prune_norm`` has no
+        effect (bn7-ReLU is part of the last feature). A pruned model serves ``forward_intermediates`` only."""
+        take, max_index = take_indices(len(self.feature_info), indices)
+        if prune_head:
+            self.reset_classifier(0, "" if not self.segmentation else None)
+        if max_index < len(self.feature_info) - 1:
+            keep_until = self.feature_info[max_index]["module"]
+            names = [n for n, _ in self._body()]
+            cut = names.index(keep_until) + 1 if keep_until in names else 0
+            for name in names[cut:]:
+                delattr(self, name)
+            self.bn7 = None
+            self.num_features = self.feature_info[max_index]["num_chs"]
+            if self.num_classes:
+                self.reset_classifier(0, "" if not self.segmentation else None)
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.segmentation:
             return x if (pre_logits or self.head is None) else self.head(x)
-        x = x.mean(dim=(2, 3))
+        x = global_pool_2d(x, self.global_pool)
+        if self.drop_rate:
+            x = F.dropout(x, self.drop_rate, training=self.training)
         return x if (pre_logits or self.fc is None) else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Classification: (N, num_classes) scores. Segmentation: (N, num_classes, H', W') scores."""
+        if self.segmentation and self.head is not None and self._fused_backend is not None:
+            # bn7-ReLU fused into the head's first conv: relu(bn7(x)) is never kept for backward
+            x = self.forward_trunk(x, bn7=False)[0]
+            return self.head.forward_from_bn(x, self.bn7, self._fused_backend, self.sync_bn)
         return self.forward_head(self.forward_features(x))
 
     def forward_as_dict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -72,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off", help="autocast dtype")
     o.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
                    help="fused BN-ReLU-conv recompute kernels (auto: on with CUDA)")
+    o.add_argument("--recompute", choices=["off", "unit"], default="off",
+                   help="unit: keep only each residual unit's input and re-run the unit (fused) in backward: "
+                        "~0.3x eager activation memory for one more forward of the convolutions")
     o.add_argument("--channels-last", action="store_true",
                    help="channels_last model and batches (batches are NCHW otherwise); ignored when training on "
                         "a CPU a model with strided convs of <16 channels, which crash oneDNN on some CPUs")

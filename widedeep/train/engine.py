@@ -83,7 +83,8 @@ def build_model(ctx: Context) -> ResNet38:
 
         pool_style, why = pool_style_of(wf, parse_label(ctx.label).variant)
         log.info("max-pool style %s: %s (--pool-top-infer-style overrides)", pool_style, why)
-    model = create_model(ctx.label, pool_style=pool_style, width=a.width, fused=bool(fused))
+    model = create_model(ctx.label, pool_style=pool_style, width=a.width, fused=bool(fused),
+                         recompute="unit" if a.recompute == "unit" else None)
     if wf is not None:
         from widedeep.weights import WeightsMismatchError, load_weights, num_classes_of
 
