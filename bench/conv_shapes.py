@@ -26,9 +26,10 @@ from widedeep.models import create_model
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
 
 
-def conv_shapes(label: str, size: int, batch: int) -> list[dict]:
+def conv_shapes(label: str, size: int, batch: int, width: float = 1.0) -> list[dict]:
     """Distinct (C, K, kernel, stride, dilation, padding, H, W) of a model's pre-activated convs, via meta tensors."""
-    model = create_model(label).to("meta").train()
+    with torch.device("meta"):
+        model = create_model(label, width=width).train()
     seen, out = set(), []
 
     def hook(mod, args):

@@ -1,0 +1,135 @@
+"""The implementations the runner compares, each a way to train the same ResNet-38 (same parameters).
+
+    eager          torch ops (BatchNorm2d, ReLU, cuDNN/oneDNN convs): what a user has without this library
+    fused          ours: BN-ReLU recompute kernels with torch/cuDNN convolutions (``create_model(fused=True)``)
+    fused_igemm    ours: BN-ReLU prologue inside Triton implicit-GEMM convolutions (``bn_relu_conv(conv="triton")``)
+    checkpoint     eager with ``torch.utils.checkpoint`` on each residual unit (``set_grad_checkpointing``)
+    compile        ``torch.compile`` of the eager model
+    fused_compile  ``torch.compile`` of the fused model (may fail: the failure is a result)
+
+``fused_igemm``: the model has no switch for implicit-GEMM convolutions, so :func:`build` replaces each
+PreActUnit's forward by the same computation through ``kernels.bn_relu_conv(..., conv="triton")`` (stages with
+dropout keep torch convolutions, as ``bn_relu_conv`` requires). Without CUDA it runs in the Triton interpreter:
+a correctness smoke only, never a timing.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile")
+COMPILED = ("compile", "fused_compile")
+LABELS = {"A1": "ilsvrc-cls_rna-a1_cls1000", "A1-s8": "voc_rna-a1_cls21_s8"}
+
+
+def _igemm_unit_forward(unit, x: torch.Tensor) -> torch.Tensor:
+    from kernels import bn_relu_conv
+
+    shortcut = t = x
+    last = len(unit.stages) - 1
+    for i, stage in enumerate(unit.stages):
+        bn = getattr(unit, f"bn_{stage}")
+        p = unit.spec.dropout if (i == last and unit.training) else 0.0
+        outs = bn_relu_conv(t, bn, unit._stage_convs(i), dropout=p, backend="triton",
+                            conv="torch" if p else "triton")
+        t = outs[0]
+        if i == 0 and unit.spec.projection:
+            shortcut = outs[1]
+    return shortcut + t
+
+
+def build(impl: str, label: str, *, width: float = 1.0, device: str = "cpu"):
+    """(model, fn): the nn.Module (parameters, optimizer) and the callable that runs its forward."""
+    from widedeep.models import create_model
+
+    if impl not in IMPLS:
+        raise ValueError(f"unknown implementation {impl!r}; one of {IMPLS}")
+    fused = {"fused": True, "fused_compile": True, "fused_igemm": "triton"}.get(impl, False)
+    model = create_model(label, fused=fused, width=width).to(device).train()
+    if device == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if impl == "fused_igemm":
+        for unit in model.units():
+            unit.forward = types.MethodType(_igemm_unit_forward, unit)
+    model.set_grad_checkpointing(impl == "checkpoint")
+    if impl in COMPILED and device != "cuda":
+        # Inductor turns CPU convolutions channels_last; oneDNN's convolution_backward then segfaults in the
+        # compiled backward (torch 2.13 CPU, width-1/16 A1 at 224; the trainer's CPU channels_last guard is the same
+        # crash). Keep NCHW, as the eager CPU runs do.
+        import torch._inductor.config as inductor_config
+
+        inductor_config.layout_optimization = False
+    fn = torch.compile(model) if impl in COMPILED else model
+    return model, fn
+
+
+def inputs(model, batch: int, size: int, device: str):
+    """A random image batch and targets: class indices, or a label map at the score map's resolution."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    if device == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    n = max(1, model.num_classes)
+    if model.segmentation:
+        s = -(-size // model.output_stride)
+        y = torch.randint(0, n, (batch, s, s), generator=g)
+    else:
+        y = torch.randint(0, n, (batch,), generator=g)
+    return x, y.to(device)
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if out.dim() == 4 and out.shape[-2:] != y.shape[-2:]:
+        out = F.interpolate(out, size=y.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(out.float(), y)
+
+
+def make_step(model, fn, x, y, device: str):
+    """One training step (forward, loss, backward, SGD with momentum); bf16 autocast on CUDA, fp32 on CPU."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            out = fn(x)
+        loss_fn(out, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def saved_bytes(impl: str, model, fn, x) -> dict:
+    """Saved-for-backward bytes of one training forward (``kernels.profiling.saved_tensor_bytes``).
+
+    ``checkpoint``: non-reentrant checkpointing keeps each unit's input itself (not through autograd's
+    saved-tensor hooks), so those inputs (each storage once) are added and reported separately.
+    """
+    from kernels.profiling import saved_tensor_bytes
+
+    device = x.device.type
+    unit_inputs: dict[int, int] = {}
+    handles = []
+    if impl == "checkpoint":
+        def pre(_mod, args):
+            s = args[0].untyped_storage()
+            unit_inputs[s.data_ptr()] = s.nbytes()
+
+        handles = [u.register_forward_pre_hook(pre) for u in model.units()]
+
+    def forward():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            return fn(x).float().sum()
+
+    try:
+        hooked = saved_tensor_bytes(forward, model.parameters())
+    finally:
+        for h in handles:
+            h.remove()
+    extra = sum(unit_inputs.values())
+    row = dict(saved_bytes=hooked + extra)
+    if impl == "checkpoint":
+        row.update(saved_bytes_hooks=hooked, saved_bytes_checkpoint_inputs=extra)
+    return row

@@ -1,0 +1,368 @@
+"""``python -m bench``: one runner for the speed and memory comparison of issue 12.
+
+    python -m bench --quick                    # CPU, narrow models, < 5 min on 2 cores
+    python -m bench                            # full mode: published widths, A1 at 224, A1-s8 at 504
+    PYTHONPATH=. python -m bench --gpu-campaign --out DIR     # GPU window: tests, then everything, < 9 min
+    python -m bench --gpu-campaign --smoke --out DIR          # the campaign shrunk to a CPU smoke (CI)
+
+Sections (each with a time budget in quick/campaign mode; what does not fit is skipped and recorded):
+  tests     (campaign) ``python -m pytest -q -m gpu tests/`` in a subprocess; failures stop the campaign
+  ceilings  measured copy bandwidth and matmul peak of the device
+  model     per implementation and model, one fresh process each: training-step time (median after warm-up,
+            synchronised), images/s, peak memory, saved-for-backward activation bytes
+  sweep     (CPU) the same at more batch sizes, for the plots
+  largest   (CUDA) largest batch that fits: doubling then bisection, one process per implementation
+  bn_relu   BN-ReLU forward/backward achieved bandwidth vs the copy bandwidth
+  conv      each distinct conv shape of A1 / A1-s8, fprop / dgrad / wgrad, ours vs cuDNN vs torch.compile
+  data      data pipelines' images/s per backend (bench.data_throughput)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+A1, S8 = "ilsvrc-cls_rna-a1_cls1000", "voc_rna-a1_cls21_s8"
+
+# Section budgets in seconds (None: unlimited). Quick: < 5 min on 2 shared CPU cores. Campaign: < 9 min on an H100
+# including interpreter start-up and the kernel tests; the sum stays under TOTAL with a margin.
+CONFIGS = {
+    "quick": dict(
+        total_s=285, threads=2,
+        models={"A1": dict(label=A1, width=0.0625, size=224, batch=2, sweep=[1, 4]),
+                "A1-s8": dict(label=S8, width=0.0625, size=168, batch=1, sweep=[])},
+        impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"],
+        compile_models=["A1"], warmup=2, iters=5, compile_last=True,
+        budgets=dict(ceilings=8, bn_relu=5, conv=12, model=75, sweep=60, compile=None, data=20),
+        data=dict(images=16, batch=8, epochs=1, workers=2, cases=["cls-train"]),
+    ),
+    "full": dict(
+        total_s=None, threads=None,
+        models={"A1": dict(label=A1, width=1.0, size=224, batch=64, sweep=[16, 32, 128]),
+                "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, sweep=[1, 2, 8])},
+        impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"],
+        compile_models=["A1", "A1-s8"], warmup=3, iters=10,
+        budgets={}, largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
+        data=dict(images=96, batch=16, epochs=2, workers=4, cases=["cls-train", "seg-train"]),
+    ),
+    "campaign": dict(
+        total_s=525, threads=None,
+        models={"A1": dict(label=A1, width=1.0, size=224, batch=64, sweep=[]),
+                "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, sweep=[])},
+        impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"],
+        compile_models=["A1", "A1-s8"], warmup=3, iters=8,
+        budgets=dict(tests=110, model=95, compile=95, largest=90, ceilings=10, bn_relu=20, conv=80, data=20),
+        largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
+        data=dict(images=64, batch=16, epochs=1, workers=4, cases=["cls-train", "seg-train"]),
+    ),
+    "smoke": dict(
+        total_s=110, threads=2,
+        models={"A1": dict(label=A1, width=0.0625, size=32, batch=2, sweep=[]),
+                "A1-s8": dict(label=S8, width=0.0625, size=48, batch=1, sweep=[])},
+        impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"], compile_models=[],
+        warmup=1, iters=1,
+        budgets=dict(tests=40, ceilings=5, model=70, bn_relu=5, conv=10, data=15),
+        data=dict(images=8, batch=4, epochs=1, workers=1, cases=["cls-train"]),
+    ),
+}
+
+
+class Logger:
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.fh = open(path, "a") if path else None
+
+    def __call__(self, msg: str = "") -> None:
+        print(msg, flush=True)
+        if self.fh:
+            self.fh.write(msg + "\n")
+            self.fh.flush()
+
+
+def run_tests(section, out_dir: Path | None, log) -> dict:
+    """``python -m pytest -q -m gpu tests/`` in a subprocess; output goes to the log."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/"]
+    log("  $ " + " ".join(cmd[1:]))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"]
+                                                   if os.environ.get("PYTHONPATH") else ""))
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(5, section.timeout()), env=env)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        log(out[-3000:])
+        return dict(cmd=" ".join(cmd[1:]), returncode=None, passed=None, timed_out=True,
+                    seconds=round(time.perf_counter() - t, 1), summary=f"timed out after {section.budget_s:.0f} s")
+    tail = [ln for ln in p.stdout.strip().splitlines() if ln.strip()]
+    for ln in p.stdout.strip().splitlines()[-60:]:
+        log("  | " + ln)
+    if p.stderr.strip():
+        for ln in p.stderr.strip().splitlines()[-20:]:
+            log("  ! " + ln)
+    # exit 5: nothing collected/selected (a CPU machine: every gpu test deselected or skipped)
+    return dict(cmd=" ".join(cmd[1:]), returncode=p.returncode, passed=p.returncode in (0, 5),
+                seconds=round(time.perf_counter() - t, 1), summary=tail[-1] if tail else "")
+
+
+def _spec(cfg, name, m, impl, batch, cuda, saved=True):
+    return dict(impl=impl, model=name, label=m["label"], width=m["width"], size=m["size"], batch=batch,
+                warmup=cfg["warmup"], iters=cfg["iters"], saved=saved, threads=cfg.get("threads"),
+                device="cuda" if cuda else "cpu", smoke=False)
+
+
+def model_section(cfg, budget, res, log, cuda: bool, smoke: bool) -> None:
+    from bench.model_level import _log_row, largest_batch, run_worker
+
+    fixed, sweep, largest = res["model"]["fixed"], res["model"]["sweep"], res["model"]["largest"]
+
+    def spec(name, m, impl, batch, saved=True):
+        return _spec(cfg, name, m, impl, batch, cuda, saved)
+
+    plain = [i for i in cfg["impls"] if i not in ("compile", "fused_compile")]
+    with budget.section("model", cfg["budgets"].get("model")) as sec:
+        for name, m in cfg["models"].items():
+            for impl in plain:
+                if impl == "fused_igemm" and not cuda:
+                    fixed.append(dict(impl=impl, model=name, batch=m["batch"], skipped=(
+                        "needs CUDA: in the Triton interpreter one step of a width-1/16 A1 at 32 px takes ~150 s; "
+                        "its kernels are smoke-tested in the conv section")))
+                    sec.skip(f"{name} fused_igemm", "needs CUDA (Triton interpreter on CPU: smoke in the conv section)")
+                    continue
+                if not sec.has(5):
+                    sec.skip(f"{name} {impl} b{m['batch']}")
+                    fixed.append(dict(impl=impl, model=name, batch=m["batch"], skipped="section time budget spent"))
+                    continue
+                row = run_worker(spec(name, m, impl, m["batch"]), sec.timeout(1800), log)
+                fixed.append(row)
+                _log_row(row, log)
+    if not cuda:
+        with budget.section("sweep", cfg["budgets"].get("sweep")) as sec:
+            for name, m in cfg["models"].items():
+                for b in m.get("sweep", []):
+                    for impl in plain:
+                        if impl == "fused_igemm":
+                            continue
+                        if not sec.has(5):
+                            sec.skip(f"{name} {impl} b{b}")
+                            continue
+                        row = run_worker(spec(name, m, impl, b, saved=False), sec.timeout(1800), log)
+                        sweep.append(row)
+                        _log_row(row, log)
+        res["notes"].append("largest batch: CUDA only (on CPU the limit is host RAM and swapping, not a "
+                            "meaningful number)")
+    if not cfg.get("compile_last"):
+        compile_section(cfg, budget, res, log, cuda)
+    if not cuda:
+        return
+    with budget.section("largest", cfg["budgets"].get("largest")) as sec:
+        first = ("eager", "fused", "checkpoint")  # the goal's ratio (fused/eager) first
+        order = [(n, i) for n in cfg["models"] for i in first] + \
+                [(n, i) for n in cfg["models"] for i in cfg["impls"] if i not in first]
+        order.sort(key=lambda t: (t[1] not in first, list(cfg["models"]).index(t[0])))
+        for k, (name, impl) in enumerate(order):
+            m = cfg["models"][name]
+            if not sec.has(25):
+                sec.skip(f"{name} {impl} largest batch")
+                continue
+            share = sec.timeout() / max(1, min(2, len(order) - k))  # the first ones get a fair share
+            sub = type(sec)(budget, f"largest:{name}:{impl}", share)
+            base = dict(impl=impl, model=name, label=m["label"], width=m["width"], size=m["size"], device="cuda")
+            row = largest_batch(base, sub, start=max(1, m["batch"] // 2), cap=cfg.get("largest_cap", 4096), log=log)
+            budget.sections.pop(f"largest:{name}:{impl}", None)
+            largest.append(row)
+
+
+def compile_section(cfg, budget, res, log, cuda: bool) -> None:
+    """torch.compile of eager and of fused, one fresh process each (compile time is reported as first_step_s)."""
+    from bench.model_level import _log_row, run_worker
+
+    fixed = res["model"]["fixed"]
+    compiled = [i for i in cfg["impls"] if i in ("compile", "fused_compile")]
+    with budget.section("compile", cfg["budgets"].get("compile")) as sec:
+        for name, m in cfg["models"].items():
+            for impl in compiled:
+                if name not in cfg["compile_models"]:
+                    why = "not in this mode's compile_models (torch.compile takes minutes per model on CPU)"
+                    fixed.append(dict(impl=impl, model=name, batch=m["batch"], skipped=why))
+                    sec.skip(f"{name} {impl}", why)
+                    continue
+                if not sec.has(10):
+                    sec.skip(f"{name} {impl} b{m['batch']}")
+                    fixed.append(dict(impl=impl, model=name, batch=m["batch"], skipped="section time budget spent"))
+                    continue
+                row = run_worker(_spec(cfg, name, m, impl, m["batch"], cuda), sec.timeout(1800), log)
+                fixed.append(row)
+                _log_row(row, log)
+
+
+def kernel_sections(cfg, budget, res, log, cuda: bool, smoke: bool) -> None:
+    from bench import kernel_level as kl
+
+    with budget.section("ceilings", cfg["budgets"].get("ceilings")):
+        res["ceilings"] = kl.ceilings(quick=not cuda or smoke)
+        log("  " + json.dumps(res["ceilings"]))
+    copy = res.get("ceilings", {}).get("copy", {}).get("GBps")
+    with budget.section("bn_relu", cfg["budgets"].get("bn_relu")) as sec:
+        res["kernels"]["bn_relu"] = kl.bn_relu_bandwidth(sec, copy, smoke or not cuda, log)
+    peak = res.get("ceilings", {}).get("matmul_bf16", {}).get("TFLOPs") if cuda else None
+    with budget.section("conv", cfg["budgets"].get("conv")) as sec:
+        res["kernels"]["conv"] = kl.conv_section(sec, dict(cfg, smoke=smoke), peak, log)
+
+
+def data_section(cfg, budget, res, log, cuda: bool) -> None:
+    with budget.section("data", cfg["budgets"].get("data")) as sec:
+        from bench.data_throughput import CASES, throughput
+        from data_pipes.dali_backend import available as dali_available
+        from data_pipes.synthetic import write_synthetic
+
+        d = cfg["data"]
+        dali = dali_available()
+        if not dali:
+            res["notes"].append("data: DALI not importable: torch/Pillow backend only (no DALI cpu/mixed rows)")
+        with tempfile.TemporaryDirectory() as tmp:
+            for case in d["cases"]:
+                dataset, crop, recipe = CASES[case]
+                root = write_synthetic(dataset, Path(tmp) / dataset, num_train=d["images"], num_val=1,
+                                       size=(375, 500))
+                variants = [("torch", "cpu")] + ([("dali", "cpu")] if dali else [])
+                if cuda and dali:
+                    variants.append(("dali", "cuda"))  # nvJPEG 'mixed' decode
+                for backend, device in variants:
+                    if not sec.has(5):
+                        sec.skip(f"data {case} {backend}/{device}")
+                        continue
+                    row = dict(case=case, backend=backend, device=device, workers=d["workers"], batch=d["batch"],
+                               crop=crop, images=d["images"], epochs=d["epochs"])
+                    try:
+                        row["images_per_s"] = round(throughput(dataset, root, crop, backend, device, d["workers"],
+                                                               d["batch"], d["epochs"], recipe), 1)
+                    except Exception as e:  # noqa: BLE001 - a broken backend is a result
+                        row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    res["data"].append(row)
+                    log(f"  data {case} {backend}/{device}: {row.get('images_per_s', row.get('error'))} images/s")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 2)[2])
+    ap.add_argument("--quick", action="store_true", help="CPU quick mode: narrow models, small sizes, < 5 min")
+    ap.add_argument("--gpu-campaign", action="store_true", help="tests first, then everything, budgeted to < 9 min")
+    ap.add_argument("--smoke", action="store_true", help="with --gpu-campaign: shrink it to a CPU smoke run")
+    ap.add_argument("--out", type=Path, help="campaign: the folder for everything (results.json, log, plots); "
+                                             "other modes: the JSON path (default bench/results/<device>-<date>.json)")
+    ap.add_argument("--sections", help="comma list to run only some of: model,kernels,data")
+    ap.add_argument("--budget-scale", type=float, default=1.0,
+                    help="multiply every time budget (e.g. 2 on a machine shared with other jobs); recorded")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--update-readme", action="store_true", help="rewrite the latest-results block of bench/README.md")
+    args = ap.parse_args(argv)
+    if args.smoke and not args.gpu_campaign:
+        ap.error("--smoke shrinks the campaign: use it with --gpu-campaign")
+    if args.gpu_campaign and not args.out:
+        ap.error("--gpu-campaign needs --out DIR")
+
+    import torch
+
+    import kernels  # noqa: F401  (TRITON_INTERPRET before any kernel definition without CUDA)
+    from bench._env import device_slug, environment, write_results
+    from bench.budget import Budget
+    from bench.report import goals, markdown_block, plot, summary, text_report, update_readme
+
+    cuda = torch.cuda.is_available()
+    mode = ("smoke" if args.smoke else "campaign") if args.gpu_campaign else ("quick" if args.quick else "full")
+    cfg = dict(CONFIGS[mode])
+    if args.budget_scale != 1.0:
+        k = args.budget_scale
+        cfg["total_s"] = cfg["total_s"] and cfg["total_s"] * k
+        cfg["budgets"] = {n: (b and b * k) for n, b in cfg["budgets"].items()}
+    cfg["budget_scale"] = args.budget_scale
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    date = _dt.date.today().isoformat()
+    slug = device_slug()
+    if args.gpu_campaign:
+        out_dir = args.out
+        out_dir.mkdir(parents=True, exist_ok=True)
+        json_path, log_path, stem = out_dir / "results.json", out_dir / "campaign.log", "plot"
+    else:
+        json_path = args.out or RESULTS / f"{slug}-{date}{'-quick' if mode == 'quick' else ''}.json"
+        out_dir, log_path, stem = json_path.parent, None, json_path.stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = Logger(log_path)
+    if mode == "campaign" and not cuda:
+        log("WARNING: --gpu-campaign without CUDA: running the full campaign on CPU (use --smoke for a CPU check)")
+    if mode == "full" and not cuda:
+        log("WARNING: full mode on CPU builds the published widths at 224/504: expect a long run (try --quick)")
+    budget = Budget(cfg["total_s"], log)
+    env = environment()
+    log(f"python -m bench: mode {mode}, device {env['device']} ({env.get('cpu_model')}), torch {env['torch']}, "
+        f"triton {env['triton']}, commit {env['commit'][:10]}{' (dirty)' if env['dirty'] else ''}")
+    if not cuda:
+        log("CPU run: fp32, NCHW; the Triton kernels only run interpreted here (correctness smoke, never timed).")
+    res: dict = dict(mode=mode, device_slug=slug, date=date, config={k: v for k, v in cfg.items()},
+                     model=dict(fixed=[], sweep=[], largest=[]), kernels={}, data=[], notes=[], sections={})
+    res["model"]["note"] = ("bf16 autocast, channels_last, SGD step included; peak = torch.cuda.max_memory_allocated"
+                            if cuda else "fp32, NCHW, SGD step included; peak = peak RSS delta of a fresh "
+                            "subprocess (ru_maxrss minus its value after imports and a runtime warm-up)") + \
+        "; saved = saved-for-backward bytes (kernels.profiling.saved_tensor_bytes)"
+    budget.sections = res["sections"]
+    if not cuda:
+        res["notes"].append("torch.compile on CPU runs with torch._inductor.config.layout_optimization = False: "
+                            "with Inductor's channels_last layouts oneDNN's convolution_backward segfaults in the "
+                            "compiled backward (torch 2.13 CPU, width-1/16 A1 at 224)")
+    wanted = set((args.sections or "model,kernels,data").split(","))
+    status = 0
+    try:
+        if args.gpu_campaign:
+            with budget.section("tests", cfg["budgets"].get("tests")) as sec:
+                res["tests"] = run_tests(sec, out_dir, log)
+            log(f"  tests: {res['tests']['summary']}")
+            if res["tests"].get("passed") is False:
+                log("STOP: the compiled kernel tests failed; fix them before spending GPU time on numbers")
+                res["stopped"] = "kernel tests failed"
+                status = 1
+        if not res.get("stopped"):
+            # model level first: its measurements run in subprocesses with timeouts, and hold the headline numbers
+            if "model" in wanted:
+                model_section(cfg, budget, res, log, cuda, mode == "smoke")
+            if "kernels" in wanted:
+                kernel_sections(cfg, budget, res, log, cuda, mode in ("smoke", "quick"))
+            if "data" in wanted:
+                data_section(cfg, budget, res, log, cuda)
+            if "model" in wanted and cfg.get("compile_last"):  # quick: compile takes whatever time is left
+                compile_section(cfg, budget, res, log, cuda)
+    except KeyboardInterrupt:
+        res["stopped"] = "interrupted"
+        status = 130
+    res["wall_s"] = round(budget.elapsed(), 1)
+    res["summary"] = summary(res)
+    res["environment"] = env
+    res["goals"] = goals(res)
+    plots: list[str] = []
+    if not args.no_plots:
+        plots, why = plot(res, out_dir, stem)
+        if why:
+            res["notes"].append(why)
+    res["plots"] = [Path(p).name for p in plots]
+    log("")
+    log(text_report(res))
+    fields = {k: v for k, v in res.items() if k not in ("environment",)}
+    write_results(json_path, res["model"]["fixed"], **{k: v for k, v in fields.items() if k != "results"})
+    log(f"\nwrote {json_path}" + "".join(f"\nwrote {p}" for p in plots) + f"\ntotal {res['wall_s']} s")
+    if args.update_readme:
+        readme = ROOT / "bench" / "README.md"
+        rel = json_path.resolve().relative_to(ROOT) if json_path.resolve().is_relative_to(ROOT) else json_path
+        update_readme(readme, markdown_block(res, str(rel), plots, readme.parent))
+        log(f"updated {readme}")
+    return status

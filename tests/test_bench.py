@@ -1,0 +1,78 @@
+"""The bench runner cannot rot: its GPU campaign shrunk to a CPU smoke run, end to end, in a subprocess.
+
+One run (~1.5-2 min on 2 cores) shared by the tests below; the quick mode writes the same structure (same
+runner, bigger configs), and its committed results file is checked for that structure too.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("environment", "mode", "config", "model", "kernels", "data", "summary", "goals", "sections", "results")
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    out = tmp_path_factory.mktemp("campaign") / "tmp"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "bench", "--gpu-campaign", "--smoke", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=400, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out, p.stdout
+
+
+def _check_structure(res: dict, cpu: bool) -> None:
+    for key in SECTIONS:
+        assert key in res, key
+    env = res["environment"]
+    for key in ("device", "cpu_model", "torch", "triton", "commit", "python"):
+        assert key in env, key
+    fixed = res["model"]["fixed"]
+    assert {r["model"] for r in fixed} == {"A1", "A1-s8"}
+    impls = {r["impl"] for r in fixed}
+    assert {"eager", "fused", "checkpoint", "compile", "fused_compile", "fused_igemm"} <= impls
+    for r in fixed:  # every row is a measurement or says why it is not
+        assert r.get("timed") is not None or "error" in r or "skipped" in r, r
+    assert "note" in res["model"] and ("peak" in res["model"]["note"])
+    assert {"bn_relu", "conv"} <= set(res["kernels"])
+    assert {"copy", "matmul_bf16"} <= set(res["ceilings"])
+    assert isinstance(res["goals"], list) and res["goals"]
+    if cpu:
+        assert all(not r.get("timed") for r in res["kernels"]["conv"]["rows"])  # interpreter runs are never timed
+        assert all(r.get("skipped") for r in fixed if r["impl"] == "fused_igemm")
+
+
+def test_campaign_smoke_files(campaign):
+    out, stdout = campaign
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert len(files) <= 8 and all(len(f.parts) <= 2 for f in files), files
+    assert (out / "results.json").is_file() and (out / "campaign.log").is_file()
+    assert any(f.suffix == ".png" for f in files), files
+    assert "MODEL LEVEL" in stdout and "GOALS" in stdout
+
+
+def test_campaign_smoke_json(campaign):
+    out, _ = campaign
+    res = json.loads((out / "results.json").read_text())
+    assert res["mode"] == "smoke"
+    _check_structure(res, cpu=res["environment"]["device"] == "cpu")
+    assert res["tests"]["passed"] is True
+    eager = [r for r in res["model"]["fixed"] if r["impl"] == "eager" and r["model"] == "A1"][0]
+    assert eager.get("timed") and eager["saved_bytes"] > 0 and eager["peak_method"]
+    fused = [r for r in res["model"]["fixed"] if r["impl"] == "fused" and r["model"] == "A1"][0]
+    assert fused["saved_bytes"] < eager["saved_bytes"]
+    assert res["summary"]["A1"]["fused/eager"]["saved_bytes"] < 1
+
+
+def test_committed_quick_results_structure():
+    files = sorted((ROOT / "bench" / "results").glob("cpu-*-quick.json"))
+    if not files:
+        pytest.skip("no committed quick-mode results yet")
+    res = json.loads(files[-1].read_text())
+    assert res["mode"] == "quick" and res["environment"]["device"] == "cpu"
+    _check_structure(res, cpu=True)
