@@ -146,10 +146,13 @@ def test_nan_loss_stops_with_a_clear_message(voc5, tmp_path):
 def test_ctrl_c_says_where_the_checkpoint_is_and_stale_temporaries_are_removed(voc5, tmp_path):
     run = tmp_path / "voc_rna-a1_cls21_s8"
     run.mkdir()
-    stale = run / ".last.pt.tmp-999999999"  # left by a process killed while saving (no such pid)
-    live = run / f".last.pt.tmp-{os.getpid()}"  # a writer that is still running: keep
-    stale.write_bytes(b"half")
-    live.write_bytes(b"busy")
+    from widedeep.fileio import temporary_path
+
+    stale = temporary_path(run / "last.pt", pid=999999999)  # left by a process killed while saving (no such pid)
+    live = temporary_path(run / "last.pt")  # a writer that is still running (this test): keep
+    other = run / ".last.pt.tmp-otherhost-999999999"  # another machine's: its pids mean nothing here, keep
+    for f in (stale, live, other):
+        f.write_bytes(b"half")
     args = [sys.executable, "-m", "widedeep.train", "--data-root", str(voc5), "--output", str(tmp_path), *TINY,
             "--batch-images", "4", "--to-epoch", "50", "--no-eval", "--checkpoint-interval", "1"]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
@@ -166,7 +169,7 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_stale_temporaries_are_removed(v
     assert p.returncode == 130, out
     assert f"Last checkpoint: {run / 'last.pt'}" in out and "--resume" in out, out
     assert "Traceback" not in out, out
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and other.exists()
 
 
 def test_two_process_gloo_run_gives_the_same_metrics(voc5, tmp_path):

@@ -5,20 +5,30 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 
 log = logging.getLogger(__name__)
-_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+# .<name>.tmp-<host>-<pid>: the host, so that a cleanup on one machine never judges another machine's pids
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname()) or "host"
+_TEMPORARY = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)$")
+STALE_AFTER_S = 24 * 3600  # another machine's temporary this old is left from a killed run there
+
+
+def temporary_path(path: Path, pid: int | None = None) -> Path:
+    """The sibling :func:`atomic_open` writes through (the name :func:`remove_stale_temporaries` knows)."""
+    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid() if pid is None else pid}")
 
 
 @contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Binary file to write ``path`` through: a temporary sibling, fsync'd, then renamed over ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # the name remove_stale_temporaries knows
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             yield f
@@ -46,17 +56,26 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the ``.<name>.tmp-<pid>`` files that :func:`atomic_open` left when its process was killed.
+    """Delete the temporaries that :func:`atomic_open` left when its process was killed.
 
-    Files of a process that is still running (another rank, another run writing now) are kept.
+    This machine's are removed when their process is gone; another machine's (a shared file system) only
+    when untouched for :data:`STALE_AFTER_S`. Files of a live writer (another rank, another run) are kept.
     """
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
+    now = time.time()
     for p in folder.iterdir():
         m = _TEMPORARY.match(p.name)
-        if m and p.is_file() and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+        if not m or not p.is_file():
+            continue
+        pid = int(m["pid"])
+        if m["host"] == _HOST:
+            stale = pid != os.getpid() and not _alive(pid)
+        else:
+            stale = now - p.stat().st_mtime > STALE_AFTER_S
+        if stale:
             p.unlink(missing_ok=True)
             removed.append(p)
     if removed:

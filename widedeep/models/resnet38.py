@@ -367,7 +367,7 @@ class ResNet38(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 m.reset_parameters()
         if self.fc is not None:
-            bound = 1.0 / self.num_features**0.5
+            bound = 1.0 / self.fc.in_features**0.5
             nn.init.uniform_(self.fc.weight, -bound, bound)
             nn.init.uniform_(self.fc.bias, -bound, bound)
 
@@ -462,7 +462,7 @@ class ResNet38(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
-                bound = 1.0 / self.num_features**0.5
+                bound = 1.0 / m.in_features**0.5
                 nn.init.uniform_(m.weight, -bound, bound)
                 nn.init.uniform_(m.bias, -bound, bound)
 

@@ -70,7 +70,8 @@ def resolve(args) -> tuple[str, str, str]:
 
 def build_model(ctx: Context) -> ResNet38:
     a = ctx.args
-    fused = {"on": True, "off": False, "auto": ctx.device.type == "cuda"}[a.fused] or a.backward_do_mirror
+    fused = ({"on": True, "off": False, "auto": ctx.device.type == "cuda"}[a.fused] or a.backward_do_mirror
+             or a.recompute == "unit")  # the unit re-run runs on the fused kernels
     wf = None
     if a.weights and not a.resume:
         from widedeep.weights import read_weights
@@ -175,7 +176,7 @@ def train(ctx: Context) -> dict:
     iters = len(loader)
     total = a.to_epoch * iters
     stop_epoch = min(a.stop_epoch or a.to_epoch, a.to_epoch)
-    if ctx.is_main:  # temporaries of a run killed while saving (.last.pt.tmp-<pid>); live writers are kept
+    if ctx.is_main:  # temporaries of a run killed while saving (.last.pt.tmp-<host>-<pid>); live writers are kept
         for folder in (ctx.run_dir, Path(a.output)):
             remove_stale_temporaries(folder)
     model = build_model(ctx)
@@ -228,7 +229,8 @@ def train(ctx: Context) -> dict:
             stats = EpochStats.restore(partial if epoch == start_epoch else None)
             t_epoch = t_data = t0 = time.perf_counter()
             data_time = 0.0
-            lr = learning_rate(a.lr_type, base_lr, global_step, total)  # defined even when no step is left
+            # the last step's lr, for the row of an epoch resumed after its last step (no step left to run)
+            lr = learning_rate(a.lr_type, base_lr, max(0, global_step - 1), total)
             bar = _progress(ctx, iters, first, f"epoch {epoch + 1}")
             for step, b in enumerate(loader.iter_epoch(epoch, first, keep_empty=True), start=first):
                 bar.update()
@@ -259,7 +261,7 @@ def train(ctx: Context) -> dict:
                     scaler.update()
                     stats.add(loss.item(), hits, len(y))
                 global_step += 1
-                if ctx.is_main and (step + 1) % a.log_interval == 0 or step + 1 == iters:
+                if ctx.is_main and ((step + 1) % a.log_interval == 0 or step + 1 == iters):
                     dt = time.perf_counter() - t0
                     eta = dt / max(1, step + 1 - first) * (iters - step - 1)
                     log.info("epoch %d [%d/%d] lr %.4g loss %.4f %s %.3f img/s %.1f (global %.1f) data %.3fs "

@@ -28,7 +28,13 @@ def _free_port() -> int:
 def _spawned(local_rank: int, argv: list[str], gpus: tuple[int, ...], port: int) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(len(gpus)),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
-    main(argv)
+    try:
+        main(argv)
+    except USER_ERRORS as e:  # one line from the process that hit it, as cli() does
+        if "--debug" in argv:
+            raise
+        print(f"python -m widedeep.train (rank {local_rank}): error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -39,6 +45,8 @@ def cli(argv: list[str] | None = None) -> int:
         main(argv)
     except KeyboardInterrupt:
         return 130
+    except torch.multiprocessing.ProcessExitedException as e:  # --gpus: a spawned rank exited; it said why
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
     except USER_ERRORS as e:
         if "--debug" in argv:
             raise
@@ -90,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
         if kind == "cuda" and not torch.cuda.is_available():
             raise TrainingError(f"--device {args.device}: no CUDA device here")
     if kind == "cuda":
-        index = info.local_rank if info.enabled else (gpus[0] if gpus else 0)
+        explicit = torch.device(args.device).index if args.device != "auto" else None
+        index = info.local_rank if info.enabled else (gpus[0] if gpus else (explicit or 0))
         device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")

@@ -24,7 +24,7 @@ from widedeep.fileio import atomic_open, atomic_write_bytes
 
 from .mxnet_params import ParamsFormatError, WeightsFormatError, read_params, write_params
 from .released import (
-    RELEASED_MD5, RELEASED_MODEL_A, SKIP_HINT, ChecksumError, check_released, is_released_model_a, verify_released,
+    RELEASED_MD5, RELEASED_MODEL_A, ChecksumError, check_released, is_released_model_a, verify_released,
 )
 
 __all__ = [
@@ -147,8 +147,7 @@ def _read_pth(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise WeightsMismatchError(f"{path}: expected a state_dict (a dict of tensors), found {type(obj).__name__}",
-                                   path=path)
+        raise WeightsFormatError(f"{path}: expected a state_dict (a dict of tensors), found {type(obj).__name__}")
     ours = (getattr(obj, "_metadata", None) or {}).get(_PTH_META)
     if isinstance(ours, dict):
         metadata = {str(k): str(v) for k, v in ours.items()}
