@@ -6,9 +6,12 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .resnet38 import ResNet38
+
+if TYPE_CHECKING:  # read_weights' result; widedeep.weights is imported lazily
+    from widedeep.weights import WeightsFile
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,7 @@ def create_model(
     *,
     num_classes: int | None = None,
     output_stride: int | None = None,
-    weights: str | None = None,
+    weights: str | WeightsFile | None = None,
     pool_style: str | None = None,
     fused: bool | str = False,
     weights_strict: bool = True,
@@ -136,6 +139,7 @@ def create_model(
     name: a ``pool_style`` recorded in the file (``save_weights`` writes it into ``.safetensors``/``.pth``),
     ``"caffe"`` for the released Model A file (by md5: its reference accuracy needs pad-0 pools, the seed's
     ``--pool-top-infer-style caffe``), else ``"mxnet"``. The choice and its reason are logged.
+    ``weights``: a path, or a :class:`~widedeep.weights.WeightsFile` already read (``read_weights``).
     ``weights_verify``: md5 check of files named like the released ones (``True``: warn on a mismatch and load
     as the user's own file; ``"strict"``: raise :class:`ChecksumError`; ``False``: skip).
     ``fused`` selects the recompute-in-backward BN-ReLU-conv kernels (same parameters either way).
@@ -149,13 +153,15 @@ def create_model(
     if weights is not None:
         from widedeep.weights import pool_style_of, read_weights
 
-        wf = read_weights(weights, verify=weights_verify)
+        from widedeep.weights import WeightsFile
+
+        wf = weights if isinstance(weights, WeightsFile) else read_weights(weights, verify=weights_verify)
         if pooled:
             found, why = pool_style_of(wf, args.get("variant"))
             if pool_style is None:
                 pool_style = found
                 log.info("%s: %s-style max-pools: %s", name, pool_style, why)
-            elif found != pool_style and "metadata" in why:
+            elif found != pool_style and wf.metadata.get("pool_style") == found:  # the file says otherwise
                 log.warning("%s: pool_style=%r as given, although the weights file asks for %r (%s)",
                             name, pool_style, found, why)
             else:
@@ -172,7 +178,9 @@ def create_model(
         drop = num_classes is not None and file_classes > 0 and file_classes != num_classes and num_classes > 0
         report = load_weights(model, wf, strict=weights_strict, drop_classifier=drop)
         if drop and report.dropped:
-            log.info("%s: classifier dropped (num_classes=%d): %s", weights, num_classes, report.dropped)
+            log.info("%s: classifier dropped (num_classes=%d): %s", wf.path, num_classes, report.dropped)
+        log.info("weights %s: %d tensors loaded; not in the file: %d; ignored: %d", wf.path, len(report.loaded),
+                 len(report.missing), len(report.unexpected) + len(report.dropped))
     model.model_name = name
     return model
 

@@ -72,32 +72,20 @@ def build_model(ctx: Context) -> ResNet38:
     a = ctx.args
     fused = ({"on": True, "off": False, "auto": ctx.device.type == "cuda"}[a.fused] or a.backward_do_mirror
              or a.recompute == "unit")  # the unit re-run runs on the fused kernels
-    wf = None
+    wf, strict = None, a.phase == "val"
     if a.weights and not a.resume:
         from widedeep.weights import read_weights
 
         # md5 checks are for released files: a mismatch (e.g. our own <label>_ep-NNNN exports) warns and loads
         wf = read_weights(a.weights, verify=not a.no_verify_weights)
-    pool_style = a.pool_top_infer_style
-    if pool_style is None and wf is not None and parse_label(ctx.label).variant != "a1":
-        from widedeep.weights import pool_style_of
+    from widedeep.weights import WeightsMismatchError
 
-        pool_style, why = pool_style_of(wf, parse_label(ctx.label).variant)
-        log.info("max-pool style %s: %s (--pool-top-infer-style overrides)", pool_style, why)
-    model = create_model(ctx.label, pool_style=pool_style, width=a.width, fused=bool(fused),
-                         recompute="unit" if a.recompute == "unit" else None)
-    if wf is not None:
-        from widedeep.weights import WeightsMismatchError, load_weights, num_classes_of
-
-        strict = a.phase == "val"
-        file_classes = num_classes_of(wf.state)
-        drop = not strict and file_classes > 0 and file_classes != model.num_classes
-        try:
-            report = load_weights(model, wf, strict=strict, drop_classifier=drop, name=a.weights)
-        except WeightsMismatchError as e:
-            raise TrainingError(_cli_mismatch_hint(e, ctx)) from None
-        log.info("weights %s: %d tensors loaded; not in file: %s; ignored: %s", a.weights, len(report.loaded),
-                 _short(report.missing), _short(report.unexpected + report.dropped))
+    try:  # training drops a classifier of another size (fine-tuning); evaluation needs the file to fit exactly
+        model = create_model(ctx.label, weights=wf, weights_strict=strict, pool_style=a.pool_top_infer_style,
+                             num_classes=None if strict else parse_label(ctx.label).num_classes, width=a.width,
+                             fused=bool(fused), recompute="unit" if a.recompute == "unit" else None)
+    except WeightsMismatchError as e:
+        raise TrainingError(_cli_mismatch_hint(e, ctx)) from None
     bn = a.bn_stats if a.bn_stats != "auto" else ("frozen" if ctx.task == "seg" else "batch")
     if bn == "frozen":
         model.freeze_bn_stats()
@@ -125,10 +113,6 @@ def _cli_mismatch_hint(e, ctx: Context) -> str:
         return (f"--weights {e.path}: the file's classifier has {e.file_classes} classes, --model {ctx.label} has "
                 f"{e.model_classes}: use --model {fix}" + (" (or --phase train to fine-tune)" if a.phase == "val" else ""))
     return str(e)  # its hints name the command-line flags too
-
-
-def _short(names: list[str], k: int = 6) -> str:
-    return "none" if not names else ", ".join(names[:k]) + (f" (+{len(names) - k})" if len(names) > k else "")
 
 
 def _progress(ctx: Context, total: int, initial: int, desc: str):
@@ -311,8 +295,8 @@ def train(ctx: Context) -> dict:
 class EpochStats:
     """Running loss/accuracy sums of one epoch; saved in mid-epoch checkpoints so a resumed epoch merges."""
 
-    def __init__(self, loss_sum: float = 0.0, steps: int = 0, hits: float = 0.0, counted: float = 0.0, seen: int = 0):
-        self.loss_sum, self.steps, self.hits, self.counted, self.seen = loss_sum, steps, hits, counted, seen
+    def __init__(self, loss_sum: float = 0.0, steps: int = 0, hits: float = 0.0, counted: float = 0.0):
+        self.loss_sum, self.steps, self.hits, self.counted = loss_sum, steps, hits, counted
         self.seen_here = 0  # images since this process started the epoch (for images/s)
 
     @classmethod
@@ -320,15 +304,13 @@ class EpochStats:
         return cls(**state) if state else cls()
 
     def state(self) -> dict:
-        return {"loss_sum": self.loss_sum, "steps": self.steps, "hits": self.hits, "counted": self.counted,
-                "seen": self.seen}
+        return {"loss_sum": self.loss_sum, "steps": self.steps, "hits": self.hits, "counted": self.counted}
 
     def add(self, loss: float, hits: torch.Tensor, n: int) -> None:
         self.loss_sum += loss
         self.steps += 1
         self.hits += float(hits[0])
         self.counted += float(hits[1])
-        self.seen += n
         self.seen_here += n
 
     @property
