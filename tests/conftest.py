@@ -26,7 +26,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def device() -> str:
-    """"cuda" (compiled kernels, no interpreter) when a GPU is present, else "cpu" (the Triton interpreter)."""
+    """"cuda" (compiled kernels, no interpreter) when a GPU is present, else "cpu" (the Triton interpreter).
+
+    On CUDA the torch references must be true fp32: cuDNN convolutions default to TF32 (10-bit mantissa), which
+    alone differs from an IEEE fp32 kernel by ~1e-3 relative, far above the fp32 tolerances."""
+    if HAS_CUDA:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     return "cuda" if HAS_CUDA else "cpu"
 
 
