@@ -1,0 +1,167 @@
+"""The fused kernels as torch.library custom ops (kernels/ops.py): opcheck, and torch.compile(fullgraph=True).
+
+opcheck runs each op's schema, fake-tensor, autograd-registration and AOT-dispatch checks on real inputs, for the
+torch backend and the triton one (compiled on CUDA, interpreted on CPU: the ``device`` fixture).
+
+The compile tests run in a subprocess: Inductor's generated code and oneDNN convolutions run natively there, and a
+native crash (oneDNN on AVX-512 CPUs with channels_last convolutions; see widedeep/train/memory_format.py) must be
+one failed test with its output, not a dead test session. The subprocess also turns Inductor's layout optimisation
+off on CPU (it would make the convolutions channels_last: the crash above).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import kernels
+from kernels import ops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bn(C, device, training=True, affine=True, track=True):
+    bn = nn.BatchNorm2d(C, affine=affine, track_running_stats=track).to(device)
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return bn.train(training)
+
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["train", "eval", "no_running"])
+def test_opcheck_stats_and_bn_act(device, backend, mode):
+    bn = _bn(6, device, training=mode != "eval", track=mode != "no_running")
+    x = torch.randn(2, 6, 5, 4, device=device, requires_grad=True)
+    stats = ops.stats_of(x, bn, backend)
+    assert stats.shape == (4, 6)
+    batch = mode != "eval"
+    torch.library.opcheck(ops.bn_act, (x, stats, bn.weight, bn.bias, batch, backend, torch.float32, "relu", 0.01))
+    has_running = bn.running_mean is not None
+    empty = torch.empty(0, device=device)
+    args = (x.detach(), bn.weight.detach(), bn.running_mean.clone() if has_running else empty,
+            bn.running_var.clone() if has_running else empty,
+            bn.num_batches_tracked.clone() if has_running else torch.zeros((), dtype=torch.long, device=device),
+            has_running, 0.1, False, 1e-5, bn.training, bn.track_running_stats, backend)
+    torch.library.opcheck(ops.bn_stats, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["two_convs", "dropout", "eval", "bf16"])
+def test_opcheck_bn_act_conv(device, backend, case):
+    C = 6
+    bn = _bn(C, device, training=case != "eval")
+    convs = [nn.Conv2d(C, 5, 3, 1, 2, dilation=2).to(device), nn.Conv2d(C, 4, 1, 2, 0, bias=False).to(device)]
+    x = torch.randn(2, C, 6, 5, device=device, requires_grad=True)
+    mask, keep = (torch.rand(x.shape, device=device) < 0.7, 0.7) if case == "dropout" else (None, 1.0)
+    cdtype = torch.bfloat16 if case == "bf16" else torch.float32
+    stats = ops.stats_of(x, bn, backend)
+    args = (x, stats, bn.weight, bn.bias, [c.weight for c in convs], [convs[0].bias], [True, False],
+            ops.flat_geometry(convs), mask, keep, case != "eval", backend, cdtype, "torch", "relu", 0.01)
+    torch.library.opcheck(ops.bn_act_conv, args)
+
+
+def test_opcheck_implicit_gemm(device):
+    bn = _bn(6, device)
+    conv = nn.Conv2d(6, 5, 3, 1, 1, bias=False).to(device)
+    x = torch.randn(1, 6, 4, 5, device=device, requires_grad=True)
+    stats = ops.stats_of(x, bn, "triton")
+    args = (x, stats, bn.weight, bn.bias, [conv.weight], [], [False], ops.flat_geometry([conv]), None, 1.0, True,
+            "triton", torch.float32, "triton", "relu", 0.01)
+    torch.library.opcheck(ops.bn_act_conv, args)
+
+
+@pytest.mark.parametrize("backend,conv_impl", [("torch", "torch"), ("triton", "torch"), ("triton", "triton")])
+def test_compile_module_keeps_custom_ops_and_matches_eager(device, backend, conv_impl):
+    """A BNReLUConv2d + BNReLU stack compiled with fullgraph=True (a graph break would raise) and an op-counting
+    Dynamo backend: the graph holds our ops, no aten batch_norm; then Inductor's result equals eager.
+    ``conv_impl="triton"``: the implicit-GEMM convolution with the BN-ReLU prologue."""
+    torch.manual_seed(0)
+    block = nn.Sequential(kernels.BNReLUConv2d(6, 8, 3, padding=1, backend=backend, conv_impl=conv_impl),
+                          kernels.BNReLU(8, backend=backend), nn.Conv2d(8, 4, 1)).to(device)
+    ref = copy.deepcopy(block)
+    seen = []
+
+    def counting(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    x = torch.randn(2, 6, 5, 5, device=device)
+    torch._dynamo.reset()
+    torch.compile(copy.deepcopy(block), backend=counting, fullgraph=True)(x)
+    assert "widedeep_kernels.bn_act_conv.default" in seen and "widedeep_kernels.bn_act.default" in seen
+    assert seen.count("widedeep_kernels.bn_stats.default") == 2
+    assert not [s for s in seen if "batch_norm" in s]
+
+    xc, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = _inductor(block)(xc)
+    yr = ref(xr)
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(block.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+    for (name, b), c in zip(block.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-6, msg=name)  # running stats updated once, as eager
+
+
+def _inductor(module):
+    if module.parameters().__next__().device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.layout_optimization = False  # channels_last CPU convs: the oneDNN crash (module doc)
+    torch._dynamo.reset()
+    return torch.compile(module, fullgraph=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a fused ResNet-38, compiled, in a subprocess
+
+
+def _compile_model_check(backend: str, conv_impl: str) -> dict:
+    """fullgraph compile of a width-1/16 fused A1 classifier (training step) vs the same model in eager."""
+    from widedeep.models import create_model
+
+    kernels.set_default_backend(backend)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    fused = "triton" if conv_impl == "triton" else True
+    model = create_model("ilsvrc-cls_rna-a1_cls1000", fused=fused, width=0.0625, num_classes=10).to(device).train()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    out = _inductor(model)(x)
+    out.square().sum().backward()
+    out_ref = ref(x)
+    out_ref.square().sum().backward()
+    grads = [(p.grad - q.grad).abs().max().item() / max(q.grad.abs().max().item(), 1e-6)
+             for p, q in zip(model.parameters(), ref.parameters())]
+    bufs = [(b.double() - c.double()).abs().max().item() for b, c in zip(model.buffers(), ref.buffers())]
+    return dict(out=(out - out_ref).abs().max().item() / out_ref.abs().max().item(), grad=max(grads),
+                buffers=max(bufs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_fused_resnet38_equals_eager(backend):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, __file__, backend, "torch"], capture_output=True, text=True, env=env,
+                       timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["out"] < 1e-5 and res["grad"] < 1e-4 and res["buffers"] < 1e-6, res
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_model_check(sys.argv[1], sys.argv[2])))
