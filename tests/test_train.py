@@ -267,6 +267,21 @@ def test_recompute_unit_trains_like_the_fused_model(voc5, tmp_path):
         torch.testing.assert_close(u[k], f[k], rtol=1e-4, atol=1e-6, msg=k)  # running stats updated once too
 
 
+def test_compiled_training_equals_eager(voc5, tmp_path):
+    """--compile default: torch.compile of the fused model (custom ops) trains to the same weights as eager."""
+    common = ["--data-root", voc5, *TINY, "--batch-images", "4", "--to-epoch", "1", "--no-eval", "--fused", "on",
+              "--bn-stats", "batch", "--stop-after-steps", "3"]
+    ok(cli(*common, "--output", tmp_path / "e"))
+    r = cli(*common, "--output", tmp_path / "c", "--compile", "default")
+    ok(r)
+    assert "torch.compile mode default" in r.stdout + r.stderr
+    e = torch.load(tmp_path / "e" / "voc_rna-a1_cls21_s8" / "last.pt", weights_only=False)["model"]
+    c = torch.load(tmp_path / "c" / "voc_rna-a1_cls21_s8" / "last.pt", weights_only=False)["model"]
+    assert e.keys() == c.keys()  # no "_orig_mod." prefixes: the checkpoint holds the plain model
+    for k in e:
+        torch.testing.assert_close(c[k], e[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_gpus_without_cuda_run_one_cpu_process(voc5, tmp_path):
     for gpus in ("0", "0,1"):
         r = cli("--data-root", voc5, "--output", tmp_path / gpus, *TINY, "--batch-images", "4", "--to-epoch", "1",

@@ -75,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--recompute", choices=["off", "unit"], default="off",
                    help="unit: keep only each residual unit's input and re-run the unit (fused) in backward: "
                         "~0.3x eager activation memory for one more forward of the convolutions")
+    o.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
+                   help="torch.compile the training forward with this mode (the fused kernels stay as custom ops; "
+                        "reduce-overhead = CUDA graphs, for launch-bound small batches); evaluation stays eager")
     o.add_argument("--channels-last", action="store_true",
                    help="channels_last model and batches (batches are NCHW otherwise); ignored when training on "
                         "a CPU a model with strided convs of <16 channels, which crash oneDNN on some CPUs")

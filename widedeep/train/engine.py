@@ -103,6 +103,18 @@ def build_model(ctx: Context) -> ResNet38:
     return model
 
 
+def _compiled(net: nn.Module, mode: str, device: torch.device) -> nn.Module:
+    """torch.compile(net) for training; the fused kernels enter the graph as custom ops (kernels/ops.py)."""
+    if device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        # Inductor would make CPU convolutions channels_last, whose oneDNN backward segfaults on some AVX-512
+        # CPUs with narrow strided convs (widedeep/train/memory_format.py)
+        inductor_config.layout_optimization = False
+    log.info("torch.compile mode %s (the first steps compile)", mode)
+    return torch.compile(net, mode=None if mode == "default" else mode)
+
+
 def _cli_mismatch_hint(e, ctx: Context) -> str:
     """The weights mismatch in command-line terms (flags, not Python arguments)."""
     a, lab = ctx.args, parse_label(ctx.label)
@@ -182,6 +194,8 @@ def train(ctx: Context) -> dict:
     if ctx.dist.enabled:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if a.compile != "off":
+        net = _compiled(net, a.compile, ctx.device)
     summary = Summary(ctx.run_dir / "summary.csv", ctx.run_dir / "tb" if a.tensorboard else None) if ctx.is_main else None
     log.info("%s on %s: %d process(es), batch %d per process = %d global, %d iterations/epoch, epochs %d..%d of %d, "
              "lr %s %.4g", ctx.label, ctx.dataset, world, per_rank, batch, iters, start_epoch + 1, stop_epoch,
