@@ -6,6 +6,7 @@
     checkpoint     eager with ``torch.utils.checkpoint`` on each residual unit (``set_grad_checkpointing``)
     compile        ``torch.compile`` of the eager model
     fused_compile  ``torch.compile`` of the fused model (may fail: the failure is a result)
+    fused_cudagraphs  ``torch.compile(mode="reduce-overhead")`` of the fused model: CUDA graphs (plain compile on CPU)
 
 ``fused_igemm``: the model has no switch for implicit-GEMM convolutions, so :func:`build` replaces each
 PreActUnit's forward by the same computation through ``kernels.bn_relu_conv(..., conv="triton")`` (stages with
@@ -20,8 +21,8 @@ import types
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile")
-COMPILED = ("compile", "fused_compile")
+IMPLS = ("eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile", "fused_cudagraphs")
+COMPILED = ("compile", "fused_compile", "fused_cudagraphs")
 LABELS = {"A1": "ilsvrc-cls_rna-a1_cls1000", "A1-s8": "voc_rna-a1_cls21_s8"}
 
 
@@ -47,7 +48,7 @@ def build(impl: str, label: str, *, width: float = 1.0, device: str = "cpu"):
 
     if impl not in IMPLS:
         raise ValueError(f"unknown implementation {impl!r}; one of {IMPLS}")
-    fused = {"fused": True, "fused_compile": True, "fused_igemm": "triton"}.get(impl, False)
+    fused = {"fused": True, "fused_compile": True, "fused_cudagraphs": True, "fused_igemm": "triton"}.get(impl, False)
     model = create_model(label, fused=fused, width=width).to(device).train()
     if device == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -62,7 +63,10 @@ def build(impl: str, label: str, *, width: float = 1.0, device: str = "cpu"):
         import torch._inductor.config as inductor_config
 
         inductor_config.layout_optimization = False
-    fn = torch.compile(model) if impl in COMPILED else model
+    # fused_cudagraphs: CUDA graphs replay the whole step's launches (the fused path is launch-bound at small
+    # batches: bench/results/h100-2026-11-25-profile); on CPU it is plain torch.compile
+    mode = "reduce-overhead" if impl == "fused_cudagraphs" and device == "cuda" else None
+    fn = torch.compile(model, mode=mode) if impl in COMPILED else model
     return model, fn
 
 

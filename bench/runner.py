@@ -50,7 +50,7 @@ CONFIGS = {
         total_s=None, threads=None,
         models={"A1": dict(label=A1, width=1.0, size=224, batch=64, sweep=[16, 32, 128]),
                 "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, sweep=[1, 2, 8])},
-        impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"],
+        impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile", "fused_cudagraphs"],
         compile_models=["A1", "A1-s8"], warmup=3, iters=10,
         budgets={}, largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
         data=dict(images=96, batch=16, epochs=2, workers=4, cases=["cls-train", "seg-train"]),
@@ -59,9 +59,10 @@ CONFIGS = {
         total_s=525, threads=None,
         models={"A1": dict(label=A1, width=1.0, size=224, batch=64, sweep=[]),
                 "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, sweep=[])},
-        impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"],
+        impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile", "fused_cudagraphs"],
         compile_models=["A1", "A1-s8"], warmup=3, iters=8,
-        budgets=dict(tests=110, model=95, compile=95, largest=90, ceilings=10, bn_relu=20, conv=80, data=20),
+        # 2026-11-25 on an H100: the tests took 28-38 s; the compile section needed ~175 s for A1 alone
+        budgets=dict(tests=60, model=95, compile=150, largest=80, ceilings=10, bn_relu=20, conv=65, data=20),
         largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
         data=dict(images=64, batch=16, epochs=1, workers=4, cases=["cls-train", "seg-train"]),
     ),
@@ -128,7 +129,9 @@ def model_section(cfg, budget, res, log, cuda: bool, smoke: bool) -> None:
     def spec(name, m, impl, batch, saved=True):
         return _spec(cfg, name, m, impl, batch, cuda, saved)
 
-    plain = [i for i in cfg["impls"] if i not in ("compile", "fused_compile")]
+    from bench.impls import COMPILED
+
+    plain = [i for i in cfg["impls"] if i not in COMPILED]
     with budget.section("model", cfg["budgets"].get("model")) as sec:
         for name, m in cfg["models"].items():
             for impl in plain:
@@ -187,7 +190,9 @@ def compile_section(cfg, budget, res, log, cuda: bool) -> None:
     from bench.model_level import _log_row, run_worker
 
     fixed = res["model"]["fixed"]
-    compiled = [i for i in cfg["impls"] if i in ("compile", "fused_compile")]
+    from bench.impls import COMPILED
+
+    compiled = [i for i in cfg["impls"] if i in COMPILED]
     with budget.section("compile", cfg["budgets"].get("compile")) as sec:
         for name, m in cfg["models"].items():
             for impl in compiled:

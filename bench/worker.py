@@ -19,6 +19,8 @@ import sys
 import time
 import traceback
 
+from bench.impls import COMPILED
+
 PREFIX = "BENCH_RESULT "
 
 
@@ -97,7 +99,7 @@ def measure(spec: dict) -> dict:
             row["peak_bytes"] = _rss_bytes() - base
             row["peak_method"] = ("peak RSS (ru_maxrss) minus ru_maxrss after imports and runtime warm-up, "
                                   "same subprocess")
-            if impl in ("compile", "fused_compile"):
+            if impl in COMPILED:
                 row["note"] = ("CPU peak RSS not comparable: torch.compile compiles in this process and its workers, "
                                "and Inductor's CPU memory planning differs")
         row["peak_MiB"] = round(row["peak_bytes"] / 2**20, 1)
