@@ -6,7 +6,7 @@
     python -m bench --gpu-campaign --smoke --out DIR          # the campaign shrunk to a CPU smoke (CI)
 
 Sections (each with a time budget in quick/campaign mode; what does not fit is skipped and recorded):
-  tests     (campaign) ``python -m pytest -q -m gpu tests/`` in a subprocess; failures stop the campaign
+  tests     (campaign) ``python -m pytest -q -m gpu tests/`` in a subprocess; failures are flagged (notes, exit 1), not fatal
   ceilings  measured copy bandwidth and matmul peak of the device
   model     per implementation and model, one fresh process each: training-step time (median after warm-up,
             synchronised), images/s, peak memory, saved-for-backward activation bytes
@@ -334,8 +334,10 @@ def main(argv=None) -> int:
                 res["tests"] = run_tests(sec, out_dir, log)
             log(f"  tests: {res['tests']['summary']}")
             if res["tests"].get("passed") is False:
-                log("STOP: the compiled kernel tests failed; fix them before spending GPU time on numbers")
-                res["stopped"] = "kernel tests failed"
+                # a GPU window is rare (2026-11-25: one failing tolerance test cost a whole call): measure anyway,
+                # flag every result, exit 1
+                log("WARNING: compiled kernel tests failed (see above); measuring anyway, results flagged")
+                res["notes"].append("compiled kernel tests FAILED in this run: " + res["tests"].get("summary", ""))
                 status = 1
         if not res.get("stopped"):
             # model level first: its measurements run in subprocesses with timeouts, and hold the headline numbers
