@@ -1,5 +1,8 @@
 """Triton kernels that fuse BatchNorm-ReLU(-conv) and recompute activations in backward.
 
+Activations: ReLU (default), leaky ReLU and identity (``activation=``, ``activation_param=`` on every entry
+point); :class:`InPlaceABN` / :class:`ABN` / :class:`InPlaceABNSync` are drop-ins for the inplace_abn package.
+
 Importing this package without a CUDA device sets ``TRITON_INTERPRET=1`` first, so the same kernels run
 (slowly, for tests) on CPU tensors. Backends: ``"triton"`` (compiled on CUDA, interpreted on CPU),
 ``"torch"`` (the same recompute autograd structure in plain torch ops: the fast CPU path) and ``"auto"``.
@@ -8,14 +11,14 @@ This package imports nothing from ``widedeep``.
 
 from . import _runtime  # must run before any @triton.jit definition
 from ._runtime import BACKENDS, HAS_CUDA, HAS_TRITON, INTERPRET, resolve_backend, set_default_backend
-from .bn_relu import BNParams, bn_params, bn_relu, bn_relu_backward, bn_relu_forward
+from .bn_relu import ACTIVATIONS, BNParams, bn_params, bn_relu, bn_relu_backward, bn_relu_forward
 from .bn_relu_conv import bn_relu_conv
 from .bn_stats import channel_stats
 from .fuse import FusedSequential, fuse_bn_relu_conv
-from .modules import BNReLU, BNReLUConv2d
+from .modules import ABN, BNReLU, BNReLUConv2d, InPlaceABN, InPlaceABNSync
 
 __all__ = [
-    "BACKENDS", "HAS_CUDA", "HAS_TRITON", "INTERPRET", "BNParams", "BNReLU", "BNReLUConv2d", "FusedSequential",
+    "ABN", "ACTIVATIONS", "InPlaceABN", "InPlaceABNSync", "BACKENDS", "HAS_CUDA", "HAS_TRITON", "INTERPRET", "BNParams", "BNReLU", "BNReLUConv2d", "FusedSequential",
     "bn_params", "bn_relu", "bn_relu_backward", "bn_relu_conv", "bn_relu_forward", "channel_stats",
     "fuse_bn_relu_conv", "resolve_backend", "set_default_backend",
 ]

@@ -1,4 +1,6 @@
-"""conv(relu(bn(x))) as one autograd Function that saves x, not relu(bn(x)), and recomputes it in backward.
+"""conv(act(bn(x))) as one autograd Function that saves x, not act(bn(x)), and recomputes it in backward.
+
+act: ReLU (default), leaky ReLU or identity (``activation=``, ``activation_param=``; carried in the BNParams).
 
 Several convolutions may read the same activation (a pre-activation unit's branch2a and its projection
 shortcut): they share one BN-ReLU forward and one recompute. The convolutions are torch's (cuDNN on GPU);
@@ -17,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _runtime
-from .bn_relu import BNParams, bn_params, bn_relu_backward, bn_relu_forward, compute_dtype
+from .bn_relu import BNParams, activation_code, bn_params, bn_relu_backward, bn_relu_forward, compute_dtype
 
 
 def _activation(x, p: BNParams, backend, dtype, mask, keep):
@@ -27,19 +29,54 @@ def _activation(x, p: BNParams, backend, dtype, mask, keep):
     return a
 
 
+def conv_forward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weights, biases, geometry) -> tuple:
+    """Forward of conv(dropout(act(bn(x)))) for each (weight, bias, geometry) with torch/cuDNN convolutions.
+
+    Shared by the autograd Function (eager) and the custom op (:mod:`kernels.ops`, torch.compile)."""
+    a = _activation(x, p, backend, cdtype, mask, keep)
+    with torch.autocast(x.device.type, enabled=False):
+        return tuple(F.conv2d(a, w.to(cdtype), None if b is None else b.to(cdtype), *geo)
+                     for w, b, geo in zip(weights, biases, geometry))
+
+
+def conv_backward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weights, has_bias, geometry, grad_outs,
+                  need_dx: bool, need_w, need_b, sync: bool = False, group=None):
+    """Backward of :func:`conv_forward`: (dx, dgamma, dbeta, [dW_i, db_i, ...]) recomputing act(bn(x)) once.
+
+    dgamma/dbeta are fp32; dW_i/db_i in the parameters' dtype or None where not needed; all None if no
+    output received a gradient."""
+    a = _activation(x, p, backend, cdtype, mask, keep)
+    grad_a = None
+    param_grads: list[torch.Tensor | None] = []
+    for i, (w, gy, geo, has_b) in enumerate(zip(weights, grad_outs, geometry, has_bias)):
+        nw, nb = need_w[i], has_b and need_b[i]
+        if gy is None:
+            param_grads += [None, None]
+            continue
+        stride, padding, dilation, groups = geo
+        gi, gw, gb = torch.ops.aten.convolution_backward(
+            gy.to(cdtype), a, w.to(cdtype), [w.shape[0]] if has_b else None,
+            list(stride), list(padding), list(dilation), False, [0, 0], groups, [True, nw, nb],
+        )
+        grad_a = gi if grad_a is None else grad_a.add_(gi)
+        param_grads += [gw.to(w.dtype) if nw else None, gb.to(w.dtype) if nb else None]
+    del a
+    if grad_a is None:
+        return None, None, None, param_grads
+    if mask is not None:
+        grad_a = grad_a.mul_(mask).mul_(1.0 / keep)
+    dx, dgamma, dbeta = bn_relu_backward(x, grad_a, p, backend=backend, need_dx=need_dx, sync=sync,
+                                         process_group=group)
+    return dx, dgamma, dbeta, param_grads
+
+
 class _BNReLUConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, p: BNParams, backend: str, cdtype, mask, keep: float, sync, group,
                 geometry: tuple, *params):
         # params: for each conv, (weight, bias-or-None); geometry: for each conv (stride, padding, dilation, groups)
         weights, biases = params[0::2], params[1::2]
-        a = _activation(x, p, backend, cdtype, mask, keep)
-        device_type = x.device.type
-        with torch.autocast(device_type, enabled=False):
-            outs = tuple(
-                F.conv2d(a, w.to(cdtype), None if b is None else b.to(cdtype), *geo)
-                for w, b, geo in zip(weights, biases, geometry)
-            )
+        outs = conv_forward(x, p, backend, cdtype, mask, keep, weights, biases, geometry)
         ctx.p, ctx.backend, ctx.cdtype, ctx.keep, ctx.sync, ctx.group = p, backend, cdtype, keep, sync, group
         ctx.param_dtype = gamma.dtype if gamma is not None else x.dtype
         ctx.geometry, ctx.has_bias, ctx.has_mask = geometry, [b is not None for b in biases], mask is not None
@@ -51,32 +88,50 @@ class _BNReLUConvFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         x, rest = saved[0], saved[1:]
         mask, weights = (rest[0], rest[1:]) if ctx.has_mask else (None, rest)
-        a = _activation(x, ctx.p, ctx.backend, ctx.cdtype, mask, ctx.keep)
         n_fixed = 11
-        grad_a = None
-        param_grads: list[torch.Tensor | None] = []
-        for i, (w, gy, geo, has_b) in enumerate(zip(weights, grad_outs, ctx.geometry, ctx.has_bias)):
-            need_w = ctx.needs_input_grad[n_fixed + 2 * i]
-            need_b = has_b and ctx.needs_input_grad[n_fixed + 2 * i + 1]
-            if gy is None:
-                param_grads += [None, None]
-                continue
-            stride, padding, dilation, groups = geo
-            gi, gw, gb = torch.ops.aten.convolution_backward(
-                gy.to(ctx.cdtype), a, w.to(ctx.cdtype), [w.shape[0]] if has_b else None,
-                list(stride), list(padding), list(dilation), False, [0, 0], groups, [True, need_w, need_b],
-            )
-            grad_a = gi if grad_a is None else grad_a.add_(gi)
-            param_grads += [gw.to(w.dtype) if need_w else None, gb.to(w.dtype) if need_b else None]
-        del a
-        if grad_a is None:
+        need = ctx.needs_input_grad
+        dx, dgamma, dbeta, param_grads = conv_backward(
+            x, ctx.p, ctx.backend, ctx.cdtype, mask, ctx.keep, weights, ctx.has_bias, ctx.geometry, grad_outs,
+            need[0], need[n_fixed::2], need[n_fixed + 1::2], ctx.sync, ctx.group)
+        if dgamma is None:
             return (None,) * (n_fixed + len(param_grads))
-        if mask is not None:
-            grad_a = grad_a.mul_(mask).mul_(1.0 / ctx.keep)
-        dx, dgamma, dbeta = bn_relu_backward(x, grad_a, ctx.p, backend=ctx.backend, need_dx=ctx.needs_input_grad[0],
-                                             sync=ctx.sync, process_group=ctx.group)
-        return (dx, dgamma.to(ctx.param_dtype) if ctx.needs_input_grad[1] else None,
-                dbeta.to(ctx.param_dtype) if ctx.needs_input_grad[2] else None, *([None] * (n_fixed - 3)), *param_grads)
+        return (dx, dgamma.to(ctx.param_dtype) if need[1] else None,
+                dbeta.to(ctx.param_dtype) if need[2] else None, *([None] * (n_fixed - 3)), *param_grads)
+
+
+def igemm_forward(x, p: BNParams, cdtype, weights, biases, geometry) -> tuple:
+    """Forward with the implicit-GEMM kernels (:mod:`kernels.conv`): act(bn(x)) normalised in each operand load."""
+    from .conv import conv_fprop
+
+    vec = (p.mean.float(), p.scale.float(), p.bias.float())
+    act = dict(activation=p.activation, activation_param=p.activation_param)
+    outs = []
+    for w, b, (stride, padding, dilation, _groups) in zip(weights, biases, geometry):
+        y = conv_fprop(x, w.to(cdtype), stride[0], padding[0], dilation[0], vec, **act)
+        outs.append(y if b is None else y.add_(b.to(cdtype).view(1, -1, 1, 1)))
+    return tuple(outs)
+
+
+def igemm_backward(x, p: BNParams, cdtype, weights, has_bias, geometry, grad_outs):
+    """Backward of :func:`igemm_forward`: (dx, dgamma, dbeta, [dW_i, db_i, ...]); all None without gradients."""
+    from .conv import conv_dgrad, conv_wgrad
+
+    vec = (p.mean.float(), p.scale.float(), p.bias.float())
+    act = dict(activation=p.activation, activation_param=p.activation_param)
+    g = sum_g = sum_gx = None
+    param_grads: list[torch.Tensor | None] = []
+    for w, gy, (stride, padding, dilation, _groups), has_b in zip(weights, grad_outs, geometry, has_bias):
+        if gy is None:
+            param_grads += [None, None]
+            continue
+        gi, sg, sgx = conv_dgrad(gy, w.to(cdtype), x, stride[0], padding[0], dilation[0], vec, **act)
+        g, sum_g, sum_gx = (gi, sg, sgx) if g is None else (g.add_(gi), sum_g.add_(sg), sum_gx.add_(sgx))
+        dw = conv_wgrad(gy, x, w.shape, stride[0], padding[0], dilation[0], vec, dtype=cdtype, **act)
+        param_grads += [dw.to(w.dtype), gy.float().sum((0, 2, 3)).to(w.dtype) if has_b else None]
+    if g is None:
+        return None, None, None, param_grads
+    dx, dgamma, dbeta = bn_relu_backward(x, g, p, backend="triton", sums=(sum_g, sum_gx), grad_wrt_z=True)
+    return dx, dgamma, dbeta, param_grads
 
 
 class _IGemmBNReLUConvFunction(torch.autograd.Function):
@@ -85,41 +140,33 @@ class _IGemmBNReLUConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, p: BNParams, cdtype, geometry: tuple, *params):
-        from .conv import conv_fprop
-
         weights, biases = params[0::2], params[1::2]
-        vec = (p.mean.float(), p.scale.float(), p.bias.float())
-        outs = []
-        for w, b, (stride, padding, dilation, _groups) in zip(weights, biases, geometry):
-            y = conv_fprop(x, w.to(cdtype), stride[0], padding[0], dilation[0], vec)
-            outs.append(y if b is None else y.add_(b.to(cdtype).view(1, -1, 1, 1)))
+        outs = igemm_forward(x, p, cdtype, weights, biases, geometry)
         ctx.p, ctx.cdtype, ctx.geometry, ctx.has_bias = p, cdtype, geometry, [b is not None for b in biases]
         ctx.param_dtype = gamma.dtype if gamma is not None else x.dtype
         ctx.save_for_backward(x, *weights)
-        return tuple(outs)
+        return outs
 
     @staticmethod
     def backward(ctx, *grad_outs):
-        from .conv import conv_dgrad, conv_wgrad
-
         x, *weights = ctx.saved_tensors
-        p = ctx.p
-        vec = (p.mean.float(), p.scale.float(), p.bias.float())
-        g = sum_g = sum_gx = None
-        param_grads: list[torch.Tensor | None] = []
-        for w, gy, (stride, padding, dilation, _groups), has_b in zip(weights, grad_outs, ctx.geometry, ctx.has_bias):
-            if gy is None:
-                param_grads += [None, None]
-                continue
-            gi, sg, sgx = conv_dgrad(gy, w.to(ctx.cdtype), x, stride[0], padding[0], dilation[0], vec)
-            g, sum_g, sum_gx = (gi, sg, sgx) if g is None else (g.add_(gi), sum_g.add_(sg), sum_gx.add_(sgx))
-            dw = conv_wgrad(gy, x, w.shape, stride[0], padding[0], dilation[0], vec, dtype=ctx.cdtype)
-            param_grads += [dw.to(w.dtype), gy.float().sum((0, 2, 3)).to(w.dtype) if has_b else None]
+        dx, dgamma, dbeta, param_grads = igemm_backward(x, ctx.p, ctx.cdtype, weights, ctx.has_bias, ctx.geometry,
+                                                        grad_outs)
         n_fixed = 6
-        if g is None:
+        if dgamma is None:
             return (None,) * (n_fixed + len(param_grads))
-        dx, dgamma, dbeta = bn_relu_backward(x, g, p, backend="triton", sums=(sum_g, sum_gx))
         return (dx, dgamma.to(ctx.param_dtype), dbeta.to(ctx.param_dtype), None, None, None, *param_grads)
+
+
+def _dropout_mask(x: torch.Tensor, dropout: float) -> tuple[torch.Tensor | None, float]:
+    """(bool keep-mask in x's shape and layout, keep probability), or (None, 1.0) without dropout."""
+    if dropout <= 0:
+        return None, 1.0
+    keep = 1.0 - dropout
+    mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        mask = mask.contiguous(memory_format=torch.channels_last)
+    return mask, keep
 
 
 def _igemm_supported(convs: Sequence[nn.Conv2d], dropout: float, sync: bool) -> str | None:
@@ -149,17 +196,21 @@ def bn_relu_conv(
     sync: bool = False,
     process_group=None,
     conv: str = "torch",
+    activation: str = "relu",
+    activation_param: float = 0.01,
 ) -> list[torch.Tensor]:
-    """``[conv(dropout(relu(bn(x)))) for conv in convs]`` sharing one activation that is never stored.
+    """``[conv(dropout(act(bn(x)))) for conv in convs]`` sharing one activation that is never stored.
 
     ``bn`` follows nn.BatchNorm2d semantics (batch statistics and running-stat updates in training,
     running statistics in eval; frozen statistics with trainable gamma/beta = bn.eval() with requires_grad).
-    ``dropout`` is element-wise inverted dropout between ReLU and the convs (applied when > 0).
+    ``dropout`` is element-wise inverted dropout between the activation and the convs (applied when > 0).
     ``conv="triton"`` (with the triton backend) runs the convolutions as implicit GEMMs that normalise and
     rectify x while loading it (:mod:`kernels.conv`); ``"torch"`` (default) uses torch/cuDNN convolutions.
+    ``activation``: "relu" (default), "leaky_relu" (negative slope ``activation_param``) or "identity".
     """
     if not convs:
         raise ValueError("bn_relu_conv needs at least one convolution")
+    activation_code(activation)  # an unknown name fails here, on every path
     be = _runtime.resolve_backend(backend, x)
     if conv not in ("torch", "triton"):
         raise ValueError(f"conv must be 'torch' or 'triton', got {conv!r}")
@@ -167,18 +218,19 @@ def bn_relu_conv(
         why = "it needs backend='triton'" if be != "triton" else _igemm_supported(convs, dropout, sync)
         if why:
             raise ValueError(f"conv='triton' cannot be used here: {why}")
-    p = bn_params(x, bn, backend=be, sync=sync, process_group=process_group)
     cdtype = compute_dtype(x)
+    if torch.compiler.is_compiling() and not sync:  # opaque custom ops for Dynamo (kernels/ops.py)
+        from .ops import bn_relu_conv_via_ops
+
+        mask, keep = _dropout_mask(x, dropout)
+        return bn_relu_conv_via_ops(x, bn, convs, be, cdtype, mask, keep, conv, activation, activation_param)
+    p = bn_params(x, bn, backend=be, sync=sync, process_group=process_group, activation=activation,
+                  activation_param=activation_param)
     if conv == "triton":
         params_ = [t for c in convs for t in (c.weight, c.bias)]
         return list(_IGemmBNReLUConvFunction.apply(x, bn.weight, bn.bias, p, cdtype,
                                                    tuple(_geometry(c) for c in convs), *params_))
-    mask, keep = None, 1.0
-    if dropout > 0:
-        keep = 1.0 - dropout
-        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            mask = mask.contiguous(memory_format=torch.channels_last)
+    mask, keep = _dropout_mask(x, dropout)
     params: list[torch.Tensor | None] = []
     for conv in convs:
         params += [conv.weight, conv.bias]

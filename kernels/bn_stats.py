@@ -278,11 +278,15 @@ def finalize_stats(
 
 def _stats_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    # Shift by one sample per channel first: CUDA's fp32 Welford loses ~2% of the variance when |mean|/std ~ 1e6,
-    # while x - x[0] is exact for nearby values (Sterbenz) and leaves a small-mean problem.
-    shift = xf[:1, :, :1, :1] if xf.numel() else xf.new_zeros(1, xf.shape[1], 1, 1)
-    var, mean = torch.var_mean(xf - shift, dim=(0, 2, 3), unbiased=False)
     M = x.numel() // x.shape[1]
+    if xf.device.type == "cpu" or not xf.numel():  # two-pass in ATen on CPU: no cancellation
+        var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
+        return mean, var * M, M
+    # CUDA's var_mean is a one-pass fp32 Welford that lost ~2% of the variance at |mean|/std ~ 1e6 (H100,
+    # torch 2.11): shift by one sample per channel first (x - x[0] is exact for nearby values, Sterbenz).
+    # Not on CPU: there the result stays bitwise equal to aten's batch_norm statistics.
+    shift = xf[:1, :, :1, :1]
+    var, mean = torch.var_mean(xf - shift, dim=(0, 2, 3), unbiased=False)
     return mean + shift.flatten(), var * M, M
 
 

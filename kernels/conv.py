@@ -1,14 +1,18 @@
-"""Implicit-GEMM convolution whose operand loader applies BatchNorm + ReLU: relu(bn(x)) never exists in memory.
+"""Implicit-GEMM convolution whose operand loader applies BatchNorm + activation: act(bn(x)) never exists in memory.
 
 Layouts: x (N, H, W, C) channels_last storage of an (N, C, H, W) tensor (an NCHW input is copied to it once per
 call); weight (K, C, R, S) OIHW as in nn.Conv2d, repacked to (R, S, C, K) / (R, S, K, C) for the kernels
 (:func:`pack_weight`; a caller may pass the packed tensor to skip the per-call repack); outputs channels_last.
 Square kernels, stride, dilation and zero padding (any value), groups = 1. fp16/bf16/fp32 operands, fp32 accumulation.
 
-    fprop  y[n,p,q,k]   = sum_{r,s,c} a[n, p*st-pad+r*d, q*st-pad+s*d, c] * W[k,c,r,s],   a = relu(bn(x)) on load
-    dgrad  g[n,h,w,c]   = [z>0] * sum_{r,s,k} dy[n, (h+pad-r*d)/st, (w+pad-s*d)/st, k] * W[k,c,r,s]
+    fprop  y[n,p,q,k]   = sum_{r,s,c} a[n, p*st-pad+r*d, q*st-pad+s*d, c] * W[k,c,r,s],   a = act(bn(x)) on load
+    dgrad  g[n,h,w,c]   = act'(z) * sum_{r,s,k} dy[n, (h+pad-r*d)/st, (w+pad-s*d)/st, k] * W[k,c,r,s]
            (epilogue: per-channel sum(g) and sum(g*(x-mean)) for the BN backward)
     wgrad  dW[k,c,r,s]  = sum_{n,p,q} dy[n,p,q,k] * a[n, p*st-pad+r*d, q*st-pad+s*d, c]   (a recomputed on load)
+
+The activation (``ACT`` constexpr: 0 relu, 1 leaky_relu, 2 identity, :data:`kernels.bn_relu.ACTIVATIONS`) and the
+leaky slope (runtime fp32) are those of :mod:`kernels.bn_relu`, with the same helpers, so every recomputation
+gives the same z and the same mask as the elementwise kernels. Zero padding pads the *activation* with zeros.
 
 GPU fitness:
 - fp32 operands use ``tl.dot(..., input_precision="ieee")`` (exact fp32 FMA, as torch's default conv) unless TF32
@@ -21,7 +25,7 @@ GPU fitness:
 - Every variant the launchers can choose is listed by :func:`aot_variants` and compiled for sm_80/sm_90 in CI
   (tests/test_aot_compile.py, kernels/aot.py).
 
-Reference: torch.nn.functional.conv2d / torch.nn.grad.conv2d_{input,weight} on relu(bn(x)) (see tests).
+Reference: torch.nn.functional.conv2d / torch.nn.grad.conv2d_{input,weight} on act(bn(x)) (see tests).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 
 from . import _runtime  # first: sets TRITON_INTERPRET before triton.jit runs
 from ._runtime import HAS_TRITON
+from .bn_relu import ACTIVATIONS, activation_code
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .bn_relu import _act_bwd, _act_fwd
+
     @triton.jit
     def _idx(v, INT64: tl.constexpr):
         """Row indices in the offset width: int64 when a tensor has 2**31 elements or more."""
@@ -119,15 +126,15 @@ if HAS_TRITON:
         return pid_m, pid_n
 
     @triton.jit
-    def _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr):
-        """relu((a - mean) * scale + beta) per channel in fp32; positions outside the image (padding) stay 0.
+    def _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, slope, ACT: tl.constexpr):
+        """act((a - mean) * scale + beta) per channel in fp32; positions outside the image (padding) stay 0.
 
         One return of one type (fp32): a GPU compile rejects returns of different types in one function."""
         af = a.to(tl.float32)
         mu = tl.load(mean_ptr + cs, mask=c_ok, other=0.0)
         sc = tl.load(scale_ptr + cs, mask=c_ok, other=0.0)
         be = tl.load(beta_ptr + cs, mask=c_ok, other=0.0)
-        af = tl.maximum((af - mu[None, :]) * sc[None, :] + be[None, :], 0.0)
+        af = _act_fwd((af - mu[None, :]) * sc[None, :] + be[None, :], slope, ACT)
         return tl.where(ok, af, 0.0)
 
     @triton.jit
@@ -141,8 +148,9 @@ if HAS_TRITON:
     @triton.jit
     def _fprop_kernel(
         x_ptr, w_ptr, y_ptr, mean_ptr, scale_ptr, beta_ptr,
-        N, H, W, C, P, Q, K, R, S, stride, pad, dil,
-        PROLOGUE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+        N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
+        PROLOGUE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        INT64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         M = N * P * Q
@@ -166,7 +174,7 @@ if HAS_TRITON:
                 ok = pos_ok[:, None] & c_ok[None, :]
                 a = tl.load(x_ptr + base[:, None] + cs[None, :], mask=ok, other=0.0)
                 if PROLOGUE:
-                    a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr).to(w_ptr.dtype.element_ty)
+                    a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, slope, ACT).to(w_ptr.dtype.element_ty)
                 else:
                     a = a.to(w_ptr.dtype.element_ty)
                 b = tl.load(w_ptr + (rs * C + cs)[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
@@ -176,9 +184,9 @@ if HAS_TRITON:
     @triton.jit
     def _dgrad_kernel(
         dy_ptr, w_ptr, g_ptr, x_ptr, mean_ptr, scale_ptr, beta_ptr, sums_ptr,
-        N, H, W, C, P, Q, K, R, S, stride, pad, dil,
-        EPILOGUE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
-        DETERMINISTIC: tl.constexpr,
+        N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
+        EPILOGUE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        INT64: tl.constexpr, DETERMINISTIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # sums_ptr: (2, C) fp32 accumulated by atomics, or (2, cdiv(M, BLOCK_M), C) partials when DETERMINISTIC.
@@ -208,10 +216,10 @@ if HAS_TRITON:
                 acc = _mma(a.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
         out_ok = m_ok[:, None] & c_ok[None, :]
         offs = _idx(ms, INT64)[:, None] * C + cs[None, :]
-        if EPILOGUE:  # ReLU mask recomputed from x, plus the per-channel sums of the BN backward
+        if EPILOGUE:  # act'(z) recomputed from x, plus the per-channel sums of the BN backward
             xc = tl.load(x_ptr + offs, mask=out_ok, other=0.0).to(tl.float32) - tl.load(mean_ptr + cs, mask=c_ok, other=0.0)[None, :]
             z = xc * tl.load(scale_ptr + cs, mask=c_ok, other=0.0)[None, :] + tl.load(beta_ptr + cs, mask=c_ok, other=0.0)[None, :]
-            acc = tl.where(out_ok & (z > 0.0), acc, 0.0)
+            acc = tl.where(out_ok, _act_bwd(z, acc, slope, ACT), 0.0)
             if DETERMINISTIC:
                 tl.store(sums_ptr + pid_m * C + cs, tl.sum(acc, axis=0), mask=c_ok)
                 tl.store(sums_ptr + (num_m + pid_m) * C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
@@ -223,9 +231,9 @@ if HAS_TRITON:
     @triton.jit
     def _wgrad_kernel(
         dy_ptr, x_ptr, dw_ptr, mean_ptr, scale_ptr, beta_ptr,
-        N, H, W, C, P, Q, K, R, S, stride, pad, dil, SPLITS,
-        PROLOGUE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
-        DETERMINISTIC: tl.constexpr,
+        N, H, W, C, P, Q, K, R, S, stride, pad, dil, SPLITS, slope,
+        PROLOGUE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        INT64: tl.constexpr, DETERMINISTIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # Tile: BLOCK_M output channels k x BLOCK_N input channels c, reduced over BLOCK_K positions at a time.
@@ -254,7 +262,7 @@ if HAS_TRITON:
             ok = pos_ok[:, None] & c_ok[None, :]
             a = tl.load(x_ptr + (_idx((n * H + h) * W + w, INT64) * C)[:, None] + cs[None, :], mask=ok, other=0.0)
             if PROLOGUE:
-                a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr).to(dy_ptr.dtype.element_ty)
+                a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, slope, ACT).to(dy_ptr.dtype.element_ty)
             else:
                 a = a.to(dy_ptr.dtype.element_ty)
             dyt = tl.load(dy_ptr + _idx(ms, INT64)[None, :] * K + ks[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)
@@ -342,6 +350,15 @@ def _vectors(bn: tuple | None, x: torch.Tensor):
     return tuple(v.float().contiguous() for v in bn)
 
 
+def _act_args(bn, activation: str, activation_param: float) -> tuple[float, int]:
+    """(slope, ACT) kernel arguments: ACT 0 (relu) for the plain kernels (no prologue/epilogue reads it), the
+    slope 0.0 unless leaky_relu (a runtime fp32 argument: one compiled kernel serves every slope)."""
+    act = activation_code(activation)
+    if bn is None:
+        return 0.0, 0
+    return (float(activation_param) if act == ACTIVATIONS["leaky_relu"] else 0.0), act
+
+
 def pack_weight(weight: torch.Tensor, for_: str) -> torch.Tensor:
     """(K, C, R, S) weight in the kernel layout: ``"fprop"`` (R, S, C, K), ``"dgrad"`` (R, S, K, C)."""
     order = {"fprop": (2, 3, 1, 0), "dgrad": (2, 3, 0, 1)}[for_]
@@ -351,14 +368,16 @@ def pack_weight(weight: torch.Tensor, for_: str) -> torch.Tensor:
 def conv_fprop(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, dil: int,
                bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, *,
                packed: torch.Tensor | None = None, config: ConvConfig | None = None,
-               precision: str | None = None) -> torch.Tensor:
-    """conv2d(relu(bn(x)), weight) (or conv2d(x, weight) when ``bn`` is None) -> (N, K, P, Q) channels_last.
+               precision: str | None = None, activation: str = "relu", activation_param: float = 0.01) -> torch.Tensor:
+    """conv2d(act(bn(x)), weight) (or conv2d(x, weight) when ``bn`` is None) -> (N, K, P, Q) channels_last.
 
     ``bn`` = per-channel fp32 (mean, scale = gamma*rstd, beta). x: (N, C, H, W) any layout (made channels_last).
     Operands are cast to weight's dtype; accumulation fp32. ``packed``: ``pack_weight(weight, "fprop")`` when
     the caller caches it. ``config``: a fixed tile config (default: autotuned on a GPU, the interpreter's).
     ``precision``: ``"ieee"``/``"tf32"`` for fp32 operands (default :func:`set_fp32_precision`).
+    ``activation``: "relu" | "leaky_relu" (negative slope ``activation_param``) | "identity" (with ``bn`` only).
     """
+    slope, act = _act_args(bn, activation, activation_param)
     N, C, H, W = x.shape
     K, C2, R, S = weight.shape
     if C2 != C or R != S:
@@ -373,21 +392,24 @@ def conv_fprop(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, dil
     cls, int64 = operand_class(weight.dtype, prec), needs_int64(xl.numel(), y.numel())
     grid = lambda m: (triton.cdiv(N * P * Q, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),)  # noqa: E731
     _launch(_fprop_tuned.get(cls), _fprop_kernel, grid, _choose(x, config, cls, int64),
-            xl, wt, y, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil,
-            PROLOGUE=bn is not None, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64)
+            xl, wt, y, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
+            PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64)
     return y
 
 
 def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: int, pad: int, dil: int,
                bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, *,
                packed: torch.Tensor | None = None, config: ConvConfig | None = None,
-               precision: str | None = None, deterministic: bool | None = None):
+               precision: str | None = None, deterministic: bool | None = None, activation: str = "relu",
+               activation_param: float = 0.01):
     """Gradient wrt the activated input, (N, C, H, W) channels_last fp32.
 
-    With ``bn``: masked by the recomputed ReLU, and also returns the per-channel fp32 sums (sum g,
-    sum g*(x-mean)) that the BN backward needs: ``(g, sum_g, sum_gx)``. Without: ``(grad_input, None, None)``.
+    With ``bn``: times the recomputed act'(z) (relu [z > 0], leaky_relu (z > 0 ? 1 : ``activation_param``),
+    identity 1), and also returns the per-channel fp32 sums (sum g, sum g*(x-mean)) that the BN backward
+    needs: ``(g, sum_g, sum_gx)``, g = dL/dz. Without: ``(grad_input, None, None)``.
     ``packed``: ``pack_weight(weight, "dgrad")``; ``deterministic``: the sums without atomics (fixed config).
     """
+    slope, act = _act_args(bn, activation, activation_param)
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
     P, Q = dy.shape[-2:]
@@ -407,8 +429,8 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: 
     mean, scale, beta = _vectors(bn, x)
     grid = lambda m: (triton.cdiv(N * H * W, m["BLOCK_M"]) * triton.cdiv(C, m["BLOCK_N"]),)  # noqa: E731
     _launch(_dgrad_tuned.get(cls), _dgrad_kernel, grid, cfg,
-            dyl, wt, g, xl, mean, scale, beta, sums, N, H, W, C, P, Q, K, R, S, stride, pad, dil,
-            EPILOGUE=bn is not None, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
+            dyl, wt, g, xl, mean, scale, beta, sums, N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
+            EPILOGUE=bn is not None, ACT=act, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
     if bn is None:
         return g, None, None
     if det:
@@ -425,11 +447,14 @@ def wgrad_splits(x: torch.Tensor, M: int, K: int, C: int) -> int:
 def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, stride: int, pad: int, dil: int,
                bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                dtype: torch.dtype | None = None, *, config: ConvConfig | None = None,
-               precision: str | None = None, deterministic: bool | None = None) -> torch.Tensor:
-    """Weight gradient (K, C, R, S) fp32, with relu(bn(x)) recomputed on load when ``bn`` is given.
+               precision: str | None = None, deterministic: bool | None = None, activation: str = "relu",
+               activation_param: float = 0.01) -> torch.Tensor:
+    """Weight gradient (K, C, R, S) fp32, with act(bn(x)) recomputed on load when ``bn`` is given.
 
     Accumulated (R, S, K, C) so the split-M atomics are coalesced along C, then permuted. ``deterministic``:
-    per-split partials summed in a fixed order instead of atomics (fixed config)."""
+    per-split partials summed in a fixed order instead of atomics (fixed config). ``activation``/
+    ``activation_param`` as in :func:`conv_fprop`."""
+    slope, act = _act_args(bn, activation, activation_param)
     N, C, H, W = x.shape
     K, _, R, S = weight_shape
     P, Q = dy.shape[-2:]
@@ -446,8 +471,8 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, stri
     cls, int64 = operand_class(dtype, prec), needs_int64(dyl.numel(), xl.numel())
     grid = lambda m: (triton.cdiv(K, m["BLOCK_M"]) * triton.cdiv(C, m["BLOCK_N"]), R * S * splits)  # noqa: E731
     _launch(_wgrad_tuned.get(cls), _wgrad_kernel, grid, _choose(x, config, cls, int64 or det),
-            dyl, xl, dw, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, splits,
-            PROLOGUE=bn is not None, UPCAST=_upcast(dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
+            dyl, xl, dw, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, splits, slope,
+            PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
     if det:
         dw = dw.sum(0)
     return dw.permute(2, 3, 0, 1).contiguous()
@@ -470,6 +495,12 @@ def aot_variants() -> list:
     config of its class with int32 offsets, and the fixed-config INT64 and DETERMINISTIC variants. NCHW and
     channels_last inputs reach the same kernels (the launchers pass channels_last storage), so the layout adds no
     variant; UPCAST is interpreter-only (False on a GPU).
+
+    Activations (ACT; the plain kernels read none and compile with ReLU's 0): all of the above with ReLU; with the
+    BN prologue/epilogue also leaky_relu on every autotune config (int32 offsets, atomics: what an autotuned GPU
+    launch picks) and identity on the class's first config. Not the full cross product: that would triple the
+    conv compiles (the longest part of the check) for variants whose only difference, one select and multiply
+    per element, cannot move registers or shared memory by much; the INT64 and DETERMINISTIC code is ACT-free.
     """
     from .aot import Variant
 
@@ -488,18 +519,26 @@ def aot_variants() -> list:
                                                            "SPLITS": "i32"}),
             }
             for name, (fn, flag_name, ptrs) in sigs.items():
-                sig = {**ptrs, "mean_ptr": "*fp32", "scale_ptr": "*fp32", "beta_ptr": "*fp32", **ints}
+                sig = {**ptrs, "mean_ptr": "*fp32", "scale_ptr": "*fp32", "beta_ptr": "*fp32", **ints,
+                       "slope": "fp32"}
                 has_det = name != "conv_fprop"
                 for flag in (True, False):
-                    # (config, INT64, DETERMINISTIC): every autotune config, then the fixed-config variants
-                    plans = [(c_, False, False) for c_ in GPU_CONFIGS[cls]] + [(GPU_CONFIGS[cls][0], True, False)]
+                    # (config, INT64, DETERMINISTIC, ACT): every autotune config, then the fixed-config variants
+                    relu, leaky, ident = ACTIVATIONS["relu"], ACTIVATIONS["leaky_relu"], ACTIVATIONS["identity"]
+                    plans = [(c_, False, False, relu) for c_ in GPU_CONFIGS[cls]]
+                    plans += [(GPU_CONFIGS[cls][0], True, False, relu)]
                     if has_det and (flag or name == "conv_wgrad"):
-                        plans += [(GPU_CONFIGS[cls][0], i64, True) for i64 in (False, True)]
-                    for cfg, i64, det in plans:
-                        const = {flag_name: flag, "UPCAST": False, "PRECISION": prec, "INT64": i64, **cfg.meta()}
+                        plans += [(GPU_CONFIGS[cls][0], i64, True, relu) for i64 in (False, True)]
+                    if flag:
+                        plans += [(c_, False, False, leaky) for c_ in GPU_CONFIGS[cls]]
+                        plans += [(GPU_CONFIGS[cls][0], False, False, ident)]
+                    for cfg, i64, det, act in plans:
+                        const = {flag_name: flag, "ACT": act, "UPCAST": False, "PRECISION": prec, "INT64": i64,
+                                 **cfg.meta()}
                         if has_det:
                             const["DETERMINISTIC"] = det
-                        flags = ("bn" if flag else "plain") + (" i64" if i64 else "") + (" det" if det else "")
+                        flags = ("bn" if flag else "plain") + (" i64" if i64 else "") + (" det" if det else "") \
+                            + {relu: "", leaky: " leaky_relu", ident: " identity"}[act]
                         out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
                                            f"{flags} {cfg.label()}", tensor_cores=cls != "ieee",
                                            divisible=("C", "K")))

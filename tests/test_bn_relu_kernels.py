@@ -8,6 +8,9 @@ Tolerances: fp32 inputs: rtol 1e-4, atol 1e-4 x the reference's magnitude (fp32 
 reductions). bf16/fp16 inputs: the reference runs in fp32 on the *same* low-precision inputs; outputs are
 rounded to bf16 (8 mantissa bits) so rtol/atol 3e-2 x magnitude; fp16 1e-2.
 
+Activations: leaky ReLU (slope 0.2, so a wrong negative side shows) and identity against F.leaky_relu / no
+activation on F.batch_norm, for bn_relu and bn_relu_conv, same tolerances; ReLU is the default everywhere.
+
 Also: the launch budget of one BN-ReLU step (Triton launches and leftover torch ops), every launch being one
 of the variants the ahead-of-time GPU compile check compiles (``aot_variants()``), the int64 offset paths, and
 synchronised statistics over two gloo ranks with no host synchronisation.
@@ -69,14 +72,21 @@ def _input(c, device="cpu", offset=0.0):
 
 
 def _check_against_torch(case, backend, device):
-    """bn_relu forward/backward vs F.relu(nn.BatchNorm2d) in fp32 on the same inputs: y, dx, dgamma, dbeta, running stats."""
+    """bn_relu forward/backward vs F.relu(nn.BatchNorm2d) in fp32 on the same inputs: y, dx, dgamma, dbeta, running stats.
+
+    ``case["activation"]`` (default relu) / ``case["slope"]``: the same against ref.activation_fn (F.leaky_relu...)."""
     bn = _bn(case["C"], case["mode"], device, case.get("momentum", 0.1))
     bn_ref = _bn(case["C"], case["mode"], device, case.get("momentum", 0.1))
     bn_ref.load_state_dict(bn.state_dict())
     x = _input(case, device, case.get("offset", 0.0)).requires_grad_()
     xr = x.detach().float().requires_grad_()
-    y = kernels.bn_relu(x, bn, backend=backend)
-    yr = F.relu(bn_ref(xr))
+    if "activation" in case:
+        act = dict(activation=case["activation"], activation_param=case.get("slope", 0.01))
+        y = kernels.bn_relu(x, bn, backend=backend, **act)
+        yr = ref.bn_act(xr, bn_ref, **act)
+    else:  # the default: ReLU
+        y = kernels.bn_relu(x, bn, backend=backend)
+        yr = F.relu(bn_ref(xr))
     dy = torch.randn_like(yr)
     y.backward(dy.to(y.dtype))
     yr.backward(dy)
@@ -116,6 +126,50 @@ MULTI_TILE = [
 @pytest.mark.parametrize("shape", MULTI_TILE, ids=lambda s: "{N}x{C}x{H}x{W}-cl{channels_last}".format(**s))
 def test_gpu_tiles_with_partial_multi_tile_channels(shape, dtype, mode, device):
     _check_against_torch(dict(shape, dtype=dtype, mode=mode, offset=3.0), "triton", device)
+
+
+# leaky ReLU / identity: every backend, dtype and mode on two tiny shapes (one per layout), slope 0.2
+ACT_CASES = [dict(N=2, C=6, H=3, W=5, channels_last=False), dict(N=1, C=17, H=4, W=3, channels_last=True)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
+def test_bn_activation_matches_torch(activation, dtype, mode, backend, device):
+    """bn_relu(activation=...) vs F.batch_norm + F.leaky_relu(0.2) / identity: y, dx, dgamma, dbeta, running stats."""
+    for shape in ACT_CASES:
+        _check_against_torch(dict(shape, dtype=dtype, mode=mode, activation=activation, slope=0.2, offset=0.5),
+                             backend, device)
+
+
+def test_leaky_relu_gradient_uses_slope_where_z_is_not_positive(device):
+    """dL/dz = dy * (z > 0 ? 1 : slope) elementwise (eval: dx = scale * dL/dz exactly), both backends agree."""
+    bn = _bn(4, "eval", device)
+    x = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    dy = torch.randn(2, 4, 3, 3, device=device)
+    p = kernels.bn_params(x, bn, backend="torch", activation="leaky_relu", activation_param=0.3)
+    z = (x.detach() - p.mean.view(1, -1, 1, 1)) * p.scale.view(1, -1, 1, 1) + p.bias.view(1, -1, 1, 1)
+    want = p.scale.view(1, -1, 1, 1) * dy * torch.where(z > 0, 1.0, 0.3)
+    assert (z < 0).any() and (z > 0).any()
+    for backend in BACKENDS:
+        x.grad = None
+        kernels.bn_relu(x, bn, backend=backend, activation="leaky_relu", activation_param=0.3).backward(dy)
+        close(x.grad, want, torch.float32, f"dx {backend}")
+
+
+def test_unknown_activation_is_refused():
+    bn = nn.BatchNorm2d(3)
+    x = torch.randn(2, 3, 4, 4)
+    running = bn.running_mean.clone()
+    for call in (lambda: kernels.bn_relu(x, bn, activation="gelu"),
+                 lambda: kernels.bn_relu_conv(x, bn, [nn.Conv2d(3, 3, 1)], activation="elu"),
+                 lambda: kernels.BNReLU(3, activation="swish"),
+                 lambda: kernels.BNReLUConv2d(3, 3, 1, activation="tanh")):
+        with pytest.raises(ValueError, match="activation must be one of"):
+            call()
+    assert torch.equal(bn.running_mean, running) and int(bn.num_batches_tracked) == 0  # refused before any update
+    assert kernels.bn_params(x, bn, backend="torch").activation == "relu"  # BNParams default: today's ReLU
 
 
 def test_tiling_covers_gpu_shapes():
@@ -236,6 +290,39 @@ def test_bn_relu_conv_matches_modules(k, stride, dil, N, C, O, H, W, dtype, back
     for name, a, b in [("dgamma", block.bn.weight.grad, bn.weight.grad), ("dbeta", block.bn.bias.grad, bn.bias.grad),
                        ("dW", block.conv.weight.grad, conv.weight.grad), ("db", block.conv.bias.grad, conv.bias.grad)]:
         assert a.dtype == torch.float32
+        close(a, b, dtype, name)
+    close(block.bn.running_var, bn.running_var, dtype, "running_var")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
+@pytest.mark.parametrize("k, dil, mode", [(1, 1, "train"), (3, 2, "eval"), (3, 2, "train")])
+def test_bn_act_conv_matches_modules(k, dil, mode, activation, dtype, backend, device):
+    """BNReLUConv2d(activation=...) with torch convs vs nn.BatchNorm2d + F.leaky_relu(0.2) / identity + nn.Conv2d:
+    y, dx, dgamma, dbeta, dW; 1x1 and 3x3 dilated, train and eval (frozen statistics, trainable gamma/beta)."""
+    C, O = 5, 4
+    block = kernels.BNReLUConv2d(C, O, k, 1, dil * (k // 2), dil, bias=False, backend=backend,
+                                 activation=activation, activation_param=0.2).to(device)
+    bn = _bn(C, mode, device)
+    block.bn.load_state_dict(bn.state_dict())
+    block.train(mode == "train")
+    conv = nn.Conv2d(C, O, k, 1, dil * (k // 2), dil, bias=False).to(device)
+    conv.load_state_dict(block.conv.state_dict())
+    x = (torch.randn(2, C, 6, 7, device=device) + 0.3).to(dtype).requires_grad_()
+    xr = x.detach().float().requires_grad_()
+    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        y = block(x)
+    with torch.autocast(device, enabled=False):
+        yr = ref.bn_relu_conv(xr, bn, conv, activation=activation, activation_param=0.2)
+    assert y.dtype == dtype and y.shape == yr.shape
+    dy = torch.randn_like(yr)
+    y.backward(dy.to(y.dtype))
+    yr.backward(dy)
+    close(y, yr, dtype, "y")
+    close(x.grad, xr.grad, dtype, "dx")
+    for name, a, b in [("dgamma", block.bn.weight.grad, bn.weight.grad), ("dbeta", block.bn.bias.grad, bn.bias.grad),
+                       ("dW", block.conv.weight.grad, conv.weight.grad)]:
         close(a, b, dtype, name)
     close(block.bn.running_var, bn.running_var, dtype, "running_var")
 
@@ -400,6 +487,34 @@ def test_every_launch_is_an_aot_variant(device):
         kernels.channel_stats(torch.randn(2, 6, 3, 3, device=device))
     assert {(a["CHANNELS_LAST"], a["BLOCK_L"]) for n, a in launches if n == "_bn_relu_fwd_kernel"} == \
         {(False, 16), (False, 64), (True, 16), (True, 64)}
+    for name, args in launches:
+        const = {k: v for k, v in args.items() if k in const_names[name]}
+        ptrs = {k: "*" + _TRITON_TYPES[v] for k, v in args.items() if isinstance(v, torch.dtype)}
+        assert _variant_key(name, const, ptrs) in known, (name, const, ptrs)
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
+def test_activation_launches_are_aot_variants(activation, device):
+    """Leaky ReLU / identity launches (every layout, tile and dtype pair, train and eval, int32 offsets) are
+    among the variants the ahead-of-time check compiles."""
+    known, const_names = set(), {}
+    for v in bn_relu_mod.aot_variants() + bn_stats_mod.aot_variants():
+        known.add(_variant_key(v.name, v.constexprs, {k: t for k, t in v.signature.items() if t.startswith("*")}))
+        const_names[v.name] = set(v.constexprs)
+    shapes = [dict(N=1, C=3, H=2, W=3, channels_last=False), dict(N=1, C=2, H=3, W=6, channels_last=False),
+              dict(N=1, C=3, H=2, W=2, channels_last=True), dict(N=1, C=17, H=2, W=2, channels_last=True)]
+    with recording() as (launches, _):
+        for shape in shapes:
+            for dtype, autocast in [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.float16)]:
+                bn = _bn(shape["C"], "train", device)
+                x = _input(dict(shape, dtype=dtype), device).requires_grad_()
+                for mode in ("train", "eval"):
+                    with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                        y = kernels.bn_relu(x, bn.train(mode == "train"), backend="triton", activation=activation,
+                                            activation_param=0.2)
+                    y.backward(torch.ones_like(y))
+    acts = {a["ACT"] for n, a in launches if "ACT" in a}
+    assert acts == {kernels.ACTIVATIONS[activation]}
     for name, args in launches:
         const = {k: v for k, v in args.items() if k in const_names[name]}
         ptrs = {k: "*" + _TRITON_TYPES[v] for k, v in args.items() if isinstance(v, torch.dtype)}

@@ -59,7 +59,7 @@ def test_opcheck_stats_and_bn_act(device, backend, mode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["two_convs", "dropout", "eval", "bf16"])
+@pytest.mark.parametrize("case", ["two_convs", "dropout", "eval", "bf16", "leaky_relu", "identity"])
 def test_opcheck_bn_act_conv(device, backend, case):
     C = 6
     bn = _bn(C, device, training=case != "eval")
@@ -69,7 +69,8 @@ def test_opcheck_bn_act_conv(device, backend, case):
     cdtype = torch.bfloat16 if case == "bf16" else torch.float32
     stats = ops.stats_of(x, bn, backend)
     args = (x, stats, bn.weight, bn.bias, [c.weight for c in convs], [convs[0].bias], [True, False],
-            ops.flat_geometry(convs), mask, keep, case != "eval", backend, cdtype, "torch", "relu", 0.01)
+            ops.flat_geometry(convs), mask, keep, case != "eval", backend, cdtype, "torch",
+            case if case in ("leaky_relu", "identity") else "relu", 0.2)
     torch.library.opcheck(ops.bn_act_conv, args)
 
 
@@ -90,7 +91,12 @@ def test_compile_module_keeps_custom_ops_and_matches_eager(device, backend, conv
     ``conv_impl="triton"``: the implicit-GEMM convolution with the BN-ReLU prologue."""
     torch.manual_seed(0)
     block = nn.Sequential(kernels.BNReLUConv2d(6, 8, 3, padding=1, backend=backend, conv_impl=conv_impl),
-                          kernels.BNReLU(8, backend=backend), nn.Conv2d(8, 4, 1)).to(device)
+                          kernels.BNReLU(8, backend=backend), nn.Conv2d(8, 4, 1),
+                          kernels.BNReLUConv2d(4, 4, 3, padding=2, dilation=2, backend=backend,
+                                               conv_impl=conv_impl, activation="leaky_relu", activation_param=0.2),
+                          kernels.InPlaceABN(4, backend=backend)).to(device)
+    with torch.no_grad():
+        block[4].weight.uniform_(-1.5, 1.5)  # negative gammas: InPlaceABN's |gamma| + eps and its gradient
     ref = copy.deepcopy(block)
     seen = []
 
@@ -102,7 +108,7 @@ def test_compile_module_keeps_custom_ops_and_matches_eager(device, backend, conv
     torch._dynamo.reset()
     torch.compile(copy.deepcopy(block), backend=counting, fullgraph=True)(x)
     assert "widedeep_kernels.bn_act_conv.default" in seen and "widedeep_kernels.bn_act.default" in seen
-    assert seen.count("widedeep_kernels.bn_stats.default") == 2
+    assert seen.count("widedeep_kernels.bn_stats.default") == 4
     assert not [s for s in seen if "batch_norm" in s]
 
     xc, xr = x.clone().requires_grad_(), x.clone().requires_grad_()

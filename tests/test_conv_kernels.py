@@ -12,6 +12,9 @@ exactly as the kernels do (activation rounded to the operand dtype), so only acc
 rounding differ: fp32 outputs 1e-4 (fp32 runs ``input_precision="ieee"``; opt-in TF32 5e-3), fp16 outputs 2e-3,
 bf16 outputs 1e-2 (one rounding of y); dgrad/wgrad/BN sums are fp32 outputs of exact 16-bit products: 1e-4.
 Module tests compare to an fp32 torch model: fp32 1e-4, bf16 3e-2 (dW 6e-2: it sums N*P*Q bf16 products).
+
+Activations: the same launcher and module checks with leaky ReLU (slope 0.2) and identity as the prologue /
+dgrad-epilogue activation (reference: F.leaky_relu / none on the same z), same tolerances.
 """
 
 import pytest
@@ -36,6 +39,16 @@ def _close(a, b, tol, what):
                                msg=lambda m: f"{what}: {m}")
 
 
+def _close_block(block, bn, conv, x, xr, y, yr, tol):
+    """A BNReLUConv2d's output and every gradient against the torch reference modules (bn, conv)."""
+    _close(y, yr, tol, "y")
+    _close(x.grad, xr.grad, tol, "dx")
+    _close(block.bn.weight.grad, bn.weight.grad, tol, "dgamma")
+    _close(block.bn.bias.grad, bn.bias.grad, tol, "dbeta")
+    _close(block.conv.weight.grad, conv.weight.grad, 2 * tol, "dW")
+    _close(block.conv.bias.grad, conv.bias.grad, tol, "db")
+
+
 def _bn_vectors(C, device):
     mean = torch.randn(C, device=device) * 0.3
     scale = torch.rand(C, device=device) + 0.5
@@ -56,28 +69,33 @@ def _round(a64, odt, device):
     return a32.to(odt).double()
 
 
-def _reference(x, w, dy, vec, stride, pad, dil, odt):
-    """fp64 fprop/dgrad/wgrad on relu(bn(x)) with the kernels' operand roundings; and the BN-backward sums."""
+def _reference(x, w, dy, vec, stride, pad, dil, odt, activation="relu", slope=0.01):
+    """fp64 fprop/dgrad/wgrad on act(bn(x)) with the kernels' operand roundings; and the BN-backward sums."""
     mean, scale, beta = (v.double().view(1, -1, 1, 1) for v in vec)
     xc = x.double() - mean
     z = (x.float() - mean.float()) * scale.float() + beta.float()  # fp32 as in the kernels
-    a = _round(torch.relu(z.double()), odt, x.device.type)
+    act_z = {"relu": torch.relu, "leaky_relu": lambda t: torch.where(t > 0, t, t * slope),
+             "identity": lambda t: t}[activation]((z.double()))
+    a = _round(act_z, odt, x.device.type)
     w64, dy64 = w.to(odt).double(), dy.to(odt).double()
     y = F.conv2d(a, w64, None, stride, pad, dil)
-    g = torch.nn.grad.conv2d_input(x.shape, w64, dy64, stride, pad, dil) * (z > 0)
+    dact = {"relu": (z > 0).double(), "leaky_relu": torch.where(z > 0, 1.0, slope).double(),
+            "identity": torch.ones_like(z, dtype=torch.float64)}[activation]
+    g = torch.nn.grad.conv2d_input(x.shape, w64, dy64, stride, pad, dil) * dact
     dw = torch.nn.grad.conv2d_weight(a, w.shape, dy64, stride, pad, dil)
     return y, g, dw, g.sum((0, 2, 3)), (g * xc).sum((0, 2, 3))
 
 
 def _check_launchers(device, x, w, vec, stride, pad, dil, odt, config=None, precision=None, y_tol=None,
-                     grad_tol=GRAD_TOL, deterministic=None):
-    y = conv_fprop(x, w.to(odt), stride, pad, dil, vec, config=config, precision=precision)
+                     grad_tol=GRAD_TOL, deterministic=None, activation="relu", slope=0.01):
+    act = {} if activation == "relu" else dict(activation=activation, activation_param=slope)  # relu: the default
+    y = conv_fprop(x, w.to(odt), stride, pad, dil, vec, config=config, precision=precision, **act)
     dy = torch.randn(y.shape, device=device)
     g, sg, sgx = conv_dgrad(dy, w.to(odt), x, stride, pad, dil, vec, config=config, precision=precision,
-                            deterministic=deterministic)
+                            deterministic=deterministic, **act)
     dw = conv_wgrad(dy, x, w.shape, stride, pad, dil, vec, dtype=odt, config=config, precision=precision,
-                    deterministic=deterministic)
-    ry, rg, rdw, rsg, rsgx = _reference(x, w, dy, vec, stride, pad, dil, odt)
+                    deterministic=deterministic, **act)
+    ry, rg, rdw, rsg, rsgx = _reference(x, w, dy, vec, stride, pad, dil, odt, activation, slope)
     assert y.dtype == odt and y.shape == ry.shape and y.is_contiguous(memory_format=torch.channels_last)
     assert dw.shape == w.shape and dw.dtype == torch.float32
     _close(y, ry, y_tol or Y_TOL[odt], "y")
@@ -126,6 +144,19 @@ def test_every_autotune_config(device, cls, cfg):
     tol = 5e-3 if (cls == "tf32" and compiled) else None  # the interpreter computes tf32 as fp32
     _check_launchers(device, x, w, _bn_vectors(C, device), 2, 0, 1, odt, config=cfg, precision=prec,
                      y_tol=tol, grad_tol=tol or GRAD_TOL)
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+@pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
+@pytest.mark.parametrize("k, stride, dil, pad", [(1, 1, 1, 0), (3, 1, 2, 2)], ids=lambda v: str(v))
+def test_launchers_with_activation(device, k, stride, dil, pad, activation, dt):
+    """fprop prologue act(z), dgrad epilogue dy * act'(z) and its BN sums, wgrad's recomputed act(z): leaky ReLU
+    (slope 0.2) and identity vs float64 torch, 1x1 and 3x3 dilated, fp32 and bf16 operands."""
+    odt = DTYPES[dt]
+    C, K = 6, 5
+    x = torch.randn(2, C, 5, 6, device=device).to(odt)
+    w = torch.randn(K, C, k, k, device=device) / (C * k * k) ** 0.5
+    _check_launchers(device, x, w, _bn_vectors(C, device), stride, pad, dil, odt, activation=activation, slope=0.2)
 
 
 def test_plain_conv_kernels_without_prologue(device):
@@ -219,8 +250,9 @@ def test_compiled_on_gpu_autotuned_bf16_and_tf32():
 
 # --- the module -------------------------------------------------------------------------------------------------
 
-def _pair(C, K, k, stride, pad, dil, device):
-    block = kernels.BNReLUConv2d(C, K, k, stride, pad, dil, bias=True, backend="triton", conv_impl="triton").to(device)
+def _pair(C, K, k, stride, pad, dil, device, **act):
+    block = kernels.BNReLUConv2d(C, K, k, stride, pad, dil, bias=True, backend="triton", conv_impl="triton",
+                                 **act).to(device)
     with torch.no_grad():
         block.bn.weight.uniform_(0.5, 1.5)
         block.bn.bias.uniform_(-0.5, 0.5)
@@ -246,13 +278,7 @@ def test_igemm_block_matches_modules(device, k, stride, dil, pad, dtype):
     dy = torch.randn_like(yr)
     y.backward(dy.to(dtype))
     yr.backward(dy)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    _close(y, yr, tol, "y")
-    _close(x.grad, xr.grad, tol, "dx")
-    _close(block.bn.weight.grad, bn.weight.grad, tol, "dgamma")
-    _close(block.bn.bias.grad, bn.bias.grad, tol, "dbeta")
-    _close(block.conv.weight.grad, conv.weight.grad, 2 * tol, "dW")
-    _close(block.conv.bias.grad, conv.bias.grad, tol, "db")
+    _close_block(block, bn, conv, x, xr, y, yr, 1e-4 if dtype == torch.float32 else 3e-2)
     _close(block.bn.running_mean, bn.running_mean, 1e-4, "running mean")
 
 
@@ -286,6 +312,30 @@ def test_igemm_block_eval_and_frozen_bn_gpu_tiles(device, mode, dt, k):
     else:
         assert block.bn.weight.grad is None
     _close(block.bn.running_mean, bn.running_mean, 0, "running mean untouched")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
+@pytest.mark.parametrize("k, stride, dil, pad", [(1, 1, 1, 0), (3, 1, 2, 2)], ids=lambda v: str(v))
+def test_igemm_block_with_activation_matches_modules(device, k, stride, dil, pad, activation, dtype, mode):
+    """conv_impl="triton" with leaky ReLU (0.2) / identity vs nn.BatchNorm2d + F.leaky_relu / none + nn.Conv2d:
+    y, dx, dgamma, dbeta, dW, db; train and eval (frozen statistics, trainable gamma/beta)."""
+    from kernels import reference as ref
+
+    C, K = 5, 6
+    block, bn, conv = _pair(C, K, k, stride, pad, dil, device, activation=activation, activation_param=0.2)
+    block.train(mode == "train"), bn.train(mode == "train")
+    x = (torch.randn(2, C, 6, 7, device=device) + 0.2).to(dtype).requires_grad_()
+    xr = x.detach().float().requires_grad_()
+    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        y = block(x)
+    yr = ref.bn_relu_conv(xr, bn, conv, activation=activation, activation_param=0.2)
+    dy = torch.randn_like(yr)
+    y.backward(dy.to(dtype))
+    yr.backward(dy)
+    _close_block(block, bn, conv, x, xr, y, yr, 1e-4 if dtype == torch.float32 else 3e-2)
+    _close(block.bn.running_var, bn.running_var, 1e-4, "running var")
 
 
 def test_two_convs_share_one_activation_gpu_tiles(device):

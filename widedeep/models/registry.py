@@ -26,6 +26,7 @@ DATASETS: dict[str, tuple[str, int]] = {
     "pascal-context": ("segmentation", 60),
 }
 SEGMENTATION_DROPOUT = (0.3, 0.5)
+MAPILLARY_OPTIONS: dict[str, Any] = dict(activation="leaky_relu", activation_param=0.01, bn_eps=1e-5)
 
 _LABEL = re.compile(
     r"^(?P<dataset>[a-z0-9\-]+)_(?P<net>[a-z]+)-(?P<variant>[a-z0-9]+)_cls(?P<classes>\d+)"
@@ -41,6 +42,13 @@ PLAIN_NAMES: dict[str, dict[str, Any]] = {
     # The stride-8 A1 trunk of the weakly-supervised segmentation repos (psa network/resnet38d.py).
     # forward() returns relu(bn7) features (N, 4096, H/8, W/8), like psa's Net.
     "resnet38d": dict(variant="a1", num_classes=0, output_stride=8, dropout=SEGMENTATION_DROPOUT, segmentation=True),
+    # Mapillary InPlace-ABN's classes under their own names (the NVIDIA/semantic-segmentation lineage): leaky ReLU
+    # 0.01 and BN eps 1e-5 as their checkpoints were trained. wider_resnet38 = their WiderResNet = our Model A
+    # (pad-1 pools); wider_resnet38_a2 = their WiderResNetA2 = our A2 topology, whose dilated form
+    # (output_stride=8) also dilates unit 5a's first 3x3. Not ademxapp weights: see the README's lineage table.
+    "wider_resnet38": dict(variant="a", num_classes=1000, output_stride=32, **MAPILLARY_OPTIONS),
+    "wider_resnet38_a2": dict(variant="a2", num_classes=1000, output_stride=32, dilate_first_conv=True,
+                              **MAPILLARY_OPTIONS),
 }
 ALIASES = {"wider_resnet38_a1": "resnet38_a1", "resnet38_a1_s8": "resnet38d"}
 
@@ -129,6 +137,7 @@ def create_model(
     weights_strict: bool = True,
     weights_verify: bool | str = True,
     recompute: str | list | dict | None = None,
+    weights_convention: str | None = None,
     **kwargs: Any,
 ) -> ResNet38:
     """Build a ResNet-38 by plain name (``resnet38_a1``, ``resnet38d`` ...) or seed label, optionally with weights.
@@ -145,6 +154,14 @@ def create_model(
     ``fused`` selects the recompute-in-backward BN-ReLU-conv kernels (same parameters either way).
     ``recompute``: per-unit activation-memory modes, e.g. ``"unit"`` (keep only each unit's input; see
     :meth:`ResNet38.set_recompute` and :mod:`widedeep.models.recompute`).
+    ``weights_convention``: how the file's BN gammas are meant, for Mapillary/NVIDIA checkpoints (see
+    :func:`widedeep.weights.read_weights`): ``"inplace_abn"`` (saved from InPlaceABN: normalises with
+    |gamma| + 1e-5, converted on loading) or ``"plain"``; None: plain, with a warning for Mapillary layouts.
+    Other ResNet38 keywords (``activation``, ``activation_param``, ``bn_eps``, ``dilate_first_conv``, ``width``,
+    ``dropout`` ...) pass through. A Mapillary/NVIDIA checkpoint loaded into a model that cannot reproduce it
+    (ReLU where they trained with leaky ReLU, Model A2 for their Model A file, a Vistas body without
+    ``dilate_first_conv``) loads, with a warning saying what to change (``activation="relu"`` given explicitly
+    silences the activation warning: NVIDIA-style fine-tuning).
     """
     args = model_args(name, num_classes=num_classes, output_stride=output_stride)
     args.update(kwargs)
@@ -153,9 +170,12 @@ def create_model(
     if weights is not None:
         from widedeep.weights import pool_style_of, read_weights
 
-        from widedeep.weights import WeightsFile
+        from widedeep.weights import WeightsFile, with_convention
 
-        wf = weights if isinstance(weights, WeightsFile) else read_weights(weights, verify=weights_verify)
+        if isinstance(weights, WeightsFile):
+            wf = with_convention(weights, weights_convention)
+        else:
+            wf = read_weights(weights, verify=weights_verify, weights_convention=weights_convention)
         if pooled:
             found, why = pool_style_of(wf, args.get("variant"))
             if pool_style is None:
@@ -172,6 +192,7 @@ def create_model(
     if recompute is not None:
         model.set_recompute(recompute)
     if wf is not None:
+        _check_lineage(name, model, wf, explicit=set(kwargs))
         from widedeep.weights import load_weights, num_classes_of
 
         file_classes = num_classes_of(wf.state)
@@ -183,6 +204,37 @@ def create_model(
                  len(report.missing), len(report.unexpected) + len(report.dropped))
     model.model_name = name
     return model
+
+
+def _check_lineage(name: str, model: ResNet38, wf: WeightsFile, explicit: set[str]) -> None:
+    """Warn when a Mapillary/NVIDIA checkpoint goes into a model that cannot reproduce the net it was trained as
+    (it still loads: NVIDIA, for one, fine-tunes it that way). ``explicit``: the keywords the caller gave."""
+    from widedeep.weights.lineages import MAPILLARY_LAYOUTS
+
+    layout = wf.layout
+    if layout not in MAPILLARY_LAYOUTS:
+        return
+    what = f"{wf.path} ({layout} layout)"
+    if model.activation != "leaky_relu" and "activation" not in explicit:
+        log.warning("%s: Mapillary trained these weights with leaky ReLU 0.01 (InPlace-ABN) but %s uses %s, so "
+                    "outputs differ (about 3%%): pass activation='leaky_relu' (or use wider_resnet38 / "
+                    "wider_resnet38_a2) to reproduce them, or activation='relu' to fine-tune as NVIDIA does",
+                    what, name, model.activation)
+    if model.bn_eps != 1e-5:
+        log.info("%s: InPlace-ABN/torch BN eps is 1e-5, the model's %g (pass bn_eps=1e-5 for exact outputs)",
+                 what, model.bn_eps)
+    if layout == "mapillary-vistas":
+        if model.variant != "a2" or model.output_stride != 8 or not model.dilate_first_conv:
+            log.warning("%s: a Vistas body is Mapillary's WiderResNetA2 with dilation (variant a2, output_stride=8, "
+                        "dilate_first_conv=True: create_model('wider_resnet38_a2', output_stride=8, num_classes=0)); "
+                        "%s has variant %s, output_stride %d, dilate_first_conv=%s: outputs differ",
+                        what, name, model.variant, model.output_stride, model.dilate_first_conv)
+    elif model.variant != "a" and "fc.weight" in wf.state:
+        # leaky ReLU signals "reproduce the trained net"; with ReLU it is NVIDIA-style initialisation anyway
+        log.log(logging.WARNING if model.activation == "leaky_relu" else logging.INFO,
+                "%s: Mapillary's ImageNet checkpoint is their WiderResNet = Model A; in variant %s (as NVIDIA puts "
+                "it into A2) it is an initialisation, not the trained net (exact: wider_resnet38)",
+                what, model.variant)
 
 
 def list_models() -> list[str]:

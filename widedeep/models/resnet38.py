@@ -10,11 +10,16 @@ Module names follow the psa ``resnet38d.Net`` port (``conv1a``, ``b2``, ``b2_1``
 ``bn_branch2a``, ``conv_branch2a``, ``conv_branch1`` ...) so its checkpoints load unchanged; the ademxapp
 ``.params`` names map one-to-one (see :mod:`widedeep.weights.mapping`).
 
+The same class also builds the Mapillary InPlace-ABN / NVIDIA lineage (``WiderResNet`` = Model A,
+``WiderResNetA2`` = Model A2) exactly: ``activation="leaky_relu"`` (slope ``activation_param``, 0.01 there),
+``bn_eps=1e-5`` and, for their dilated A2, ``dilate_first_conv=True`` (see :mod:`widedeep.weights.lineages`).
+
 Tensors: input (N, 3, H, W) float, RGB normalised with ImageNet mean/std, NCHW or channels_last.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -38,6 +43,7 @@ LEVELS: dict[int, tuple[int, tuple[int, ...]]] = {
     6: (1, (512, 1024, 2048)),
     7: (1, (1024, 2048, 4096)),
 }
+ACTIVATIONS = ("relu", "leaky_relu")  # leaky_relu: InPlace-ABN's default (slope 0.01), Mapillary's checkpoints
 STEM_CHANNELS = 64
 NUM_FEATURES = 4096
 
@@ -123,11 +129,15 @@ def scaled(channels: int, width: float) -> int:
 
 
 def build_plan(
-    variant: str, output_stride: int, dropout: Sequence[float] | None = None, width: float = 1.0
+    variant: str, output_stride: int, dropout: Sequence[float] | None = None, width: float = 1.0,
+    dilate_first_conv: bool = False,
 ) -> list[UnitSpec | PoolSpec]:
     """The ordered list of units and pools of a trunk (conv1a excluded).
 
     ``width`` scales every channel count (tiny nets for demos and tests; the released weights need 1).
+    ``dilate_first_conv``: a stride turned into dilation also dilates the first conv of that level's first unit
+    (Mapillary's/NVIDIA's ``WiderResNetA2(dilation=True)``: every 3x3 of mod5 at dilation 2); ademxapp keeps it
+    at the old dilation. Only a 3x3 first conv is affected (level 5's); level 6's is a 1x1.
     """
     if not width > 0:
         raise ValueError(f"width must be positive, got {width}")
@@ -151,7 +161,9 @@ def build_plan(
                     dilation *= 2
                     first_dilation = dilation
             elif dilate:
-                dilation *= 2  # branch2a keeps first_dilation, the rest doubles
+                dilation *= 2  # ademxapp: branch2a keeps first_dilation, the rest doubles
+                if dilate_first_conv and len(widths) == 2:  # a b131 unit's first conv is a 1x1: nothing to dilate
+                    first_dilation = dilation
             else:
                 stride = 2
         for i in range(count):
@@ -173,26 +185,55 @@ def build_plan(
     return plan
 
 
-def _bn(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+def _bn(channels: int, eps: float = BN_EPS) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)
 
 
-class PreActUnit(nn.Module):
+def check_activation(activation: str, activation_param: float) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(activation_param, (int, float)) or not math.isfinite(activation_param):
+        raise ValueError(f"activation_param (the leaky ReLU slope) must be a finite number, got {activation_param!r}")
+
+
+class _Activation:
+    """The BN activation of a module: ``activation`` ("relu" | "leaky_relu") and ``activation_param`` (slope)."""
+
+    activation: str = "relu"
+    activation_param: float = 0.01
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "relu":
+            return F.relu(x)
+        return F.leaky_relu(x, self.activation_param)
+
+    def _act_kwargs(self) -> dict[str, Any]:
+        # passed to the kernels only when needed, so ReLU models run on kernels without the keywords too
+        if self.activation == "relu":
+            return {}
+        return dict(activation=self.activation, activation_param=float(self.activation_param))
+
+
+class PreActUnit(_Activation, nn.Module):
     """Pre-activation residual unit: ``out = shortcut + branch2(x)``.
 
     branch 2 is ``[BN -> ReLU -> (Dropout) -> conv]`` repeated; the stride sits on the first conv. The
     projection shortcut (first unit of a level) is a 1x1 conv on the *BN-ReLU output of branch2a's BN*,
-    shared with branch2a; identity units add the raw input.
+    shared with branch2a; identity units add the raw input. ReLU is leaky ReLU (slope ``activation_param``)
+    when ``activation="leaky_relu"``.
     """
 
-    def __init__(self, spec: UnitSpec):
+    def __init__(self, spec: UnitSpec, *, bn_eps: float = BN_EPS, activation: str = "relu",
+                 activation_param: float = 0.01):
         super().__init__()
+        check_activation(activation, activation_param)
         self.spec = spec
+        self.activation, self.activation_param = activation, activation_param
         cin = spec.in_channels
         stages = ["branch2a", "branch2b1", "branch2b2"][: len(spec.widths)]
         for i, (stage, width, k, d) in enumerate(zip(stages, spec.widths, spec.kernels, spec.dilations)):
             d = d if k == 3 else 1
-            setattr(self, f"bn_{stage}", _bn(cin))
+            setattr(self, f"bn_{stage}", _bn(cin, bn_eps))
             conv = nn.Conv2d(cin, width, k, stride=spec.stride if i == 0 else 1,
                              padding=d * (k // 2), dilation=d, bias=False)
             setattr(self, f"conv_{stage}", conv)
@@ -211,7 +252,7 @@ class PreActUnit(nn.Module):
         return convs
 
     def forward(self, x: torch.Tensor, get_x_bn_relu: bool = False):
-        """(N, C, H, W) -> the unit's output; with ``get_x_bn_relu`` (psa's flag) also relu(bn_branch2a(x)).
+        """(N, C, H, W) -> the unit's output; with ``get_x_bn_relu`` (psa's flag) also act(bn_branch2a(x)).
 
         That activation is then materialised once (BN run once, its statistics updated once) and the
         first convolutions read it, also on the fused path, which otherwise never stores it.
@@ -226,14 +267,15 @@ class PreActUnit(nn.Module):
             if self.backend is not None and not (i == 0 and get_x_bn_relu):
                 from kernels import bn_relu_conv
 
-                outs = bn_relu_conv(t, bn, self._stage_convs(i), dropout=p, backend=self.backend, sync=self.sync_bn)
+                outs = bn_relu_conv(t, bn, self._stage_convs(i), dropout=p, backend=self.backend, sync=self.sync_bn,
+                                    **self._act_kwargs())
             else:
                 if self.backend is not None:
                     from kernels import bn_relu
 
-                    a = bn_relu(t, bn, backend=self.backend, sync=self.sync_bn)
+                    a = bn_relu(t, bn, backend=self.backend, sync=self.sync_bn, **self._act_kwargs())
                 else:
-                    a = F.relu(bn(t))
+                    a = self._act(bn(t))
                 if i == 0:
                     first_act = a
                 if p:
@@ -259,15 +301,19 @@ class TwoConvHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(F.relu(self.conv6a(x)))
 
-    def forward_from_bn(self, x: torch.Tensor, bn: nn.BatchNorm2d, backend: str, sync: bool = False) -> torch.Tensor:
-        """``forward(relu(bn(x)))`` with relu(bn(x)) fused into conv6a: only x (bn7's input) is kept for
-        backward, not the 4096-channel activation (the largest single tensor of the stride-8 nets)."""
+    def forward_from_bn(self, x: torch.Tensor, bn: nn.BatchNorm2d, backend: str, sync: bool = False,
+                        act_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        """``forward(act(bn(x)))`` with act(bn(x)) fused into conv6a: only x (bn7's input) is kept for
+        backward, not the 4096-channel activation (the largest single tensor of the stride-8 nets).
+        ``act_kwargs``: the trunk's activation keywords for the kernels (none: ReLU); the ReLU between the
+        head's two convs is ademxapp's and stays a ReLU."""
         from kernels import bn_relu_conv
 
-        return self.score(F.relu(bn_relu_conv(x, bn, [self.conv6a], backend=backend, sync=sync)[0]))
+        return self.score(F.relu(bn_relu_conv(x, bn, [self.conv6a], backend=backend, sync=sync,
+                                              **(act_kwargs or {}))[0]))
 
 
-class ResNet38(nn.Module):
+class ResNet38(_Activation, nn.Module):
     """ResNet-38 trunk with a classification or "2 conv." segmentation head.
 
     Args:
@@ -286,6 +332,13 @@ class ResNet38(nn.Module):
         drop_rate: dropout before the classifier FC (timm's ``drop_rate``; classification only).
         global_pool: timm's pool type before the FC: ``"avg"`` (ademxapp), ``"max"``, ``"avgmax"``,
             ``"catavgmax"`` (FC input 2 x 4096) or ``""`` (no pooling; only without a classifier).
+        activation: the trunk's BN activation (every unit's and bn7's), ``"relu"`` (ademxapp, psa) or
+            ``"leaky_relu"`` (Mapillary's InPlace-ABN checkpoints; slope ``activation_param``, 0.01 there), on the
+            plain and the fused path. The segmentation head's inner ReLU stays a ReLU.
+        activation_param: the leaky ReLU's negative slope (ignored for ``"relu"``).
+        bn_eps: every BatchNorm's eps: 1.001e-5 (ademxapp) or 1e-5 (PyTorch's, InPlace-ABN's, psa's default).
+        dilate_first_conv: at output stride 8/16, also dilate the first 3x3 of the first dilated level (unit 5a's
+            ``conv_branch2a``), as Mapillary's/NVIDIA's ``WiderResNetA2(dilation=True)``; ademxapp keeps it at 1.
     """
 
     recompute_plan: dict[str, str] | None = None  # set by set_recompute
@@ -304,8 +357,17 @@ class ResNet38(nn.Module):
         width: float = 1.0,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
+        activation: str = "relu",
+        activation_param: float = 0.01,
+        bn_eps: float = BN_EPS,
+        dilate_first_conv: bool = False,
     ):
         super().__init__()
+        check_activation(activation, activation_param)
+        if not bn_eps > 0:
+            raise ValueError(f"bn_eps must be positive, got {bn_eps!r}")
+        self.activation, self.activation_param = activation, activation_param
+        self.bn_eps, self.dilate_first_conv = bn_eps, dilate_first_conv
         if pool_style not in ("mxnet", "caffe", "ceil"):
             raise ValueError(f"pool_style must be 'mxnet', 'caffe' or 'ceil', got {pool_style!r}")
         self.variant, self.output_stride, self.segmentation = variant, output_stride, segmentation
@@ -319,7 +381,7 @@ class ResNet38(nn.Module):
             raise ValueError("global_pool='' (no pooling) needs num_classes=0: the classifier is a Linear layer")
         self.drop_rate, self.global_pool = drop_rate, global_pool
         self.num_features = features = scaled(NUM_FEATURES, width)
-        self.plan = build_plan(variant, output_stride, dropout, width)
+        self.plan = build_plan(variant, output_stride, dropout, width, dilate_first_conv)
         stem = scaled(STEM_CHANNELS, width)
         self.conv1a = nn.Conv2d(in_chans, stem, 3, padding=1, bias=False)
         reduction, self.feature_info = 1, [dict(num_chs=stem, reduction=1, module="conv1a")]
@@ -331,10 +393,11 @@ class ResNet38(nn.Module):
                 self.add_module(f"pool{item.after_level}", nn.MaxPool2d(3, item.stride, pad, ceil_mode=ceil))
                 reduction *= item.stride
             else:
-                self.add_module(item.module, PreActUnit(item))
+                self.add_module(item.module, PreActUnit(item, bn_eps=bn_eps, activation=activation,
+                                                        activation_param=activation_param))
                 reduction *= item.stride
                 self._record_feature(item, reduction)
-        self.bn7 = _bn(features)
+        self.bn7 = _bn(features, bn_eps)
         self.feature_info[-1] = dict(num_chs=features, reduction=reduction, module="bn7")
         self._fused_backend: str | None = None
         self.grad_checkpointing = False
@@ -401,6 +464,16 @@ class ResNet38(nn.Module):
             u.backend = None if mode == "stored" else backend
             u.recompute = mode == "unit"
         self.recompute_plan = dict(zip(names, modes))
+        return self
+
+    def set_activation(self, activation: str, activation_param: float | None = None) -> "ResNet38":
+        """Change the trunk's BN activation in place (e.g. a Mapillary leaky-ReLU checkpoint fine-tuned with ReLU,
+        as NVIDIA does). Parameters and state_dict keys do not change."""
+        param = self.activation_param if activation_param is None else activation_param
+        check_activation(activation, param)
+        self.activation, self.activation_param = activation, param
+        for unit in self.units():
+            unit.activation, unit.activation_param = activation, param
         return self
 
     def set_sync_bn(self, enable: bool = True) -> "ResNet38":
@@ -471,8 +544,8 @@ class ResNet38(nn.Module):
         if self._fused_backend is not None:
             from kernels import bn_relu
 
-            return bn_relu(x, self.bn7, backend=self._fused_backend, sync=self.sync_bn)
-        return F.relu(self.bn7(x))
+            return bn_relu(x, self.bn7, backend=self._fused_backend, sync=self.sync_bn, **self._act_kwargs())
+        return self._act(self.bn7(x))
 
     def _body(self):
         """(name, module) of the pools and units between conv1a and bn7, in forward order."""
@@ -480,7 +553,8 @@ class ResNet38(nn.Module):
 
     def forward_trunk(self, x: torch.Tensor, *, collect: bool = False, bn7: bool = True,
                       stop_after: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(features, intermediates): relu(bn7(trunk(x))), or the trunk before bn7 with ``bn7=False``;
+        """(features, intermediates): act(bn7(trunk(x))), or with ``bn7=False`` the raw output of the last unit
+        (b7: Mapillary's/NVIDIA's mod7 before ``bn_out``; then ``intermediates`` lacks that last map);
         ``stop_after``: return right after that module (a ``feature_info`` module name)."""
         feats: list[torch.Tensor] = []
         names = {info["module"] for info in self.feature_info}
@@ -507,9 +581,12 @@ class ResNet38(nn.Module):
             feats.append(x)
         return x, feats
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> relu(bn7(trunk)) of shape (N, 4096, H/os, W/os)."""
-        return self.forward_trunk(x)[0]
+    def forward_features(self, x: torch.Tensor, *, bn7: bool = True) -> torch.Tensor:
+        """(N, 3, H, W) -> act(bn7(trunk)) of shape (N, 4096, H/os, W/os), x's dtype.
+
+        ``bn7=False``: the raw output of the last unit (b7) before bn7 and its activation, same shape: what
+        NVIDIA's DeepWV3Plus feeds its ASPP (their trunk drops ``bn_out``)."""
+        return self.forward_trunk(x, bn7=bn7)[0]
 
     def forward_intermediates(
         self,
@@ -519,13 +596,16 @@ class ResNet38(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        bn7: bool = True,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """timm's ``forward_intermediates``: the :attr:`feature_info` maps picked by ``indices`` (None: all six,
         strides 1, 2, 4, 8, 16, 32 at output stride 32; int n: the last n; a sequence, negative from the end).
 
         Returns ``(final, intermediates)``, where ``final`` is ``forward_features(x)`` (or, with ``stop_early``,
         the map at the last index taken), or only the list with ``intermediates_only`` (which stops early).
-        ``norm`` has no effect: the last feature already is relu(bn7(x)), the trunk's only final norm.
+        ``norm`` has no effect: the last feature already is act(bn7(x)), the trunk's only final norm.
+        ``bn7=False`` (ours, not timm's): the last feature (and ``final``) is the raw last-unit output before
+        bn7, (N, 4096, H/os, W/os), as NVIDIA's trunk returns it.
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
@@ -538,7 +618,9 @@ class ResNet38(nn.Module):
         elif not has_bn7:
             raise ValueError("this model was pruned (prune_intermediate_layers): bn7 is gone, take indices < "
                              f"{last}")
-        x, feats = self.forward_trunk(x, collect=True, stop_after=stop)
+        x, feats = self.forward_trunk(x, collect=True, stop_after=stop, bn7=bn7)
+        if not bn7 and stop is None:
+            feats.append(x)  # the raw b7 output stands in for act(bn7)
         intermediates = [feats[i] for i in take]
         return intermediates if intermediates_only else (x, intermediates)
 
@@ -576,12 +658,13 @@ class ResNet38(nn.Module):
         if self.segmentation and self.head is not None and self._fused_backend is not None:
             # bn7-ReLU fused into the head's first conv: relu(bn7(x)) is never kept for backward
             x = self.forward_trunk(x, bn7=False)[0]
-            return self.head.forward_from_bn(x, self.bn7, self._fused_backend, self.sync_bn)
+            return self.head.forward_from_bn(x, self.bn7, self._fused_backend, self.sync_bn, self._act_kwargs())
         return self.forward_head(self.forward_features(x))
 
     def forward_as_dict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """psa/SEAM ``resnet38d.Net.forward_as_dict``: the BN-ReLU'd inputs of b4 ('conv3', SEAM), b5 ('conv4')
-        and b6 ('conv5'), and relu(bn7) ('conv6'). Each BN runs once, on the fused path too."""
+        and b6 ('conv5'), and relu(bn7) ('conv6') (leaky with ``activation="leaky_relu"``). Each BN runs once, on
+        the fused path too."""
         out: dict[str, Any] = {}
         keys = {"b4": "conv3", "b5": "conv4", "b6": "conv5"}
         x = self.conv1a(x)

@@ -8,7 +8,7 @@ models: ``features_only``/``out_indices``/``feature_cls`` (default: timm's ``Fea
 :meth:`ResNet38.forward_intermediates`, all six ``feature_info`` maps, strides 1, 2, 4, 8, 16, 32, VGG-style),
 ``num_classes``, ``in_chans``, ``drop_rate``, ``global_pool``, ``output_stride``, ``pretrained_cfg``,
 ``pretrained_cfg_overlay``, ``cache_dir``, ``device``/``dtype``; and ours: ``width``, ``fused``, ``pool_style``,
-``dropout``.
+``dropout``, ``activation``/``activation_param``, ``bn_eps``, ``dilate_first_conv``, ``weights_convention``.
 
 ``pretrained=True`` loads ``pretrained_cfg["file"]`` through :func:`widedeep.weights.load_weights` (ademxapp
 ``.params``, ``.pth``, ``.safetensors``): the released file name (ademxapp weights are not downloadable;
@@ -50,6 +50,13 @@ _A1_FILE = "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
 _A_FILE = "ilsvrc-cls_rna-a_cls1000_ep-0001.params"
 _D_CFG = dict(num_classes=0, input_size=(3, 448, 448), pool_size=(56, 56), crop_pct=1.0, classifier="")
 
+# Mapillary's WiderResNet / WiderResNetA2 (InPlace-ABN, leaky ReLU): their ImageNet protocol is 256 -> 224 centre
+# crop; the file (wider_resnet38.pth.tar) is the user's: pretrained_cfg_overlay=dict(file=PATH), and
+# weights_convention="inplace_abn" for a file saved from InPlaceABN modules (see widedeep.weights.lineages)
+_MAPILLARY_CFG = dict(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bilinear",
+                      license="see mapillary/inplace_abn", origin_url="https://github.com/mapillary/inplace_abn",
+                      paper_ids="arXiv:1712.02616")
+
 default_cfgs = generate_default_cfgs({
     "resnet38_a1.ilsvrc": _cfg(_A1_FILE),
     "resnet38_a.ilsvrc": _cfg(_A_FILE),
@@ -58,6 +65,8 @@ default_cfgs = generate_default_cfgs({
     "resnet38d.ilsvrc": _cfg(_A1_FILE, **_D_CFG),
     "wider_resnet38_a1.ilsvrc": _cfg(_A1_FILE),
     "resnet38_a1_s8.ilsvrc": _cfg(_A1_FILE, **_D_CFG),
+    "wider_resnet38": _cfg(**_MAPILLARY_CFG),
+    "wider_resnet38_a2": _cfg(**_MAPILLARY_CFG),
 })
 
 _BUILD_PARAMS = set(inspect.signature(build_model_with_cfg).parameters)

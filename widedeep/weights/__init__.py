@@ -1,7 +1,9 @@
-"""Weights in every format users have: ademxapp ``.params``, psa ``.pth``, safetensors.
+"""Weights in every format users have: ademxapp ``.params``, psa ``.pth``, safetensors, and the Mapillary
+InPlace-ABN / NVIDIA ``.pth.tar`` checkpoints (:mod:`.lineages`).
 
 ``read_state_dict`` turns any of them into our state_dict keys (``read_weights`` also returns the file's
-metadata and md5 status); ``load_weights`` checks names and shapes against a model and copies;
+metadata, key layout, what was skipped and md5 status); ``load_weights`` checks names and shapes against a model
+and copies;
 ``save_weights`` writes ``.params`` / ``.safetensors`` / ``.pth`` atomically; ``pool_style_of`` decides a
 Model A's max-pool style from a file's content (metadata, or the released file's md5), never its name.
 """
@@ -11,14 +13,18 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
+from .lineages import (
+    CONVENTIONS, INPLACE_ABN_EPS, MAPILLARY_LAYOUTS, PLAIN_LAYOUTS, check_convention, inplace_abn_gammas,
+    state_from_checkpoint,
+)
 from .mapping import UnknownNameError, ademxapp_to_key, is_segmentation_file, key_to_ademxapp
 from widedeep.fileio import atomic_open, atomic_write_bytes
 
@@ -30,7 +36,8 @@ from .released import (
 __all__ = [
     "ChecksumError", "ParamsFormatError", "WeightsFormatError", "WeightsMismatchError", "LoadReport", "WeightsFile",
     "RELEASED_MD5", "read_params", "write_params", "read_weights", "read_state_dict", "load_weights", "save_weights",
-    "to_ademxapp", "num_classes_of", "pool_style_of", "verify_released",
+    "to_ademxapp", "num_classes_of", "pool_style_of", "verify_released", "with_convention", "CONVENTIONS",
+    "INPLACE_ABN_EPS",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,18 +74,34 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    # the file's entries with no counterpart, never loaded: {name or "prefix.*": what}, e.g. optimiser state, a
+    # Vistas/NVIDIA segmentation head (also logged when the file is read)
+    skipped: dict[str, str] = field(default_factory=dict)
+    layout: str = "widedeep"  # the file's key layout (see WeightsFile)
+    convention: str | None = None  # BN-gamma convention applied (see WeightsFile)
     checksum_verified: bool = False  # True only when the file has a released name and the released md5
     checksum: str = "unchecked"  # "verified", "mismatch" (released name, other md5: loaded as the user's) or "unchecked"
 
 
 @dataclass
 class WeightsFile:
-    """A weights file read into our keys: ``state``, our writers' ``metadata`` (e.g. ``pool_style``) and the md5 status."""
+    """A weights file read into our keys: ``state``, our writers' ``metadata`` (e.g. ``pool_style``), the md5 status,
+    and where it came from.
+
+    ``layout``: ``"ademxapp"`` (``.params``), ``"widedeep"`` (ours = psa's ``resnet38d`` keys), or a Mapillary/NVIDIA
+    one (``"mapillary"``, ``"mapillary-v0"``, ``"mapillary-vistas"``, ``"nvidia"``; see :mod:`.lineages`).
+    ``skipped``: entries with no counterpart (optimiser state, segmentation heads): ``{name: what}``.
+    ``convention``: ``"inplace_abn"`` once the BN gammas were converted to ``|gamma| + 1e-5``, ``"plain"`` when
+    that was declined, None when nobody said (plain values as in the file).
+    """
 
     path: str
     state: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
     checksum: str = "unchecked"
+    layout: str = "widedeep"
+    skipped: dict[str, str] = field(default_factory=dict)
+    convention: str | None = None
 
 
 def _suffix(path: str | os.PathLike) -> str:
@@ -113,6 +136,7 @@ def _looks_like(path: str) -> str:
 
 
 def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(raw tensors as stored, metadata)."""
     from safetensors import safe_open
 
     try:
@@ -126,7 +150,8 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
         ) from None
 
 
-def _read_pth(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_pth(path: str) -> tuple[Any, dict[str, str]]:
+    """(the checkpoint object as saved, our metadata); :func:`lineages.state_from_checkpoint` unwraps it."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -142,22 +167,28 @@ def _read_pth(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             f"{path}: not a readable torch checkpoint ({type(e).__name__}: {msg.splitlines()[0] if msg else ''}); "
             f"expected a state_dict written by torch.save; the file is {kind}"
         ) from None
-    metadata = {}
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
     if not isinstance(obj, dict):
         raise WeightsFormatError(f"{path}: expected a state_dict (a dict of tensors), found {type(obj).__name__}")
-    ours = (getattr(obj, "_metadata", None) or {}).get(_PTH_META)
+    metadata = {}
+    inner = obj
+    for key in ("state_dict", "model"):
+        if isinstance(inner, dict) and isinstance(inner.get(key), dict):
+            inner = inner[key]
+    ours = (getattr(inner, "_metadata", None) or {}).get(_PTH_META)
     if isinstance(ours, dict):
         metadata = {str(k): str(v) for k, v in ours.items()}
-    state = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items() if torch.is_tensor(v)}
-    return state, metadata
+    return obj, metadata
 
 
-def read_weights(path: str | os.PathLike, *, verify: bool | str = True) -> WeightsFile:
-    """Read a weights file into our state_dict keys, with its metadata and md5 status (see :func:`read_state_dict`)."""
-    path = str(path)
+def read_weights(path: str | os.PathLike, *, verify: bool | str = True,
+                 weights_convention: str | None = None) -> WeightsFile:
+    """Read a weights file into our state_dict keys, with its metadata, layout, skipped entries and md5 status (see
+    :func:`read_state_dict`; ``weights_convention`` as there)."""
+    check_convention(weights_convention)
+    return with_convention(_read_weights(str(path), verify), weights_convention, warn=True)
+
+
+def _read_weights(path: str, verify: bool | str) -> WeightsFile:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such weights file")
     ext = _suffix(path)
@@ -176,29 +207,73 @@ def read_weights(path: str | os.PathLike, *, verify: bool | str = True) -> Weigh
                 f"{path}: {len(unknown)} arrays are not ResNet-38 (ademxapp) parameters: {', '.join(unknown[:10])}"
                 + (" ..." if len(unknown) > 10 else ""), path=path, unexpected=unknown,
             )
-        return WeightsFile(path, out, {}, checksum)
-    if ext == ".safetensors":
-        return WeightsFile(path, *_read_safetensors(path))
-    if ext in (".pth", ".pt", ".pth.tar"):
-        return WeightsFile(path, *_read_pth(path))
+        return WeightsFile(path, out, {}, checksum, layout="ademxapp")
+    if ext in (".safetensors", ".pth", ".pt", ".pth.tar"):
+        obj, metadata = _read_safetensors(path) if ext == ".safetensors" else _read_pth(path)
+        state, skipped, layout = state_from_checkpoint(obj, path)
+        return WeightsFile(path, state, metadata, layout=layout, skipped=skipped)
     raise WeightsFormatError(
         f"{path}: unknown weights format {ext!r}: expected .params, .safetensors, .pth, .pt or .pth.tar"
     )
 
 
-def read_state_dict(path: str | os.PathLike, *, verify: bool | str = True) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, *, verify: bool | str = True,
+                    weights_convention: str | None = None) -> dict[str, torch.Tensor]:
     """Read a weights file into our state_dict keys.
 
     ``.params``/``.npz``: ademxapp/MXNet arrays renamed; ``.safetensors``: as saved by :func:`save_weights`;
     ``.pth``/``.pt``/``.pth.tar``: a state_dict, possibly under ``state_dict``/``model`` and with DataParallel's
-    ``module.`` prefix (psa ``resnet38d`` keys are ours).
+    ``module.`` prefix (psa ``resnet38d`` keys are ours), or a Mapillary InPlace-ABN / NVIDIA checkpoint, told
+    from its keys (``mod2.block1.bn1.weight``, with ``.bn.`` (v0.0.1) or ``.0.`` (NVIDIA) before BN parameters,
+    or a Vistas ``{"body", "head", "cls"}``; see :mod:`.lineages`). Entries with no counterpart (optimiser
+    state, DeepLab heads) are logged and listed in :attr:`WeightsFile.skipped` (:func:`read_weights`).
+
+    ``weights_convention``: ``"inplace_abn"`` converts every BN gamma to ``|gamma| + 1e-5``, which a file saved
+    from InPlaceABN modules needs (InPlace-ABN normalises with that; Mapillary's ImageNet and Vistas files);
+    ``"plain"`` keeps the values (NVIDIA's re-keyed file, plain BatchNorm); None keeps them and warns for the
+    Mapillary layouts, since files do not record which they are. ademxapp/psa/our keys are always plain:
+    ``"inplace_abn"`` there raises :class:`WeightsFormatError`.
 
     ``verify``: a file named like a released ademxapp file is md5-checked. ``True`` (default): a mismatch logs
     a warning and the file loads as the user's own (the trainer's exports reuse those names); ``"strict"``:
     a mismatch raises :class:`ChecksumError`; ``False``: no check. Unreadable files raise
     :class:`WeightsFormatError` (``ParamsFormatError`` for ``.params``) naming the file.
     """
-    return read_weights(path, verify=verify).state
+    return read_weights(path, verify=verify, weights_convention=weights_convention).state
+
+
+def with_convention(wf: WeightsFile, convention: str | None, *, warn: bool = False) -> WeightsFile:
+    """``wf`` with its BN gammas read under ``convention`` (see :func:`read_state_dict`): a new WeightsFile when
+    they change, ``wf`` itself otherwise. ``warn``: log the "which convention?" warning for an undecided
+    Mapillary file (done once, when the file is read)."""
+    check_convention(convention)
+    name = Path(wf.path).name
+    if convention is None:
+        if warn and wf.convention is None and wf.layout in MAPILLARY_LAYOUTS and wf.layout != "nvidia":
+            log.warning("%s: a Mapillary InPlace-ABN checkpoint (%s layout); its BN gammas are used as plain "
+                        "BatchNorm gammas. A file saved from InPlaceABN modules (Mapillary's ImageNet and Vistas "
+                        "files) normalises with |gamma| + eps: pass weights_convention='inplace_abn' for it, "
+                        "weights_convention='plain' to keep the values and silence this", wf.path, wf.layout)
+        return wf
+    if convention == wf.convention:
+        return wf
+    if wf.convention == "inplace_abn":  # |gamma| cannot be undone
+        raise ValueError(f"{wf.path}: its gammas were already converted (weights_convention='inplace_abn'); read the "
+                         f"file again for weights_convention={convention!r}")
+    if convention == "plain":
+        return replace(wf, convention="plain")
+    if wf.layout in PLAIN_LAYOUTS:
+        raise WeightsFormatError(
+            f"{wf.path}: weights_convention='inplace_abn' converts the BN gammas of Mapillary InPlace-ABN checkpoints "
+            f"(mod<L>.block<k> keys), but {name} has {wf.layout} keys, whose BatchNorms are plain: drop the option "
+            "(or pass weights_convention='plain')"
+        )
+    if wf.layout == "nvidia":
+        log.warning("%s: NVIDIA's re-keyed checkpoints (BN as Sequential(BatchNorm2d, ReLU)) hold plain BatchNorm "
+                    "gammas, for which weights_convention='plain' is right; converting to |gamma| + eps as asked",
+                    wf.path)
+    log.info("%s: BN gammas -> |gamma| + %g (InPlace-ABN convention)", wf.path, INPLACE_ABN_EPS)
+    return replace(wf, state=inplace_abn_gammas(wf.state), convention="inplace_abn")
 
 
 def pool_style_of(source: WeightsFile | str | os.PathLike | Mapping, variant: str | None = None) -> tuple[str, str]:
@@ -269,26 +344,32 @@ def load_weights(
     drop_classifier: bool = False,
     verify: bool | str = True,
     name: str | None = None,
+    weights_convention: str | None = None,
 ) -> LoadReport:
-    """Copy weights from ``source`` (a file, a :class:`WeightsFile` or a state_dict from :func:`read_state_dict`)
-    into ``model`` after checking every name and shape.
+    """Copy weights from ``source`` (a file, a :class:`WeightsFile`, a state_dict from :func:`read_state_dict`, or a
+    checkpoint dict as ``torch.load`` returns it, in any layout :func:`read_state_dict` knows) into ``model`` after
+    checking every name and shape.
 
     ``drop_classifier``: ignore the file's last layer (``fc``/``head.score``), e.g. to fine-tune with another
     class count. A trunk-only model (``num_classes=0``, e.g. ``resnet38d``) drops a file's heads by itself
     (logged). ``strict=False`` allows missing and unexpected names (reported, not copied); shape mismatches
     always raise. ``verify``: md5 check of released names, see :func:`read_state_dict`. ``name`` labels a
-    state_dict source in messages. Raises :class:`WeightsMismatchError` listing what does not fit.
+    state_dict source in messages. ``weights_convention``: BN gammas of Mapillary InPlace-ABN files, see
+    :func:`read_state_dict`. The file's entries with no counterpart are listed in ``report.skipped``.
+    Raises :class:`WeightsMismatchError` listing what does not fit.
     """
-    if isinstance(source, WeightsFile):
-        path, state = source.path, dict(source.state)
-        report = LoadReport(path=path, checksum=source.checksum)
-    elif isinstance(source, Mapping):
-        path, state = name or "<state_dict>", dict(source)
-        report = LoadReport(path=path)
+    if isinstance(source, Mapping) and not isinstance(source, WeightsFile):
+        label = name or "<state_dict>"
+        state, skipped, layout = state_from_checkpoint(source, label)
+        source = WeightsFile(label, state, layout=layout, skipped=skipped)
+        wf = with_convention(source, weights_convention, warn=True)
+    elif isinstance(source, WeightsFile):
+        wf = with_convention(source, weights_convention)
     else:
-        wf = read_weights(source, verify=verify)
-        path, state = wf.path, wf.state
-        report = LoadReport(path=path, checksum=wf.checksum)
+        wf = read_weights(source, verify=verify, weights_convention=weights_convention)
+    path, state = wf.path, dict(wf.state)
+    report = LoadReport(path=path, checksum=wf.checksum, skipped=dict(wf.skipped), layout=wf.layout,
+                        convention=wf.convention)
     report.checksum_verified = report.checksum == "verified"
     target = model.state_dict()
     if drop_classifier:
@@ -334,7 +415,8 @@ def load_weights(
         if unexplained:
             problems.append("shape mismatches: " + "; ".join(f"{k} file {a} vs model {b}" for k, a, b in unexplained[:10]))
     if strict and report.missing:
-        problems.append(f"missing from the file ({len(report.missing)}): {_trim(report.missing)}")
+        problems.append(f"missing from the file ({len(report.missing)}): {_trim(report.missing)}"
+                        + _missing_hint(report.missing, file_classes, wf.layout))
     if strict and report.unexpected:
         problems.append(f"not in the model ({len(report.unexpected)}): {_trim(report.unexpected)}")
     if problems:
@@ -351,6 +433,19 @@ def load_weights(
     for key in report.missing + report.unexpected:
         log.warning("%s: %s %s", path, "missing" if key in report.missing else "unused", key)
     return report
+
+
+def _missing_hint(missing: list[str], file_classes: int, layout: str) -> str:
+    """What to do about keys a file lacks, when the reason is a known one."""
+    head = [k for k in missing if k.startswith(HEAD_PREFIXES)]
+    bn7 = [k for k in missing if k.startswith("bn7.")]
+    hints = []
+    if head and file_classes == 0:
+        hints.append("the file has no classifier (a trunk, e.g. a Vistas body): build the model with num_classes=0")
+    if bn7 and layout == "nvidia":
+        hints.append("NVIDIA's DeepWV3Plus keeps no bn_out (bn7): load with strict=False (create_model: "
+                     "weights_strict=False) and use forward_features(x, bn7=False), the raw trunk output it uses")
+    return " (" + "; ".join(hints) + ")" if hints and len(head) + len(bn7) == len(missing) else ""
 
 
 def num_classes_of(state: Mapping[str, torch.Tensor]) -> int:
