@@ -340,6 +340,21 @@ def test_layout_errors_name_the_file_and_fix(tmp_path):
 
 
 # ------------------------------------------------------------------ model options
+def test_convert_writes_plain_bn_values(tmp_path):
+    """python -m widedeep.convert --weights-convention inplace_abn: the written file loads exactly, no option needed."""
+    from widedeep.convert import cli
+
+    s = mapillary_state(classes=1000)
+    src = _save({"state_dict": {f"module.{k}": v for k, v in s.items()}}, tmp_path / "wider_resnet38.pth.tar")
+    out = tmp_path / "plain.safetensors"
+    assert cli([src, str(out), "--label", "wider_resnet38", "--width", str(W),
+                "--weights-convention", "inplace_abn"]) == 0
+    model = create_model("wider_resnet38", width=W, weights=str(out)).eval()
+    x = x_like(torch.float32)
+    with torch.no_grad():
+        close(model(x), reference(s, x, arch="a"))
+
+
 def test_dilate_first_conv_plan():
     def dil(**kw):
         return {u.module: u.dilations for u in build_plan("a2", 8, **kw) if hasattr(u, "module")}
