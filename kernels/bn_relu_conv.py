@@ -219,21 +219,22 @@ def bn_relu_conv(
         if why:
             raise ValueError(f"conv='triton' cannot be used here: {why}")
     cdtype = compute_dtype(x)
+    geometry = tuple(_geometry(c) for c in convs)  # validates padding before any running statistic changes
     if torch.compiler.is_compiling() and not sync:  # opaque custom ops for Dynamo (kernels/ops.py)
         from .ops import bn_relu_conv_via_ops
 
         mask, keep = _dropout_mask(x, dropout)
-        return bn_relu_conv_via_ops(x, bn, convs, be, cdtype, mask, keep, conv, activation, activation_param)
+        return bn_relu_conv_via_ops(x, bn, convs, geometry, be, cdtype, mask, keep, conv, activation,
+                                    activation_param)
     p = bn_params(x, bn, backend=be, sync=sync, process_group=process_group, activation=activation,
                   activation_param=activation_param)
     if conv == "triton":
         params_ = [t for c in convs for t in (c.weight, c.bias)]
-        return list(_IGemmBNReLUConvFunction.apply(x, bn.weight, bn.bias, p, cdtype,
-                                                   tuple(_geometry(c) for c in convs), *params_))
+        return list(_IGemmBNReLUConvFunction.apply(x, bn.weight, bn.bias, p, cdtype, geometry, *params_))
     mask, keep = _dropout_mask(x, dropout)
     params: list[torch.Tensor | None] = []
     for conv in convs:
         params += [conv.weight, conv.bias]
     outs = _BNReLUConvFunction.apply(x, bn.weight, bn.bias, p, be, cdtype, mask, keep, sync, process_group,
-                                     tuple(_geometry(c) for c in convs), *params)
+                                     geometry, *params)
     return list(outs)

@@ -18,12 +18,11 @@ Ops (namespace ``widedeep_kernels``), C channels, x (N, C, H, W) NCHW or channel
   (stride h/w, padding h/w, dilation h/w, groups).
 
 Synchronised statistics (``sync=True``) are not offered here: a process group cannot be an op argument, so
-SyncBN-style blocks keep the eager Functions (a graph break under torch.compile).
+SyncBN-style blocks keep the eager Functions, which Dynamo then traces (collectives included).
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
 from types import SimpleNamespace
 from typing import Optional, Sequence
 
@@ -34,27 +33,33 @@ from .bn_relu import BNParams, bn_params, bn_relu_backward, bn_relu_forward
 from .bn_relu_conv import conv_backward, conv_forward, igemm_backward, igemm_forward
 
 NS = "widedeep_kernels"
-_BN_FIELDS = {f.name for f in fields(BNParams)}
+# Inductor may hand an op inputs in other layouts than those it was traced with (it re-lays out buffers); the
+# outputs' layouts follow the inputs', so the fake implementations hold only if the inputs keep their exact strides
+_TAGS = (getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order),)
 
 
 def _stats_dtype(x: Tensor, backend: str) -> torch.dtype:
     return torch.float64 if (x.dtype == torch.float64 and backend != "triton") else torch.float32
 
 
-def _act_kwargs(activation: str, activation_param: float) -> dict:
-    """BNParams' activation fields, for kernels that have them (plain ReLU otherwise)."""
-    if "activation" not in _BN_FIELDS:
-        if activation != "relu":
-            raise ValueError(f"activation={activation!r} is not supported by these kernels")
-        return {}
-    return dict(activation=activation, activation_param=activation_param)
+def _is_cl(t: Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _fmt(*ts: Tensor) -> torch.memory_format:
+    """The layout every op output takes: channels_last if any of ``ts`` is, else NCHW.
+
+    The real implementations pin their outputs to it (a no-op in the usual cases) so that the fake
+    implementations can state it: what the kernels and cuDNN/oneDNN would pick by themselves depends on x *and*
+    the weights' layouts, on denseness, and (implicit GEMMs) is always channels_last."""
+    return torch.channels_last if any(_is_cl(t) for t in ts) else torch.contiguous_format
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # statistics
 
 
-@torch.library.custom_op(f"{NS}::bn_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+@torch.library.custom_op(f"{NS}::bn_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked"), tags=_TAGS)
 def bn_stats(x: Tensor, weight: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
              num_batches_tracked: Tensor, has_running: bool, momentum: float, cumulative: bool, eps: float,
              training: bool, track_running_stats: bool, backend: str) -> Tensor:
@@ -69,8 +74,9 @@ def bn_stats(x: Tensor, weight: Optional[Tensor], running_mean: Tensor, running_
     p = bn_params(x, bn, backend=backend)
     C = x.shape[1]
     dt = _stats_dtype(x, backend)
-    count = p.count if isinstance(p.count, Tensor) else torch.tensor(float(p.count), device=x.device)
-    return torch.stack([p.mean.to(dt), p.rstd.to(dt), p.scale.to(dt), count.to(dt).expand(C)])
+    # an int count (eval statistics, torch backend) is filled on the device: no host-to-device copy to wait for
+    count = p.count.to(dt).expand(C) if isinstance(p.count, Tensor) else p.mean.new_full((C,), float(p.count), dtype=dt)
+    return torch.stack([p.mean.to(dt), p.rstd.to(dt), p.scale.to(dt), count])
 
 
 @bn_stats.register_fake
@@ -86,7 +92,7 @@ def unpack(stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], batc
     w = weight.detach().to(dt) if weight is not None else stats.new_ones(C)
     b = bias.detach().to(dt) if bias is not None else stats.new_zeros(C)
     return BNParams(stats[0], stats[1], w, b, stats[3, 0], batch_stats, cached_scale=stats[2],
-                    **_act_kwargs(activation, activation_param))
+                    activation=activation, activation_param=activation_param)
 
 
 def stats_of(x: Tensor, bn, backend: str) -> Tensor:
@@ -105,33 +111,35 @@ def stats_of(x: Tensor, bn, backend: str) -> Tensor:
 # act(bn(x))
 
 
-@torch.library.custom_op(f"{NS}::bn_act", mutates_args=())
+@torch.library.custom_op(f"{NS}::bn_act", mutates_args=(), tags=_TAGS)
 def bn_act(x: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], batch_stats: bool,
            backend: str, out_dtype: torch.dtype, activation: str, activation_param: float) -> Tensor:
     """act(bn(x)) in x's layout and ``out_dtype``."""
     p = unpack(stats, weight, bias, batch_stats, activation, activation_param)
-    return bn_relu_forward(x, p, backend=backend, out_dtype=out_dtype)
+    return bn_relu_forward(x, p, backend=backend, out_dtype=out_dtype).contiguous(memory_format=_fmt(x))
 
 
 @bn_act.register_fake
 def _(x, stats, weight, bias, batch_stats, backend, out_dtype, activation, activation_param):
-    return torch.empty_like(x, dtype=out_dtype)
+    return x.new_empty(x.shape, dtype=out_dtype).contiguous(memory_format=_fmt(x))
 
 
-@torch.library.custom_op(f"{NS}::bn_act_backward", mutates_args=())
+@torch.library.custom_op(f"{NS}::bn_act_backward", mutates_args=(), tags=_TAGS)
 def bn_act_backward(x: Tensor, dy: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     batch_stats: bool, backend: str, activation: str, activation_param: float
                     ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx in x's dtype and layout, dgamma fp32 (C,), dbeta fp32 (C,))."""
     p = unpack(stats, weight, bias, batch_stats, activation, activation_param)
     dx, dgamma, dbeta = bn_relu_backward(x, dy, p, backend=backend)
-    return dx, dgamma.float().clone(), dbeta.float().clone()  # (rows of one buffer: no aliasing outputs)
+    # (dgamma/dbeta: rows of one buffer; outputs of an op must not alias each other)
+    return dx.contiguous(memory_format=_fmt(x)), dgamma.float().clone(), dbeta.float().clone()
 
 
 @bn_act_backward.register_fake
 def _(x, dy, stats, weight, bias, batch_stats, backend, activation, activation_param):
     C = x.shape[1]
-    return torch.empty_like(x), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
+    return (x.new_empty(x.shape).contiguous(memory_format=_fmt(x)), x.new_empty(C, dtype=torch.float32),
+            x.new_empty(C, dtype=torch.float32))
 
 
 def _bn_act_setup(ctx, inputs, output):
@@ -165,9 +173,9 @@ def _spread(present: Sequence[Tensor], has: Sequence[bool]) -> list[Optional[Ten
     return [next(it) if h else None for h in has]
 
 
-def flat_geometry(convs) -> list[int]:
-    """7 ints per nn.Conv2d: stride h/w, padding h/w, dilation h/w, groups."""
-    return [v for c in convs for v in (*c.stride, *c.padding, *c.dilation, c.groups)]
+def flat_geometry(geometry: Sequence[tuple]) -> list[int]:
+    """7 ints per conv from its validated (stride, padding, dilation, groups) (``bn_relu_conv._geometry``)."""
+    return [v for stride, padding, dilation, groups in geometry for v in (*stride, *padding, *dilation, groups)]
 
 
 def _conv_out_shape(x: Tensor, w: Tensor, geo: tuple) -> tuple[int, ...]:
@@ -177,12 +185,12 @@ def _conv_out_shape(x: Tensor, w: Tensor, geo: tuple) -> tuple[int, ...]:
     return (N, w.shape[0], (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
 
-@torch.library.custom_op(f"{NS}::bn_act_conv", mutates_args=())
+@torch.library.custom_op(f"{NS}::bn_act_conv", mutates_args=(), tags=_TAGS)
 def bn_act_conv(x: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 conv_weights: Sequence[Tensor], conv_biases: Sequence[Tensor], has_bias: Sequence[bool],
                 geometry: Sequence[int], mask: Optional[Tensor], keep: float, batch_stats: bool, backend: str,
                 cdtype: torch.dtype, conv_impl: str, activation: str, activation_param: float) -> list[Tensor]:
-    """Outputs (N, K_i, H_i, W_i) in ``cdtype``, x's memory format (as torch's convolutions give).
+    """Outputs (N, K_i, H_i, W_i) in ``cdtype``; channels_last if x is or with the implicit GEMMs, else NCHW.
 
     ``conv_biases`` holds only the biases that exist, ``has_bias`` says which convs have one (a list mixing
     tensors and None would not get per-element gradients from torch.library's autograd)."""
@@ -193,20 +201,25 @@ def bn_act_conv(x: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Option
         outs = igemm_forward(x, p, cdtype, conv_weights, conv_biases, geo)
     else:
         outs = conv_forward(x, p, backend, cdtype, mask, keep, conv_weights, conv_biases, geo)
-    return list(outs)
+    fmt = _out_fmt(x, conv_weights, conv_impl)
+    return [y.contiguous(memory_format=fmt) for y in outs]
+
+
+def _out_fmt(x: Tensor, conv_weights: Sequence[Tensor], conv_impl: str) -> torch.memory_format:
+    # x's layout only: Inductor re-derives the outputs' layouts from its own view of the inputs, and for the
+    # parameters that view need not keep a channels_last weight's strides (cuDNN/oneDNN alone would follow them)
+    return torch.channels_last if conv_impl == "triton" else _fmt(x)
 
 
 @bn_act_conv.register_fake
 def _(x, stats, weight, bias, conv_weights, conv_biases, has_bias, geometry, mask, keep, batch_stats, backend,
       cdtype, conv_impl, activation, activation_param):
-    # the implicit GEMMs always write channels_last; torch's convolutions follow x's layout
-    cl = conv_impl == "triton" or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-    fmt = torch.channels_last if cl else torch.contiguous_format
+    fmt = _out_fmt(x, conv_weights, conv_impl)
     return [x.new_empty(_conv_out_shape(x, w, g), dtype=cdtype).contiguous(memory_format=fmt)
             for w, g in zip(conv_weights, _geometry(geometry))]
 
 
-@torch.library.custom_op(f"{NS}::bn_act_conv_backward", mutates_args=())
+@torch.library.custom_op(f"{NS}::bn_act_conv_backward", mutates_args=(), tags=_TAGS)
 def bn_act_conv_backward(grads: Sequence[Tensor], x: Tensor, stats: Tensor, weight: Optional[Tensor],
                          bias: Optional[Tensor], conv_weights: Sequence[Tensor], has_bias: Sequence[bool],
                          geometry: Sequence[int], mask: Optional[Tensor], keep: float, batch_stats: bool,
@@ -221,8 +234,11 @@ def bn_act_conv_backward(grads: Sequence[Tensor], x: Tensor, stats: Tensor, weig
     else:
         dx, dgamma, dbeta, pg = conv_backward(x, p, backend, cdtype, mask, keep, conv_weights, has_bias, geo, grads,
                                               True, [True] * n, [True] * n)
-    # dgamma/dbeta are rows of one buffer on the triton backend: outputs of an op must not alias each other
-    return dx, dgamma.float().clone(), dbeta.float().clone(), list(pg[0::2]), [g for g in pg[1::2] if g is not None]
+    # dgamma/dbeta are rows of one buffer on the triton backend: outputs of an op must not alias each other.
+    # dx takes x's layout, each dW its weight's (_fmt): what the fake implementation states.
+    dws = [g.contiguous(memory_format=_fmt(w)) for g, w in zip(pg[0::2], conv_weights)]
+    return (dx.contiguous(memory_format=_fmt(x)), dgamma.float().clone(), dbeta.float().clone(), dws,
+            [g for g in pg[1::2] if g is not None])
 
 
 @bn_act_conv_backward.register_fake
@@ -230,8 +246,9 @@ def _(grads, x, stats, weight, bias, conv_weights, has_bias, geometry, mask, kee
       conv_impl, activation, activation_param):
     C = x.shape[1]
     dbs = [x.new_empty(w.shape[0], dtype=w.dtype) for w, hb in zip(conv_weights, has_bias) if hb]
-    return (torch.empty_like(x), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32),
-            [torch.empty_like(w) for w in conv_weights], dbs)
+    return (x.new_empty(x.shape).contiguous(memory_format=_fmt(x)), x.new_empty(C, dtype=torch.float32),
+            x.new_empty(C, dtype=torch.float32),
+            [w.new_empty(w.shape).contiguous(memory_format=_fmt(w)) for w in conv_weights], dbs)
 
 
 def _bn_act_conv_setup(ctx, inputs, output):
@@ -266,17 +283,19 @@ bn_act_conv.register_autograd(_bn_act_conv_bwd, setup_context=_bn_act_conv_setup
 
 def bn_relu_via_ops(x: Tensor, bn, backend: str, out_dtype: torch.dtype, activation: str = "relu",
                     activation_param: float = 0.01) -> Tensor:
+    x = x.contiguous(memory_format=_fmt(x))  # dense: a strided view's layout is ambiguous to Inductor
     stats = stats_of(x, bn, backend)
     batch_stats = bool(bn.training or bn.running_mean is None)
     return bn_act(x, stats, bn.weight, bn.bias, batch_stats, backend, out_dtype, activation, activation_param)
 
 
-def bn_relu_conv_via_ops(x: Tensor, bn, convs, backend: str, cdtype: torch.dtype, mask: Optional[Tensor],
+def bn_relu_conv_via_ops(x: Tensor, bn, convs, geometry: Sequence[tuple], backend: str, cdtype: torch.dtype, mask: Optional[Tensor],
                          keep: float, conv_impl: str, activation: str = "relu",
                          activation_param: float = 0.01) -> list[Tensor]:
+    x = x.contiguous(memory_format=_fmt(x))  # dense: a strided view's layout is ambiguous to Inductor
     stats = stats_of(x, bn, backend)
     batch_stats = bool(bn.training or bn.running_mean is None)
     return bn_act_conv(x, stats, bn.weight, bn.bias, [c.weight for c in convs],
                        [c.bias for c in convs if c.bias is not None], [c.bias is not None for c in convs],
-                       flat_geometry(convs), mask, keep, batch_stats, backend, cdtype, conv_impl, activation,
+                       flat_geometry(geometry), mask, keep, batch_stats, backend, cdtype, conv_impl, activation,
                        activation_param)

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 import kernels
 from kernels import ops
+from kernels.bn_relu_conv import _geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +70,7 @@ def test_opcheck_bn_act_conv(device, backend, case):
     cdtype = torch.bfloat16 if case == "bf16" else torch.float32
     stats = ops.stats_of(x, bn, backend)
     args = (x, stats, bn.weight, bn.bias, [c.weight for c in convs], [convs[0].bias], [True, False],
-            ops.flat_geometry(convs), mask, keep, case != "eval", backend, cdtype, "torch",
+            ops.flat_geometry([_geometry(c) for c in convs]), mask, keep, case != "eval", backend, cdtype, "torch",
             case if case in ("leaky_relu", "identity") else "relu", 0.2)
     torch.library.opcheck(ops.bn_act_conv, args)
 
@@ -79,7 +80,7 @@ def test_opcheck_implicit_gemm(device):
     conv = nn.Conv2d(6, 5, 3, 1, 1, bias=False).to(device)
     x = torch.randn(1, 6, 4, 5, device=device, requires_grad=True)
     stats = ops.stats_of(x, bn, "triton")
-    args = (x, stats, bn.weight, bn.bias, [conv.weight], [], [False], ops.flat_geometry([conv]), None, 1.0, True,
+    args = (x, stats, bn.weight, bn.bias, [conv.weight], [], [False], ops.flat_geometry([_geometry(conv)]), None, 1.0, True,
             "triton", torch.float32, "triton", "relu", 0.01)
     torch.library.opcheck(ops.bn_act_conv, args)
 
@@ -125,12 +126,49 @@ def test_compile_module_keeps_custom_ops_and_matches_eager(device, backend, conv
 
 
 def _inductor(module):
-    if module.parameters().__next__().device.type == "cpu":
-        import torch._inductor.config as inductor_config
-
-        inductor_config.layout_optimization = False  # channels_last CPU convs: the oneDNN crash (module doc)
     torch._dynamo.reset()
+    if next(module.parameters()).device.type == "cpu":  # channels_last CPU convs: the oneDNN crash (module doc)
+        return torch.compile(module, fullgraph=True, options={"layout_optimization": False})
     return torch.compile(module, fullgraph=True)
+
+
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("case", ["weight_cl", "x_cl", "igemm_cl", "strided_view"])
+def test_compile_with_mixed_layouts(device, case):
+    """Inductor checks each op's real output strides against its fake implementation: channels_last weights with
+    NCHW x, channels_last x with NCHW weights, an all-channels_last implicit GEMM, a non-dense input view."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 7, device=device)
+    if case == "weight_cl":
+        m = kernels.BNReLUConv2d(4, 6, 3, padding=1, backend="torch").to(device, memory_format=CL)
+    elif case == "x_cl":
+        m, x = kernels.BNReLUConv2d(4, 6, 3, padding=1, backend="torch").to(device), x.contiguous(memory_format=CL)
+    elif case == "igemm_cl":
+        m = kernels.BNReLUConv2d(4, 6, 3, padding=1, backend="triton", conv_impl="triton").to(device,
+                                                                                              memory_format=CL)
+        x = x.contiguous(memory_format=CL)
+    else:
+        m, x = kernels.BNReLU(4, backend="triton").to(device), x.contiguous(memory_format=CL)[:, :, :, 1:]
+    ref = copy.deepcopy(m)
+    xc, xr = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    y, yr = _inductor(m)(xc), ref(xr)
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    for p, q in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_padding_mode_is_refused_as_in_eager():
+    """A non-zero padding_mode is an error in eager; compiled, it must not silently become zero padding."""
+    bn, conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+    fn = torch.compile(lambda t: kernels.bn_relu_conv(t, bn, [conv], backend="torch")[0], fullgraph=True)
+    with pytest.raises(Exception, match="zero padding"):
+        fn(torch.randn(2, 4, 5, 5))
+    assert bn.num_batches_tracked.item() == 0  # refused before any running statistic changed
 
 
 # ---------------------------------------------------------------------------------------------------------------
