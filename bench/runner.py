@@ -44,7 +44,7 @@ CONFIGS = {
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"],
         compile_models=["A1"], warmup=2, iters=5, compile_last=True,
         budgets=dict(ceilings=8, bn_relu=5, conv=12, model=75, sweep=60, compile=None, data=20),
-        data=dict(images=16, batch=8, epochs=1, workers=2, cases=["cls-train"]),
+        data=dict(images=32, batch=8, epochs=1, workers=[2], reps=2, cases=["cls-train"]),
     ),
     "full": dict(
         total_s=None, threads=None,
@@ -53,7 +53,9 @@ CONFIGS = {
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile", "fused_cudagraphs"],
         compile_models=["A1", "A1-s8"], warmup=3, iters=10,
         budgets={}, largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
-        data=dict(images=96, batch=16, epochs=2, workers=4, cases=["cls-train", "seg-train"]),
+        # the published CPU numbers: 5 interleaved repetitions, 1 -> 2 workers, per-image CPU profile
+        data=dict(images=256, batch=16, epochs=2, workers=[1, 2], reps=5, cases=["cls-train", "seg-train"],
+                  profile=True, alignment=True),
     ),
     "campaign": dict(
         total_s=525, threads=None,
@@ -64,7 +66,9 @@ CONFIGS = {
         # 2026-11-25 on an H100: the tests took 28-38 s; the compile section needed ~175 s for A1 alone
         budgets=dict(tests=60, model=95, compile=150, largest=80, ceilings=10, bn_relu=20, conv=65, data=20),
         largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
-        data=dict(images=64, batch=16, epochs=1, workers=4, cases=["cls-train", "seg-train"]),
+        # mixed decode measured and its labels checked against the pixels (alignment first: it is the must-have)
+        data=dict(images=96, batch=16, epochs=1, workers=[8], reps=2, cases=["cls-train", "seg-train"],
+                  alignment=True),
     ),
     "smoke": dict(
         total_s=110, threads=2,
@@ -73,7 +77,7 @@ CONFIGS = {
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"], compile_models=[],
         warmup=1, iters=1,
         budgets=dict(tests=40, ceilings=5, model=70, bn_relu=5, conv=10, data=15),
-        data=dict(images=8, batch=4, epochs=1, workers=1, cases=["cls-train"]),
+        data=dict(images=16, batch=4, epochs=1, workers=[1], reps=1, cases=["cls-train"], alignment=True),
     ),
 }
 
@@ -225,36 +229,41 @@ def kernel_sections(cfg, budget, res, log, cuda: bool, smoke: bool) -> None:
 
 
 def data_section(cfg, budget, res, log, cuda: bool) -> None:
+    """Data pipelines (bench.data_throughput): interleaved repeated runs of both backends (and DALI mixed decode on
+    CUDA), DALI/torch ratios, worker scaling, optionally the per-image CPU profile and the label alignment check."""
     with budget.section("data", cfg["budgets"].get("data")) as sec:
-        from bench.data_throughput import CASES, throughput
+        from bench.data_throughput import CASES, alignment, measure, profile, scaling
         from data_pipes.dali_backend import available as dali_available
-        from data_pipes.synthetic import write_synthetic
 
         d = cfg["data"]
         dali = dali_available()
         if not dali:
             res["notes"].append("data: DALI not importable: torch/Pillow backend only (no DALI cpu/mixed rows)")
         with tempfile.TemporaryDirectory() as tmp:
-            for case in d["cases"]:
-                dataset, crop, recipe = CASES[case]
-                root = write_synthetic(dataset, Path(tmp) / dataset, num_train=d["images"], num_val=1,
-                                       size=(375, 500))
-                variants = [("torch", "cpu")] + ([("dali", "cpu")] if dali else [])
-                if cuda and dali:
-                    variants.append(("dali", "cuda"))  # nvJPEG 'mixed' decode
-                for backend, device in variants:
-                    if not sec.has(5):
-                        sec.skip(f"data {case} {backend}/{device}")
+            if d.get("alignment") and dali and sec.has(8):  # on CUDA: DALI's mixed decode, else its CPU operators
+                try:
+                    res["data_alignment"] = alignment("cuda" if cuda else "cpu", Path(tmp))
+                except Exception as e:  # noqa: BLE001 - a broken pipeline is a result
+                    res["data_alignment"] = dict(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+                log(f"  data alignment: {res['data_alignment']}")
+            rows, ratios = measure(d["cases"], d["workers"], reps=d["reps"], images=d["images"], batch=d["batch"],
+                                   epochs=d["epochs"], tmp=Path(tmp), main_threads=d.get("main_threads"),
+                                   section=sec, log=log)
+            res["data"].extend(rows)
+            res["data_ratios"], res["data_scaling"] = ratios, scaling(rows)
+            for r in ratios:
+                res["notes"].append(f"data: DALI {r['device']} / torch images/s, {r['case']}, {r['workers']} workers: "
+                                    f"{r['ratio']}x (median of {r['reps']} interleaved pairs, range {r['min']}-"
+                                    f"{r['max']})")
+                log("  " + res["notes"][-1])
+            if d.get("profile"):
+                res["data_profile"] = []
+                for case in d["cases"]:
+                    if not sec.has(30):
+                        sec.skip(f"data profile {case}")
                         continue
-                    row = dict(case=case, backend=backend, device=device, workers=d["workers"], batch=d["batch"],
-                               crop=crop, images=d["images"], epochs=d["epochs"])
-                    try:
-                        row["images_per_s"] = round(throughput(dataset, root, crop, backend, device, d["workers"],
-                                                               d["batch"], d["epochs"], recipe), 1)
-                    except Exception as e:  # noqa: BLE001 - a broken backend is a result
-                        row["error"] = f"{type(e).__name__}: {e}"[:300]
-                    res["data"].append(row)
-                    log(f"  data {case} {backend}/{device}: {row.get('images_per_s', row.get('error'))} images/s")
+                    res["data_profile"].append(profile(case, Path(tmp) / CASES[case][0], batch=d["batch"]))
+                    log(f"  data profile (CPU ms/image, 1 thread): {res['data_profile'][-1]}")
 
 
 def main(argv=None) -> int:

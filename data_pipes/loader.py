@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from . import dali_backend
+from .feed import EpochPlan
 from .layouts import DatasetIndex, discover
-from .order import epoch_indices
 from .photometric import color_jitter, lighting, normalize
 from .recipes import ORIGIN_SIZE, SEG_TEST_SCALE, ClsTrain, ClsVal, SegTrain, SegVal
 from .torch_backend import TorchBackend
@@ -36,9 +36,10 @@ def make_recipe(task: str, dataset: str, train: bool, crop_size: int | None, **r
 class Loader:
     """Iterable of finished batches for one shard; ``len()`` is the number of batches per epoch.
 
-    Batches: ``image`` float32 (N, 3, H, W) normalised (ImageNet mean/std) on ``device``; ``label`` int64 (N,)
-    or (N, H, W) with 255 = ignore; ``index`` int64 (N,) dataset indices; ``real`` bool (N,) (False = padding
-    repeated to even out shards); ``skipped`` int. Classification val with 3 crops gives image (N, 3, 3, s, s).
+    Batches: ``image`` float32 (N, 3, H, W) normalised (ImageNet mean/std), contiguous NCHW, on ``device``;
+    ``label`` int64 (N,) or (N, H, W) with 255 = ignore; ``index`` int64 (N,) dataset indices; ``real`` bool (N,)
+    (False = padding repeated to even out shards); ``skipped`` int. Classification val with 3 crops gives image
+    (N, 3, 3, s, s).
     Segmentation val pads images (with 0 = mean colour) and labels (255) at the bottom/right to the batch's
     largest, and adds ``image_size`` / ``label_size`` (N, 2) = (H, W) before padding.
 
@@ -53,10 +54,18 @@ class Loader:
         self.shard_id, self.num_shards, self.even, self.device = shard_id, num_shards, even, device
         self.epoch = 0
         self.skipped = 0
+        # picklable: DALI's spawned feed workers compute each epoch's order themselves
+        self.planner = EpochPlan(len(index), seed, shuffle, shard_id, num_shards, even)
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        return epoch_indices(len(self.index), epoch=epoch, seed=self.seed, shuffle=self.shuffle,
-                             shard_id=self.shard_id, num_shards=self.num_shards, even=self.even)
+        """(dataset indices, real) this shard visits in ``epoch`` (see :func:`order.epoch_indices`)."""
+        return self.planner(epoch)
+
+    def close(self) -> None:
+        """Stop background work now (DALI's threads and feed processes prefetch the next epoch)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
     def __len__(self) -> int:
         n, s = len(self.index), self.num_shards
@@ -76,7 +85,7 @@ class Loader:
         A batch whose samples were all skipped (``skip_bad``) is left out, or, with ``keep_empty``, yielded as
         ``{"empty": True, "skipped": n}`` so that the k-th item is always batch k (DDP ranks stay in step).
         """
-        for raw in self.backend.iterate(epoch, self.plan, self.batch_size, start_batch):
+        for raw in self.backend.iterate(epoch, self.planner, self.batch_size, start_batch):
             if raw.get("skipped"):
                 self.skipped += raw["skipped"]
                 log.warning("%d bad sample(s) skipped so far in %s %s", self.skipped, self.index.dataset, self.index.split)
@@ -91,29 +100,40 @@ class Loader:
                 yield {"empty": True, "skipped": raw.get("skipped", 0)}
 
     def finish(self, raw: dict) -> dict:
+        """A backend's raw batch -> the batch described in the class docstring.
+
+        Raw images are uint8 (N, H, W, 3) (the torch backend, and DALI for classification training: colour
+        jitter, lighting, normalisation and NCHW happen here, on ``device``) or, with ``normalized`` (DALI: done
+        in the pipeline), float32 (N, 3, H, W); lists when sizes vary.
+        """
         out = {"index": raw["index"].long(), "real": raw["real"].bool(), "skipped": raw.get("skipped", 0)}
         img, lab = raw["image"], raw["label"]
+        ready = raw.get("normalized", False)
         if isinstance(img, list):  # variable-size segmentation val batch
-            out["image_size"] = torch.tensor([t.shape[:2] for t in img])
+            out["image_size"] = torch.tensor([tuple(t.shape[-2:]) if ready else tuple(t.shape[:2]) for t in img])
             out["label_size"] = torch.tensor([t.shape[:2] for t in lab])
             H, W = out["image_size"].max(0).values.tolist()
             h, w = out["label_size"].max(0).values.tolist()
             x = torch.zeros(len(img), 3, H, W, device=self.device)
             y = torch.full((len(lab), h, w), IGNORE, dtype=torch.long, device=self.device)
             for k, (t, m) in enumerate(zip(img, lab)):
-                x[k, :, : t.shape[0], : t.shape[1]] = normalize(_chw(t.to(self.device))[None])[0]
+                t = t.to(self.device) if ready else normalize(_chw(t.to(self.device))[None])[0]
+                x[k, :, : t.shape[-2], : t.shape[-1]] = t
                 y[k, : m.shape[0], : m.shape[1]] = m.to(self.device).reshape(m.shape[:2]).long()
             out.update(image=x, label=y)
             return out
-        x = _chw(img.to(self.device, non_blocking=True))
-        if isinstance(self.recipe, ClsTrain):
-            p = raw["photometric"].to(self.device)
-            x = lighting(color_jitter(x, p), p, self.recipe.lighting).clamp_(0, 1)
-        out["image"] = normalize(x)
+        if ready:
+            out["image"] = img.to(self.device, non_blocking=True).contiguous()
+        else:
+            x = _chw(img.to(self.device, non_blocking=True))
+            if isinstance(self.recipe, ClsTrain):
+                p = raw["photometric"].to(self.device)
+                x = lighting(color_jitter(x, p), p, self.recipe.lighting).clamp_(0, 1)
+            out["image"] = normalize(x)
         lab = lab.to(self.device, non_blocking=True).long()
         out["label"] = lab.reshape(lab.shape[:3]) if lab.dim() == 4 else lab  # DALI masks are (N, H, W, 1)
         if isinstance(self.recipe, SegVal):
-            out["image_size"] = torch.tensor([img.shape[1:3]] * len(img))
+            out["image_size"] = torch.tensor([tuple(out["image"].shape[-2:])] * len(img))
             out["label_size"] = torch.tensor([lab.shape[1:3]] * len(lab))
         return out
 

@@ -105,13 +105,13 @@ def build_model(ctx: Context) -> ResNet38:
 
 def _compiled(net: nn.Module, mode: str, device: torch.device) -> nn.Module:
     """torch.compile(net) for training; the fused kernels enter the graph as custom ops (kernels/ops.py)."""
-    if device.type == "cpu":
-        import torch._inductor.config as inductor_config
-
-        # Inductor would make CPU convolutions channels_last, whose oneDNN backward segfaults on some AVX-512
-        # CPUs with narrow strided convs (widedeep/train/memory_format.py)
-        inductor_config.layout_optimization = False
     log.info("torch.compile mode %s (the first steps compile)", mode)
+    if device.type == "cpu":
+        # Inductor would make CPU convolutions channels_last, whose oneDNN backward segfaults on some AVX-512
+        # CPUs with narrow strided convs (widedeep/train/memory_format.py): off for this model only.
+        # reduce-overhead means CUDA graphs: nothing to do on a CPU.
+        options = {"layout_optimization": False, **({"max_autotune": True} if mode == "max-autotune" else {})}
+        return torch.compile(net, options=options)
     return torch.compile(net, mode=None if mode == "default" else mode)
 
 
@@ -262,11 +262,14 @@ def train(ctx: Context) -> dict:
                 if ctx.is_main and ((step + 1) % a.log_interval == 0 or step + 1 == iters):
                     dt = time.perf_counter() - t0
                     eta = dt / max(1, step + 1 - first) * (iters - step - 1)
+                    # data-wait: the share of the step time this process sat waiting for the loader (a starving
+                    # pipeline shows as a high value; the host syncs on loss.item() every step, so on a GPU the
+                    # host's wait is the GPU's idle time)
                     log.info("epoch %d [%d/%d] lr %.4g loss %.4f %s %.3f img/s %.1f (global %.1f) data %.3fs "
-                             "mem %.0fMB eta %ds", epoch + 1, step + 1, iters, lr, stats.loss,
+                             "data-wait %.2f mem %.0fMB eta %ds", epoch + 1, step + 1, iters, lr, stats.loss,
                              "acc" if ctx.task == "cls" else "pix-acc", stats.acc, stats.seen_here / dt,
                              stats.seen_here * world / dt, data_time / max(1, step + 1 - first),
-                             _peak_mb(ctx.device), eta)
+                             min(1.0, data_time / dt), _peak_mb(ctx.device), eta)
                 if a.checkpoint_interval and global_step % a.checkpoint_interval == 0:
                     save_state(epoch, step + 1)
                 if a.stop_after_steps and global_step >= a.stop_after_steps:
@@ -276,8 +279,9 @@ def train(ctx: Context) -> dict:
                 t_data = time.perf_counter()
             bar.close()
             start_step = 0
+            loop_s = time.perf_counter() - t_epoch
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_acc": stats.acc,
-                   "epoch_s": round(time.perf_counter() - t_epoch, 2)}
+                   "epoch_s": round(loop_s, 2), "data_wait_frac": round(min(1.0, data_time / max(loop_s, 1e-9)), 4)}
             if first:
                 row["resumed_at_step"] = first  # loss/acc cover the whole epoch; epoch_s only the part after it
             do_eval = not a.no_eval and (epoch + 1 == stop_epoch or (a.eval_every and (epoch + 1) % a.eval_every == 0))
