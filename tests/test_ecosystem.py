@@ -91,7 +91,9 @@ def test_timm_forward_intermediates_and_prune(tmp_path):
         import inspect, timm
         sig = lambda f: [(p.name, p.default) for p in list(inspect.signature(f).parameters.values())[1:]]
         m = timm.create_model("resnet38_a1", width=0.125).eval()
-        assert sig(m.forward_intermediates) == sig(timm.create_model("resnet18").forward_intermediates)
+        ours, timms = sig(m.forward_intermediates), sig(timm.create_model("resnet18").forward_intermediates)
+        assert ours[:len(timms)] == timms and ours[len(timms):] == [("bn7", True)]  # + ours, keyword-only
+        assert inspect.signature(m.forward_intermediates).parameters["bn7"].kind == inspect.Parameter.KEYWORD_ONLY
         x = torch.randn(1, 3, 64, 64)
         with torch.no_grad():
             final, inter = m.forward_intermediates(x)

@@ -596,6 +596,7 @@ class ResNet38(_Activation, nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        *,
         bn7: bool = True,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """timm's ``forward_intermediates``: the :attr:`feature_info` maps picked by ``indices`` (None: all six,
