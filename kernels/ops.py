@@ -46,13 +46,13 @@ def _is_cl(t: Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
-def _fmt(*ts: Tensor) -> torch.memory_format:
-    """The layout every op output takes: channels_last if any of ``ts`` is, else NCHW.
+def _fmt(t: Tensor) -> torch.memory_format:
+    """The layout an op output takes from the tensor ``t`` it follows: channels_last if ``t`` is, else NCHW.
 
     The real implementations pin their outputs to it (a no-op in the usual cases) so that the fake
-    implementations can state it: what the kernels and cuDNN/oneDNN would pick by themselves depends on x *and*
-    the weights' layouts, on denseness, and (implicit GEMMs) is always channels_last."""
-    return torch.channels_last if any(_is_cl(t) for t in ts) else torch.contiguous_format
+    implementations can state it: what the kernels and cuDNN/oneDNN would pick by themselves also depends on the
+    weights' layouts and on denseness."""
+    return torch.channels_last if _is_cl(t) else torch.contiguous_format
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,11 +201,11 @@ def bn_act_conv(x: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Option
         outs = igemm_forward(x, p, cdtype, conv_weights, conv_biases, geo)
     else:
         outs = conv_forward(x, p, backend, cdtype, mask, keep, conv_weights, conv_biases, geo)
-    fmt = _out_fmt(x, conv_weights, conv_impl)
+    fmt = _out_fmt(x, conv_impl)
     return [y.contiguous(memory_format=fmt) for y in outs]
 
 
-def _out_fmt(x: Tensor, conv_weights: Sequence[Tensor], conv_impl: str) -> torch.memory_format:
+def _out_fmt(x: Tensor, conv_impl: str) -> torch.memory_format:
     # x's layout only: Inductor re-derives the outputs' layouts from its own view of the inputs, and for the
     # parameters that view need not keep a channels_last weight's strides (cuDNN/oneDNN alone would follow them)
     return torch.channels_last if conv_impl == "triton" else _fmt(x)
@@ -214,7 +214,7 @@ def _out_fmt(x: Tensor, conv_weights: Sequence[Tensor], conv_impl: str) -> torch
 @bn_act_conv.register_fake
 def _(x, stats, weight, bias, conv_weights, conv_biases, has_bias, geometry, mask, keep, batch_stats, backend,
       cdtype, conv_impl, activation, activation_param):
-    fmt = _out_fmt(x, conv_weights, conv_impl)
+    fmt = _out_fmt(x, conv_impl)
     return [x.new_empty(_conv_out_shape(x, w, g), dtype=cdtype).contiguous(memory_format=fmt)
             for w, g in zip(conv_weights, _geometry(geometry))]
 
@@ -281,20 +281,22 @@ bn_act_conv.register_autograd(_bn_act_conv_bwd, setup_context=_bn_act_conv_setup
 # module-level entry points (what kernels.bn_relu / kernels.bn_relu_conv call while compiling)
 
 
+def _dense_with_stats(x: Tensor, bn, backend: str) -> tuple[Tensor, Tensor, bool]:
+    """(x made dense, its packed statistics, whether they are batch statistics: nn.BatchNorm2d's rule)."""
+    x = x.contiguous(memory_format=_fmt(x))  # dense: a strided view's layout is ambiguous to Inductor
+    return x, stats_of(x, bn, backend), bool(bn.training or bn.running_mean is None)
+
+
 def bn_relu_via_ops(x: Tensor, bn, backend: str, out_dtype: torch.dtype, activation: str = "relu",
                     activation_param: float = 0.01) -> Tensor:
-    x = x.contiguous(memory_format=_fmt(x))  # dense: a strided view's layout is ambiguous to Inductor
-    stats = stats_of(x, bn, backend)
-    batch_stats = bool(bn.training or bn.running_mean is None)
+    x, stats, batch_stats = _dense_with_stats(x, bn, backend)
     return bn_act(x, stats, bn.weight, bn.bias, batch_stats, backend, out_dtype, activation, activation_param)
 
 
 def bn_relu_conv_via_ops(x: Tensor, bn, convs, geometry: Sequence[tuple], backend: str, cdtype: torch.dtype, mask: Optional[Tensor],
                          keep: float, conv_impl: str, activation: str = "relu",
                          activation_param: float = 0.01) -> list[Tensor]:
-    x = x.contiguous(memory_format=_fmt(x))  # dense: a strided view's layout is ambiguous to Inductor
-    stats = stats_of(x, bn, backend)
-    batch_stats = bool(bn.training or bn.running_mean is None)
+    x, stats, batch_stats = _dense_with_stats(x, bn, backend)
     return bn_act_conv(x, stats, bn.weight, bn.bias, [c.weight for c in convs],
                        [c.bias for c in convs if c.bias is not None], [c.bias is not None for c in convs],
                        flat_geometry(geometry), mask, keep, batch_stats, backend, cdtype, conv_impl, activation,
