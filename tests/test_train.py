@@ -267,6 +267,24 @@ def test_recompute_unit_trains_like_the_fused_model(voc5, tmp_path):
         torch.testing.assert_close(u[k], f[k], rtol=1e-4, atol=1e-6, msg=k)  # running stats updated once too
 
 
+class _CtrlCWhilePickled:
+    """Pickling it sends this process a SIGINT: a Ctrl-C in the middle of torch.save."""
+
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return (int, (7,))
+
+
+def test_ctrl_c_during_a_checkpoint_write_finishes_the_file_then_interrupts(tmp_path):
+    from widedeep.train import checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path / "last.pt", {"a": torch.ones(3), "b": _CtrlCWhilePickled(), "c": torch.zeros(2)})
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)  # written whole, not a torn zip
+    assert saved["b"] == 7 and torch.equal(saved["c"], torch.zeros(2))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C handling restored
+
+
 def test_compiled_training_equals_eager(voc5, tmp_path):
     """--compile default: torch.compile of the fused model (custom ops) trains to the same weights as eager."""
     common = ["--data-root", voc5, *TINY, "--batch-images", "4", "--to-epoch", "1", "--no-eval", "--fused", "on",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,27 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """torch.save, atomically (readers see the old file or the whole new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path) as f:
+    with _ctrl_c_after(), atomic_open(path) as f:
         torch.save(payload, f)
+
+
+@contextlib.contextmanager
+def _ctrl_c_after():
+    """Hold a Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt.
+
+    A KeyboardInterrupt inside torch.save leaves its zip writer half-written, and closing it raises a
+    RuntimeError that replaces the interrupt: a traceback instead of the trainer's resume hint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def load(path: str | os.PathLike) -> dict:
