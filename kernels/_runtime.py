@@ -58,8 +58,16 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
+# Tests set this to a GPU's program count (e.g. 4 x 132 for an H100) so that the interpreter runs the multi-block
+# merges every real GPU layer takes; None: derived from the device.
+PROGRAMS_HINT: int | None = None
+
+
 def num_programs_hint(x: torch.Tensor) -> int:
-    """How many programs a reduction grid should aim for: a few waves on a GPU, a handful when interpreted."""
+    """How many programs a reduction grid should aim for: a few waves on a GPU, a handful when interpreted
+    (:data:`PROGRAMS_HINT` overrides both)."""
+    if PROGRAMS_HINT is not None:
+        return PROGRAMS_HINT
     if x.is_cuda and not INTERPRET:
         return 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
     return 4
