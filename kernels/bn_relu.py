@@ -14,57 +14,63 @@ autocast dtype of a following conv); per-channel vectors fp32 of length C; all m
 
 The activation is a compile-time kernel parameter (``ACT``: :data:`ACTIVATIONS`, 0 relu, 1 leaky_relu,
 2 identity: each is its own specialised kernel, ReLU's code unchanged) and the leaky slope a runtime fp32
-scalar (one compiled kernel serves every slope). The names travel in :class:`BNParams` (``activation``,
-``activation_param``); ``act'(0)`` is taken as the negative side's, as torch's relu/leaky_relu backward do.
+scalar. Whether the per-channel parameters come from batch statistics (the (5, C) STAT_ROWS buffer of
+:mod:`kernels.bn_stats`) or from the running statistics (frozen BN and eval: rstd computed inline from
+running_var and eps, no statistics launch at all) is a runtime flag, as are the affine parameters' presence
+and, in the gradient-sums kernel, whether it also writes dx: per-tile uniform branches on a few per-channel
+loads, one compiled kernel for all of them.
 
-Triton launches per BN-ReLU (training): statistics kernel + finalize kernel (merge, rstd, scale, running-stat
-update) + forward kernel; backward: gradient-sums kernel + its finalize (dgamma, dbeta) + dx kernel. With
-``sync`` the count stays on the device: no host synchronisation. The elementwise kernels run on 2-D tiles
-of a (rows, cols) view of x: NCHW rows are (n, c) pairs (one channel per row, no per-element division),
-channels_last rows are positions and columns channels.
+Triton launches per BN-activation training step (see :func:`bn_relu`):
+
+    batch statistics   forward: statistics (finalised in-kernel) + apply;  backward: gradient sums + dx   = 4
+    frozen / eval      forward: apply;  backward: gradient sums that also write dx                       = 2
+
+(:func:`kernels.bn_relu_conv` adds one recomputed apply in backward: 5 and 3.) The reductions finalise in their
+last program (an atomic ticket, partials merged in index order: deterministic), so no finalize launch and no
+host synchronisation exist; launches go through :mod:`kernels.launch` plans (the compiled kernel called directly).
+The elementwise kernels run on 4096-element 2-D tiles of a (rows, cols) view of x: NCHW rows are (n, c) pairs
+(one channel per row, no per-element division), channels_last rows are positions and columns channels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from . import _runtime
-from .bn_stats import _dist_active, as_nchw_or_nhwc, channel_stats, finalize_stats, needs_int64, reduction_grid
+from ._common import (ACTIVATIONS, TRITON_DTYPES, activation_code, as_nchw_or_nhwc, cdiv,  # noqa: F401 (re-exported)
+                      needs_int64)
 from ._runtime import HAS_TRITON
-
-# activation name -> the ACT constexpr of the kernels (here and in kernels/conv.py)
-ACTIVATIONS = {"relu": 0, "leaky_relu": 1, "identity": 2}
-
-
-def activation_code(activation: str) -> int:
-    """The ``ACT`` constexpr for an activation name; ValueError for an unknown one."""
-    try:
-        return ACTIVATIONS[activation]
-    except KeyError:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}") from None
-
+from .bn_stats import (ROW, STAT_ROWS, _aligned, _dist_active, channel_stats, finalize_stats, launch_stats, merge_k,
+                       reduction_grid, scratch, tile_sizes, TILE_PROBE_CHANNELS, STATS_WARPS)
+from .launch import Kernel
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .bn_stats import _element_offsets
+    from ._common import _act_bwd, _act_fwd, _element_offsets
+
+    _PARAM_FLAGS = ["running", "has_affine"]
 
     @triton.jit
-    def _channel_of(rows, cols, C, CHANNELS_LAST: tl.constexpr):
-        """Channel index vector of a (rows, cols) tile: per column (channels_last) or per row (NCHW row = n*C + c)."""
-        if CHANNELS_LAST:
-            ch = cols
+    def _channel_params(ch, C, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, running, has_affine):
+        """(mean, scale, beta, rstd) fp32 at channel indices ``ch`` (0 past C): from the STAT_ROWS buffer, or with
+        ``running`` from running_mean/running_var (rstd = 1/sqrt(var + eps) inline) and gamma."""
+        cm = ch < C
+        if running != 0:
+            mean = tl.load(rmean_ptr + ch, mask=cm, other=0.0)
+            rstd = 1.0 / tl.sqrt(tl.load(rvar_ptr + ch, mask=cm, other=1.0) + eps)
+            scale = rstd
+            if has_affine != 0:
+                scale = tl.load(w_ptr + ch, mask=cm, other=0.0).to(tl.float32) * rstd
         else:
-            ch = rows % C
-        return ch
-
-    @triton.jit
-    def _load_channel(ptr, ch, C):
-        """fp32 per-channel values at the channel index vector ``ch`` (0 past C)."""
-        return tl.load(ptr + ch, mask=ch < C, other=0.0).to(tl.float32)
+            mean = tl.load(stats_ptr + ch, mask=cm, other=0.0)
+            rstd = tl.load(stats_ptr + 2 * C + ch, mask=cm, other=0.0)
+            scale = tl.load(stats_ptr + 3 * C + ch, mask=cm, other=0.0)
+        beta = tl.zeros_like(mean)
+        if has_affine != 0:
+            beta = tl.load(b_ptr + ch, mask=cm, other=0.0).to(tl.float32)
+        return mean, scale, beta, rstd
 
     @triton.jit
     def _bcast(v, CHANNELS_LAST: tl.constexpr):
@@ -76,8 +82,9 @@ if HAS_TRITON:
         return out
 
     @triton.jit
-    def _tile(R, L, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-        """rows, cols, element offsets (row * L + col) and mask of this program's (BLOCK_R, BLOCK_L) tile.
+    def _tile(R, L, C, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_L: tl.constexpr):
+        """channel vector, element offsets (row * L + col) and mask of this program's (BLOCK_R, BLOCK_L) tile.
 
         Grid axis 0 (up to 2**31 - 1 programs) takes the long side: row blocks in channels_last (positions),
         column blocks in NCHW (H*W), so consecutive programs walk contiguous memory."""
@@ -94,64 +101,46 @@ if HAS_TRITON:
             offs = rows.to(tl.int64)[:, None] * L + cols[None, :]
         else:
             offs = rows[:, None] * L + cols[None, :]
-        return rows, cols, offs, mask
-
-    @triton.jit
-    def _act_fwd(z, slope, ACT: tl.constexpr):
-        """act(z) in fp32: ACT 0 relu, 1 leaky_relu (negative slope ``slope``), 2 identity (see ACTIVATIONS).
-
-        Leaky: z > 0 ? z : z * slope, as torch's leaky_relu (so -0.0 and NaN come out alike)."""
-        if ACT == 0:
-            y = tl.maximum(z, 0.0)
-        elif ACT == 1:
-            y = tl.where(z > 0.0, z, z * slope)
+        if CHANNELS_LAST:
+            ch = cols
         else:
-            y = z
-        return y
+            ch = rows % C
+        return ch, offs, mask
 
-    @triton.jit
-    def _act_bwd(z, dy, slope, ACT: tl.constexpr):
-        """dL/dz = dy * act'(z) from the recomputed pre-activation z: relu [z > 0], leaky (z > 0 ? 1 : slope)."""
-        if ACT == 0:
-            g = tl.where(z > 0.0, dy, 0.0)
-        elif ACT == 1:
-            g = tl.where(z > 0.0, dy, dy * slope)
-        else:
-            g = dy
-        return g
-
-    @triton.jit
-    def _bn_relu_fwd_kernel(
-        x_ptr, y_ptr, mean_ptr, scale_ptr, beta_ptr, R, L, C, slope,
+    @triton.jit(do_not_specialize=_PARAM_FLAGS)
+    def _bn_act_fwd_kernel(
+        x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, R, L, C, slope, running, has_affine,
         ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_L: tl.constexpr,
     ):
         """y = act((x - mean[c]) * scale[c] + beta[c]) over one tile of the (R, L) view of x."""
-        rows, cols, offs, mask = _tile(R, L, CHANNELS_LAST, INT64, BLOCK_R, BLOCK_L)
-        ch = _channel_of(rows, cols, C, CHANNELS_LAST)
+        ch, offs, mask = _tile(R, L, C, CHANNELS_LAST, INT64, BLOCK_R, BLOCK_L)
         # (x - mean) * scale + beta, not x * scale + (beta - mean * scale): no cancellation when |mean| >> std,
         # and the same z (so the same activation mask) as the backward and implicit-GEMM recomputations
-        mean = _bcast(_load_channel(mean_ptr, ch, C), CHANNELS_LAST)
-        scale = _bcast(_load_channel(scale_ptr, ch, C), CHANNELS_LAST)
-        beta = _bcast(_load_channel(beta_ptr, ch, C), CHANNELS_LAST)
+        mean, scale, beta, _rstd = _channel_params(ch, C, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps,
+                                                   running, has_affine)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = (x - mean) * scale + beta
+        z = (x - _bcast(mean, CHANNELS_LAST)) * _bcast(scale, CHANNELS_LAST) + _bcast(beta, CHANNELS_LAST)
         tl.store(y_ptr + offs, _act_fwd(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _bn_relu_grad_sums_kernel(
-        x_ptr, dy_ptr, mean_ptr, scale_ptr, beta_ptr, sum_g_ptr, sum_gx_ptr, M, C, HW, m_per_prog, slope,
+    @triton.jit(do_not_specialize=_PARAM_FLAGS + ["write_dx"])
+    def _bn_act_grad_sums_kernel(
+        x_ptr, dy_ptr, dx_ptr, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, part_ptr, tick_ptr, red_ptr,
+        M, C, HW, m_per_prog, slope, running, has_affine, write_dx,
         ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_C: tl.constexpr,
+        BLOCK_C: tl.constexpr, MERGE_K: tl.constexpr,
     ):
-        """Partial per-channel sum(g) and sum(g * (x - mean)), g = dy * act'(z) with z recomputed from x."""
+        """Per-channel sum(g) and sum(g * (x - mean)), g = dy * act'(z) with z recomputed from x; grid (channel
+        blocks, splits). Each program accumulates per lane and reduces once; the last program of a channel block
+        (ticket) sums the partials in index order and writes red_ptr (4, C): sum_g, sum_gx, dgamma, dbeta.
+        ``write_dx`` (running statistics only, where dx needs no sums): also dx = scale * g."""
         pid_c = tl.program_id(0)
         pid_m = tl.program_id(1)
+        n_splits = tl.num_programs(1)
         cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
-        mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0)
-        scale = tl.load(scale_ptr + cs, mask=cmask, other=0.0)
-        beta = tl.load(beta_ptr + cs, mask=cmask, other=0.0)
+        mean, scale, beta, rstd = _channel_params(cs, C, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, running,
+                                                  has_affine)
         m_start = pid_m * m_per_prog
         m_end = tl.minimum(m_start + m_per_prog, M)
         acc_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
@@ -168,70 +157,68 @@ if HAS_TRITON:
             g = tl.where(mask, _act_bwd(xc * scale[None, :] + beta[None, :], dy, slope, ACT), 0.0)
             acc_g += g
             acc_gx += g * xc
-        out = pid_m * C + cs
-        tl.store(sum_g_ptr + out, tl.sum(acc_g, axis=0), mask=cmask)
-        tl.store(sum_gx_ptr + out, tl.sum(acc_gx, axis=0), mask=cmask)
+            if write_dx != 0:
+                tl.store(dx_ptr + offs, (scale[None, :] * g).to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(part_ptr + pid_m * C + cs, tl.sum(acc_g, axis=0), mask=cmask)
+        tl.store(part_ptr + (n_splits + pid_m) * C + cs, tl.sum(acc_gx, axis=0), mask=cmask)
+        tl.debug_barrier()  # every thread's partial is stored before the ticket releases them
+        ticket = tl.atomic_add(tick_ptr + pid_c, 1, sem="acq_rel")
+        if ticket == n_splits - 1:
+            tl.store(tick_ptr + pid_c, 0)
+            sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
+            sum_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for k0 in range(0, n_splits, MERGE_K):  # index order: the same sums whichever program is last
+                ks = k0 + tl.arange(0, MERGE_K)
+                kmask = (ks < n_splits)[:, None] & cmask[None, :]
+                offs = ks[:, None] * C + cs[None, :]
+                sum_g += tl.sum(tl.load(part_ptr + offs, mask=kmask, other=0.0, cache_modifier=".cg"), axis=0)
+                sum_gx += tl.sum(tl.load(part_ptr + n_splits * C + offs, mask=kmask, other=0.0,
+                                         cache_modifier=".cg"), axis=0)
+            tl.store(red_ptr + cs, sum_g, mask=cmask)
+            tl.store(red_ptr + C + cs, sum_gx, mask=cmask)
+            tl.store(red_ptr + 2 * C + cs, sum_gx * rstd, mask=cmask)
+            tl.store(red_ptr + 3 * C + cs, sum_g, mask=cmask)
 
-    @triton.jit
-    def _grad_finalize_kernel(
-        g_ptr, gx_ptr, K, C, rstd_ptr, out_ptr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        """Sum K partial rows (stride C) of sum(g), sum(g*(x-mean)); out rows: sum_g, sum_gx, dgamma, dbeta."""
-        cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cs < C
-        acc_g = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
-        acc_gx = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask = (ks < K)[:, None] & cmask[None, :]
-            offs = ks[:, None] * C + cs[None, :]
-            acc_g += tl.load(g_ptr + offs, mask=mask, other=0.0)
-            acc_gx += tl.load(gx_ptr + offs, mask=mask, other=0.0)
-        sum_g = tl.sum(acc_g, axis=0)
-        sum_gx = tl.sum(acc_gx, axis=0)
-        tl.store(out_ptr + cs, sum_g, mask=cmask)
-        tl.store(out_ptr + C + cs, sum_gx, mask=cmask)
-        tl.store(out_ptr + 2 * C + cs, sum_gx * tl.load(rstd_ptr + cs, mask=cmask, other=0.0), mask=cmask)
-        tl.store(out_ptr + 3 * C + cs, sum_g, mask=cmask)
-
-    @triton.jit
-    def _bn_relu_bwd_kernel(
-        x_ptr, dy_ptr, dx_ptr, mean_ptr, scale_ptr, beta_ptr, rstd_ptr, sums_ptr, count_ptr, R, L, C, slope,
-        ACT: tl.constexpr, BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    @triton.jit(do_not_specialize=_PARAM_FLAGS + ["batch_stats"])
+    def _bn_act_bwd_kernel(
+        x_ptr, dy_ptr, dx_ptr, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, red_ptr, R, L, C, slope, running,
+        has_affine, batch_stats,
+        ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_L: tl.constexpr,
     ):
         """dx = scale * g [- scale / count * (sum_g + (x - mean) * rstd^2 * sum_gx)], g = dy * act'(z).
 
-        sums_ptr: (2, C) group-wide (sum g, sum g*(x-mean)); count_ptr: the 0-dim element count per channel.
-        """
-        rows, cols, offs, mask = _tile(R, L, CHANNELS_LAST, INT64, BLOCK_R, BLOCK_L)
-        ch = _channel_of(rows, cols, C, CHANNELS_LAST)
+        red_ptr: (2+, C) group-wide (sum g, sum g*(x-mean)); the count is row ``count`` of the statistics."""
+        ch, offs, mask = _tile(R, L, C, CHANNELS_LAST, INT64, BLOCK_R, BLOCK_L)
         # per-channel coefficients on the channel vector, broadcast afterwards:
         # z = (x - mean) * scale + beta,  dx = scale * g + a * (x - mean) + b
-        mean = _load_channel(mean_ptr, ch, C)
-        scale = _load_channel(scale_ptr, ch, C)
-        beta = _load_channel(beta_ptr, ch, C)
-        if BATCH_STATS:
-            rstd = _load_channel(rstd_ptr, ch, C)
-            k = scale * tl.fdiv(1.0, tl.load(count_ptr).to(tl.float32), ieee_rounding=False)  # no slow-path call
-            a = -k * rstd * rstd * _load_channel(sums_ptr + C, ch, C)
-            b = -k * _load_channel(sums_ptr, ch, C)
-        else:
-            a = tl.zeros_like(scale)
-            b = tl.zeros_like(scale)
+        mean, scale, beta, rstd = _channel_params(ch, C, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, running,
+                                                  has_affine)
+        a = tl.zeros_like(scale)
+        b = tl.zeros_like(scale)
+        if batch_stats != 0:
+            cm = ch < C
+            k = scale * tl.fdiv(1.0, tl.load(stats_ptr + 4 * C), ieee_rounding=False)  # no slow-path call
+            a = -k * rstd * rstd * tl.load(red_ptr + C + ch, mask=cm, other=0.0)
+            b = -k * tl.load(red_ptr + ch, mask=cm, other=0.0)
         xc = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - _bcast(mean, CHANNELS_LAST)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = _act_bwd(xc * _bcast(scale, CHANNELS_LAST) + _bcast(beta, CHANNELS_LAST), dy, slope, ACT)
         dx = _bcast(scale, CHANNELS_LAST) * g + _bcast(a, CHANNELS_LAST) * xc + _bcast(b, CHANNELS_LAST)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
+    APPLY = Kernel(_bn_act_fwd_kernel)
+    GRAD_SUMS = Kernel(_bn_act_grad_sums_kernel)
+    DX = Kernel(_bn_act_bwd_kernel)
 
-# Elementwise tiles: 1024 elements, (BLOCK_R, BLOCK_L) = (64, 16) when rows are short (H*W or C <= 16), else
-# (16, 64): at most 63 masked elements per row, 64-element (128-256 B) contiguous row segments. Each is an AOT variant.
-ELEMENTWISE_TILE = 1024
+
+# Elementwise tiles: 4096 elements for 4 warps (32 per thread: 4+ vector loads of data per operand), (BLOCK_R,
+# BLOCK_L) = (256, 16) when rows are short (H*W or C <= 16), else (64, 64): at most 63 masked elements per row,
+# 64-element (128-256 B) contiguous row segments. Each is an AOT variant.
+ELEMENTWISE_TILE = 4096
 NCHW_BLOCK_L = (16, 64)  # spatial positions per row segment
 NHWC_BLOCK_L = (16, 64)  # channels per tile
-GRAD_FINALIZE_BLOCK_K, GRAD_FINALIZE_BLOCK_C = 16, 64
+ELEMENTWISE_WARPS = 4
 
 
 def elementwise_tiling(shape: tuple[int, int, int, int], channels_last: bool) -> tuple[int, int, int, int]:
@@ -244,13 +231,26 @@ def elementwise_tiling(shape: tuple[int, int, int, int], channels_last: bool) ->
     return R, L, ELEMENTWISE_TILE // block_l, block_l
 
 
-def _elementwise_grid(R: int, L: int, block_r: int, block_l: int, channels_last: bool) -> tuple[int, int]:
+def _elementwise_grid(R: int, L: int, block_r: int, block_l: int, channels_last: bool) -> tuple[int, int, int]:
     """Grid of :func:`_tile`: (row blocks, column blocks) for channels_last, (column, row blocks) for NCHW."""
-    rb, lb = triton.cdiv(R, block_r), triton.cdiv(L, block_l)
-    grid = (rb, lb) if channels_last else (lb, rb)
+    rb, lb = cdiv(R, block_r), cdiv(L, block_l)
+    grid = (rb, lb, 1) if channels_last else (lb, rb, 1)
     if grid[1] > 65535:
-        raise ValueError(f"BN-ReLU grid {grid} exceeds CUDA's 65535 programs on axis 1 ({'C' if channels_last else 'N*C'} too large)")
+        raise ValueError(f"BN-ReLU grid {grid[:2]} exceeds CUDA's 65535 programs on axis 1 ({'C' if channels_last else 'N*C'} too large)")
     return grid
+
+
+_ew: dict = {}
+
+
+def _elementwise(shape, channels_last: bool) -> tuple:
+    """Cached (R, L, BLOCK_R, BLOCK_L, grid) of a shape and layout."""
+    key = (shape, channels_last)
+    e = _ew.get(key)
+    if e is None:
+        R, L, br, bl = elementwise_tiling(shape, channels_last)
+        e = _ew[key] = (R, L, br, bl, _elementwise_grid(R, L, br, bl, channels_last))
+    return e
 
 
 def _like(x: torch.Tensor, channels_last: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -258,46 +258,95 @@ def _like(x: torch.Tensor, channels_last: bool, dtype: torch.dtype) -> torch.Ten
     return torch.empty(x.shape, device=x.device, dtype=dtype, memory_format=fmt)
 
 
-@dataclass
 class BNParams:
-    """Per-channel fp32 vectors of one BN-activation application (after statistics are known), and the activation.
+    """Per-channel parameters of one BN-activation application (after statistics are known), and the activation.
 
-    ``activation``: "relu" | "leaky_relu" | "identity"; ``activation_param``: the leaky negative slope (read only
-    for leaky_relu). Both default to today's ReLU, so every BNParams built without them keeps its meaning."""
+    Three forms, one interface (``mean``, ``rstd``, ``scale`` = gamma * rstd, ``gamma``, ``beta``, ``count``):
 
-    mean: torch.Tensor
-    rstd: torch.Tensor
-    weight: torch.Tensor  # gamma, ones when the BN has no affine parameters
-    bias: torch.Tensor  # beta, zeros likewise
-    # elements per channel the statistics came from (all ranks when synced): an int, or a 0-dim fp32 device
-    # tensor (triton backend; synchronised statistics) so that nothing waits for the device
-    count: int | torch.Tensor
-    batch_stats: bool  # True: mean/rstd depend on x (training), so dx gets the statistics terms
-    cached_scale: torch.Tensor | None = field(default=None, repr=False)  # gamma * rstd when already computed
-    activation: str = "relu"
-    activation_param: float = 0.01
+    - vectors (the constructor): any dtype (fp64 on the torch path), built by the torch backend and by callers;
+    - :meth:`from_stats`: the (5, C) fp32 STAT_ROWS buffer the statistics kernel wrote (triton, batch statistics);
+    - :meth:`from_running`: references to running_mean/running_var and eps (triton, frozen/eval statistics): the
+      kernels compute rstd inline, nothing is launched or allocated for them.
+
+    Views and vectors are derived lazily, so the hot path never pays for them. ``weight``/``bias``: gamma and beta
+    (the module's tensors, or None for a BN without affine parameters). ``count``: elements per channel the
+    statistics came from (all ranks when synced): an int, or a 0-dim fp32 device tensor (no host sync).
+    ``activation``: "relu" | "leaky_relu" | "identity"; ``activation_param``: the leaky negative slope."""
+
+    __slots__ = ("_mean", "_rstd", "_scale", "_count", "weight", "bias", "batch_stats", "stats", "running",
+                 "activation", "activation_param", "act", "slope")
+
+    def __init__(self, mean, rstd, weight, bias, count, batch_stats: bool, cached_scale=None,
+                 activation: str = "relu", activation_param: float = 0.01):
+        self._mean, self._rstd, self._scale, self._count = mean, rstd, cached_scale, count
+        self.weight, self.bias, self.batch_stats = weight, bias, batch_stats
+        self.stats = self.running = None
+        self.activation, self.activation_param = activation, activation_param
+        self.act = activation_code(activation)  # the kernels' ACT constexpr
+        # the runtime fp32 slope the kernels take (0.0 unless leaky_relu: it is not read then)
+        self.slope = float(activation_param) if activation == "leaky_relu" else 0.0
+
+    @classmethod
+    def from_stats(cls, stats: torch.Tensor, weight, bias, batch_stats: bool = True, activation: str = "relu",
+                   activation_param: float = 0.01, count=None) -> "BNParams":
+        p = cls(None, None, weight, bias, count, batch_stats, None, activation, activation_param)
+        p.stats = stats
+        return p
+
+    @classmethod
+    def from_running(cls, running_mean, running_var, eps: float, weight, bias, count: int,
+                     activation: str = "relu", activation_param: float = 0.01) -> "BNParams":
+        p = cls(None, None, weight, bias, count, False, None, activation, activation_param)
+        p.running = (running_mean, running_var, float(eps))
+        return p
 
     @property
-    def act(self) -> int:
-        """The kernels' ``ACT`` constexpr (:data:`ACTIVATIONS`)."""
-        return activation_code(self.activation)
+    def mean(self) -> torch.Tensor:
+        if self._mean is None:
+            self._mean = self.stats[ROW["mean"]] if self.stats is not None else self.running[0].float()
+        return self._mean
 
     @property
-    def slope(self) -> float:
-        """The runtime fp32 slope the kernels take (0.0 unless leaky_relu: it is not read then)."""
-        return float(self.activation_param) if self.activation == "leaky_relu" else 0.0
+    def rstd(self) -> torch.Tensor:
+        if self._rstd is None:
+            self._rstd = self.stats[ROW["rstd"]] if self.stats is not None else \
+                torch.rsqrt(self.running[1].float() + self.running[2])
+        return self._rstd
 
     @property
     def scale(self) -> torch.Tensor:
-        if self.cached_scale is None:
-            self.cached_scale = self.weight * self.rstd
-        return self.cached_scale
+        if self._scale is None:
+            if self.stats is not None:
+                self._scale = self.stats[ROW["scale"]]
+            else:
+                self._scale = self.rstd if self.weight is None else self.weight.detach().to(self.rstd.dtype) * self.rstd
+        return self._scale
 
+    @property
+    def count(self):
+        if self._count is None:
+            self._count = self.stats[ROW["count"], 0]
+        return self._count
 
-def _unbiased_factor(count: int | torch.Tensor) -> float | torch.Tensor:
-    if isinstance(count, torch.Tensor):
-        return count / (count - 1).clamp_min(1)
-    return count / max(count - 1, 1)
+    @property
+    def gamma(self) -> torch.Tensor:
+        return self.weight.detach().to(self.mean.dtype) if self.weight is not None else torch.ones_like(self.mean)
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return self.bias.detach().to(self.mean.dtype) if self.bias is not None else torch.zeros_like(self.mean)
+
+    def kernel_stats(self) -> torch.Tensor:
+        """The (5, C) fp32 STAT_ROWS buffer the kernels read (built once from the vectors when needed)."""
+        if self.stats is None:
+            C = self.mean.shape[0]
+            count = self.count
+            count = count.float().expand(C) if isinstance(count, torch.Tensor) else \
+                self.mean.new_full((C,), float(count), dtype=torch.float32)
+            f = [self.mean.float(), torch.zeros_like(self.mean, dtype=torch.float32), self.rstd.float(),
+                 self.scale.float(), count]
+            self.stats = torch.stack(f)
+        return self.stats
 
 
 def bn_params(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, backend: str,
@@ -305,9 +354,10 @@ def bn_params(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, bac
               activation_param: float = 0.01) -> BNParams:
     """Statistics for ``bn`` applied to ``x`` following nn.BatchNorm2d's rules; updates running stats in training.
 
-    Triton backend: one statistics kernel and one finalize kernel (two and an all_gather with ``sync``), no
-    host synchronisation; ``count`` is then a 0-dim device tensor. ``activation``/``activation_param`` are
-    carried in the returned BNParams for the forward/backward that use it.
+    Triton backend: batch statistics are one launch (statistics finalised in-kernel, running statistics and
+    num_batches_tracked updated there; two and an all_gather with ``sync``), no host synchronisation, ``count``
+    a 0-dim device tensor; frozen/eval statistics launch nothing (the kernels read the running buffers).
+    ``activation``/``activation_param`` are carried in the returned BNParams for the forward/backward that use it.
     """
     activation_code(activation)  # refuse an unknown name before any statistics are updated
     act = dict(activation=activation, activation_param=float(activation_param))
@@ -327,41 +377,68 @@ def bn_params(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, bac
         mean, var, count = channel_stats(x, backend=backend, sync=sync, process_group=process_group)
     mean, var = mean.to(dt), var.to(dt)
     if track:
-        _update_running_torch(bn, mean, var, count)
+        update_running_stats(bn, mean, var, count)
     return BNParams(mean, torch.rsqrt(var + bn.eps), weight, bias, count, True, **act)
 
 
-def _update_running_torch(bn, mean: torch.Tensor, var: torch.Tensor, count: int | torch.Tensor) -> None:
+def update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, count: int | torch.Tensor) -> None:
+    """nn.BatchNorm2d's running-statistics update in torch ops (the torch backend, and running buffers that are
+    not fp32); the triton statistics kernel does the same in its finalising programs."""
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
         if bn.momentum is not None:
             factor = bn.momentum
         else:  # 1 / num_batches_tracked as a tensor: no host sync
             factor = bn.num_batches_tracked.to(bn.running_mean.dtype).reciprocal()
-        unbiased = var * _unbiased_factor(count)
+        unbiased = var * (count / (count - 1).clamp_min(1) if isinstance(count, torch.Tensor) else count / max(count - 1, 1))
         bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
         bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
 
 
+def _fp32_running(bn) -> bool:
+    return bn.running_mean is not None and bn.running_mean.dtype == bn.running_var.dtype == torch.float32
+
+
 def _bn_params_triton(x, bn, use_batch: bool, track: bool, sync: bool, process_group, **act) -> BNParams:
     C = x.shape[1]
-    fp32_buffers = bn.running_mean is not None and bn.running_mean.dtype == bn.running_var.dtype == torch.float32
-    in_kernel = track and fp32_buffers  # running-stat update inside the finalize kernel
-    if in_kernel:
-        bn.num_batches_tracked.add_(1)  # first: with momentum=None the kernel reads 1 / num_batches_tracked
-    running = (bn.running_mean, bn.running_var) if (in_kernel or not use_batch) else None
-    if running is not None and not fp32_buffers:
-        running = (bn.running_mean.float(), bn.running_var.float())
-    out = finalize_stats(x, weight=bn.weight, eps=bn.eps, sync=sync, process_group=process_group,
-                         running=running, momentum=bn.momentum, num_batches_tracked=bn.num_batches_tracked,
-                         use_running=not use_batch)
-    mean, var, rstd, scale, count = out.unbind(0)
-    count = count[0] if use_batch else x.numel() // C
+    if not use_batch:
+        if _fp32_running(bn):
+            return BNParams.from_running(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias, x.numel() // C,
+                                         **act)
+        return BNParams(bn.running_mean.float(), torch.rsqrt(bn.running_var.float() + bn.eps), bn.weight, bn.bias,
+                        x.numel() // C, False, **act)
+    in_kernel = track and _fp32_running(bn)  # running-stat update inside the statistics kernel
+    if _dist_active(sync):
+        stats = finalize_stats(x, weight=bn.weight, eps=bn.eps, sync=True, process_group=process_group,
+                               running=(bn.running_mean, bn.running_var) if in_kernel else None,
+                               momentum=bn.momentum, num_batches_tracked=bn.num_batches_tracked)
+    else:
+        x, channels_last = as_nchw_or_nhwc(x)
+        stats = torch.empty((len(STAT_ROWS), C), device=x.device, dtype=torch.float32)
+        launch_stats(x, channels_last, stats, weight=bn.weight, running=(bn.running_mean, bn.running_var)
+                     if in_kernel else None, momentum=bn.momentum, eps=bn.eps,
+                     num_batches_tracked=bn.num_batches_tracked)
+    p = BNParams.from_stats(stats, bn.weight, bn.bias, True, **act)
     if track and not in_kernel:  # running statistics kept in another dtype: plain torch update
-        _update_running_torch(bn, mean, var, count)
-    weight = bn.weight.detach().float() if bn.weight is not None else x.new_ones(C, dtype=torch.float32)
-    bias = bn.bias.detach().float() if bn.bias is not None else x.new_zeros(C, dtype=torch.float32)
-    return BNParams(mean, rstd, weight, bias, count, use_batch, cached_scale=scale, **act)
+        update_running_stats(bn, p.mean, stats[ROW["var"]], p.count)
+    return p
+
+
+def _kernel_params(p: BNParams) -> tuple:
+    """(stats, weight, bias, running_mean, running_var, eps, running flag, affine flag) pointers and flags of p for
+    the kernels; absent tensors are stood in by a present one (never read)."""
+    if p.running is not None:
+        rm, rv, eps = p.running
+        stats = rm
+    else:
+        stats = p.kernel_stats()
+        rm = rv = stats
+        eps = 0.0
+    w, b = p.weight, p.bias
+    if (w is None) != (b is None):  # one of the two: both as vectors
+        w, b = p.gamma, p.beta
+    affine = w is not None
+    return stats, (w if affine else stats), (b if affine else stats), rm, rv, eps, int(p.running is not None), int(affine)
 
 
 def bn_relu_forward(x: torch.Tensor, p: BNParams, *, backend: str, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -370,15 +447,17 @@ def bn_relu_forward(x: torch.Tensor, p: BNParams, *, backend: str, out_dtype: to
     out_dtype = out_dtype or x.dtype
     if backend != "triton":
         shape = (1, -1, 1, 1)
-        z = (x.to(p.mean.dtype) - p.mean.view(shape)) * p.scale.view(shape) + p.bias.view(shape)
+        z = (x.to(p.mean.dtype) - p.mean.view(shape)) * p.scale.view(shape) + p.beta.view(shape)
         return _act_torch(z, p).to(out_dtype)
     x, channels_last = as_nchw_or_nhwc(x)
     y = _like(x, channels_last, out_dtype)
-    R, L, block_r, block_l = elementwise_tiling(x.shape, channels_last)
-    _bn_relu_fwd_kernel[_elementwise_grid(R, L, block_r, block_l, channels_last)](
-        x, y, p.mean.contiguous(), p.scale.contiguous(), p.bias.contiguous(), R, L, x.shape[1], p.slope,
-        ACT=p.act, CHANNELS_LAST=channels_last, INT64=needs_int64(x), BLOCK_R=block_r, BLOCK_L=block_l,
-    )
+    R, L, br, bl, grid = _elementwise(x.shape, channels_last)
+    stats, w, b, rm, rv, eps, running, affine = _kernel_params(p)
+    int64 = needs_int64(x)
+    key = (x.shape, x.dtype, out_dtype, w.dtype, x.device.index, p.act, channels_last, int64,
+           _aligned(x, y, stats, w, b, rm, rv))
+    APPLY(key, grid, x, y, stats, w, b, rm, rv, eps, R, L, x.shape[1], p.slope, running, affine,
+          p.act, channels_last, int64, br, bl, num_warps=ELEMENTWISE_WARPS)
     return y
 
 
@@ -400,29 +479,39 @@ def _act_grad_torch(z: torch.Tensor, dy: torch.Tensor, act: int, slope: float) -
     return dy
 
 
-def _grad_sums_triton(x: torch.Tensor, dy: torch.Tensor, p: BNParams, channels_last: bool,
-                      sums: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """(4, C) fp32 rows: sum(g), sum(g * (x - mean)), dgamma, dbeta with g = dy * act'(z) (local sums).
-
-    ``sums``: the first two rows already computed elsewhere (then no reduction pass over x)."""
-    N, C, H, W = x.shape
+def _backward_triton(x, dy, p: BNParams, need_dx: bool, do_sync: bool, process_group, sums, act: int):
+    x, channels_last = as_nchw_or_nhwc(x)
+    dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    C = x.shape[1]
+    stats, w, b, rm, rv, eps, running, affine = _kernel_params(p)
+    int64 = needs_int64(x)
+    base = (x.shape, x.dtype, dy.dtype, w.dtype, x.device.index, act, channels_last, int64)
+    dx = _like(x, channels_last, x.dtype) if need_dx else None
     if sums is None:
-        block_m, block_c, c_blocks, splits, m_per_prog = reduction_grid(x, channels_last)
-        part = torch.empty((2, splits, C), device=x.device, dtype=torch.float32)
-        _bn_relu_grad_sums_kernel[(c_blocks, splits)](
-            x, dy, p.mean.contiguous(), p.scale.contiguous(), p.bias.contiguous(), part[0], part[1],
-            N * H * W, C, H * W, m_per_prog, p.slope,
-            ACT=p.act, CHANNELS_LAST=channels_last, INT64=needs_int64(x), BLOCK_M=block_m, BLOCK_C=block_c,
-        )
-        g, gx, k = part[0], part[1], splits
-    else:  # (C,) sums, or (K, C) partial sums
-        g, gx = sums[0].float().contiguous(), sums[1].float().contiguous()
-        k = g.shape[0] if g.dim() == 2 else 1
-    out = torch.empty((4, C), device=x.device, dtype=torch.float32)
-    _grad_finalize_kernel[(triton.cdiv(C, GRAD_FINALIZE_BLOCK_C),)](
-        g, gx, k, C, p.rstd.contiguous(), out, BLOCK_K=GRAD_FINALIZE_BLOCK_K, BLOCK_C=GRAD_FINALIZE_BLOCK_C,
-    )
-    return out
+        # frozen statistics: dx = scale * g needs no sums, so the sums pass writes it too (one launch)
+        write_dx = need_dx and not p.batch_stats
+        red = torch.empty((4, C), device=x.device, dtype=torch.float32)
+        g = reduction_grid(x, channels_last)
+        part, tick, _ = scratch(x.device, 2 * g.splits * C)
+        dx_arg = dx if write_dx else x
+        key = (base, g.grid, _aligned(x, dy, dx_arg, stats, w, b, rm, rv))
+        GRAD_SUMS(key, g.grid, x, dy, dx_arg, stats, w, b, rm, rv, eps, part, tick, red, g.M, C, g.HW, g.m_per_prog,
+                  p.slope, running, affine, int(write_dx), act, channels_last, g.int64, g.block_m, g.block_c,
+                  merge_k(g.block_c), num_warps=STATS_WARPS)
+        if write_dx or not need_dx:
+            return dx, red[2], red[3]
+    else:  # (sum g, sum g*(x-mean)) from elsewhere (the implicit-GEMM dgrad epilogue), (C,) or (K, C) partials
+        sum_g, sum_gx = (s.float().sum(0) if s.dim() == 2 else s.float() for s in sums)
+        red = torch.stack([sum_g, sum_gx, sum_gx * p.rstd.float(), sum_g])
+        if not need_dx:
+            return None, red[2], red[3]
+    if do_sync:  # parameter gradients (rows 2, 3) stay local (DDP averages them); dx uses the group-wide sums
+        torch.distributed.all_reduce(red[:2], group=process_group)
+    R, L, br, bl, grid = _elementwise(x.shape, channels_last)
+    key = (base, _aligned(x, dy, dx, stats, w, b, rm, rv, red))
+    DX(key, grid, x, dy, dx, stats, w, b, rm, rv, eps, red, R, L, C, p.slope, running, affine, int(p.batch_stats),
+       act, channels_last, int64, br, bl, num_warps=ELEMENTWISE_WARPS)
+    return dx, red[2], red[3]
 
 
 def bn_relu_backward(
@@ -444,28 +533,9 @@ def bn_relu_backward(
     do_sync = sync and p.batch_stats and _dist_active(True)
     act = ACTIVATIONS["identity"] if (grad_wrt_z and p.act == ACTIVATIONS["leaky_relu"]) else p.act
     if backend == "triton":
-        x, channels_last = as_nchw_or_nhwc(x)
-        dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        red = _grad_sums_triton(x, dy, p, channels_last, sums)
-        dgamma, dbeta = red[2], red[3]
-        if not need_dx:
-            return None, dgamma, dbeta
-        if do_sync:  # parameter gradients stay local (DDP averages them); dx uses the group-wide sums
-            torch.distributed.all_reduce(red[:2], group=process_group)
-        count = p.count if p.batch_stats else p.rstd  # read only with batch statistics
-        if not isinstance(count, torch.Tensor):  # a BNParams built elsewhere with an int count
-            count = torch.full((), float(count), device=x.device, dtype=torch.float32)
-        dx = _like(x, channels_last, x.dtype)
-        R, L, block_r, block_l = elementwise_tiling(x.shape, channels_last)
-        _bn_relu_bwd_kernel[_elementwise_grid(R, L, block_r, block_l, channels_last)](
-            x, dy, dx, p.mean.contiguous(), p.scale.contiguous(), p.bias.contiguous(), p.rstd.contiguous(),
-            red, count, R, L, x.shape[1], p.slope,
-            ACT=act, BATCH_STATS=p.batch_stats, CHANNELS_LAST=channels_last, INT64=needs_int64(x),
-            BLOCK_R=block_r, BLOCK_L=block_l,
-        )
-        return dx, dgamma, dbeta
+        return _backward_triton(x, dy, p, need_dx, do_sync, process_group, sums, act)
     xc = x.to(p.mean.dtype) - p.mean.view(shape)
-    g = _act_grad_torch(xc * p.scale.view(shape) + p.bias.view(shape), dy.to(p.mean.dtype), act, p.slope)
+    g = _act_grad_torch(xc * p.scale.view(shape) + p.beta.view(shape), dy.to(p.mean.dtype), act, p.slope)
     if sums is None:
         sum_g, sum_gx = g.sum((0, 2, 3)), (g * xc).sum((0, 2, 3))
     else:
@@ -530,17 +600,16 @@ def bn_relu(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, backe
         return bn_relu_via_ops(x, bn, be, compute_dtype(x), activation, activation_param)
     p = bn_params(x, bn, backend=be, sync=sync, process_group=process_group, activation=activation,
                   activation_param=activation_param)
-    out = _BNReLUFunction.apply(x, bn.weight, bn.bias, p, be, compute_dtype(x), sync, process_group)
-    return out
+    return _BNReLUFunction.apply(x, bn.weight, bn.bias, p, be, compute_dtype(x), sync, process_group)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Ahead-of-time variants (kernels/aot.py compiles each for sm_80 and sm_90 in CI)
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # (x dtype, y / dy dtype): the same, or fp32 x feeding an fp16/bf16 autocast op (y and its gradient in that dtype)
 DTYPE_COMBOS = ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
                 (torch.float32, torch.float16), (torch.float32, torch.bfloat16))
+_DTYPES = TRITON_DTYPES
 
 
 def _aot_acts(int64: bool) -> list[tuple[int, str]]:
@@ -550,15 +619,21 @@ def _aot_acts(int64: bool) -> list[tuple[int, str]]:
             if name == "relu" or not int64]
 
 
-def aot_variants() -> list:
-    """Every (kernel, dtypes, flags, tile) the CUDA launchers of this module can choose, as kernels.aot.Variant.
+# integer arguments real shapes make multiples of 16 (the runtime JIT specialises on it: vector loads)
+_EW_DIVISIBLE = ("L",)
+_PARAMS_SIG = {"stats_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32",
+               "eps": "fp32"}
 
-    Launches use Triton's defaults (4 warps, 3 stages); the tiles are those of :func:`elementwise_tiling`
-    and :func:`kernels.bn_stats.tile_sizes` for every channel count / spatial size. Activations: ReLU on every
-    variant, leaky_relu and identity on every dtype, layout and tile with int32 offsets (see :func:`_aot_acts`).
-    """
+
+def aot_variants() -> list:
+    """Every (kernel, dtypes, layout, tile, activation) the CUDA launchers of this module can choose, as
+    kernels.aot.Variant (flags such as running statistics, affine, write_dx and batch_stats are runtime
+    arguments: one compiled kernel serves them all).
+
+    Elementwise kernels: 4 warps, the tiles of :func:`elementwise_tiling`, row length L declared divisible by 16
+    (as the runtime specialises every real layer: vectorised loads); gradient sums: 8 warps, the tiles of
+    :func:`kernels.bn_stats.tile_sizes`, C/HW/m_per_prog declared divisible."""
     from .aot import Variant
-    from .bn_stats import tile_sizes
 
     out = []
     ew = {s: "i32" for s in ("R", "L", "C")}
@@ -573,30 +648,29 @@ def aot_variants() -> list:
                                     BLOCK_L=block_l)
                         cfg = (f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} "
                                f"{ELEMENTWISE_TILE // block_l}x{block_l}{act_label}")
-                        sig = {"x_ptr": f"*{xs}", "y_ptr": f"*{ys}", "mean_ptr": "*fp32", "scale_ptr": "*fp32",
-                               "beta_ptr": "*fp32", **ew, "slope": "fp32"}
-                        out.append(Variant(_bn_relu_fwd_kernel, sig, tile, kernel="bn_relu_forward",
-                                           dtypes=f"x={xs} y={ys}", config=cfg))
-                        for batch in (True, False):
-                            sig = {"x_ptr": f"*{xs}", "dy_ptr": f"*{ys}", "dx_ptr": f"*{xs}", "mean_ptr": "*fp32",
-                                   "scale_ptr": "*fp32", "beta_ptr": "*fp32", "rstd_ptr": "*fp32",
-                                   "sums_ptr": "*fp32", "count_ptr": "*fp32", **ew, "slope": "fp32"}
-                            out.append(Variant(_bn_relu_bwd_kernel, sig, dict(BATCH_STATS=batch, **tile),
-                                               kernel="bn_relu_backward", dtypes=f"x={xs} dy={ys}",
-                                               config=f"{cfg}{' batch' if batch else ' running'}"))
-            for block_m, block_c in sorted({tile_sizes(c, cl) for c in (1, 16, 17, 4096)}):
+                        sig = {"x_ptr": f"*{xs}", "y_ptr": f"*{ys}", **_PARAMS_SIG, **ew, "slope": "fp32",
+                               "running": "i32", "has_affine": "i32"}
+                        out.append(Variant(_bn_act_fwd_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
+                                           kernel="bn_relu_forward", dtypes=f"x={xs} y={ys}", config=cfg,
+                                           divisible=_EW_DIVISIBLE))
+                        sig = {"x_ptr": f"*{xs}", "dy_ptr": f"*{ys}", "dx_ptr": f"*{xs}", **_PARAMS_SIG,
+                               "red_ptr": "*fp32", **ew, "slope": "fp32", "running": "i32", "has_affine": "i32",
+                               "batch_stats": "i32"}
+                        out.append(Variant(_bn_act_bwd_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
+                                           kernel="bn_relu_backward", dtypes=f"x={xs} dy={ys}", config=cfg,
+                                           divisible=_EW_DIVISIBLE))
+            for block_m, block_c in sorted({tile_sizes(c, cl) for c in TILE_PROBE_CHANNELS}):
                 for int64 in (False, True):
                     for act, act_label in _aot_acts(int64):
-                        sig = {"x_ptr": f"*{xs}", "dy_ptr": f"*{ys}", "mean_ptr": "*fp32", "scale_ptr": "*fp32",
-                               "beta_ptr": "*fp32", "sum_g_ptr": "*fp32", "sum_gx_ptr": "*fp32",
-                               **{s: "i32" for s in ("M", "C", "HW", "m_per_prog")}, "slope": "fp32"}
-                        out.append(Variant(_bn_relu_grad_sums_kernel, sig,
+                        sig = {"x_ptr": f"*{xs}", "dy_ptr": f"*{ys}", "dx_ptr": f"*{xs}", **_PARAMS_SIG,
+                               "part_ptr": "*fp32", "tick_ptr": "*i32", "red_ptr": "*fp32",
+                               **{s: "i32" for s in ("M", "C", "HW", "m_per_prog")}, "slope": "fp32",
+                               "running": "i32", "has_affine": "i32", "write_dx": "i32"}
+                        out.append(Variant(_bn_act_grad_sums_kernel, sig,
                                            dict(ACT=act, CHANNELS_LAST=cl, INT64=int64, BLOCK_M=block_m,
-                                                BLOCK_C=block_c),
-                                           kernel="bn_relu_grad_sums", dtypes=f"x={xs} dy={ys}",
+                                                BLOCK_C=block_c, MERGE_K=merge_k(block_c)),
+                                           num_warps=STATS_WARPS, kernel="bn_relu_grad_sums",
+                                           dtypes=f"x={xs} dy={ys}", divisible=("C", "HW", "m_per_prog"),
                                            config=f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} "
                                                   f"{block_m}x{block_c}{act_label}"))
-    sig = {"g_ptr": "*fp32", "gx_ptr": "*fp32", "K": "i32", "C": "i32", "rstd_ptr": "*fp32", "out_ptr": "*fp32"}
-    out.append(Variant(_grad_finalize_kernel, sig, dict(BLOCK_K=GRAD_FINALIZE_BLOCK_K, BLOCK_C=GRAD_FINALIZE_BLOCK_C),
-                       kernel="bn_relu_grad_finalize", dtypes="fp32", config=f"{GRAD_FINALIZE_BLOCK_K}x{GRAD_FINALIZE_BLOCK_C}"))
     return out

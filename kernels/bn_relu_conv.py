@@ -40,15 +40,17 @@ def conv_forward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weight
 
 
 def conv_backward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weights, has_bias, geometry, grad_outs,
-                  need_dx: bool, need_w, need_b, sync: bool = False, group=None):
+                  need_dx: bool, need_w, need_b, sync: bool = False, group=None, param_dtypes=None):
     """Backward of :func:`conv_forward`: (dx, dgamma, dbeta, [dW_i, db_i, ...]) recomputing act(bn(x)) once.
 
-    dgamma/dbeta are fp32; dW_i/db_i in the parameters' dtype or None where not needed; all None if no
-    output received a gradient."""
+    ``weights`` may already be in ``cdtype`` (the forward's cast, kept: no second cast per step); ``param_dtypes``
+    then names the parameters' dtypes. dgamma/dbeta are fp32; dW_i/db_i in the parameters' dtype or None where
+    not needed; all None if no output received a gradient."""
+    param_dtypes = param_dtypes or [w.dtype for w in weights]
     a = _activation(x, p, backend, cdtype, mask, keep)
     grad_a = None
     param_grads: list[torch.Tensor | None] = []
-    for i, (w, gy, geo, has_b) in enumerate(zip(weights, grad_outs, geometry, has_bias)):
+    for i, (w, gy, geo, has_b, pdt) in enumerate(zip(weights, grad_outs, geometry, has_bias, param_dtypes)):
         nw, nb = need_w[i], has_b and need_b[i]
         if gy is None:
             param_grads += [None, None]
@@ -59,7 +61,7 @@ def conv_backward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weigh
             list(stride), list(padding), list(dilation), False, [0, 0], groups, [True, nw, nb],
         )
         grad_a = gi if grad_a is None else grad_a.add_(gi)
-        param_grads += [gw.to(w.dtype) if nw else None, gb.to(w.dtype) if nb else None]
+        param_grads += [gw.to(pdt) if nw else None, gb.to(pdt) if nb else None]
     del a
     if grad_a is None:
         return None, None, None, param_grads
@@ -76,6 +78,8 @@ class _BNReLUConvFunction(torch.autograd.Function):
                 geometry: tuple, *params):
         # params: for each conv, (weight, bias-or-None); geometry: for each conv (stride, padding, dilation, groups)
         weights, biases = params[0::2], params[1::2]
+        ctx.weight_dtypes = [w.dtype for w in weights]
+        weights = [w.to(cdtype) for w in weights]  # cast once per step: backward reuses these copies
         outs = conv_forward(x, p, backend, cdtype, mask, keep, weights, biases, geometry)
         ctx.p, ctx.backend, ctx.cdtype, ctx.keep, ctx.sync, ctx.group = p, backend, cdtype, keep, sync, group
         ctx.param_dtype = gamma.dtype if gamma is not None else x.dtype
@@ -92,7 +96,7 @@ class _BNReLUConvFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dgamma, dbeta, param_grads = conv_backward(
             x, ctx.p, ctx.backend, ctx.cdtype, mask, ctx.keep, weights, ctx.has_bias, ctx.geometry, grad_outs,
-            need[0], need[n_fixed::2], need[n_fixed + 1::2], ctx.sync, ctx.group)
+            need[0], need[n_fixed::2], need[n_fixed + 1::2], ctx.sync, ctx.group, ctx.weight_dtypes)
         if dgamma is None:
             return (None,) * (n_fixed + len(param_grads))
         return (dx, dgamma.to(ctx.param_dtype) if need[1] else None,
@@ -103,7 +107,7 @@ def igemm_forward(x, p: BNParams, cdtype, weights, biases, geometry) -> tuple:
     """Forward with the implicit-GEMM kernels (:mod:`kernels.conv`): act(bn(x)) normalised in each operand load."""
     from .conv import conv_fprop
 
-    vec = (p.mean.float(), p.scale.float(), p.bias.float())
+    vec = (p.mean.float(), p.scale.float(), p.beta.float())
     act = dict(activation=p.activation, activation_param=p.activation_param)
     outs = []
     for w, b, (stride, padding, dilation, _groups) in zip(weights, biases, geometry):
@@ -116,7 +120,7 @@ def igemm_backward(x, p: BNParams, cdtype, weights, has_bias, geometry, grad_out
     """Backward of :func:`igemm_forward`: (dx, dgamma, dbeta, [dW_i, db_i, ...]); all None without gradients."""
     from .conv import conv_dgrad, conv_wgrad
 
-    vec = (p.mean.float(), p.scale.float(), p.bias.float())
+    vec = (p.mean.float(), p.scale.float(), p.beta.float())
     act = dict(activation=p.activation, activation_param=p.activation_param)
     g = sum_g = sum_gx = None
     param_grads: list[torch.Tensor | None] = []

@@ -1,15 +1,24 @@
-"""Per-channel batch statistics of an (N, C, H, W) tensor, NCHW or channels_last, fp32/fp16/bf16 in.
+"""Per-channel batch statistics of an (N, C, H, W) tensor, NCHW or channels_last, fp32/fp16/bf16 in, in ONE launch.
 
-Two-level and cancellation-free: each program of ``_channel_stats_kernel`` runs Welford/Chan updates over
-tiles of its slice of the N*H*W positions (fp32), writing a partial (mean, M2) per channel; one launch of
-``_stats_finalize_kernel`` merges the partials with Chan's formula and writes every per-channel vector the
-BN-ReLU kernels need (mean, var, rstd, scale = gamma * rstd, count), updating the module's running statistics
-in place. No E[x^2] - E[x]^2 anywhere, so inputs with |mean| >> std keep their precision.
-With ``sync=True`` and torch.distributed initialised, the per-rank (count, mean, M2) are all-gathered and
-merged the same way (gloo on CPU, NCCL on GPU); the count stays a device tensor (no host sync).
+``_stats_kernel``: each program runs Welford updates per lane over its slice of the N*H*W positions (fp32, no
+barrier or shuffle inside the loop; values shifted by a per-channel pivot, the channel's first element), merges its lanes once with Chan's formula (:func:`_chan_combine`, the one
+merge every kernel uses), and writes a partial (mean, M2) per channel. Then it takes a ticket for its channel
+block (an atomic counter); the program that takes the last ticket merges all the block's partials *in index
+order* (so the result does not depend on which program finished last: runs are bitwise repeatable) and
+finalises: the (len(STAT_ROWS), C) rows mean, var, rstd, scale = gamma * rstd, count; the running statistics
+(momentum, or the cumulative average with momentum=None); and num_batches_tracked (by the last finaliser of
+all channel blocks, after every finaliser has read it). It resets its ticket, so the ticket buffer (one per
+device, zeroed once) needs no clearing launch and the step stays capture-safe for CUDA graphs. No
+E[x^2] - E[x]^2 anywhere: inputs with |mean| >> std keep their precision.
 
-Layout convention shared with :mod:`kernels.bn_relu`: an element at (n, c, hw) with m = n*HW + hw sits at
-``m*C + c`` (channels_last) or ``(n*C + c)*HW + hw`` (NCHW).
+Memory ordering of the ticket: partial stores, then a CTA barrier, then one acq_rel atomic at GPU scope (PTX
+release is cumulative over what the barrier ordered); the last program reads the partials after its acquire,
+with ``.cg`` loads (L2, never a stale L1 line). Launches on one stream never overlap; the scratch (partials,
+tickets) is per device and stream.
+
+With ``sync=True`` and torch.distributed initialised the finaliser writes this rank's (count, mean, M2); they
+are all-gathered and ``_gathered_finalize_kernel`` merges them the same way (count stays a device tensor: no
+host sync). That kernel also serves :func:`finalize_stats` with the running statistics (eval).
 """
 
 from __future__ import annotations
@@ -17,56 +26,58 @@ from __future__ import annotations
 import torch
 
 from . import _runtime  # first: sets TRITON_INTERPRET before triton.jit runs
+from ._common import TRITON_DTYPES, as_nchw_or_nhwc, cdiv, needs_int64
 from ._runtime import HAS_TRITON
+from .launch import Kernel
 
-# Rows of the (len(STAT_ROWS), C) fp32 buffer the finalize kernel writes (one allocation, views per row).
+# Rows of the (len(STAT_ROWS), C) fp32 statistics buffer: the one packing used by kernels, launchers and ops.
 STAT_ROWS = ("mean", "var", "rstd", "scale", "count")
-# Partial-statistics sources of the finalize kernel.
-SRC_TILES, SRC_GATHERED, SRC_RUNNING = 0, 1, 2
-FINALIZE_BLOCK_K, FINALIZE_BLOCK_C = 16, 64
-INT64_FROM = 2**31  # tensors with at least this many elements get int64 offsets (tests lower it)
+ROW = {name: i for i, name in enumerate(STAT_ROWS)}
+# Sources of the gathered-finalize kernel.
+SRC_GATHERED, SRC_RUNNING = 1, 2
+FINALIZE_BLOCK_K, FINALIZE_BLOCK_C = 16, 64  # gathered finalize: ranks per merge step, channels per program
+STATS_WARPS = 8
+MIN_TILES_PER_PROGRAM = 4  # fewer, longer programs: the last program's merge of all partials stays short
+MERGE_ELEMENTS = 1024  # partials merged per step by the finalising program: MERGE_K = MERGE_ELEMENTS // BLOCK_C
+TICKETS = 1 << 16  # per-device ticket slots (channel blocks + 1); plenty for C = 2**16 at 16 channels a block
 
 
-def needs_int64(x: torch.Tensor) -> bool:
-    return x.numel() >= INT64_FROM
+def tile_sizes(C: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_C) of the reduction kernels: the contiguous axis gets the long side, 4096 elements for
+    8 warps (16 per thread: 2-4 vector loads per operand and iteration)."""
+    if channels_last and C > 16:
+        return 64, 64
+    return 256, 16
+
+
+def merge_k(block_c: int) -> int:
+    return MERGE_ELEMENTS // block_c
+
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _element_offsets(ms, cs, C, HW, CHANNELS_LAST: tl.constexpr):
-        """(BLOCK_M, BLOCK_C) element offsets of positions ``ms`` (m = n*HW + hw) and channels ``cs``, in ms's
-        integer type (int64 ms: int64 offsets throughout, c*HW included)."""
-        cs = cs.to(ms.dtype)
-        if CHANNELS_LAST:
-            offs = ms[:, None] * C + cs[None, :]
-        else:
-            offs = ((ms // HW) * C * HW + ms % HW)[:, None] + cs[None, :] * HW
-        return offs
+    from ._common import _chan_combine, _element_offsets
 
     @triton.jit
-    def _channel_stats_kernel(
-        x_ptr, mean_ptr, m2_ptr, M, C, HW, m_per_prog,
-        CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        """Partial (mean - pivot, M2) of channels [pid_c*BLOCK_C, +BLOCK_C) over positions [pid_m*m_per_prog, +m_per_prog)."""
-        pid_c = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cs < C
-        m_start = pid_m * m_per_prog
-        m_end = tl.minimum(m_start + m_per_prog, M)
-        # Shift by a per-channel pivot (the channel's first element) so tile sums are of small numbers:
-        # fp32 sums of values near a large mean would otherwise lose the variance.
+    def _pivot(x_ptr, cs, cmask, C, HW, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr):
+        """Each channel's first element x[0, c, 0, 0] (fp32): the shift every program subtracts. Values near a
+        large mean (|mean|/std ~ 1e6) then enter the fp32 Welford updates as small, exact differences."""
         m_first = tl.zeros([1], dtype=tl.int32)
         if INT64:
             m_first = m_first.to(tl.int64)
-        pivot = tl.load(x_ptr + _element_offsets(m_first, cs, C, HW, CHANNELS_LAST),
-                        mask=cmask[None, :], other=0.0).to(tl.float32)
-        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        count = 0.0
+        return tl.sum(tl.load(x_ptr + _element_offsets(m_first, cs, C, HW, CHANNELS_LAST), mask=cmask[None, :],
+                              other=0.0).to(tl.float32), axis=0)
+
+    @triton.jit
+    def _welford_lanes(x_ptr, pivot, cs, cmask, C, HW, m_start, m_end, CHANNELS_LAST: tl.constexpr,
+                       INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """(mean - pivot, M2, count) per channel of positions [m_start, m_end): Welford per lane (no barrier or
+        shuffle in the loop), one Chan merge across lanes at the end."""
+        mean = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        n = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         for m0 in range(m_start, m_end, BLOCK_M):
             ms = m0 + tl.arange(0, BLOCK_M)
             mmask = ms < m_end
@@ -74,128 +85,201 @@ if HAS_TRITON:
                 ms = ms.to(tl.int64)
             mask = mmask[:, None] & cmask[None, :]
             x = tl.load(x_ptr + _element_offsets(ms, cs, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
-            x = tl.where(mask, x - pivot, 0.0)
-            n_tile = tl.sum(mmask.to(tl.float32), axis=0)
-            tile_mean = tl.sum(x, axis=0) / n_tile
-            d = tl.where(mask, x - tile_mean[None, :], 0.0)
-            tile_m2 = tl.sum(d * d, axis=0)
-            total = count + n_tile
-            delta = tile_mean - mean
-            mean += delta * (n_tile / total)
-            m2 += tile_m2 + delta * delta * (count * n_tile / total)
-            count = total
-        out = pid_m * C + cs
-        tl.store(mean_ptr + out, mean, mask=cmask)  # still shifted: the finalize kernel merges, then adds the pivot
-        tl.store(m2_ptr + out, m2, mask=cmask)
+            x = x - pivot[None, :]
+            n += mask.to(tl.float32)
+            delta = x - mean
+            mean += tl.where(mask, delta / tl.maximum(n, 1.0), 0.0)
+            m2 += tl.where(mask, delta * (x - mean), 0.0)
+        return tl.reduce((mean, m2, n), 0, _chan_combine)
 
     @triton.jit
-    def _stats_finalize_kernel(
-        cnt_ptr, mean_ptr, m2_ptr, part_stride, K, M, m_per_prog, x_ptr, x_c_stride, C,
-        w_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum, eps, out_ptr,
-        SOURCE: tl.constexpr, PARAMS: tl.constexpr, HAS_AFFINE: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-        CUMULATIVE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        """Chan-merge K partial (count, mean, M2) per channel; write BN parameters or a (count, mean, M2) triple.
-
-        SOURCE 0: partials of _channel_stats_kernel, rows k of mean_ptr/m2_ptr (stride part_stride), counts
-        min(m_per_prog, M - k*m_per_prog), means relative to the pivot x[0, c, 0, 0] (at x_ptr + c*x_c_stride).
-        SOURCE 1: (count, mean, M2) rows of K ranks (all-gathered), counts read from cnt_ptr.
-        SOURCE 2: no partials: mean/var are the running statistics (eval, frozen BN).
-        PARAMS: write rows (mean, var, rstd, scale = gamma*rstd, count) to out_ptr (5, C); else (count, mean, M2)
-        (3, C). UPDATE_RUNNING: running_mean/var lerp towards mean/unbiased var by ``momentum`` (CUMULATIVE:
-        by 1/num_batches_tracked read from nbt_ptr, already incremented).
-        """
-        cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cs < C
-        count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    def _merge_partials(part_ptr, K, C, cs, cmask, M, m_per_prog, MERGE_K: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Chan-merge the K program partials (rows of mean, then K rows of M2; counts from the split sizes) of
+        channels ``cs`` in index order: the same result whichever program runs it."""
         mean = tl.zeros([BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < K
-            mask = kmask[:, None] & cmask[None, :]
-            offs = ks[:, None] * part_stride + cs[None, :]
-            if SOURCE == 1:
-                n = tl.load(cnt_ptr + offs, mask=mask, other=0.0)
+        count = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for k0 in range(0, K, MERGE_K):
+            ks = k0 + tl.arange(0, MERGE_K)
+            mask = (ks < K)[:, None] & cmask[None, :]
+            offs = ks[:, None] * C + cs[None, :]
+            n = tl.where(mask, tl.minimum(tl.maximum(M - ks * m_per_prog, 0), m_per_prog).to(tl.float32)[:, None], 0.0)
+            mu = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            q = tl.load(part_ptr + K * C + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            t_mean, t_m2, t_n = tl.reduce((mu, q, n), 0, _chan_combine)
+            mean, m2, count = _chan_combine(mean, m2, count, t_mean, t_m2, t_n)
+        return mean, m2, count
+
+    @triton.jit
+    def _finalize(mean, m2, count, cs, cmask, C, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum, eps,
+                  has_affine, update, cumulative):
+        """Write the STAT_ROWS of channels ``cs`` from merged (mean, M2, count); with ``update``, the running
+        statistics (unbiased variance) move by ``momentum`` or, ``cumulative``, by 1 / (num_batches_tracked before
+        this step + 1). Flags are runtime ints: this code runs once per channel block, never in a hot loop."""
+        var = m2 / tl.maximum(count, 1.0)
+        rstd = 1.0 / tl.sqrt(var + eps)
+        scale = rstd
+        if has_affine != 0:
+            scale = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32) * rstd
+        tl.store(out_ptr + cs, mean, mask=cmask)
+        tl.store(out_ptr + C + cs, var, mask=cmask)
+        tl.store(out_ptr + 2 * C + cs, rstd, mask=cmask)
+        tl.store(out_ptr + 3 * C + cs, scale, mask=cmask)
+        tl.store(out_ptr + 4 * C + cs, count, mask=cmask)
+        if update != 0:
+            factor = momentum
+            if cumulative != 0:
+                factor = 1.0 / (nbt_old.to(tl.float32) + 1.0)
+            unbiased = m2 / tl.maximum(count - 1.0, 1.0)
+            rm = tl.load(rmean_ptr + cs, mask=cmask, other=0.0)
+            rv = tl.load(rvar_ptr + cs, mask=cmask, other=0.0)
+            tl.store(rmean_ptr + cs, rm + factor * (mean - rm), mask=cmask)
+            tl.store(rvar_ptr + cs, rv + factor * (unbiased - rv), mask=cmask)
+
+    @triton.jit
+    def _bump_batches(tick_ptr, n_blocks, nbt_ptr, nbt_old):
+        """num_batches_tracked += 1 by the last of ``n_blocks`` finalisers (all of them read it before)."""
+        tl.debug_barrier()
+        done = tl.atomic_add(tick_ptr + n_blocks, 1, sem="acq_rel")
+        if done == n_blocks - 1:
+            tl.store(nbt_ptr, nbt_old + 1)
+            tl.store(tick_ptr + n_blocks, 0)
+
+    _FLAGS = ["triple", "has_affine", "update", "cumulative"]
+
+    @triton.jit(do_not_specialize=_FLAGS)
+    def _stats_kernel(
+        x_ptr, part_ptr, tick_ptr, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_ptr, M, C, HW, m_per_prog, momentum, eps,
+        triple, has_affine, update, cumulative,
+        CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        MERGE_K: tl.constexpr,
+    ):
+        """Grid (channel blocks, splits). Partials of channels [pid_c*BLOCK_C, +BLOCK_C) over positions
+        [pid_m*m_per_prog, +m_per_prog) into part_ptr (2, splits, C); the last program of a channel block
+        finalises it: STAT_ROWS into out_ptr (5, C), or with ``triple`` this rank's (count, mean, M2) (3, C).
+        nbt_ptr: an int64 scalar (num_batches_tracked, read only with ``update``)."""
+        pid_c = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        m_start = pid_m * m_per_prog
+        m_end = tl.minimum(m_start + m_per_prog, M)
+        pivot = _pivot(x_ptr, cs, cmask, C, HW, CHANNELS_LAST, INT64)
+        mean, m2, _n = _welford_lanes(x_ptr, pivot, cs, cmask, C, HW, m_start, m_end, CHANNELS_LAST, INT64, BLOCK_M,
+                                      BLOCK_C)
+        tl.store(part_ptr + pid_m * C + cs, mean, mask=cmask)
+        tl.store(part_ptr + (n_splits + pid_m) * C + cs, m2, mask=cmask)
+        tl.debug_barrier()  # every thread's partial is stored before the ticket releases them
+        ticket = tl.atomic_add(tick_ptr + pid_c, 1, sem="acq_rel")
+        if ticket == n_splits - 1:
+            tl.store(tick_ptr + pid_c, 0)
+            mean, m2, count = _merge_partials(part_ptr, n_splits, C, cs, cmask, M, m_per_prog, MERGE_K, BLOCK_C)
+            mean += pivot  # partials are relative to the pivot
+            if triple != 0:
+                tl.store(out_ptr + cs, count, mask=cmask)
+                tl.store(out_ptr + C + cs, mean, mask=cmask)
+                tl.store(out_ptr + 2 * C + cs, m2, mask=cmask)
             else:
-                n = tl.where(mask, tl.minimum(tl.maximum(M - ks * m_per_prog, 0), m_per_prog).to(tl.float32)[:, None], 0.0)
-            mu = tl.load(mean_ptr + offs, mask=mask, other=0.0)
-            q = tl.load(m2_ptr + offs, mask=mask, other=0.0)
-            n_tile = tl.sum(n, axis=0)
-            tile_mean = tl.sum(n * mu, axis=0) / tl.maximum(n_tile, 1.0)
-            d = tl.where(n > 0.0, mu - tile_mean[None, :], 0.0)
-            tile_m2 = tl.sum(q + n * d * d, axis=0)
-            total = count + n_tile
-            delta = tile_mean - mean
-            mean += delta * (n_tile / tl.maximum(total, 1.0))
-            m2 += tile_m2 + delta * delta * (count * n_tile / tl.maximum(total, 1.0))
-            count = total
-        if SOURCE == 0:
-            mean += tl.load(x_ptr + cs.to(tl.int64) * x_c_stride, mask=cmask, other=0.0).to(tl.float32)
-        if PARAMS:
-            if SOURCE == 2:
-                mean = tl.load(rmean_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-                var = tl.load(rvar_ptr + cs, mask=cmask, other=1.0).to(tl.float32)
-                count = tl.zeros([BLOCK_C], dtype=tl.float32) + M
-            else:
-                var = m2 / tl.maximum(count, 1.0)
-            rstd = 1.0 / tl.sqrt(var + eps)
-            if HAS_AFFINE:
-                scale = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32) * rstd
-            else:
-                scale = rstd
-            tl.store(out_ptr + cs, mean, mask=cmask)
-            tl.store(out_ptr + C + cs, var, mask=cmask)
-            tl.store(out_ptr + 2 * C + cs, rstd, mask=cmask)
-            tl.store(out_ptr + 3 * C + cs, scale, mask=cmask)
-            tl.store(out_ptr + 4 * C + cs, count, mask=cmask)
-            if UPDATE_RUNNING:
-                if CUMULATIVE:
-                    factor = 1.0 / tl.load(nbt_ptr).to(tl.float32)
-                else:
-                    factor = momentum
-                unbiased = m2 / tl.maximum(count - 1.0, 1.0)
-                rm = tl.load(rmean_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-                rv = tl.load(rvar_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-                tl.store(rmean_ptr + cs, (rm + factor * (mean - rm)).to(rmean_ptr.dtype.element_ty), mask=cmask)
-                tl.store(rvar_ptr + cs, (rv + factor * (unbiased - rv)).to(rvar_ptr.dtype.element_ty), mask=cmask)
+                nbt_old = tl.load(nbt_ptr)
+                _finalize(mean, m2, count, cs, cmask, C, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum, eps,
+                          has_affine, update, cumulative)
+                if update != 0:
+                    _bump_batches(tick_ptr, tl.num_programs(0), nbt_ptr, nbt_old)
+
+    @triton.jit(do_not_specialize=["source", "has_affine", "update", "cumulative"])
+    def _gathered_finalize_kernel(
+        g_ptr, K, M, C, tick_ptr, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum, eps,
+        source, has_affine, update, cumulative, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """``source`` SRC_GATHERED: Chan-merge K ranks' (count, mean, M2) rows (g_ptr (K, 3, C)) and finalise like
+        the statistics kernel. SRC_RUNNING: the STAT_ROWS of the running statistics (count M), no update."""
+        cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        nbt_old = tl.load(nbt_ptr)
+        if source == 2:
+            mean = tl.load(rmean_ptr + cs, mask=cmask, other=0.0)
+            var = tl.load(rvar_ptr + cs, mask=cmask, other=1.0)
+            count = tl.zeros([BLOCK_C], dtype=tl.float32) + tl.maximum(M, 1)  # M2 = var * count: var back
+            _finalize(mean, var * count, count, cs, cmask, C, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum,
+                      eps, has_affine, 0, 0)
         else:
-            tl.store(out_ptr + cs, count, mask=cmask)
-            tl.store(out_ptr + C + cs, mean, mask=cmask)
-            tl.store(out_ptr + 2 * C + cs, m2, mask=cmask)
+            mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+            m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+            count = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                mask = (ks < K)[:, None] & cmask[None, :]
+                offs = ks[:, None] * (3 * C) + cs[None, :]
+                n = tl.load(g_ptr + offs, mask=mask, other=0.0)
+                mu = tl.load(g_ptr + C + offs, mask=mask, other=0.0)
+                q = tl.load(g_ptr + 2 * C + offs, mask=mask, other=0.0)
+                t_mean, t_m2, t_n = tl.reduce((mu, q, n), 0, _chan_combine)
+                mean, m2, count = _chan_combine(mean, m2, count, t_mean, t_m2, t_n)
+            _finalize(mean, m2, count, cs, cmask, C, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum, eps,
+                      has_affine, update, cumulative)
+            if update != 0:
+                _bump_batches(tick_ptr, tl.num_programs(0), nbt_ptr, nbt_old)
+
+    STATS = Kernel(_stats_kernel)
+    GATHERED_FINALIZE = Kernel(_gathered_finalize_kernel)
 
 
-def as_nchw_or_nhwc(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(x, channels_last): x made dense in one of the two layouts the kernels index."""
-    if x.dim() != 4:
-        raise ValueError(f"expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if x.is_contiguous():
-        return x, False
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return x, True
-    return x.contiguous(), False
+class ReductionGrid:
+    """Geometry of a per-channel reduction over an (N, C, H, W) tensor (one per shape, layout and device hint)."""
+
+    __slots__ = ("M", "C", "HW", "block_m", "block_c", "c_blocks", "splits", "m_per_prog", "grid", "int64")
+
+    def __init__(self, shape, channels_last: bool, hint: int, int64: bool):
+        N, C, H, W = shape
+        self.M, self.C, self.HW = N * H * W, C, H * W
+        self.block_m, self.block_c = tile_sizes(C, channels_last)
+        self.c_blocks = cdiv(C, self.block_c)
+        tiles = cdiv(self.M, self.block_m)
+        splits = max(1, min(cdiv(tiles, MIN_TILES_PER_PROGRAM), hint // self.c_blocks))
+        self.m_per_prog = cdiv(cdiv(self.M, splits), self.block_m) * self.block_m
+        self.splits = cdiv(self.M, self.m_per_prog) if self.M else 1
+        self.grid = (self.c_blocks, self.splits, 1)
+        self.int64 = int64
+        if self.c_blocks + 1 > TICKETS:
+            raise ValueError(f"{C} channels need more than {TICKETS} ticket slots")
 
 
-def tile_sizes(C: int, channels_last: bool) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_C): the contiguous axis gets the long side of the tile, for coalesced loads."""
-    if channels_last:
-        return (128, 16) if C <= 16 else (32, 64)
-    return 128, 16
+_grids: dict = {}
 
 
-def reduction_grid(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_C, channel blocks, splits, positions per program) for a per-channel reduction of x."""
-    N, C, H, W = x.shape
-    M = N * H * W
-    block_m, block_c = tile_sizes(C, channels_last)
-    c_blocks = triton.cdiv(C, block_c)
-    splits = max(1, min(triton.cdiv(M, block_m), _runtime.num_programs_hint(x) // c_blocks))
-    m_per_prog = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    return block_m, block_c, c_blocks, triton.cdiv(M, m_per_prog), m_per_prog
+def reduction_grid(x: torch.Tensor, channels_last: bool) -> ReductionGrid:
+    """The cached :class:`ReductionGrid` of x (shape, layout, int64 rule, the device's programs hint)."""
+    key = (x.shape, channels_last, needs_int64(x), x.device, _runtime.PROGRAMS_HINT, MIN_TILES_PER_PROGRAM)
+    g = _grids.get(key)
+    if g is None:
+        g = _grids[key] = ReductionGrid(x.shape, channels_last, _runtime.num_programs_hint(x), key[2])
+    return g
+
+
+_scratch: dict = {}
+
+
+def scratch(device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fp32 partials buffer of at least ``numel`` elements, int32 ticket counters, an int64 zero) of ``device``'s
+    current stream.
+
+    Reused by every reduction launch on that stream (launches on one stream run in order); the tickets are zeroed
+    once here and reset by the kernels themselves; the int64 zero stands in for num_batches_tracked."""
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _scratch.get(key)
+    if buf is None or buf[0].numel() < numel:
+        part = torch.empty(max(numel, 1 << 16), device=device, dtype=torch.float32)
+        rest = buf[1:] if buf is not None else (torch.zeros(TICKETS, device=device, dtype=torch.int32),
+                                                torch.zeros((), device=device, dtype=torch.int64))
+        buf = _scratch[key] = (part, *rest)
+    return buf
 
 
 def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chan's parallel merge of K partial statistics: (K,) or (K, C) counts, (K, C) means and M2 -> (count, mean, M2)."""
+    """Chan's parallel merge of K partial statistics (the torch twin of :func:`_chan_combine`): (K,) or (K, C)
+    counts, (K, C) means and M2 -> (count, mean, M2)."""
     if count.dim() == 1:
         count = count[:, None].expand_as(mean)
     total = count.sum(0)
@@ -217,6 +301,32 @@ def _all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def _aligned(*ts) -> bool:
+    """All tensors 16-byte aligned (what Triton specialises pointer arguments on)."""
+    acc = 0
+    for t in ts:
+        acc |= t.data_ptr()
+    return acc & 15 == 0
+
+
+def launch_stats(x: torch.Tensor, channels_last: bool, out: torch.Tensor, *, weight=None, running=None,
+                 momentum: float | None = 0.1, eps: float = 1e-5, num_batches_tracked=None, triple: bool = False) -> None:
+    """One ``_stats_kernel`` launch: x's statistics into ``out`` (STAT_ROWS, or (count, mean, M2) with ``triple``).
+
+    ``running``: (running_mean, running_var) fp32, updated in place (with ``num_batches_tracked`` += 1)."""
+    g = reduction_grid(x, channels_last)
+    part, tick, zero64 = scratch(x.device, 2 * g.splits * g.C)
+    update = running is not None and not triple
+    has_affine = weight is not None and not triple
+    w = weight if has_affine else out
+    rm, rv = running if update else (out, out)
+    consts = (channels_last, g.int64, g.block_m, g.block_c, merge_k(g.block_c))
+    key = (x.shape, x.dtype, w.dtype, x.device.index, consts, _aligned(x, out, w, rm, rv), g.grid)
+    STATS(key, g.grid, x, part, tick, out, w, rm, rv, num_batches_tracked if update else zero64, g.M, g.C, g.HW,
+          g.m_per_prog, 0.0 if momentum is None else float(momentum), float(eps), int(triple), int(has_affine),
+          int(update), int(update and momentum is None), *consts, num_warps=STATS_WARPS)
+
+
 def finalize_stats(
     x: torch.Tensor, *, weight: torch.Tensor | None = None, eps: float = 1e-5, sync: bool = False,
     process_group=None, running: tuple[torch.Tensor, torch.Tensor] | None = None, momentum: float | None = 0.1,
@@ -225,54 +335,38 @@ def finalize_stats(
     """Triton statistics of x as one (5, C) fp32 tensor, rows :data:`STAT_ROWS` (mean, var, rstd, scale, count).
 
     Batch statistics (merged over the group with ``sync``) unless ``use_running``, then ``running``'s.
-    ``weight``: gamma (scale = gamma * rstd; rstd without it). ``running`` = (running_mean, running_var),
-    updated in place with batch statistics (unbiased variance) by ``momentum``, or by 1/num_batches_tracked
-    when ``momentum`` is None (the caller increments ``num_batches_tracked`` first). Launches: stats kernel +
-    finalize (+ all_gather and a second finalize with ``sync``); eval: finalize only.
+    ``weight``: gamma (scale = gamma * rstd; rstd without it). ``running`` = (running_mean, running_var) fp32,
+    updated in place with batch statistics (unbiased variance) by ``momentum``, or by 1/num_batches_tracked when
+    ``momentum`` is None; ``num_batches_tracked`` is incremented by the kernel. Launches: 1 (sync: 2 and an
+    all_gather); eval: 1.
     """
     x, channels_last = as_nchw_or_nhwc(x)
-    N, C, H, W = x.shape
-    M, HW = N * H * W, H * W
+    C = x.shape[1]
     dev = x.device
     out = torch.empty((len(STAT_ROWS), C), device=dev, dtype=torch.float32)
-    has_affine = weight is not None
-    w = weight.detach().float() if has_affine else out  # dummies are never read
+    if running is not None and (running[0].dtype != torch.float32 or running[1].dtype != torch.float32):
+        raise TypeError("the triton BN statistics need fp32 running_mean/running_var buffers")
     update = running is not None and not use_running
-    if running is not None:
-        rmean, rvar = running
-        if rmean.dtype != torch.float32 or rvar.dtype != torch.float32:
-            raise TypeError("the triton BN statistics need fp32 running_mean/running_var buffers")
-    else:
-        rmean = rvar = out
-    cumulative = update and momentum is None
-    nbt = num_batches_tracked if cumulative else out
-    fin_grid = (triton.cdiv(C, FINALIZE_BLOCK_C),)
-    common = dict(PARAMS=True, HAS_AFFINE=has_affine, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-                  BLOCK_K=FINALIZE_BLOCK_K, BLOCK_C=FINALIZE_BLOCK_C)
-    mom = 0.0 if momentum is None else float(momentum)
+    if update and num_batches_tracked is None:
+        raise ValueError("updating running statistics needs num_batches_tracked")
+    if not (use_running or _dist_active(sync)):
+        launch_stats(x, channels_last, out, weight=weight, running=running if update else None, momentum=momentum,
+                     eps=eps, num_batches_tracked=num_batches_tracked)
+        return out
     if use_running:
-        _stats_finalize_kernel[fin_grid](out, out, out, C, 0, M, 1, out, 0, C, w, rmean, rvar, nbt, mom, eps, out,
-                                         SOURCE=SRC_RUNNING, **common)
-        return out
-    block_m, block_c, c_blocks, splits, m_per_prog = reduction_grid(x, channels_last)
-    part = torch.empty((2, splits, C), device=dev, dtype=torch.float32)
-    _channel_stats_kernel[(c_blocks, splits)](
-        x, part[0], part[1], M, C, HW, m_per_prog,
-        CHANNELS_LAST=channels_last, INT64=needs_int64(x), BLOCK_M=block_m, BLOCK_C=block_c,
-    )
-    x_c_stride = x.stride(1)
-    if not _dist_active(sync):
-        _stats_finalize_kernel[fin_grid](out, part[0], part[1], C, splits, M, m_per_prog, x, x_c_stride, C,
-                                         w, rmean, rvar, nbt, mom, eps, out, SOURCE=SRC_TILES, **common)
-        return out
-    local = torch.empty((3, C), device=dev, dtype=torch.float32)  # (count, mean, M2) of this rank
-    _stats_finalize_kernel[fin_grid](out, part[0], part[1], C, splits, M, m_per_prog, x, x_c_stride, C,
-                                     out, out, out, out, 0.0, eps, local, SOURCE=SRC_TILES,
-                                     **dict(common, PARAMS=False, HAS_AFFINE=False, UPDATE_RUNNING=False,
-                                            CUMULATIVE=False))
-    g = _all_gather_rows(local, process_group)  # (world, 3, C)
-    _stats_finalize_kernel[fin_grid](g[:, 0], g[:, 1], g[:, 2], 3 * C, g.shape[0], 0, 1, out, 0, C,
-                                     w, rmean, rvar, nbt, mom, eps, out, SOURCE=SRC_GATHERED, **common)
+        rows, K, src = out, 0, SRC_RUNNING
+    else:
+        local = torch.empty((3, C), device=dev, dtype=torch.float32)
+        launch_stats(x, channels_last, local, triple=True)
+        rows = _all_gather_rows(local, process_group)  # (world, 3, C)
+        K, src = rows.shape[0], SRC_GATHERED
+    rm, rv = running if running is not None else (out, out)
+    _, tick, zero64 = scratch(dev, 0)
+    grid = (cdiv(C, FINALIZE_BLOCK_C), 1, 1)
+    GATHERED_FINALIZE(None, grid, rows, K, x.numel() // max(C, 1), C, tick, out, out if weight is None else weight,
+                      rm, rv, num_batches_tracked if update else zero64, 0.0 if momentum is None else float(momentum),
+                      float(eps), src, int(weight is not None), int(update), int(update and momentum is None),
+                      FINALIZE_BLOCK_K, FINALIZE_BLOCK_C)
     return out
 
 
@@ -300,8 +394,8 @@ def channel_stats(
     """
     if backend == "triton":
         out = finalize_stats(x, sync=sync, process_group=process_group)
-        count = out[4, 0] if _dist_active(sync) else x.numel() // x.shape[1]
-        return out[0], out[1], count
+        count = out[ROW["count"], 0] if _dist_active(sync) else x.numel() // x.shape[1]
+        return out[ROW["mean"]], out[ROW["var"]], count
     mean, m2, count = _stats_torch(x)
     if _dist_active(sync):
         mean, m2, count = _sync(mean, m2, count, process_group)
@@ -320,46 +414,37 @@ def _sync(mean: torch.Tensor, m2: torch.Tensor, count: int, group) -> tuple[torc
 # ----------------------------------------------------------------------------------------------------------------
 # Ahead-of-time variants (kernels/aot.py compiles each for sm_80 and sm_90 in CI)
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# channel counts that select every tile of tile_sizes(): one at each side of every threshold
+TILE_PROBE_CHANNELS = (1, 16, 17, 4096)
 
 
 def aot_variants() -> list:
-    """Every (kernel, dtypes, flags, tile) the CUDA launchers of this module can choose, as kernels.aot.Variant.
+    """Every (kernel, dtypes, layout, tile) the CUDA launchers of this module can choose, as kernels.aot.Variant.
 
-    Launches use Triton's defaults (4 warps, 3 stages). The finalize kernel sees fp32 vectors only (weights and
-    running statistics of other dtypes are converted by the launcher); its x pointer is read only for SOURCE 0.
-    """
+    Flags (triple, affine, running update, cumulative average) are runtime arguments (not specialised): they only
+    steer the finalising program's epilogue, so one compiled kernel serves them all. The statistics kernel runs
+    with 8 warps; the integer arguments that real shapes make multiples of 16 (C, HW, m_per_prog) are declared
+    divisible, as the runtime JIT specialises them."""
     from .aot import Variant
 
     out = []
-    for xdt, xs in _DTYPES.items():
+    flags = {"triple": "i32", "has_affine": "i32", "update": "i32", "cumulative": "i32"}
+    for xdt, xs in TRITON_DTYPES.items():
         for cl in (False, True):
-            for block_m, block_c in sorted({tile_sizes(c, cl) for c in (1, 16, 17, 4096)}):
+            for block_m, block_c in sorted({tile_sizes(c, cl) for c in TILE_PROBE_CHANNELS}):
                 for int64 in (False, True):
-                    sig = {"x_ptr": f"*{xs}", "mean_ptr": "*fp32", "m2_ptr": "*fp32",
-                           **{s: "i32" for s in ("M", "C", "HW", "m_per_prog")}}
-                    out.append(Variant(_channel_stats_kernel, sig, dict(CHANNELS_LAST=cl, INT64=int64,
-                                                                        BLOCK_M=block_m, BLOCK_C=block_c),
-                                       kernel="channel_stats", dtypes=f"x={xs}",
-                                       config=f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} "
-                                              f"{block_m}x{block_c}"))
-    # (SOURCE, PARAMS, HAS_AFFINE, UPDATE_RUNNING, CUMULATIVE) the launcher can pass
-    flags = [(SRC_TILES, False, False, False, False), (SRC_RUNNING, True, False, False, False),
-             (SRC_RUNNING, True, True, False, False)]
-    for src in (SRC_TILES, SRC_GATHERED):
-        for affine in (False, True):
-            flags += [(src, True, affine, False, False), (src, True, affine, True, False),
-                      (src, True, affine, True, True)]
-    for src, params, affine, update, cumulative in flags:
-        for xdt, xs in (_DTYPES.items() if src == SRC_TILES else [(torch.float32, "fp32")]):
-            sig = {"cnt_ptr": "*fp32", "mean_ptr": "*fp32", "m2_ptr": "*fp32", "part_stride": "i32", "K": "i32",
-                   "M": "i32", "m_per_prog": "i32", "x_ptr": f"*{xs}", "x_c_stride": "i32", "C": "i32",
-                   "w_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32",
-                   "nbt_ptr": "*i64" if cumulative else "*fp32", "momentum": "fp32", "eps": "fp32", "out_ptr": "*fp32"}
-            const = dict(SOURCE=src, PARAMS=params, HAS_AFFINE=affine, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-                         BLOCK_K=FINALIZE_BLOCK_K, BLOCK_C=FINALIZE_BLOCK_C)
-            label = ["tiles", "gathered", "running"][src] + ("" if params else " triple") + (" affine" if affine else "") \
-                + (" update" if update else "") + (" cumulative" if cumulative else "")
-            out.append(Variant(_stats_finalize_kernel, sig, const, kernel="stats_finalize",
-                               dtypes=f"x={xs}" if src == SRC_TILES else "fp32", config=label))
+                    sig = {"x_ptr": f"*{xs}", "part_ptr": "*fp32", "tick_ptr": "*i32", "out_ptr": "*fp32",
+                           "w_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32", "nbt_ptr": "*i64",
+                           **{s: "i32" for s in ("M", "C", "HW", "m_per_prog")}, "momentum": "fp32", "eps": "fp32",
+                           **flags}
+                    const = dict(CHANNELS_LAST=cl, INT64=int64, BLOCK_M=block_m, BLOCK_C=block_c,
+                                 MERGE_K=merge_k(block_c))
+                    out.append(Variant(_stats_kernel, sig, const, num_warps=STATS_WARPS, kernel="channel_stats",
+                                       dtypes=f"x={xs}", divisible=("C", "HW", "m_per_prog"),
+                                       config=f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} {block_m}x{block_c}"))
+    sig = {"g_ptr": "*fp32", "K": "i32", "M": "i32", "C": "i32", "tick_ptr": "*i32", "out_ptr": "*fp32",
+           "w_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32", "nbt_ptr": "*i64", "momentum": "fp32",
+           "eps": "fp32", "source": "i32", **{k: "i32" for k in ("has_affine", "update", "cumulative")}}
+    out.append(Variant(_gathered_finalize_kernel, sig, dict(BLOCK_K=FINALIZE_BLOCK_K, BLOCK_C=FINALIZE_BLOCK_C),
+                       kernel="stats_finalize", dtypes="fp32", config="gathered/running"))
     return out

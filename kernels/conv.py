@@ -37,7 +37,7 @@ import torch
 
 from . import _runtime  # first: sets TRITON_INTERPRET before triton.jit runs
 from ._runtime import HAS_TRITON
-from .bn_relu import ACTIVATIONS, activation_code
+from ._common import ACTIVATIONS, activation_code
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .bn_relu import _act_bwd, _act_fwd
+    from ._common import _act_bwd, _act_fwd
 
     @triton.jit
     def _idx(v, INT64: tl.constexpr):

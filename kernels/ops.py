@@ -9,8 +9,9 @@ run as they do in eager. Both paths call the same forward/backward functions, so
 
 Ops (namespace ``widedeep_kernels``), C channels, x (N, C, H, W) NCHW or channels_last:
 
-- ``bn_stats``: batch or running statistics packed as a (4, C) tensor ``[mean, rstd, scale, count]`` (fp32; fp64
-  for fp64 input on the torch backend; ``count`` repeated along C); updates running_mean / running_var /
+- ``bn_stats``: batch or running statistics packed as the (5, C) STAT_ROWS tensor ``[mean, var, rstd, scale,
+  count]`` of :mod:`kernels.bn_stats` (fp32; fp64 for fp64 input on the torch backend; ``count`` repeated along C);
+  updates running_mean / running_var /
   num_batches_tracked in place in training (declared mutations; empty tensors when the BN has no running stats).
 - ``bn_act`` / ``bn_act_backward``: act(bn(x)) given packed statistics; backward gives (dx, dgamma, dbeta).
 - ``bn_act_conv`` / ``bn_act_conv_backward``: [conv_i(dropout(act(bn(x))))] with torch/cuDNN convolutions
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .bn_relu import BNParams, bn_params, bn_relu_backward, bn_relu_forward
+from .bn_stats import STAT_ROWS
 from .bn_relu_conv import conv_backward, conv_forward, igemm_backward, igemm_forward
 
 NS = "widedeep_kernels"
@@ -63,7 +65,8 @@ def _fmt(t: Tensor) -> torch.memory_format:
 def bn_stats(x: Tensor, weight: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
              num_batches_tracked: Tensor, has_running: bool, momentum: float, cumulative: bool, eps: float,
              training: bool, track_running_stats: bool, backend: str) -> Tensor:
-    """(4, C) ``[mean, rstd, scale = gamma * rstd, count]`` following nn.BatchNorm2d's rules (see module doc).
+    """The (5, C) STAT_ROWS ``[mean, var, rstd, scale = gamma * rstd, count]`` following nn.BatchNorm2d's rules
+    (see module doc; the var row is not read by the ops).
 
     ``cumulative``: momentum=None (cumulative moving average); ``momentum`` is then ignored."""
     bn = SimpleNamespace(
@@ -72,27 +75,26 @@ def bn_stats(x: Tensor, weight: Optional[Tensor], running_mean: Tensor, running_
         running_var=running_var if has_running else None,
         num_batches_tracked=num_batches_tracked if has_running else None)
     p = bn_params(x, bn, backend=backend)
+    if p.stats is not None:  # the triton statistics kernel's own (fresh) buffer
+        return p.stats
     C = x.shape[1]
     dt = _stats_dtype(x, backend)
-    # an int count (eval statistics, torch backend) is filled on the device: no host-to-device copy to wait for
+    # an int count (eval statistics) is filled on the device: no host-to-device copy to wait for
     count = p.count.to(dt).expand(C) if isinstance(p.count, Tensor) else p.mean.new_full((C,), float(p.count), dtype=dt)
-    return torch.stack([p.mean.to(dt), p.rstd.to(dt), p.scale.to(dt), count])
+    return torch.stack([p.mean.to(dt), torch.zeros_like(count), p.rstd.to(dt), p.scale.to(dt), count])
 
 
 @bn_stats.register_fake
 def _(x, weight, running_mean, running_var, num_batches_tracked, has_running, momentum, cumulative, eps, training,
       track_running_stats, backend):
-    return x.new_empty((4, x.shape[1]), dtype=_stats_dtype(x, backend))
+    return x.new_empty((len(STAT_ROWS), x.shape[1]), dtype=_stats_dtype(x, backend))
 
 
 def unpack(stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], batch_stats: bool,
            activation: str = "relu", activation_param: float = 0.01) -> BNParams:
-    """The BNParams of a packed (4, C) statistics tensor and the BN's (gamma, beta) (detached)."""
-    C, dt = stats.shape[1], stats.dtype
-    w = weight.detach().to(dt) if weight is not None else stats.new_ones(C)
-    b = bias.detach().to(dt) if bias is not None else stats.new_zeros(C)
-    return BNParams(stats[0], stats[1], w, b, stats[3, 0], batch_stats, cached_scale=stats[2],
-                    activation=activation, activation_param=activation_param)
+    """The BNParams of a packed (5, C) STAT_ROWS tensor and the BN's (gamma, beta) (detached)."""
+    return BNParams.from_stats(stats, None if weight is None else weight.detach(),
+                               None if bias is None else bias.detach(), batch_stats, activation, activation_param)
 
 
 def stats_of(x: Tensor, bn, backend: str) -> Tensor:

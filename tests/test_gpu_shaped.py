@@ -28,9 +28,18 @@ bn_stats_mod = importlib.import_module("kernels.bn_stats")
 HINTS = (4 * 132, 37)
 
 
+def gpu_shaped(monkeypatch, hint: int = 4 * 132) -> None:
+    """A GPU's programs hint; one tile per program and merge blocks of 64 partial elements, so that the small
+    tensors an interpreter can afford produce as many merge blocks as a real layer does on the GPU (the merge
+    code is the same; only its block size, a constexpr, shrinks)."""
+    monkeypatch.setattr(_runtime, "PROGRAMS_HINT", hint)
+    monkeypatch.setattr(bn_stats_mod, "MIN_TILES_PER_PROGRAM", 1)
+    monkeypatch.setattr(bn_stats_mod, "MERGE_ELEMENTS", 64)
+
+
 @pytest.fixture(params=HINTS, ids=lambda h: f"hint{h}")
 def hint(request, monkeypatch):
-    monkeypatch.setattr(_runtime, "PROGRAMS_HINT", request.param)
+    gpu_shaped(monkeypatch, request.param)
     return request.param
 
 
@@ -85,15 +94,29 @@ def test_multi_block_merges_match_fp64(hint, channels_last, frozen):
     C = 70
     x = _x(C, channels_last)
     bn = _bn(C, frozen)
-    splits = bn_stats_mod.reduction_grid(x, channels_last)[3]
-    if hint == 4 * 132:  # the merge walks partials in blocks: make sure more than one block is merged
-        assert splits > bn_stats_mod.FINALIZE_BLOCK_K, splits
+    g = bn_stats_mod.reduction_grid(x, channels_last)
+    # the last program merges the partials in blocks: more than one block is merged
+    assert g.splits > bn_stats_mod.merge_k(g.block_c), (g.splits, g.block_c)
     dy = torch.randn_like(x)
     ref = _fp64_reference(x, bn, dy)
     got = _run(x, bn, dy)
     for name, a, e in zip(NAMES, got, ref):
         _assert_close(a, e, name)
     assert int(bn.num_batches_tracked) == (0 if frozen else 1)
+
+
+def test_multi_block_merge_with_the_shipped_constants(monkeypatch):
+    """The same with the merge block and tiles per program the GPU runs (channels_last, 70 channels: 75 tiles of
+    64 positions, 18 programs per channel block, merged 16 at a time)."""
+    monkeypatch.setattr(_runtime, "PROGRAMS_HINT", 4 * 132)
+    x = _x(70, True, shape=(2, 40, 60))
+    g = bn_stats_mod.reduction_grid(x, True)
+    assert g.splits > bn_stats_mod.merge_k(g.block_c), (g.splits, g.block_c)
+    bn = _bn(70)
+    dy = torch.randn_like(x)
+    ref = _fp64_reference(x, bn, dy)
+    for name, a, e in zip(NAMES, _run(x, bn, dy), ref):
+        _assert_close(a, e, name)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -112,7 +135,7 @@ def test_channel_stats_multi_block_fp64(hint, channels_last):
 def test_zero_and_near_zero_variance_channels(monkeypatch, channels_last, frozen):
     """A constant channel (a dead ReLU upstream) and a channel with variance 1e-10: rstd is 1/sqrt(var + eps),
     so eps decides the output; without it the constant channel divides by zero."""
-    monkeypatch.setattr(_runtime, "PROGRAMS_HINT", 4 * 132)
+    gpu_shaped(monkeypatch)
     x = _x(8, False, shape=(2, 20, 30))
     x[:, 0] = 3.0
     x[:, 1] = 5.0 + 1e-5 * torch.randn_like(x[:, 1])
@@ -134,7 +157,7 @@ def test_sync_statistics_multi_block_single_rank(monkeypatch, tmp_path):
     """sync=True in a one-rank gloo group: the per-rank merge (before the all_gather) walks many partial blocks."""
     import torch.distributed as dist
 
-    monkeypatch.setattr(_runtime, "PROGRAMS_HINT", 4 * 132)
+    gpu_shaped(monkeypatch)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         for channels_last in (False, True):
