@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -157,7 +158,9 @@ def _read_pth(path: str) -> tuple[Any, dict[str, str]]:
     except Exception as e:
         msg = str(e)
         kind = _looks_like(path)
-        if kind.startswith(("a zip", "a Python pickle")) and "Unsupported global" in msg:
+        # torch's wordings: "Unsupported global: GLOBAL x.y ..." (an unknown class) and "unsupported GLOBAL
+        # posix.system whose module posix is blocked" (torch >= 2.13 for os/subprocess/builtins ...)
+        if kind.startswith(("a zip", "a Python pickle")) and re.search(r"unsupported global", msg, re.IGNORECASE):
             raise WeightsFormatError(
                 f"{path}: the checkpoint holds Python objects besides tensors, which torch.load(weights_only=True) "
                 "refuses to unpickle; if you trust the file, load it with torch.load(..., weights_only=False) and "
