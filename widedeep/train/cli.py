@@ -89,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--no-ohem", action="store_true", help="seg: plain cross-entropy instead of OHEM")
     o.add_argument("--width", type=float, default=1.0, help="channel multiplier (demos/tests; 1 = published)")
     o.add_argument("--resume", nargs="?", const="auto", help="checkpoint to continue from ('auto' = <run>/last.pt)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in a run folder that holds an earlier run (removes its files and exports)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--log-interval", type=int, default=20, help="steps between log lines")
     o.add_argument("--checkpoint-interval", type=int, default=0, help="steps between recovery checkpoints (0: epochs)")

@@ -196,7 +196,8 @@ def train(ctx: Context) -> dict:
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if a.compile != "off":
         net = _compiled(net, a.compile, ctx.device)
-    summary = Summary(ctx.run_dir / "summary.csv", ctx.run_dir / "tb" if a.tensorboard else None) if ctx.is_main else None
+    summary = Summary(ctx.run_dir / "summary.csv", ctx.run_dir / "tb" if a.tensorboard else None,
+                      keep_through=start_epoch) if ctx.is_main else None
     log.info("%s on %s: %d process(es), batch %d per process = %d global, %d iterations/epoch, epochs %d..%d of %d, "
              "lr %s %.4g", ctx.label, ctx.dataset, world, per_rank, batch, iters, start_epoch + 1, stop_epoch,
              a.to_epoch, a.lr_type, base_lr)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, runlock
 from .cli import parse
 from .engine import Context, TrainingError, build_model, evaluate, resolve, train
 from .logs import setup_logging
@@ -115,7 +115,23 @@ def _run(args, info, device) -> dict:
         raise TrainingError("--data-root is required (the dataset folder in the seed's layout)")
     label, dataset, task = resolve(args)
     run_dir = Path(args.output) / label
-    setup_logging(run_dir, info.is_main)
+    # one live run per folder (rank 0 holds the lock), and a fresh training run never mixes with an old one
+    lock = runlock.RunLock(run_dir).acquire() if info.is_main else None
+    removed = []
+    try:
+        if args.phase == "train":
+            removed = runlock.check_fresh(run_dir, Path(args.output), label, resume=bool(args.resume),
+                                          overwrite=args.overwrite or args.demo, remove=info.is_main)
+        setup_logging(run_dir, info.is_main)
+        if removed:
+            log.info("--overwrite: removed the previous run's %s", ", ".join(p.name for p in removed))
+        return _run_locked(args, info, device, label, dataset, task, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(args, info, device, label, dataset, task, run_dir) -> dict:
     if args.demo:
         log.info("no arguments: running the demo (python -m widedeep.train --help for the real flags)")
     if args.synthetic and info.is_main:
