@@ -112,3 +112,41 @@ def test_summary_of_a_resumed_run_drops_rows_after_its_checkpoint(tmp_path):
     s = Summary(tmp_path / "summary.csv", keep_through=1)  # resumed from a checkpoint at the end of epoch 1
     s.add({"epoch": 2, "train_loss": 0.7})
     assert [r["epoch"] for r in rows(tmp_path)] == ["1", "2"] and rows(tmp_path)[1]["train_loss"] == "0.7"
+
+
+# ------------------------------------------------------------------ 10. SIGTERM
+
+
+def test_sigterm_is_handled_like_ctrl_c(voc, tmp_path):
+    run = tmp_path / LABEL
+    p = popen("--data-root", voc, "--output", tmp_path, *TINY, "--to-epoch", "200", "--checkpoint-interval", "1")
+    try:
+        wait_for(lambda: (run / "last.pt").is_file(), p)
+        p.send_signal(signal.SIGTERM)
+        out = p.communicate(timeout=120)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, out
+    assert "terminated (SIGTERM)" in out and f"Last checkpoint: {run / 'last.pt'}" in out and "--resume" in out, out
+    assert "Traceback" not in out, out
+    ck = torch.load(run / "last.pt", weights_only=True)  # whole
+    assert ck["global_step"] >= 1
+
+
+class _TermWhilePickled:
+    """Pickling it sends this process SIGTERM: a scheduler's stop in the middle of torch.save."""
+
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return (int, (7,))
+
+
+def test_sigterm_during_a_checkpoint_write_finishes_the_file_then_stops(tmp_path):
+    from widedeep.train import checkpoint
+
+    with pytest.raises(checkpoint.Terminated), checkpoint.sigterm_as_interrupt():
+        checkpoint.save(tmp_path / "last.pt", {"a": torch.ones(3), "b": _TermWhilePickled(), "c": torch.zeros(2)})
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)  # written whole (the test's own file: int global)
+    assert saved["b"] == 7 and torch.equal(saved["c"], torch.zeros(2))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored

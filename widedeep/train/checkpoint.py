@@ -65,21 +65,49 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
         torch.save(payload, f)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers send before SIGKILL), handled like Ctrl-C; the command exits with status 143."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread (as SIGINT raises KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def _ctrl_c_after():
-    """Hold a Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt.
+    """Hold a Ctrl-C (SIGINT) or SIGTERM until the block is done, then raise KeyboardInterrupt (or
+    :class:`Terminated`).
 
     A KeyboardInterrupt inside torch.save leaves its zip writer half-written, and closing it raises a
-    RuntimeError that replaces the interrupt: a traceback instead of the trainer's resume hint."""
+    RuntimeError that replaces the interrupt: a traceback instead of the trainer's resume hint. A SIGTERM is
+    held only when something handles it (:func:`sigterm_as_interrupt`); by default it ends the process."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    held = [signal.SIGINT] + ([signal.SIGTERM] if signal.getsignal(signal.SIGTERM) not in
+                              (signal.SIG_DFL, signal.SIG_IGN, None) else [])
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if signal.SIGTERM in caught:
+        raise Terminated
     if caught:
         raise KeyboardInterrupt
 

@@ -304,9 +304,10 @@ def train(ctx: Context) -> dict:
                     save_weights(model, checkpoint.epoch_params_path(a.output, ctx.label, epoch + 1))
                 summary.add(row)
                 summary.plot(ctx.run_dir / "curves.png")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if ctx.is_main:
-            log.warning("interrupted. %s", _resume_hint(saved, ctx))
+            log.warning("%s. %s", "terminated (SIGTERM)" if isinstance(e, checkpoint.Terminated) else "interrupted",
+                        _resume_hint(saved, ctx))
         raise
     return metrics
 

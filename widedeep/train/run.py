@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, runlock
+from . import checkpoint, distributed, runlock
 from .cli import parse
 from .engine import Context, TrainingError, build_model, evaluate, resolve, train
 from .logs import setup_logging
@@ -39,10 +39,13 @@ def _spawned(local_rank: int, argv: list[str], gpus: tuple[int, ...], port: int)
 
 def cli(argv: list[str] | None = None) -> int:
     """``python -m widedeep.train``: runs :func:`main`; a usage or input error is one line and exit status 2
-    (the traceback only with ``--debug``); Ctrl-C is exit status 130 after the resume hint."""
+    (the traceback only with ``--debug``); Ctrl-C is exit status 130 after the resume hint, SIGTERM 143."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        main(argv)
+        with checkpoint.sigterm_as_interrupt():  # SIGTERM as Ctrl-C: checkpoint write finished, resume hint
+            main(argv)
+    except checkpoint.Terminated:
+        return 143  # 128 + SIGTERM, what a shell reports for a process ended by it
     except KeyboardInterrupt:
         return 130
     except torch.multiprocessing.ProcessExitedException as e:  # --gpus: a spawned rank exited; it said why
