@@ -150,3 +150,42 @@ def test_sigterm_during_a_checkpoint_write_finishes_the_file_then_stops(tmp_path
     saved = torch.load(tmp_path / "last.pt", weights_only=False)  # written whole (the test's own file: int global)
     assert saved["b"] == 7 and torch.equal(saved["c"], torch.zeros(2))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+# ------------------------------------------------------------------ 11. disk full
+
+# The trainer, with the disk "filling up" on the second write of last.pt: every write to its temporary raises
+# ENOSPC, as a full file system does (torch.save then reports "unexpected pos ..." with the OSError in its chain).
+_DISK_FULL = """
+import errno, io, sys
+import widedeep.fileio as fio
+from widedeep.train.run import cli
+
+seen = []
+
+class Full(io.FileIO):
+    def write(self, b):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+def fake_open(path, mode="r", *a, **k):
+    if ".last.pt.tmp" in str(path):
+        seen.append(path)
+        if len(seen) >= 2:
+            return Full(path, mode)
+    return open(path, mode, *a, **k)
+
+fio.open = fake_open
+sys.exit(cli(sys.argv[1:]))
+"""
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(voc, tmp_path):
+    run = tmp_path / LABEL
+    r = subprocess.run([sys.executable, "-c", _DISK_FULL, "--data-root", str(voc), "--output", str(tmp_path), *TINY,
+                        "--to-epoch", "1", "--checkpoint-interval", "1"], capture_output=True, text=True, timeout=300,
+                       env=_env())
+    line = one_line_error(r, f"no space left on device writing {run / 'last.pt'}", "previous version")
+    assert "unexpected pos" not in line
+    ck = torch.load(run / "last.pt", weights_only=True)  # the first checkpoint, whole
+    assert ck["global_step"] == 1
+    assert not [p for p in run.iterdir() if ".tmp-" in p.name]  # no half-written temporary left

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from widedeep.fileio import NoSpaceError
+
 from . import checkpoint, distributed, runlock
 from .cli import parse
 from .engine import Context, TrainingError, build_model, evaluate, resolve, train
@@ -60,7 +62,8 @@ def cli(argv: list[str] | None = None) -> int:
 
 # What bad flags, files and data raise: all are reported as one line. ValueError covers the weights, label,
 # checkpoint and data errors (WeightsMismatchError, ParamsFormatError, BadSampleError ...).
-USER_ERRORS = (TrainingError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (TrainingError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               NoSpaceError)
 
 
 def _one_line(e: BaseException) -> str:
