@@ -189,3 +189,31 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(vo
     ck = torch.load(run / "last.pt", weights_only=True)  # the first checkpoint, whole
     assert ck["global_step"] == 1
     assert not [p for p in run.iterdir() if ".tmp-" in p.name]  # no half-written temporary left
+
+
+# ------------------------------------------------------------------ 12. bad flags get one line
+
+
+@pytest.mark.parametrize("flag,value", [("--crop-size", "0"), ("--crop-size", "-8"), ("--batch-images", "0"),
+                                        ("--batch-images", "-4"), ("--to-epoch", "0"), ("--to-epoch", "-1"),
+                                        ("--width", "0"), ("--test-steps", "0"), ("--scale-rate-range", "1.3,0.7")])
+def test_out_of_range_flags_name_the_flag(flag, value):
+    from widedeep.train.cli import FlagError, parse
+
+    with pytest.raises(FlagError, match=rf"^{flag} {value}: expected"):
+        parse(["--data-root", "x", "--model", LABEL, flag, value])
+
+
+def test_bad_flags_and_foreign_checkpoints_on_the_command_line(voc, tmp_path):
+    base = ["--data-root", voc, "--output", tmp_path / "o", *TINY]
+    one_line_error(cli(*base, "--crop-size", "0"), "--crop-size 0: expected a positive integer")
+    one_line_error(cli(*base, "--to-epoch", "0"), "--to-epoch 0: expected")
+    one_line_error(cli(*base, "--weights", tmp_path), str(tmp_path), "a folder, expected a weights file")
+    # a checkpoint of another --width: a hint, not a traceback listing hundreds of keys
+    ok(cli("--data-root", voc, "--output", tmp_path / "wide", *TINY, "--width", "0.125", "--to-epoch", "1",
+           "--stop-after-steps", "1"))
+    wide = tmp_path / "wide" / LABEL / "last.pt"
+    one_line_error(cli(*base, "--to-epoch", "1", "--resume", wide), str(wide), "width-0.125", "add --width 0.125")
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    one_line_error(cli(*base, "--to-epoch", "1", "--resume", tmp_path / "list.pt"), "list.pt",
+                   "not a widedeep training checkpoint")

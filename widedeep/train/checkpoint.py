@@ -197,6 +197,32 @@ def load(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def load_model(model: torch.nn.Module, ck: dict, path: str | os.PathLike, *, label: str, width: float) -> None:
+    """``ck["model"]`` into ``model`` after checking that it fits: a checkpoint of another ``--width`` or
+    ``--model`` is one line saying which flag to change (not torch's list of hundreds of keys)."""
+    state = ck["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--resume {path}: not a widedeep training checkpoint (its 'model' is not a state_dict)")
+    target = model.state_dict()
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    mis_shaped = [k for k in state if k in target and state[k].shape != target[k].shape]
+    if not (missing or unexpected or mis_shaped):
+        model.load_state_dict(state)
+        return
+    args = ck.get("args") if isinstance(ck.get("args"), dict) else {}
+    their_width, their_label = args.get("width"), ck.get("label")
+    if isinstance(their_label, str) and their_label != label:
+        hint = f"it is a {their_label} checkpoint, this run --model {label}: use --model {their_label}"
+    elif isinstance(their_width, (int, float)) and their_width != width:
+        hint = f"it is a width-{their_width:g} net, this run --width {width:g}: add --width {their_width:g}"
+    else:
+        first = (mis_shaped + missing + unexpected)[0]
+        hint = (f"{len(missing)} missing, {len(unexpected)} unexpected and {len(mis_shaped)} mis-shaped entries "
+                f"(first: {first})")
+    raise ValueError(f"--resume {path}: the checkpoint's model does not fit this run: {hint}")
+
+
 def epoch_params_path(output: str | os.PathLike, label: str, epoch: int) -> Path:
     """The seed's per-epoch weights name, usable as ``--weights`` by the next stage."""
     return Path(output) / f"{label}_ep-{epoch:04d}.params"

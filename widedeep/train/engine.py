@@ -183,7 +183,7 @@ def train(ctx: Context) -> dict:
     resume = (ctx.run_dir / "last.pt") if a.resume == "auto" else (Path(a.resume) if a.resume else None)
     if resume is not None:
         ck = checkpoint.load(resume)
-        model.load_state_dict(ck["model"])
+        checkpoint.load_model(model, ck, resume, label=ctx.label, width=a.width)
         opt.load_state_dict(ck["optimizer"])
         _load_scaler(scaler, ck, a.amp)
         start_epoch, start_step, best = ck["epoch"], ck["step_in_epoch"], ck.get("best")

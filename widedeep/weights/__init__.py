@@ -194,6 +194,9 @@ def read_weights(path: str | os.PathLike, *, verify: bool | str = True,
 def _read_weights(path: str, verify: bool | str) -> WeightsFile:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such weights file")
+    if Path(path).is_dir():
+        raise WeightsFormatError(f"{path}: a folder, expected a weights file (.params, .safetensors, .pth, .pt or "
+                                 ".pth.tar)")
     ext = _suffix(path)
     if ext in (".params", ".npz"):
         checksum = check_released(path, verify)
