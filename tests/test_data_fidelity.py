@@ -229,3 +229,19 @@ def test_dali_unreadable_image_message_names_the_path(tmp_path):
         list(_loader("ilsvrc", root, "val", "dali", train=False, crop_size=32))
     msg = str(e.value)
     assert str(root / "ILSVRC2012_val" / "n0" / "junk.jpg") in msg and "BytesIO" not in msg and "0x" not in msg, msg
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI not installed")
+@pytest.mark.parametrize("ds,split", [("ilsvrc", "train"), ("ilsvrc", "val"), ("voc", "train"), ("voc", "val")])
+def test_every_dali_decoder_keeps_the_stored_grid_on_gpu_too(exif_voc, exif_ilsvrc, ds, split):
+    """The `mixed` (GPU) graph, checked without a GPU: each decoder operator has adjust_orientation=False."""
+    root = exif_voc if ds == "voc" else exif_ilsvrc
+    kw = {"crop_size": 32} if ds == "ilsvrc" or split == "train" else {"scale": 64}
+    ld = build_loader(ds, root, split, batch_size=2, train=split == "train", device="cuda", backend="dali",
+                      workers=1, **kw)
+    pipe = ld.backend.pipeline(ld.planner)
+    pipe.serialize()  # builds the graph without a device
+    decoders = [op for op in pipe._ops if op._op.schema.Name().startswith("decoders__")]
+    assert decoders and all(op._op.device == "mixed" for op in decoders)
+    for op in decoders:
+        assert "adjust_orientation: False" in str(op._op._spec), op._op._spec  # the OpSpec DALI's C++ receives
