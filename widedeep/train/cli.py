@@ -106,6 +106,7 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (extra 'tensorboard')")
     o.add_argument("--synthetic", action="store_true", help="write a synthetic dataset at --data-root first")
     o.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill
+    o.add_argument("--no-dropout", action="store_true", help=argparse.SUPPRESS)  # tests: DDP equivalence
     return ap
 
 

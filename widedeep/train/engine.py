@@ -28,7 +28,7 @@ from .cityscapes_metrics import CityscapesScores
 from .evaluate import STRIDE, canvas_for, classify, nan_to_none, segment
 from .logs import Summary
 from .memory_format import use_channels_last
-from .losses import labels_at_feature_resolution, ohem_cross_entropy
+from .losses import cross_entropy_sum, labels_at_feature_resolution, ohem_cross_entropy
 from .metrics import ConfusionMatrix, TopK
 from .optim import learning_rate, make_optimizer, set_lr
 
@@ -176,6 +176,8 @@ def train(ctx: Context) -> dict:
         for folder in (ctx.run_dir, Path(a.output)):
             remove_stale_temporaries(folder)
     model = build_model(ctx)
+    if a.no_dropout:
+        _no_dropout(model)
     base_lr = a.base_lr if a.base_lr is not None else (0.1 if ctx.task == "cls" else 0.0016)
     opt = make_optimizer(model, ctx.task, base_lr, a.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=a.amp == "fp16")
@@ -258,7 +260,7 @@ def train(ctx: Context) -> dict:
                     scaler.scale(loss).backward()
                     scaler.step(opt)
                     scaler.update()
-                    stats.add(loss.item(), hits, len(y))
+                    stats.add(*distributed.reduce_step_stats(loss, hits, ctx.device), len(y))  # over ranks
                 global_step += 1
                 if ctx.is_main and ((step + 1) % a.log_interval == 0 or step + 1 == iters):
                     dt = time.perf_counter() - t0
@@ -310,6 +312,17 @@ def train(ctx: Context) -> dict:
                         _resume_hint(saved, ctx))
         raise
     return metrics
+
+
+def _no_dropout(model: nn.Module) -> None:
+    """Dropout off in units 6a/7a (--no-dropout: N-process vs 1-process equivalence checks; each rank draws its
+    own masks)."""
+    import dataclasses
+
+    for m in model.modules():
+        spec = getattr(m, "spec", None)
+        if dataclasses.is_dataclass(spec) and getattr(spec, "dropout", 0):
+            m.spec = dataclasses.replace(spec, dropout=0.0)
 
 
 class EpochStats:
@@ -373,8 +386,11 @@ def _loss(ctx: Context, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
                                 "multiple of 8 (it is rounded up for you) and the model output stride 8")
     else:
         out = F.interpolate(out.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
-    loss = (F.cross_entropy(out.float(), y, ignore_index=255) if ctx.args.no_ohem
-            else ohem_cross_entropy(out, y))
+    # the per-process sum over the global mean count: after DDP averages the ranks' gradients, every valid pixel
+    # of the global batch has the weight it has in one process (OHEM still selects per process)
+    total, count = (cross_entropy_sum(out, y) if ctx.args.no_ohem
+                    else ohem_cross_entropy(out, y, reduction="sum"))
+    loss = total / distributed.global_mean_count(count).to(total.dtype)
     valid = y != 255
     hits = ((out.argmax(1) == y) & valid).sum().item()
     return loss, torch.tensor([hits, valid.sum().item()], dtype=torch.float64)
