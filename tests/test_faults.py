@@ -1,7 +1,6 @@
 """Runs and files (issue 21, items 9-13): one run per folder, SIGTERM, disk full, flag checks, weight dtypes."""
 
 import csv
-import json
 import os
 import signal
 import socket
