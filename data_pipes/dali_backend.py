@@ -58,6 +58,12 @@ def contract(recipe, gpu: bool) -> dict[str, tuple[str, str, int, str]]:
     return {**out, "index": ("cpu", "INT64", 0, ""), "real": ("cpu", "BOOL", 0, ""), "error": ("cpu", "UINT8", 1, "")}
 
 
+# Decode the stored pixel grid: DALI's decoders would apply the EXIF orientation tag (adjust_orientation=True),
+# Pillow (the torch backend), torchvision and the seed's loaders do not, the masks are drawn on the stored grid,
+# and the feed's crop windows are computed from the stored (header) size.
+_STORED_GRID = dict(adjust_orientation=False)
+
+
 def _graph(recipe, nodes: dict, gpu: bool) -> dict:
     """The DALI graph from the feed's nodes to the outputs of :func:`contract` (the same graph on CPU and GPU:
     placement only)."""
@@ -72,19 +78,19 @@ def _graph(recipe, nodes: dict, gpu: bool) -> dict:
     if isinstance(recipe, ClsTrain):
         # ROI decode: only the random-resized-crop window is decoded (libjpeg-turbo / nvJPEG skip the rest)
         img = fn.decoders.image_slice(nodes["encoded"], start=nodes["anchor"], shape=nodes["shape"], axes=[0, 1],
-                                      device=decoder, output_type=types.RGB)
+                                      device=decoder, output_type=types.RGB, **_STORED_GRID)
         img = fn.resize(img, size=[recipe.crop, recipe.crop], **adaptive)
         out["image"] = fn.flip(img, horizontal=nodes["flip"])
         out["label"], out["photometric"] = nodes["label"], nodes["photometric"]
     elif isinstance(recipe, ClsVal):
-        img = fn.decoders.image(nodes["encoded"], device=decoder, output_type=types.RGB)
+        img = fn.decoders.image(nodes["encoded"], device=decoder, output_type=types.RGB, **_STORED_GRID)
         img = fn.resize(img, size=nodes["size"], interp_type=types.INTERP_CUBIC, antialias=True)  # seed: bicubic
         crops = [fn.crop_mirror_normalize(fn.slice(img, start=nodes[f"start{k}"], shape=[recipe.scale] * 2,
                                                    axes=[0, 1]), **norm) for k in range(recipe.crops)]
         out["image"] = crops[0] if recipe.crops == 1 else fn.stack(*crops, axis_name="F")
         out["label"] = nodes["label"]
     elif isinstance(recipe, SegTrain):
-        img = fn.decoders.image(nodes["encoded"], device=decoder, output_type=types.RGB)
+        img = fn.decoders.image(nodes["encoded"], device=decoder, output_type=types.RGB, **_STORED_GRID)
         mask = nodes["mask"].gpu() if gpu else nodes["mask"]
         fill = [float(round(c)) for c in MEAN_RGB_255]  # normalises to ~0, as the torch backend's canvas
         window = dict(start=nodes["anchor"], shape=nodes["shape"], axes=[0, 1], out_of_bounds_policy="pad")
@@ -94,7 +100,7 @@ def _graph(recipe, nodes: dict, gpu: bool) -> dict:
         out["image"] = fn.crop_mirror_normalize(img, mirror=nodes["flip"], **norm)
         out["label"] = fn.flip(mask, horizontal=nodes["flip"])
     else:
-        img = fn.decoders.image(nodes["encoded"], device=decoder, output_type=types.RGB)
+        img = fn.decoders.image(nodes["encoded"], device=decoder, output_type=types.RGB, **_STORED_GRID)
         out["image"] = fn.crop_mirror_normalize(fn.resize(img, size=nodes["size"], **adaptive), **norm)
         out["label"] = nodes["mask"].gpu() if gpu else nodes["mask"]
     for k in ("index", "real", "error"):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BadSampleError, image_size, load_mask
+from .errors import BadSampleError, check_complete, image_size, load_mask
 from .labels import LabelSpace
 from .order import epoch_indices
 from .recipes import ClsTrain, ClsVal, SegTrain, sample_rng
@@ -138,6 +138,7 @@ class SampleFeed:
                     data = f.read()
             except OSError as e:
                 raise BadSampleError(f"{path}: cannot read ({e.strerror})") from None
+            check_complete(path, data)  # the torch backend's rule, so both refuse the same files every epoch
             size = image_size(path, data)  # header only: DALI decodes
             mask = load_mask(target, self.label_space, size, path) if isinstance(target, str) else None
         w, h = size

@@ -109,7 +109,10 @@ class Loader:
         out = {"index": raw["index"].long(), "real": raw["real"].bool(), "skipped": raw.get("skipped", 0)}
         img, lab = raw["image"], raw["label"]
         ready = raw.get("normalized", False)
-        if isinstance(img, list):  # variable-size segmentation val batch
+        if isinstance(img, list) or isinstance(lab, list):  # variable-size segmentation val batch
+            # images of different sizes can resize to one size while their labels (original resolution) differ,
+            # or the reverse: handle both as lists
+            img, lab = list(img), list(lab)
             out["image_size"] = torch.tensor([tuple(t.shape[-2:]) if ready else tuple(t.shape[:2]) for t in img])
             out["label_size"] = torch.tensor([t.shape[:2] for t in lab])
             H, W = out["image_size"].max(0).values.tolist()

@@ -82,8 +82,10 @@ def test_spawned_workers_get_the_feed_pickled(synthetic_root):
 
 
 def test_skip_bad_never_decodes_twice(synthetic_root, tmp_path):
-    """Clean data: Python decodes no image (DALI does), each mask once. A truncated JPEG: its batch fails in DALI,
-    only then Pillow finds the culprit (once: the next epoch remembers it); every other sample is delivered."""
+    """Clean data: Python decodes no image (DALI does), each mask once. A truncated JPEG (no end-of-image marker)
+    is refused by the feed before any decode. A JPEG DALI cannot decode (its scans cut off, the EOI kept): its
+    batch fails in DALI, only then Pillow finds the culprit (once: the next epoch remembers it); every other
+    sample is delivered."""
     import shutil
 
     root = Path(shutil.copytree(synthetic_root("voc"), tmp_path / "voc"))
@@ -91,7 +93,8 @@ def test_skip_bad_never_decodes_twice(synthetic_root, tmp_path):
     load = ImageFile.ImageFile.load
 
     def counting_load(self):
-        if self.tile:  # not decoded yet (a second load() call on a decoded image does nothing)
+        # not decoded yet (a second load() call on a decoded image does nothing); a file with no scan has no tile
+        if self.tile or getattr(self, "_im", None) is None:
             decoded.append(Path(self.filename).name)
         return load(self)
 
@@ -102,7 +105,14 @@ def test_skip_bad_never_decodes_twice(synthetic_root, tmp_path):
         assert not [f for f in decoded if f.endswith(".jpg")] and len(decoded) == 10  # the masks, once each
         bad = discover("voc", root, "train").samples[4].image
         data = Path(bad).read_bytes()
-        Path(bad).write_bytes(data[: len(data) // 3])
+        Path(bad).write_bytes(data[: len(data) // 3])  # truncated: refused from its bytes, never decoded
+        decoded.clear()
+        ld = _dali("voc", root, py_workers=0, skip_bad=True)
+        for _ in range(2):
+            got = sorted(int(i) for b in ld for i in b["index"])
+            assert got == [i for i in range(10) if i != 4]
+        assert ld.skipped == 2 and decoded.count(Path(bad).name) == 0
+        Path(bad).write_bytes(data[: data.rfind(b"\xff\xda")] + b"\xff\xd9")  # headers, no scan, an EOI
         decoded.clear()
         ld = _dali("voc", root, py_workers=0, skip_bad=True)
         for _ in range(2):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -24,9 +25,28 @@ def temporary_path(path: Path, pid: int | None = None) -> Path:
     return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid() if pid is None else pid}")
 
 
+class NoSpaceError(OSError):
+    """The disk (or quota) filled up while writing a file; the file's previous version is untouched."""
+
+
+def _no_space(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain: torch.save reports a failed write as a RuntimeError ("unexpected
+    pos ...") whose context holds the OSError."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Binary file to write ``path`` through: a temporary sibling, fsync'd, then renamed over ``path``."""
+    """Binary file to write ``path`` through: a temporary sibling, fsync'd, then renamed over ``path``.
+
+    A full disk raises :class:`NoSpaceError` (one line naming ``path``); the temporary is removed and ``path``
+    keeps its previous content."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
@@ -35,6 +55,13 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        if not _no_space(e):
+            raise
+        kept = f"{path} still holds its previous version" if path.exists() else "nothing was written there"
+        err = NoSpaceError(f"no space left on device writing {path} ({kept}); free some space and run again")
+        err.errno = errno.ENOSPC
+        raise err from None
     finally:
         if tmp.exists():
             tmp.unlink()

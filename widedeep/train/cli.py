@@ -89,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--no-ohem", action="store_true", help="seg: plain cross-entropy instead of OHEM")
     o.add_argument("--width", type=float, default=1.0, help="channel multiplier (demos/tests; 1 = published)")
     o.add_argument("--resume", nargs="?", const="auto", help="checkpoint to continue from ('auto' = <run>/last.pt)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in a run folder that holds an earlier run (removes its files and exports)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--log-interval", type=int, default=20, help="steps between log lines")
     o.add_argument("--checkpoint-interval", type=int, default=0, help="steps between recovery checkpoints (0: epochs)")
@@ -104,6 +106,7 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (extra 'tensorboard')")
     o.add_argument("--synthetic", action="store_true", help="write a synthetic dataset at --data-root first")
     o.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill
+    o.add_argument("--no-dropout", action="store_true", help=argparse.SUPPRESS)  # tests: DDP equivalence
     return ap
 
 
@@ -113,4 +116,44 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv or DEMO_ARGS)
     args.demo = not argv
+    check(args)
     return args
+
+
+class FlagError(ValueError):
+    """A flag's value is out of range (one line naming the flag; exit status 2)."""
+
+
+# flag -> (smallest allowed value, what is expected); None values mean "the default"
+_RANGES = {
+    "batch_images": (1, "a positive integer (the global batch)"), "crop_size": (1, "a positive integer (pixels)"),
+    "origin_size": (1, "a positive integer (pixels)"), "to_epoch": (1, "a positive number of epochs"),
+    "stop_epoch": (1, "a positive epoch number"), "from_epoch": (0, "an epoch number >= 0"),
+    "test_steps": (1, "a positive integer"), "log_interval": (1, "a positive number of steps"),
+    "checkpoint_interval": (0, "a number of steps >= 0 (0: at epoch ends)"),
+    "save_every": (0, "a number of epochs >= 0 (0: no exports)"), "eval_every": (0, "a number of epochs >= 0"),
+    "prefetch_threads": (0, "a number of workers >= 0"), "stop_after_steps": (1, "a positive number of steps"),
+    "base_lr": (0, "a learning rate >= 0"), "weight_decay": (0, "a weight decay >= 0"),
+}
+
+
+def check(args: argparse.Namespace) -> None:
+    """Ranges of the numeric flags: a 0 or negative value is an error naming the flag, never a silent default."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name, (low, what) in _RANGES.items():
+        v = getattr(args, name, None)
+        if v is not None and (v < low or (isinstance(v, float) and v != v)):
+            raise FlagError(f"{flag(name)} {v:g}: expected {what}")
+    if not args.width > 0:
+        raise FlagError(f"--width {args.width:g}: expected a positive channel multiplier (1 = published)")
+    for s in args.test_scales or ():
+        if s < 1:
+            raise FlagError(f"--test-scales {','.join(map(str, args.test_scales))}: expected positive sizes")
+    lo_hi = tuple(args.scale_rate_range)
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+        raise FlagError(f"--scale-rate-range {','.join(f'{v:g}' for v in lo_hi)}: expected LOW,HIGH with "
+                        "0 < LOW <= HIGH (e.g. 0.7,1.3)")
+    if args.from_epoch >= args.to_epoch:
+        raise FlagError(f"--from-epoch {args.from_epoch}: expected less than --to-epoch {args.to_epoch}")

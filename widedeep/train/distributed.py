@@ -61,3 +61,25 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t)
     return bool(t.item() > 0)
+
+
+def global_mean_count(count: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a per-rank count (e.g. valid pixels), at least 1: a per-rank loss sum divided by it,
+    then averaged over ranks by DDP, is the sum over all ranks divided by the total count, i.e. what one process
+    computes on the whole global batch. One process: ``count`` itself."""
+    c = count.detach().to(torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(c)
+        c = c / dist.get_world_size()
+    return c.clamp(min=1)
+
+
+def reduce_step_stats(loss: torch.Tensor, hits: torch.Tensor, device: torch.device) -> tuple[float, torch.Tensor]:
+    """(loss averaged over ranks, (correct, counted) summed over ranks) of one step, for the log and
+    ``summary.csv`` (every rank gets the same numbers)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return loss.item(), hits
+    t = torch.cat([loss.detach().reshape(1).to(device, torch.float64), hits.to(device, torch.float64)])
+    dist.all_reduce(t)
+    t = t.cpu()
+    return (t[0] / dist.get_world_size()).item(), t[1:]

@@ -28,7 +28,7 @@ from .cityscapes_metrics import CityscapesScores
 from .evaluate import STRIDE, canvas_for, classify, nan_to_none, segment
 from .logs import Summary
 from .memory_format import use_channels_last
-from .losses import labels_at_feature_resolution, ohem_cross_entropy
+from .losses import cross_entropy_sum, labels_at_feature_resolution, ohem_cross_entropy
 from .metrics import ConfusionMatrix, TopK
 from .optim import learning_rate, make_optimizer, set_lr
 
@@ -176,6 +176,8 @@ def train(ctx: Context) -> dict:
         for folder in (ctx.run_dir, Path(a.output)):
             remove_stale_temporaries(folder)
     model = build_model(ctx)
+    if a.no_dropout:
+        _no_dropout(model)
     base_lr = a.base_lr if a.base_lr is not None else (0.1 if ctx.task == "cls" else 0.0016)
     opt = make_optimizer(model, ctx.task, base_lr, a.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=a.amp == "fp16")
@@ -183,7 +185,7 @@ def train(ctx: Context) -> dict:
     resume = (ctx.run_dir / "last.pt") if a.resume == "auto" else (Path(a.resume) if a.resume else None)
     if resume is not None:
         ck = checkpoint.load(resume)
-        model.load_state_dict(ck["model"])
+        checkpoint.load_model(model, ck, resume, label=ctx.label, width=a.width)
         opt.load_state_dict(ck["optimizer"])
         _load_scaler(scaler, ck, a.amp)
         start_epoch, start_step, best = ck["epoch"], ck["step_in_epoch"], ck.get("best")
@@ -196,7 +198,8 @@ def train(ctx: Context) -> dict:
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if a.compile != "off":
         net = _compiled(net, a.compile, ctx.device)
-    summary = Summary(ctx.run_dir / "summary.csv", ctx.run_dir / "tb" if a.tensorboard else None) if ctx.is_main else None
+    summary = Summary(ctx.run_dir / "summary.csv", ctx.run_dir / "tb" if a.tensorboard else None,
+                      keep_through=start_epoch) if ctx.is_main else None
     log.info("%s on %s: %d process(es), batch %d per process = %d global, %d iterations/epoch, epochs %d..%d of %d, "
              "lr %s %.4g", ctx.label, ctx.dataset, world, per_rank, batch, iters, start_epoch + 1, stop_epoch,
              a.to_epoch, a.lr_type, base_lr)
@@ -257,7 +260,7 @@ def train(ctx: Context) -> dict:
                     scaler.scale(loss).backward()
                     scaler.step(opt)
                     scaler.update()
-                    stats.add(loss.item(), hits, len(y))
+                    stats.add(*distributed.reduce_step_stats(loss, hits, ctx.device), len(y))  # over ranks
                 global_step += 1
                 if ctx.is_main and ((step + 1) % a.log_interval == 0 or step + 1 == iters):
                     dt = time.perf_counter() - t0
@@ -303,11 +306,23 @@ def train(ctx: Context) -> dict:
                     save_weights(model, checkpoint.epoch_params_path(a.output, ctx.label, epoch + 1))
                 summary.add(row)
                 summary.plot(ctx.run_dir / "curves.png")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if ctx.is_main:
-            log.warning("interrupted. %s", _resume_hint(saved, ctx))
+            log.warning("%s. %s", "terminated (SIGTERM)" if isinstance(e, checkpoint.Terminated) else "interrupted",
+                        _resume_hint(saved, ctx))
         raise
     return metrics
+
+
+def _no_dropout(model: nn.Module) -> None:
+    """Dropout off in units 6a/7a (--no-dropout: N-process vs 1-process equivalence checks; each rank draws its
+    own masks)."""
+    import dataclasses
+
+    for m in model.modules():
+        spec = getattr(m, "spec", None)
+        if dataclasses.is_dataclass(spec) and getattr(spec, "dropout", 0):
+            m.spec = dataclasses.replace(spec, dropout=0.0)
 
 
 class EpochStats:
@@ -371,8 +386,11 @@ def _loss(ctx: Context, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
                                 "multiple of 8 (it is rounded up for you) and the model output stride 8")
     else:
         out = F.interpolate(out.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
-    loss = (F.cross_entropy(out.float(), y, ignore_index=255) if ctx.args.no_ohem
-            else ohem_cross_entropy(out, y))
+    # the per-process sum over the global mean count: after DDP averages the ranks' gradients, every valid pixel
+    # of the global batch has the weight it has in one process (OHEM still selects per process)
+    total, count = (cross_entropy_sum(out, y) if ctx.args.no_ohem
+                    else ohem_cross_entropy(out, y, reduction="sum"))
+    loss = total / distributed.global_mean_count(count).to(total.dtype)
     valid = y != 255
     hits = ((out.argmax(1) == y) & valid).sum().item()
     return loss, torch.tensor([hits, valid.sum().item()], dtype=torch.float64)

@@ -26,11 +26,15 @@ def setup_logging(output_dir: Path | None, is_main: bool) -> None:
 class Summary:
     """One CSV row per epoch (timm's ``summary.csv``), rewritten atomically with all rows so far."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, keep_through: int | None = None):
+        """``keep_through``: keep the existing rows of epochs up to this one (a resumed run's past); later rows
+        belong to a future this run no longer has (a resume from an older checkpoint) and are dropped."""
         self.path, self.rows = path, []
         if path.is_file():
             with open(path) as f:
                 self.rows = list(csv.DictReader(f))
+            if keep_through is not None:
+                self.rows = [r for r in self.rows if int(r["epoch"]) <= keep_through]
         self.tb = None
         if tensorboard_dir is not None:
             try:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from widedeep.fileio import NoSpaceError
+
+from . import checkpoint, distributed, runlock
 from .cli import parse
 from .engine import Context, TrainingError, build_model, evaluate, resolve, train
 from .logs import setup_logging
@@ -39,10 +41,13 @@ def _spawned(local_rank: int, argv: list[str], gpus: tuple[int, ...], port: int)
 
 def cli(argv: list[str] | None = None) -> int:
     """``python -m widedeep.train``: runs :func:`main`; a usage or input error is one line and exit status 2
-    (the traceback only with ``--debug``); Ctrl-C is exit status 130 after the resume hint."""
+    (the traceback only with ``--debug``); Ctrl-C is exit status 130 after the resume hint, SIGTERM 143."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        main(argv)
+        with checkpoint.sigterm_as_interrupt():  # SIGTERM as Ctrl-C: checkpoint write finished, resume hint
+            main(argv)
+    except checkpoint.Terminated:
+        return 143  # 128 + SIGTERM, what a shell reports for a process ended by it
     except KeyboardInterrupt:
         return 130
     except torch.multiprocessing.ProcessExitedException as e:  # --gpus: a spawned rank exited; it said why
@@ -57,7 +62,8 @@ def cli(argv: list[str] | None = None) -> int:
 
 # What bad flags, files and data raise: all are reported as one line. ValueError covers the weights, label,
 # checkpoint and data errors (WeightsMismatchError, ParamsFormatError, BadSampleError ...).
-USER_ERRORS = (TrainingError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (TrainingError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               NoSpaceError)
 
 
 def _one_line(e: BaseException) -> str:
@@ -115,7 +121,23 @@ def _run(args, info, device) -> dict:
         raise TrainingError("--data-root is required (the dataset folder in the seed's layout)")
     label, dataset, task = resolve(args)
     run_dir = Path(args.output) / label
-    setup_logging(run_dir, info.is_main)
+    # one live run per folder (rank 0 holds the lock), and a fresh training run never mixes with an old one
+    lock = runlock.RunLock(run_dir).acquire() if info.is_main else None
+    removed = []
+    try:
+        if args.phase == "train":
+            removed = runlock.check_fresh(run_dir, Path(args.output), label, resume=bool(args.resume),
+                                          overwrite=args.overwrite or args.demo, remove=info.is_main)
+        setup_logging(run_dir, info.is_main)
+        if removed:
+            log.info("--overwrite: removed the previous run's %s", ", ".join(p.name for p in removed))
+        return _run_locked(args, info, device, label, dataset, task, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(args, info, device, label, dataset, task, run_dir) -> dict:
     if args.demo:
         log.info("no arguments: running the demo (python -m widedeep.train --help for the real flags)")
     if args.synthetic and info.is_main:

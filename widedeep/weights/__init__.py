@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -157,7 +158,9 @@ def _read_pth(path: str) -> tuple[Any, dict[str, str]]:
     except Exception as e:
         msg = str(e)
         kind = _looks_like(path)
-        if kind.startswith(("a zip", "a Python pickle")) and "Unsupported global" in msg:
+        # torch's wordings: "Unsupported global: GLOBAL x.y ..." (an unknown class) and "unsupported GLOBAL
+        # posix.system whose module posix is blocked" (torch >= 2.13 for os/subprocess/builtins ...)
+        if kind.startswith(("a zip", "a Python pickle")) and re.search(r"unsupported global", msg, re.IGNORECASE):
             raise WeightsFormatError(
                 f"{path}: the checkpoint holds Python objects besides tensors, which torch.load(weights_only=True) "
                 "refuses to unpickle; if you trust the file, load it with torch.load(..., weights_only=False) and "
@@ -188,9 +191,38 @@ def read_weights(path: str | os.PathLike, *, verify: bool | str = True,
     return with_convention(_read_weights(str(path), verify), weights_convention, warn=True)
 
 
+def checked_dtypes(state: Mapping[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """The state with its dtypes checked: every ResNet-38 entry is floating point except BN's
+    ``num_batches_tracked``. An integer or bool tensor there (which ``copy_`` would cast silently into nonsense) is
+    a :class:`WeightsFormatError` naming it; float64 is cast to float32 with a note; float16/bfloat16 are kept."""
+    out, doubles = {}, []
+    for key, t in state.items():
+        if isinstance(t, torch.Tensor) and not key.endswith("num_batches_tracked"):
+            if not t.is_floating_point():
+                raise WeightsFormatError(
+                    f"{path}: tensor {key} is {str(t.dtype).replace('torch.', '')}, expected floating point "
+                    "(float32, float16 or bfloat16) for this parameter; the file does not hold ResNet-38 weights as "
+                    "they were trained (a wrong export or conversion?)")
+            if t.dtype == torch.float64:
+                doubles.append(key)
+                t = t.float()
+        out[key] = t
+    if doubles:
+        log.warning("%s: %d float64 tensors cast to float32 (%s)", path, len(doubles), _trim(doubles))
+    return out
+
+
 def _read_weights(path: str, verify: bool | str) -> WeightsFile:
+    wf = _read_weights_unchecked(path, verify)
+    return replace(wf, state=checked_dtypes(wf.state, path))
+
+
+def _read_weights_unchecked(path: str, verify: bool | str) -> WeightsFile:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such weights file")
+    if Path(path).is_dir():
+        raise WeightsFormatError(f"{path}: a folder, expected a weights file (.params, .safetensors, .pth, .pt or "
+                                 ".pth.tar)")
     ext = _suffix(path)
     if ext in (".params", ".npz"):
         checksum = check_released(path, verify)
@@ -361,6 +393,7 @@ def load_weights(
     if isinstance(source, Mapping) and not isinstance(source, WeightsFile):
         label = name or "<state_dict>"
         state, skipped, layout = state_from_checkpoint(source, label)
+        state = checked_dtypes(state, label)
         source = WeightsFile(label, state, layout=layout, skipped=skipped)
         wf = with_convention(source, weights_convention, warn=True)
     elif isinstance(source, WeightsFile):
