@@ -6,10 +6,13 @@
     python -m bench.host --strict            # exit 1 when a target fails (for after the lean-launcher work)
 
 What it measures, per model (A1 = ``ilsvrc-cls_rna-a1_cls1000``, A1-s8 = ``voc_rna-a1_cls21_s8``) and BN mode
-(``batch``: batch statistics; ``frozen``: ``model.freeze_bn_stats()``, running statistics with trainable gamma/beta),
-for ``eager`` (``create_model(fused=False)``: BatchNorm2d + ReLU) and ``fused`` (``create_model(fused=True)``):
+(``batch``: batch statistics; ``frozen``: ``model.freeze_bn_stats()``, running statistics with trainable gamma/beta;
+``sync``: ``model.set_sync_bn()`` on a one-process gloo group, so the all_gather / all_reduce really run, on CPU),
+for ``eager`` (``create_model(fused=False)``: BatchNorm2d + ReLU; plain BN in the sync mode too, torch's
+SyncBatchNorm being CUDA-only) and ``fused`` (``create_model(fused=True)``):
 
-- **Triton launches per step** (and per BN: launches / the model's 37 BatchNorm2d), by kernel name;
+- **Triton launches per step** (and per BN: launches / the model's 37 BatchNorm2d), by kernel name; collectives
+  (``c10d`` ops: sync BN's all_gather / all_reduce) counted apart;
 - **aten ops per step**: a ``TorchDispatchMode`` count of the aten ops below autograd and autocast (forward,
   backward, optimizer), split into kernels (ops that launch device work), allocations (``empty*``) and host syncs;
   views and metadata-only ops (``OpOverload.is_view``, ``detach``, ``alias``, size/stride queries) are not counted;
@@ -20,7 +23,8 @@ for ``eager`` (``create_model(fused=False)``: BatchNorm2d + ReLU) and ``fused`` 
   ``--iters`` repetitions, as the calling thread's CPU time (``time.thread_time``);
 - **host time per BN-ReLU forward+backward**: ``kernels.bn_relu(x, bn)`` vs eager ``F.relu(bn(x))`` (the eager
   model's own ops: ``F.batch_norm`` + ``relu``), then ``y.backward(g)``, on the same ``BN_SHAPE``, batch and frozen;
-- ratios fused / eager and the targets of issue 20 (:data:`TARGETS`) as pass/fail columns.
+- ratios fused / eager and the targets of issue 20 (:data:`TARGETS`) as pass/fail columns (the sync mode has a
+  launch target but no host-time one: gloo's collectives are CPU work that NCCL would enqueue).
 
 How the fused path reaches Triton without a GPU (:mod:`bench.stub_driver` has the details): a stand-in
 ``DriverBase`` is made Triton's active driver; its target is CUDA sm_90 (``GPUTarget("cuda", 90, 32)``), so every
@@ -83,12 +87,15 @@ CASES = {
     "A1-s8": dict(label=S8, width=1 / 32, size=48, batch=2, gpu_shape="504 px, batch 4"),
 }
 BN_SHAPE = (2, 64, 8, 8)  # N, C, H, W of the per-BN-ReLU measurement (channels_last, fp32)
-MODES = ("batch", "frozen")
-# issue 20: item 2 (host time) and item 3 (launches per BN per training step)
-TARGETS = dict(step_ratio=1.3, bn_ratio=1.2, launches_per_bn={"batch": 5, "frozen": 3})
+# training-step modes; "sync": fused with set_sync_bn() on a one-rank gloo group (its eager partner is plain BN:
+# torch's SyncBatchNorm is CUDA-only), timed but without a host-time target (gloo's collectives are CPU work)
+MODES = ("batch", "frozen", "sync")
+BN_MODES = ("batch", "frozen")  # the per-BN-ReLU rows
+# issue 20: item 2 (host time) and item 3 (launches per BN per training step; sync BN: plus its collectives)
+TARGETS = dict(step_ratio=1.3, bn_ratio=1.2, launches_per_bn={"batch": 5, "frozen": 3, "sync": 5})
 CONFIGS = {
-    "default": dict(models=["A1", "A1-s8"], iters=21, warmup=2, bn_iters=201),
-    "smoke": dict(models=["A1-s8"], iters=3, warmup=1, bn_iters=11),
+    "default": dict(models=["A1", "A1-s8"], modes=list(MODES), iters=31, warmup=2, bn_iters=301),
+    "smoke": dict(models=["A1-s8"], modes=list(MODES), iters=3, warmup=1, bn_iters=11),
 }
 CHILD_ENV = "WIDEDEEP_BENCH_HOST_CHILD"
 
@@ -136,6 +143,10 @@ def _op_name(func) -> str:
     return func._schema.name.split("::")[-1]
 
 
+def _is_collective(func) -> bool:
+    return func._schema.name.split("::")[0] in ("c10d", "_c10d_functional")
+
+
 class AtenCounter:
     """Counts aten ops (``TorchDispatchMode``) and Python-level host syncs while active."""
 
@@ -143,6 +154,7 @@ class AtenCounter:
         self.kernels: collections.Counter = collections.Counter()
         self.allocs = 0
         self.syncs: collections.Counter = collections.Counter()
+        self.collectives: collections.Counter = collections.Counter()
 
     @contextlib.contextmanager
     def active(self):
@@ -154,7 +166,9 @@ class AtenCounter:
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = _op_name(func)
-                if name in SYNC_OPS:
+                if _is_collective(func):
+                    counter.collectives[name] += 1
+                elif name in SYNC_OPS:
                     counter.syncs[name] += 1
                 elif name in ALLOC_OPS:
                     counter.allocs += 1
@@ -193,7 +207,30 @@ def _model(name: str, impl: str, mode: str):
     model = model.to(memory_format=torch.channels_last)
     if mode == "frozen":
         model.freeze_bn_stats(True)
+    if mode == "sync" and impl == "fused":
+        model.set_sync_bn(True)
     return model
+
+
+@contextlib.contextmanager
+def _one_rank_group():
+    """A one-process gloo group (sync BN's collectives then run for real, on CPU); yields why not, or None."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        yield "torch.distributed with gloo is not available"
+        return
+    if dist.is_initialized():
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        try:
+            yield None
+        finally:
+            dist.destroy_process_group()
 
 
 def _step_fn(model, name: str):
@@ -313,7 +350,7 @@ def measure(cfg: dict, log=print) -> dict:
     counter = LaunchCounter()
     install(counter)
     res: dict = dict(models=[], bn_relu=[], notes=[])
-    with cuda_lookalike():
+    with cuda_lookalike(), _one_rank_group() as no_dist:
         import kernels
 
         if kernels.INTERPRET:
@@ -323,7 +360,10 @@ def measure(cfg: dict, log=print) -> dict:
         log(f"  Triton launch host cost (us): {res['triton_launch']}")
         for name in cfg["models"]:
             c = CASES[name]
-            for mode in MODES:
+            for mode in cfg.get("modes", MODES):
+                if mode == "sync" and no_dist:
+                    res["notes"].append(f"{name} sync: skipped ({no_dist})")
+                    continue
                 models = {impl: _model(name, impl, mode) for impl in ("eager", "fused")}
                 n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in models["eager"].modules())
                 steps = {impl: _step_fn(m, name) for impl, m in models.items()}
@@ -345,6 +385,8 @@ def measure(cfg: dict, log=print) -> dict:
                                       triton_launches=sum(launches.values()), launches_by_kernel=dict(launches),
                                       aten_kernels=sum(ac.kernels.values()), aten_allocs=ac.allocs,
                                       host_syncs=sum(ac.syncs.values()), syncs_by_op=dict(ac.syncs),
+                                      collectives=sum(ac.collectives.values()),
+                                      collectives_by_op=dict(ac.collectives),
                                       aten_top=dict(ac.kernels.most_common(12)))
                 if rows["fused"]["triton_launches"] == 0:
                     raise RuntimeError("the fused step made no Triton launch: the kernels no longer take the patched "
@@ -355,21 +397,25 @@ def measure(cfg: dict, log=print) -> dict:
                     r = rows[impl]
                     r.update(host_ms=round(statistics.median(ts) * 1e3, 3), host_ms_min=round(min(ts) * 1e3, 3),
                              host_ms_max=round(max(ts) * 1e3, 3), iters=len(ts))
+                for r in rows.values():  # everything a GPU would run: Triton launches + aten kernels
+                    r["all_kernels"] = r["triton_launches"] + r["aten_kernels"]
                 f, e = rows["fused"], rows["eager"]
                 per_bn = f["triton_launches"] / n_bn
                 limit = TARGETS["launches_per_bn"][mode]
                 f.update(host_ratio=round(f["host_ms"] / e["host_ms"], 3),
                          launches_per_bn=round(per_bn, 2), launch_target=limit * n_bn,
-                         check_host=_check(f["host_ms"] / e["host_ms"], TARGETS["step_ratio"]),
+                         check_host="-" if mode == "sync" else _check(f["host_ms"] / e["host_ms"],
+                                                                      TARGETS["step_ratio"]),
                          check_launches=_check(f["triton_launches"], limit * n_bn),
                          check_sync_free="PASS" if f["host_syncs"] == 0 else "FAIL",
-                         aten_ratio=round(f["aten_kernels"] / max(1, e["aten_kernels"]), 3))
+                         aten_ratio=round(f["aten_kernels"] / max(1, e["aten_kernels"]), 3),
+                         all_kernels_ratio=round(f["all_kernels"] / max(1, e["all_kernels"]), 3))
                 res["models"] += [e, f]
                 log(f"  {name} {mode}: eager {e['host_ms']} ms, fused {f['host_ms']} ms ({f['host_ratio']}x, "
                     f"{f['check_host']}); launches {f['triton_launches']} ({per_bn:.2f}/BN, target <= {limit}: "
                     f"{f['check_launches']}); aten kernels eager {e['aten_kernels']} fused {f['aten_kernels']}; "
-                    f"syncs {f['host_syncs']}; warm-up {warm_s:.1f} s")
-        for mode in MODES:
+                    f"collectives {f['collectives']}; syncs {f['host_syncs']}; warm-up {warm_s:.1f} s")
+        for mode in BN_MODES:
             fns = dict(zip(("eager", "fused"), _bn_fns(mode)))
             for fn in fns.values():
                 fn()
@@ -409,10 +455,12 @@ def checks(res: dict) -> list[dict]:
     for r in res.get("models", []):
         if r["impl"] != "fused":
             continue
-        out.append(dict(target=f"{r['model']} {r['mode']}: host time fused / eager <= {TARGETS['step_ratio']}",
-                        value=r["host_ratio"], result=r["check_host"]))
+        if r["check_host"] != "-":
+            out.append(dict(target=f"{r['model']} {r['mode']}: host time fused / eager <= {TARGETS['step_ratio']}",
+                            value=r["host_ratio"], result=r["check_host"]))
         out.append(dict(target=f"{r['model']} {r['mode']}: Triton launches per step <= {r['launch_target']} "
-                               f"({TARGETS['launches_per_bn'][r['mode']]} per BN x {r['bn_count']})",
+                               f"({TARGETS['launches_per_bn'][r['mode']]} per BN x {r['bn_count']}"
+                               f"{', plus collectives' if r['mode'] == 'sync' else ''})",
                         value=r["triton_launches"], result=r["check_launches"]))
         out.append(dict(target=f"{r['model']} {r['mode']}: no host sync in a fused step", value=r["host_syncs"],
                         result=r["check_sync_free"]))
@@ -428,14 +476,15 @@ def markdown(res: dict, rel: str) -> str:
              f"triton {env['triton']}, commit {env['commit'][:10]}{' + local changes' if env.get('dirty') else ''}; "
              f"CPU thread time, median of {res['config']['iters']} steps / {res['config']['bn_iters']} BN calls).",
              "", "| model | BN mode | impl | host ms/step | x eager | Triton launches | per BN | aten kernels | "
-                 "allocs | host syncs | host <= 1.3x | launches | sync-free |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "all kernels (x eager) | allocs | collectives | host syncs | host <= 1.3x | launches | sync-free |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["models"]:
         fused = r["impl"] == "fused"
+        impl = "eager (plain BN)" if r["mode"] == "sync" and not fused else r["impl"]
         lines.append(
-            f"| {r['model']} | {r['mode']} | {r['impl']} | {r['host_ms']} | {r.get('host_ratio', 1.0) if fused else '1.00'}"
+            f"| {r['model']} | {r['mode']} | {impl} | {r['host_ms']} | {r.get('host_ratio', 1.0) if fused else '1.00'}"
             f" | {r['triton_launches']} | {r.get('launches_per_bn', '-') if fused else '-'} | {r['aten_kernels']} | "
-            f"{r['aten_allocs']} | {r['host_syncs']} | {r['check_host'] if fused else ''} | "
+            f"{r['all_kernels']}{(' (' + str(r['all_kernels_ratio']) + ')') if fused else ''} | {r['aten_allocs']} | {r['collectives']} | {r['host_syncs']} | {r['check_host'] if fused else ''} | "
             f"{(r['check_launches'] + ' (<= ' + str(r['launch_target']) + ')') if fused else ''} | "
             f"{r['check_sync_free'] if fused else ''} |")
     lines += ["", f"BN-ReLU forward + backward, {'x'.join(map(str, BN_SHAPE))} channels_last fp32:", "",
@@ -488,9 +537,14 @@ def run_child(args) -> int:
         cfg["models"] = args.models.split(",")
     if args.iters:
         cfg["iters"] = args.iters
+    if args.modes:
+        cfg["modes"] = args.modes.split(",")
+    if args.width:
+        for name in cfg["models"]:
+            CASES[name] = dict(CASES[name], width=args.width)
     out = args.out or RESULTS / f"host-{_cpu_slug()}-{_dt.date.today().isoformat()}{'-smoke' if args.smoke else ''}.json"
     res: dict = dict(kind="bench.host", config=dict(cfg, cases={k: CASES[k] for k in cfg["models"]},
-                                                     bn_shape=list(BN_SHAPE), modes=list(MODES)),
+                                                     bn_shape=list(BN_SHAPE), bn_modes=list(BN_MODES)),
                      targets=TARGETS, supported_triton=list(SUPPORTED), environment=environment())
     why = unsupported()
     if why:
@@ -521,12 +575,26 @@ def run_child(args) -> int:
     return 0
 
 
+def _width(text: str) -> float:
+    """--width: a positive number or fraction such as 1/16."""
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / (float(den) if den else 1.0)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a positive number or fraction such as 1/16, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a width in (0, 1], got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="A1-s8 only, 3 steps: a CI check that the path runs")
     ap.add_argument("--models", help=f"comma list of {', '.join(CASES)}")
+    ap.add_argument("--modes", help=f"comma list of step modes, of {', '.join(MODES)} (default: all)")
     ap.add_argument("--iters", type=int, help="timed steps per implementation and mode (median reported)")
+    ap.add_argument("--width", type=_width, help="channel multiplier of both models (default 1/32; e.g. 0.0625 or 1/16)")
     ap.add_argument("--out", type=Path, help="results JSON (default bench/results/host-<cpu>-<date>.json)")
     ap.add_argument("--update-readme", action="store_true", help="rewrite the host block of bench/README.md")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
@@ -535,6 +603,10 @@ def main(argv=None) -> int:
         bad = [m for m in args.models.split(",") if m not in CASES]
         if bad:
             ap.error(f"--models: unknown {', '.join(bad)}; expected a comma list of {', '.join(CASES)}")
+    if args.modes:
+        bad = [m for m in args.modes.split(",") if m not in MODES]
+        if bad:
+            ap.error(f"--modes: unknown {', '.join(bad)}; expected a comma list of {', '.join(MODES)}")
     if args.iters is not None and args.iters < 1:
         ap.error("--iters must be at least 1")
     if os.environ.get(CHILD_ENV) == "1":

@@ -44,8 +44,8 @@ CONFIGS = {
         models={"A1": dict(label=A1, width=0.0625, size=224, batch=2, sweep=[1, 4]),
                 "A1-s8": dict(label=S8, width=0.0625, size=168, batch=1, sweep=[])},
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"],
-        compile_models=["A1"], warmup=2, iters=5, compile_last=True,
-        budgets=dict(ceilings=8, bn_relu=5, conv=12, model=75, sweep=60, compile=None, data=20, host=40),
+        compile_models=["A1"], warmup=2, iters=5, compile_last=True, host_iters=21,
+        budgets=dict(ceilings=8, bn_relu=5, conv=12, model=75, sweep=60, compile=None, data=20, host=60),
         data=dict(images=32, batch=8, epochs=1, workers=[2], reps=2, cases=["cls-train"]),
     ),
     "full": dict(
@@ -64,9 +64,9 @@ CONFIGS = {
         models={"A1": dict(label=A1, width=1.0, size=224, batch=64, sweep=[]),
                 "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, sweep=[])},
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile", "fused_cudagraphs"],
-        compile_models=["A1", "A1-s8"], warmup=3, iters=8,
+        compile_models=["A1", "A1-s8"], warmup=3, iters=8, host_iters=21,
         # 2026-11-25 on an H100: the tests took 28-38 s; the compile section needed ~175 s for A1 alone
-        budgets=dict(tests=60, model=95, compile=150, largest=80, ceilings=10, bn_relu=20, conv=65, data=20, host=30),
+        budgets=dict(tests=60, model=95, compile=150, largest=80, ceilings=10, bn_relu=20, conv=65, data=20, host=40),
         largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
         # mixed decode measured and its labels checked against the pixels (alignment first: it is the must-have)
         data=dict(images=96, batch=16, epochs=1, workers=[8], reps=2, cases=["cls-train", "seg-train"],
@@ -277,7 +277,9 @@ def host_section(cfg, budget, res, log, smoke: bool) -> None:
             return
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "host.json"
-            cmd = [sys.executable, "-m", "bench.host", "--out", str(out)] + (["--smoke"] if smoke else [])
+            # smoke: one model, 3 steps; quick and campaign: both models, 21 steps (each side, interleaved)
+            cmd = [sys.executable, "-m", "bench.host", "--out", str(out)] + (
+                ["--smoke"] if smoke else ["--iters", str(cfg.get("host_iters", 31))])
             log("  $ " + " ".join(cmd[1:]))
             env = dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"]
                                                            if os.environ.get("PYTHONPATH") else ""))

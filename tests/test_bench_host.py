@@ -32,7 +32,8 @@ def smoke(tmp_path_factory):
 def test_smoke_counts_launches_and_ops(smoke):
     res, stdout = smoke
     rows = {(r["mode"], r["impl"]): r for r in res["models"]}
-    assert set(rows) == {(m, i) for m in ("batch", "frozen") for i in ("eager", "fused")}
+    modes = ("batch", "frozen", "sync") if ("sync", "fused") in rows else ("batch", "frozen")  # sync: needs gloo
+    assert set(rows) == {(m, i) for m in modes for i in ("eager", "fused")}
     for (mode, impl), r in rows.items():
         assert r["model"] == "A1-s8" and r["bn_count"] == 37
         assert r["host_ms"] > 0 and r["aten_kernels"] > 0
@@ -45,6 +46,9 @@ def test_smoke_counts_launches_and_ops(smoke):
             assert r["triton_launches"] >= 2 * r["bn_count"], r["launches_by_kernel"]
             assert r["host_syncs"] == 0, r["syncs_by_op"]  # the fused step is sync-free (capture-safe)
             assert r["launches_per_bn"] == pytest.approx(r["triton_launches"] / r["bn_count"], abs=0.01)
+        # sync BN gathers the statistics forward and reduces the gradient sums backward: a collective each per BN
+        assert r["collectives"] == (2 * r["bn_count"] if (mode, impl) == ("sync", "fused") else 0), \
+            r["collectives_by_op"]
     # frozen BN skips the statistics pass: never more launches than with batch statistics
     assert rows["frozen", "fused"]["triton_launches"] < rows["batch", "fused"]["triton_launches"]
     for r in res["bn_relu"]:
@@ -57,13 +61,18 @@ def test_smoke_counts_launches_and_ops(smoke):
 def test_smoke_checks_agree_with_values(smoke):
     res, _ = smoke
     t = res["targets"]
-    assert len(res["checks"]) == 3 * 2 + 2  # per fused row: host, launches, sync-free; per BN mode: ratio
+    # per fused row: host (not for sync), launches, sync-free; per BN-ReLU mode: the ratio
+    n_sync = sum(r["mode"] == "sync" and r["impl"] == "fused" for r in res["models"])
+    assert len(res["checks"]) == 3 * 2 + 2 * n_sync + 2
     for r in res["models"]:
         if r["impl"] != "fused":
             continue
         eager = next(e for e in res["models"] if e["impl"] == "eager" and e["mode"] == r["mode"])
         assert r["host_ratio"] == pytest.approx(r["host_ms"] / eager["host_ms"], rel=1e-2)
-        assert (r["check_host"] == "PASS") == (r["host_ms"] / eager["host_ms"] <= t["step_ratio"])
+        if r["mode"] == "sync":
+            assert r["check_host"] == "-"  # gloo's CPU collectives: no host-time target
+        else:
+            assert (r["check_host"] == "PASS") == (r["host_ms"] / eager["host_ms"] <= t["step_ratio"])
         limit = t["launches_per_bn"][r["mode"]] * r["bn_count"]
         assert r["launch_target"] == limit
         assert (r["check_launches"] == "PASS") == (r["triton_launches"] <= limit)
@@ -88,7 +97,7 @@ def test_aten_counter_skips_views_and_counts_syncs():
         z.tolist()
         torch.empty(3)
     assert dict(ac.kernels) == {"add": 1, "relu": 1, "sum": 1, "gt": 1}, ac.kernels
-    assert ac.allocs == 1
+    assert ac.allocs == 1 and not ac.collectives
     assert ac.syncs["_local_scalar_dense"] == 2 and ac.syncs["Tensor.tolist"] == 1, ac.syncs
     assert torch.Tensor.tolist.__name__ == "tolist"  # the Python-level patches are undone
 
