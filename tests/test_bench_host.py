@@ -1,6 +1,7 @@
 """bench.host (issue 20, item 1): host cost through Triton's real launch path on a stand-in sm_90 driver.
 
-One smoke run in a subprocess (A1-s8 at width 1/32, 3 steps: ~12 s with a warm Triton cache, ~20 s cold on 2 cores)
+One smoke run in a subprocess (A1-s8 at width 1/64, 3 steps per mode: ~12 s with a warm Triton cache, ~20 s cold
+on 2 cores)
 shared by the checks below, plus in-process checks of the counters and the version gate.
 """
 
