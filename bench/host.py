@@ -37,7 +37,10 @@ otherwise select the interpreter on a machine without CUDA). Patched in the chil
 - ``torch.Tensor.is_cuda`` -> ``True`` (a property on the Python class): the kernels' launchers choose the
   compiled-Triton path for CUDA tensors (``backend="auto"``); the tensors stay CPU tensors, so the allocations the
   launchers make (``torch.empty(..., device=x.device)``) are real, tiny CPU allocations;
-- ``torch.cuda.get_device_properties`` -> an H100 SXM's (132 SMs): the reduction grids' ``num_programs_hint``.
+- ``torch.cuda.get_device_properties`` -> an H100 SXM's (132 SMs): the reduction grids' ``num_programs_hint``;
+- for launchers that ask torch, not Triton's driver, for the device or stream (none today): ``torch.cuda``'s
+  ``get_device_capability`` -> (9, 0), ``current_device`` -> 0, ``current_stream`` -> the null stream (``cuda_stream``
+  0), and ``torch._C._cuda_getCurrentRawStream`` -> 0. (Triton's driver answers device 0, stream 0 itself.)
 
 ``torch.cuda.is_available`` is *not* patched (torch's optimizer would then query CUDA stream capture). If a launcher
 decides "CUDA" some other way (``x.device.type``), the fused step makes no Triton launch and the run stops with an
@@ -45,10 +48,11 @@ error naming this list.
 
 Fairness. Both sides run in the same process, under the same patches, on the same tiny CPU tensors
 (:data:`CASES`: width 1/64, A1 at 32 px, A1-s8 at 24 px, batch 2; the GPU shapes, A1 at 224 px batch 64 and A1-s8
-at 504 px batch 4, would only add CPU arithmetic, not host work), with the GPU campaign's settings (bf16 autocast, channels_last), one
-thread, denormals flushed, the garbage collector paused while timing, and repetitions interleaved (eager, fused,
-eager, ... in a rotating order) so that load on a shared machine hits both alike. Time is the thread's CPU time,
-not wall time (descheduled time on the shared cores is not counted). What remains unequal, and in whose favour:
+at 504 px batch 4, would only add CPU arithmetic, not host work), with the GPU campaign's settings (bf16 autocast,
+channels_last), one thread, denormals flushed, the garbage collector paused while timing, and repetitions
+interleaved (eager, fused, eager, ... in a rotating order) so that load on a shared machine hits both alike. Time
+is the thread's CPU time, not wall time (descheduled time on the shared cores is not counted). What remains
+unequal, and in whose favour:
 
 - eager's numbers include the CPU arithmetic of its own BN/ReLU kernels; the fused launches compute nothing; and
   the convolutions' arithmetic, on both sides, pulls the ratio towards 1. At these sizes both are a few percent
@@ -119,22 +123,45 @@ class _Props:
     warp_size = 32
 
 
+class _Stream:
+    """What ``torch.cuda.current_stream`` returns in the child: the null stream of device 0."""
+
+    cuda_stream = 0
+    device_index = 0
+
+
+def _patches() -> list[tuple[object, str, object]]:
+    """(owner, attribute, stand-in): every patch of the child, the list the docstring and bench/README.md give."""
+    import torch
+
+    return [
+        (torch.Tensor, "is_cuda", property(lambda self: True)),
+        (torch.cuda, "get_device_properties", lambda device=None: _Props),
+        (torch.cuda, "get_device_capability", lambda device=None: (_Props.major, _Props.minor)),
+        (torch.cuda, "current_device", lambda: 0),
+        (torch.cuda, "current_stream", lambda device=None: _Stream),
+        (torch._C, "_cuda_getCurrentRawStream", lambda device_index=0: 0),
+    ]
+
+
 @contextlib.contextmanager
 def cuda_lookalike():
     """CPU tensors that the kernels' launchers take for CUDA tensors (see the module docstring for the list)."""
-    import torch
-
-    saved = torch.Tensor.__dict__.get("is_cuda"), torch.cuda.get_device_properties
-    torch.Tensor.is_cuda = property(lambda self: True)
-    torch.cuda.get_device_properties = lambda device=None: _Props
+    missing = object()
+    saved = []
+    for owner, attr, value in _patches():
+        # class attributes: only what the class itself defines (is_cuda lives on torch._C.TensorBase)
+        saved.append((owner, attr, owner.__dict__.get(attr, missing) if isinstance(owner, type)
+                      else getattr(owner, attr, missing)))
+        setattr(owner, attr, value)
     try:
         yield
     finally:
-        if saved[0] is None:
-            del torch.Tensor.is_cuda
-        else:
-            torch.Tensor.is_cuda = saved[0]
-        torch.cuda.get_device_properties = saved[1]
+        for owner, attr, old in reversed(saved):
+            if old is missing:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, old)
 
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
@@ -305,7 +332,7 @@ def _interleaved(fns: dict, iters: int) -> dict:
     return out
 
 
-def _triton_launch_floor(counter, iters: int = 2000) -> dict:
+def _triton_launch_floor(iters: int = 2000) -> dict:
     """Host us of one launch of a 12-argument kernel: ``kernel[grid](...)`` through ``JITFunction.run`` vs the cached
     ``CompiledKernel``'s ``run`` called directly (what a launch plan would pay), on the stand-in driver."""
     import torch
@@ -362,7 +389,7 @@ def measure(cfg: dict, log=print) -> dict:
         if kernels.INTERPRET:
             raise RuntimeError("kernels was imported with TRITON_INTERPRET=1: bench.host must run in a fresh process "
                                "(python -m bench.host starts one)")
-        res["triton_launch"] = _triton_launch_floor(counter)
+        res["triton_launch"] = _triton_launch_floor()
         log(f"  Triton launch host cost (us): {res['triton_launch']}")
         for name in cfg["models"]:
             c = CASES[name]
@@ -396,8 +423,8 @@ def measure(cfg: dict, log=print) -> dict:
                                       aten_top=dict(ac.kernels.most_common(12)))
                 if rows["fused"]["triton_launches"] == 0:
                     raise RuntimeError("the fused step made no Triton launch: the kernels no longer take the patched "
-                                       "tensors for CUDA tensors (bench.host patches torch.Tensor.is_cuda and "
-                                       "torch.cuda.get_device_properties only; see its docstring)")
+                                       "tensors for CUDA tensors (bench.host patches torch.Tensor.is_cuda, not "
+                                       "x.device; the full list is in its docstring)")
                 times = _interleaved(steps, cfg["iters"])
                 for impl, ts in times.items():
                     r = rows[impl]
@@ -490,7 +517,8 @@ def markdown(res: dict, rel: str) -> str:
         lines.append(
             f"| {r['model']} | {r['mode']} | {impl} | {r['host_ms']} | {r.get('host_ratio', 1.0) if fused else '1.00'}"
             f" | {r['triton_launches']} | {r.get('launches_per_bn', '-') if fused else '-'} | {r['aten_kernels']} | "
-            f"{r['all_kernels']}{(' (' + str(r['all_kernels_ratio']) + ')') if fused else ''} | {r['aten_allocs']} | {r['collectives']} | {r['host_syncs']} | {r['check_host'] if fused else ''} | "
+            f"{r['all_kernels']}{(' (' + str(r['all_kernels_ratio']) + ')') if fused else ''} | {r['aten_allocs']} | "
+            f"{r['collectives']} | {r['host_syncs']} | {r['check_host'] if fused else ''} | "
             f"{(r['check_launches'] + ' (<= ' + str(r['launch_target']) + ')') if fused else ''} | "
             f"{r['check_sync_free'] if fused else ''} |")
     lines += ["", f"BN-ReLU forward + backward, {'x'.join(map(str, BN_SHAPE))} channels_last fp32:", "",
@@ -548,7 +576,8 @@ def run_child(args) -> int:
     if args.width:
         for name in cfg["models"]:
             CASES[name] = dict(CASES[name], width=args.width)
-    out = args.out or RESULTS / f"host-{_cpu_slug()}-{_dt.date.today().isoformat()}{'-smoke' if args.smoke else ''}.json"
+    stem = f"host-{_cpu_slug()}-{_dt.date.today().isoformat()}{'-smoke' if args.smoke else ''}"
+    out = args.out or RESULTS / f"{stem}.json"
     res: dict = dict(kind="bench.host", config=dict(cfg, cases={k: CASES[k] for k in cfg["models"]},
                                                      bn_shape=list(BN_SHAPE), bn_modes=list(BN_MODES)),
                      targets=TARGETS, supported_triton=list(SUPPORTED), environment=environment())
@@ -560,7 +589,13 @@ def run_child(args) -> int:
         t0 = time.perf_counter()
         print(f"bench.host: triton {res['environment']['triton']}, torch {res['environment']['torch']}, "
               f"stand-in sm_90 driver; models {', '.join(cfg['models'])}", flush=True)
-        res.update(measure(cfg, log=lambda s: print(s, flush=True)))
+        try:
+            res.update(measure(cfg, log=lambda s: print(s, flush=True)))
+        except RuntimeError as e:  # a launcher the stand-ins no longer fit: one line (traceback with --debug)
+            if args.debug:
+                raise
+            print(f"bench.host: error: {e}", file=sys.stderr)
+            return 1
         res["checks"] = checks(res)
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         print()
@@ -600,10 +635,12 @@ def main(argv=None) -> int:
     ap.add_argument("--models", help=f"comma list of {', '.join(CASES)}")
     ap.add_argument("--modes", help=f"comma list of step modes, of {', '.join(MODES)} (default: all)")
     ap.add_argument("--iters", type=int, help="timed steps per implementation and mode (median reported)")
-    ap.add_argument("--width", type=_width, help="channel multiplier of both models (default 1/64; e.g. 0.03125 or 1/32)")
+    ap.add_argument("--width", type=_width,
+                    help="channel multiplier of both models (default 1/64; e.g. 0.03125 or 1/32)")
     ap.add_argument("--out", type=Path, help="results JSON (default bench/results/host-<cpu>-<date>.json)")
     ap.add_argument("--update-readme", action="store_true", help="rewrite the host block of bench/README.md")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    ap.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     args = ap.parse_args(argv)
     if args.models:
         bad = [m for m in args.models.split(",") if m not in CASES]

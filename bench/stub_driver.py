@@ -5,18 +5,14 @@ compile on a miss: TTIR -> PTX -> cubin with the ptxas bundled with Triton, whic
 ``CudaLauncher.__call__`` (its Python: scratch allocation checks, argument packing). Only the C level is
 replaced:
 
-=============================  ================================================================================
-stubbed (what the C code did)  stand-in
-=============================  ================================================================================
-``utils.load_binary``          no-op; returns a handle that names the kernel (cuModuleLoadData not called)
-``utils.launch`` (3.9) /       counts the launch by kernel name and returns; the C argument conversion
-per-kernel C launcher (3.6)    (``data_ptr`` calls, ``cuPointerGetAttribute``) and ``cuLaunchKernel`` are skipped
-``utils.build_signature_       identity (3.9: the C launcher's pre-parsed signature; unused by the stub launch);
-metadata``, ``PyKernelArg``    the argument annotations 3.9 builds once per compiled kernel are plain namespaces
-``utils.get_device_properties``  an H100 SXM's: 132 SMs, 227 KiB shared memory per block, 64 Ki registers
-device / stream getters        device 0, stream 0 (the null stream), capability (9, 0)
-``get_current_target``         ``GPUTarget("cuda", 90, 32)``
-=============================  ================================================================================
+- ``utils.load_binary`` (cuModuleLoadData): a no-op returning a handle that names the kernel;
+- ``utils.launch`` (3.9) / the per-signature C launcher (3.6): counts the launch by kernel name and returns; the C
+  argument conversion (``data_ptr`` calls, ``cuPointerGetAttribute``) and ``cuLaunchKernel`` are skipped;
+- ``utils.build_signature_metadata`` and ``PyKernelArg`` (3.9: what the C module gives ``CudaLauncher.__init__``
+  once per compiled kernel): identity and plain namespaces, never read by the counting launch;
+- ``utils.get_device_properties``: an H100 SXM's (132 SMs, 227 KiB shared memory per block, 64 Ki registers);
+- device and stream getters: device 0, stream 0 (the null stream), capability (9, 0);
+- ``get_current_target``: ``GPUTarget("cuda", 90, 32)``.
 
 Supported Triton versions: :data:`SUPPORTED` (3.6: the GPU image's; 3.9: this machine's). They differ in the
 launcher: 3.9's ``CudaLauncher.__init__`` is Python around one shared C ``launch`` (kept: it runs with the

@@ -103,6 +103,21 @@ def test_aten_counter_skips_views_and_counts_syncs():
     assert torch.Tensor.tolist.__name__ == "tolist"  # the Python-level patches are undone
 
 
+def test_cuda_lookalike_is_undone():
+    from bench.host import cuda_lookalike
+
+    x = torch.zeros(2)
+    had_raw = hasattr(torch._C, "_cuda_getCurrentRawStream")
+    props = torch.cuda.get_device_properties
+    with cuda_lookalike():
+        assert x.is_cuda and x.device.type == "cpu"  # launchers see CUDA; the data stays on the CPU
+        assert torch.cuda.get_device_properties(x.device).multi_processor_count == 132
+        assert torch.cuda.current_stream().cuda_stream == 0 and torch._C._cuda_getCurrentRawStream(0) == 0
+    assert not x.is_cuda and "is_cuda" not in torch.Tensor.__dict__
+    assert torch.cuda.get_device_properties is props
+    assert hasattr(torch._C, "_cuda_getCurrentRawStream") == had_raw
+
+
 def test_unsupported_triton_version_skips(monkeypatch):
     triton = pytest.importorskip("triton")
     from bench import stub_driver
