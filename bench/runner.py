@@ -15,6 +15,8 @@ Sections (each with a time budget in quick/campaign mode; what does not fit is s
   bn_relu   BN-ReLU forward/backward achieved bandwidth vs the copy bandwidth
   conv      each distinct conv shape of A1 / A1-s8, fprop / dgrad / wgrad, ours vs cuDNN vs torch.compile
   data      data pipelines' images/s per backend (bench.data_throughput)
+  host      host cost of a fused vs eager training step through Triton's real launch path on a stand-in sm_90
+            driver (bench.host, in a subprocess): Triton launches, aten ops, host syncs, host time per step and per BN
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ CONFIGS = {
         models={"A1": dict(label=A1, width=0.0625, size=224, batch=2, sweep=[1, 4]),
                 "A1-s8": dict(label=S8, width=0.0625, size=168, batch=1, sweep=[])},
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"],
-        compile_models=["A1"], warmup=2, iters=5, compile_last=True,
-        budgets=dict(ceilings=8, bn_relu=5, conv=12, model=75, sweep=60, compile=None, data=20),
+        compile_models=["A1"], warmup=2, iters=5, compile_last=True, host_iters=21,
+        budgets=dict(ceilings=8, bn_relu=5, conv=12, model=75, sweep=60, compile=None, data=20, host=60),
         data=dict(images=32, batch=8, epochs=1, workers=[2], reps=2, cases=["cls-train"]),
     ),
     "full": dict(
@@ -62,9 +64,9 @@ CONFIGS = {
         models={"A1": dict(label=A1, width=1.0, size=224, batch=64, sweep=[]),
                 "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, sweep=[])},
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile", "fused_cudagraphs"],
-        compile_models=["A1", "A1-s8"], warmup=3, iters=8,
+        compile_models=["A1", "A1-s8"], warmup=3, iters=8, host_iters=21,
         # 2026-11-25 on an H100: the tests took 28-38 s; the compile section needed ~175 s for A1 alone
-        budgets=dict(tests=60, model=95, compile=150, largest=80, ceilings=10, bn_relu=20, conv=65, data=20),
+        budgets=dict(tests=60, model=95, compile=150, largest=80, ceilings=10, bn_relu=20, conv=65, data=20, host=40),
         largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
         # mixed decode measured and its labels checked against the pixels (alignment first: it is the must-have)
         data=dict(images=96, batch=16, epochs=1, workers=[8], reps=2, cases=["cls-train", "seg-train"],
@@ -76,7 +78,7 @@ CONFIGS = {
                 "A1-s8": dict(label=S8, width=0.0625, size=48, batch=1, sweep=[])},
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"], compile_models=[],
         warmup=1, iters=1,
-        budgets=dict(tests=40, ceilings=5, model=70, bn_relu=5, conv=10, data=15),
+        budgets=dict(tests=40, ceilings=5, model=70, bn_relu=5, conv=10, data=15, host=30),
         data=dict(images=16, batch=4, epochs=1, workers=[1], reps=1, cases=["cls-train"], alignment=True),
     ),
 }
@@ -266,6 +268,46 @@ def data_section(cfg, budget, res, log, cuda: bool) -> None:
                     log(f"  data profile (CPU ms/image, 1 thread): {res['data_profile'][-1]}")
 
 
+def host_section(cfg, budget, res, log, smoke: bool) -> None:
+    """bench.host in its own process (it needs TRITON_INTERPRET=0 before ``kernels`` is imported); its JSON goes
+    into ``res["host"]`` (environment dropped: the run's own is recorded once)."""
+    with budget.section("host", cfg["budgets"].get("host")) as sec:
+        if not sec.has(5):
+            sec.skip("host")
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "host.json"
+            # smoke: one model, 3 steps; quick and campaign: both models, 21 steps (each side, interleaved)
+            cmd = [sys.executable, "-m", "bench.host", "--out", str(out)] + (
+                ["--smoke"] if smoke else ["--iters", str(cfg.get("host_iters", 31))])
+            log("  $ " + " ".join(cmd[1:]))
+            env = dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"]
+                                                           if os.environ.get("PYTHONPATH") else ""))
+            try:
+                p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(5, sec.timeout()),
+                                   env=env)
+            except subprocess.TimeoutExpired:
+                sec.skip("host", f"timed out after {sec.budget_s:.0f} s")
+                res["host"] = dict(error=f"timed out after {sec.budget_s:.0f} s")
+                return
+            for ln in p.stdout.strip().splitlines():
+                log("  | " + ln)
+            if p.returncode != 0 or not out.is_file():
+                res["host"] = dict(error=f"exit {p.returncode}: " + (p.stderr.strip().splitlines() or [""])[-1][:300])
+                log(f"  host section failed: {res['host']['error']}")
+                return
+            host = json.loads(out.read_text())
+        host.pop("environment", None)
+        res["host"] = host
+        if host.get("skipped"):
+            sec.skip("host", host["skipped"])
+        else:
+            fails = [c["target"] for c in host.get("checks", []) if c["result"] == "FAIL"]
+            res["notes"].append(f"host (bench.host, CPU thread time, stand-in sm_90 driver): "
+                                f"{len(host['checks']) - len(fails)} targets pass, {len(fails)} fail"
+                                + (f" ({'; '.join(fails)})" if fails else ""))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -275,7 +317,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="with --gpu-campaign: shrink it to a CPU smoke run")
     ap.add_argument("--out", type=Path, help="campaign: the folder for everything (results.json, log, plots); "
                                              "other modes: the JSON path (default bench/results/<device>-<date>.json)")
-    ap.add_argument("--sections", help="comma list to run only some of: model,kernels,data")
+    ap.add_argument("--sections", help="comma list to run only some of: model,kernels,data,host")
     ap.add_argument("--budget-scale", type=float, default=1.0,
                     help="multiply every time budget (e.g. 2 on a machine shared with other jobs); recorded")
     ap.add_argument("--no-plots", action="store_true")
@@ -335,7 +377,10 @@ def main(argv=None) -> int:
         res["notes"].append("torch.compile on CPU runs with torch._inductor.config.layout_optimization = False: "
                             "with Inductor's channels_last layouts oneDNN's convolution_backward segfaults in the "
                             "compiled backward (torch 2.13 CPU, width-1/16 A1 at 224)")
-    wanted = set((args.sections or "model,kernels,data").split(","))
+    wanted = set((args.sections or "model,kernels,host,data").split(","))
+    unknown = wanted - {"model", "kernels", "host", "data"}
+    if unknown:
+        ap.error(f"--sections: unknown {', '.join(sorted(unknown))}; expected a comma list of model,kernels,host,data")
     status = 0
     try:
         if args.gpu_campaign:
@@ -354,6 +399,8 @@ def main(argv=None) -> int:
                 model_section(cfg, budget, res, log, cuda, mode == "smoke")
             if "kernels" in wanted:
                 kernel_sections(cfg, budget, res, log, cuda, mode in ("smoke", "quick"))
+            if "host" in wanted:
+                host_section(cfg, budget, res, log, mode == "smoke")
             if "data" in wanted:
                 data_section(cfg, budget, res, log, cuda)
             if "model" in wanted and cfg.get("compile_last"):  # quick: compile takes whatever time is left
