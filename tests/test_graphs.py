@@ -111,7 +111,8 @@ def test_forbid_host_sync_catches_reads():
     cases = [lambda: t.sum().item(), lambda: bool(t.sum()), lambda: t.tolist(), lambda: int(t[0]),
              lambda: t[t > 0], lambda: torch.nonzero(t), lambda: t.cpu(),
              lambda: ohem_cross_entropy(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long)),
-             lambda: opt.step()]  # foreach SGD turns a tensor lr into a Python scalar (alpha=-lr)
+             lambda: opt.step(),  # foreach SGD turns a tensor lr into a Python scalar (alpha=-lr)
+             lambda: t * torch.tensor(2.0), lambda: t.masked_fill_(t > 0, 0.0).index_put_((t > 5,), t[:1] * 0)]
     for case in cases:
         with pytest.raises(HostSyncError), forbid_host_sync():
             case()

@@ -244,6 +244,11 @@ HOST_READ_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero"
                  "_unique2", "equal")
 
 
+# Tensors made from host data: on a GPU a host-to-device copy, which a capture would either refuse or freeze at
+# its capture-time value.
+HOST_UPLOADS = ("tensor", "as_tensor", "from_numpy")
+
+
 class HostSyncError(RuntimeError):
     pass
 
@@ -261,9 +266,10 @@ def _in_package(frame, prefixes: tuple[str, ...]) -> bool:
 def forbid_host_sync(exclude_packages: tuple[str, ...] = ()):
     """Raise :class:`HostSyncError` on any host read of a tensor's value inside the block.
 
-    Two nets: the Tensor methods in :data:`HOST_READS` (and ``torch.cuda.synchronize``) are patched to raise,
-    and a dispatch mode raises on the ATen ops in :data:`HOST_READ_OPS` (which also catches reads made inside
-    C++, e.g. ``add_(t, alpha=tensor)``). ``exclude_packages``: calls made while a frame of these packages is on
+    Two nets: the Tensor methods in :data:`HOST_READS`, ``torch.cuda.synchronize`` and the host-data constructors
+    in :data:`HOST_UPLOADS` are patched to raise, and a dispatch mode raises on the ATen ops in
+    :data:`HOST_READ_OPS` and on boolean-mask indexing (which also catches reads made inside C++, e.g.
+    ``add_(t, alpha=tensor)``). ``exclude_packages``: calls made while a frame of these packages is on
     the stack are allowed; ``("triton",)`` exempts the Triton interpreter, which runs a kernel's *device* code on
     the host with numpy (on a GPU that code runs on the device and reads nothing back).
     """
@@ -293,12 +299,22 @@ def forbid_host_sync(exclude_packages: tuple[str, ...] = ()):
             return func(*args, **(kwargs or {}))
 
     sync = torch.cuda.synchronize
+    uploads = {name: getattr(torch, name) for name in HOST_UPLOADS}
 
     def no_sync(*a, **k):
         raise HostSyncError("torch.cuda.synchronize")
 
+    def upload(name, orig):
+        def f(*a, **k):
+            if not allowed():
+                raise HostSyncError(f"tensor made from host data: torch.{name}")
+            return orig(*a, **k)
+        return f
+
     for name, orig in saved.items():
         setattr(torch.Tensor, name, patched(name, orig))
+    for name, orig in uploads.items():
+        setattr(torch, name, upload(name, orig))
     torch.cuda.synchronize = no_sync
     try:
         with _Mode():
@@ -306,4 +322,6 @@ def forbid_host_sync(exclude_packages: tuple[str, ...] = ()):
     finally:
         for name, orig in saved.items():
             setattr(torch.Tensor, name, orig)
+        for name, orig in uploads.items():
+            setattr(torch, name, orig)
         torch.cuda.synchronize = sync
