@@ -166,6 +166,133 @@ def test_fused_training_step_triton_makes_no_host_read():
         loss.item()  # still armed outside the interpreter
 
 
+class _FakeStream:
+    def __init__(self, device=None):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeGraph:
+    """CPU stand-in for torch.cuda.CUDAGraph: "capture" runs the step eagerly (a real capture runs nothing and
+    its first replay does the work, so the first replay here is skipped); later replays run the captured step
+    again with grads reset to None first (a replayed backward writes its grads afresh, it never accumulates)."""
+
+    owner = None
+
+    def __init__(self):
+        self.fresh = True
+
+    def replay(self):
+        if self.fresh:
+            self.fresh = False
+            return
+        st = _FakeGraph.owner
+        for g in st.opt.param_groups:
+            for p in g["params"]:
+                p.grad = None
+        loss, extras = st._captured_step()
+        st.static_out[0].copy_(loss.detach())  # the graph's outputs are static tensors, refilled in place
+        st.static_out[1].copy_(extras)
+
+
+def test_graphed_step_plumbing_on_cpu(monkeypatch):
+    """GraphedStep's control flow with CPU stand-ins for streams and graphs: 3 warm-up steps then capture, the
+    batch copied into the static buffers each step, the lr written in place reaching the step, a batch of another
+    shape dropped untrained; 6 steps equal 6 plain eager steps (loss per step, weights, BN statistics). The real
+    capture is the GPU test below; this catches plumbing errors without a GPU."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, stream=None, **k: contextlib.nullcontext())
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+
+    ref, cap = net(), net()
+    opts = [graphs.prepare_optimizer(make_optimizer(m, "cls", 0.1), torch.device("cpu")) for m in (ref, cap)]
+
+    def fl(model):
+        return lambda x, y: step_loss("cls", model(x), y)
+
+    step = graphs.GraphedStep(cap, opts[1], fl(cap), scaler=torch.amp.GradScaler("cpu", enabled=False))
+    _FakeGraph.owner = step
+    g = torch.Generator().manual_seed(4)
+    for i in range(6):
+        x, y = torch.randn(4, 3, 9, 9, generator=g), torch.randint(0, 5, (4,), generator=g)
+        for o in opts:
+            set_lr(o, 0.1 * (1 - i / 6))
+        opts[0].zero_grad(set_to_none=True)
+        loss_ref, hits_ref = fl(ref)(x, y)
+        loss_ref.backward()
+        opts[0].step()
+        loss, hits = step(x, y)
+        assert (step.graph is not None) == (i >= 3)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-7)
+        assert hits.tolist() == hits_ref.tolist()
+        if i == 4:  # a last partial batch: dropped, nothing trained
+            before = [p.clone() for p in cap.parameters()]
+            assert step(x[:3], y[:3]) is None and step.dropped == 1
+            assert all(torch.equal(a, b) for a, b in zip(before, cap.parameters()))
+    assert step.steps == 6
+    for (k, a), b in zip(ref.state_dict().items(), cap.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+
+
+_FAKE_TRAIN = """
+import contextlib, sys, torch
+import kernels
+sys.path.insert(0, {tests!r})
+import test_graphs as t
+from widedeep.train import graphs
+from widedeep.train.run import cli
+torch.cuda.Stream, torch.cuda.stream, torch.cuda.CUDAGraph = t._FakeStream, (lambda s: contextlib.nullcontext()), t._FakeGraph
+torch.cuda.current_stream = lambda *a, **k: t._FakeStream()
+torch.cuda.graph = lambda g, stream=None, **k: contextlib.nullcontext()
+graphs.refuse = lambda *a, **k: None  # the CPU stands in for the GPU here
+init = graphs.GraphedStep.__init__
+def register(self, *a, **k):
+    init(self, *a, **k)
+    t._FakeGraph.owner = self
+graphs.GraphedStep.__init__ = register
+sys.exit(cli(sys.argv[1:]))
+"""
+
+
+def test_trainer_cuda_graphs_hook_on_cpu(tmp_path):
+    """The trainer's --cuda-graphs path end to end with the CPU stand-ins (subprocess): warm-up, capture, replays,
+    the last partial batch of each epoch dropped (18 images, batch 4), the poly lr schedule, evaluation, the
+    checkpoint (plain optimizer state: it resumes without the flag)."""
+    from data_pipes.synthetic import write_synthetic
+
+    root = write_synthetic("voc", tmp_path / "voc", num_train=18, num_val=2, size=(48, 64), num_classes=5)
+    out = tmp_path / "out"
+    args = ["--data-root", str(root), "--output", str(out), "--model", "voc_rna-a1_cls21_s8", "--width", "0.0625",
+            "--crop-size", "32", "--origin-size", "64", "--batch-images", "4", "--to-epoch", "2", "--lr-type", "poly",
+            "--fused", "on", "--backend", "torch", "--prefetch-threads", "0", "--test-scales", "48", "--save-every",
+            "0", "--log-interval", "1000", "--cuda-graphs"]
+    r = subprocess.run([sys.executable, "-c", _FAKE_TRAIN.format(tests=str(ROOT / "tests")), *args],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-4000:]
+    assert "step captured after 3 warm-up steps" in text and "dropped (1 so far" in text, text[-3000:]
+    run = out / "voc_rna-a1_cls21_s8"
+    rows = (run / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and "miou" in rows[0], rows  # header + 2 epochs, evaluated
+    from widedeep.train import checkpoint
+
+    ck = checkpoint.load(run / "last.pt")
+    assert all(isinstance(g["lr"], float) for g in ck["optimizer"]["param_groups"])
+    assert ck["epoch"] == 2
+
+
 def test_refusals():
     with pytest.raises(graphs.GraphRefused, match="needs a CUDA device"):
         graphs.refuse(torch.device("cpu"))

@@ -189,16 +189,21 @@ class GraphedStep:
         self.scaler.update()
         return loss, extras
 
+    def _captured_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the graph holds: forward, loss, (scaled) backward, and the optimizer step unless fp16."""
+        loss, extras = self.forward_loss(self.static_x, self.static_y)
+        self.scaler.scale(loss).backward()
+        if self.optimizer_in_graph:
+            self.opt.step()
+        return loss, extras
+
     def _capture(self) -> None:
         g = torch.cuda.CUDAGraph()
         # grads to None first: backward allocates them from the graph's pool; replays refill them in place
         self.opt.zero_grad(set_to_none=True)
         with torch.cuda.graph(g, stream=self.stream):
-            loss, extras = self.forward_loss(self.static_x, self.static_y)
-            self.scaler.scale(loss).backward()
-            if self.optimizer_in_graph:
-                self.opt.step()
-        self.graph, self.static_out = g, (loss, extras)
+            out = self._captured_step()
+        self.graph, self.static_out = g, out
         log.info("--cuda-graphs: step captured after %d warm-up steps (batch %s); replaying it from now on",
                  self.steps, tuple(self.static_x.shape))
 
