@@ -340,15 +340,15 @@ def _pair(label, fused, bn, device):
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("bn", ["batch", "frozen"])
-def test_captured_steps_equal_uncaptured(device, fused, bn, amp):
+def test_captured_steps_equal_uncaptured(device, fused, bn, amp, monkeypatch):
     """3 warm-up + 3 replayed steps of the CUDA graph == 6 eager steps on the same 6 batches with the same
     changing lr: weights, BN running statistics and num_batches_tracked, and each step's loss."""
     if device != "cuda":
         pytest.skip("needs CUDA")
     if amp != "off" and (bn == "frozen" or not fused):
         pytest.skip("autocast: one configuration per dtype is enough")
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # same algorithms in both runs
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     label = "voc_rna-a1_cls21_s8"
     ref, cap = _pair(label, fused, bn, device)
     opts = [graphs.prepare_optimizer(make_optimizer(m, "seg", 0.01), torch.device(device)) for m in (ref, cap)]

@@ -12,7 +12,8 @@ The recipe is PyTorch's "whole-network capture" (CUDA semantics notes, *CUDA Gra
    compilation and autotuning (``kernels.conv`` autotunes with ``do_bench``, which synchronises), cuDNN/cuBLAS
    handle and workspace creation, the optimizer's momentum buffers, the GradScaler's scale tensor.
    The same side stream is the capture stream (``torch.cuda.graph(g, stream=s)``), so handles cached per stream
-   in warm-up are the ones capture uses.
+   in warm-up are the ones capture uses. ``capture_error_mode="thread_local"``: the data loader's threads
+   (pinning, DALI) keep running during the capture, which the default "global" mode would turn into an error.
 3. **Capture.** ``optimizer.zero_grad(set_to_none=True)`` right before capture, so backward creates ``.grad``
    from the graph's private pool and every replay refills those same tensors in place; then forward (autocast
    as in eager), loss, backward and ``optimizer.step()`` inside ``with torch.cuda.graph(g)``.
@@ -201,7 +202,8 @@ class GraphedStep:
         g = torch.cuda.CUDAGraph()
         # grads to None first: backward allocates them from the graph's pool; replays refill them in place
         self.opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(g, stream=self.stream):
+        # thread_local: the data loader's threads (pinning, DALI) may call CUDA while this thread captures
+        with torch.cuda.graph(g, stream=self.stream, capture_error_mode="thread_local"):
             out = self._captured_step()
         self.graph, self.static_out = g, out
         log.info("--cuda-graphs: step captured after %d warm-up steps (batch %s); replaying it from now on",
