@@ -125,6 +125,86 @@ def bn_relu_bandwidth(section, copy_GBps: float | None, smoke: bool, log=print) 
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ BN passes apart
+BN_PARTS_SHAPES_GPU = [(64, 128, 112, 112), (64, 256, 56, 56), (4, 1024, 63, 63), (4, 2048, 63, 63)]
+BN_PARTS_SHAPES_CPU = [(2, 16, 8, 8)]
+
+
+def bn_parts(section, copy_GBps: float | None, smoke: bool, log=print) -> list[dict]:
+    """The three passes of a fused BN-ReLU training step timed apart, through the public kernel functions only:
+
+        stats     ``kernels.channel_stats(x)``: per-channel mean/var (statistics pass and its finalize), ideal |x|
+        apply     ``kernels.bn_relu_forward(x, p)`` with known statistics: read x, write y, ideal 2|x|
+        backward  ``kernels.bn_relu_backward(x, dy, p)``: gradient sums (reads x, dy) then dx (reads x, dy,
+                  writes dx), ideal 5|x|
+
+    ``p = kernels.bn_params(x, bn)`` once, outside the timing. GB/s = ideal bytes / median time and % of the
+    measured copy bandwidth. CPU (smoke): tiny shapes in the Triton interpreter, each pass checked against a
+    torch reference (``*_ok``), nothing timed.
+    """
+    import kernels
+
+    rows = []
+    dev = "cuda" if CUDA else "cpu"
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    timed = CUDA and not smoke
+    for shape in BN_PARTS_SHAPES_GPU if timed else BN_PARTS_SHAPES_CPU:
+        if not section.has(4 if timed else 1):
+            section.skip(f"bn_parts {shape}")
+            continue
+        bn = nn.BatchNorm2d(shape[1]).to(dev).train()
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        x = (torch.randn(shape, device=dev) + 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
+        dy = torch.randn_like(x)
+        nbytes = x.numel() * x.element_size()
+        row = dict(shape=list(shape), dtype=str(dtype).replace("torch.", ""), layout="channels_last", timed=timed,
+                   stats_bytes=nbytes, apply_bytes=2 * nbytes, backward_bytes=5 * nbytes)
+        try:
+            p = kernels.bn_params(x, bn, backend="triton")
+            passes = {"stats": (lambda: kernels.channel_stats(x, backend="triton"), nbytes),
+                      "apply": (lambda: kernels.bn_relu_forward(x, p, backend="triton"), 2 * nbytes),
+                      "backward": (lambda: kernels.bn_relu_backward(x, dy, p, backend="triton"), 5 * nbytes)}
+            if not timed:
+                row.update(_bn_parts_check(x, dy, p, passes, bn.eps))
+            for name, (f, ideal) in passes.items():
+                if not timed:
+                    continue
+                ms = time_ms(f)
+                row[f"{name}_ms"] = round(ms, 4)
+                row[f"{name}_GBps"] = round(ideal / ms / 1e6, 1)
+                if copy_GBps:
+                    row[f"{name}_pct_copy"] = round(100 * ideal / ms / 1e6 / copy_GBps, 1)
+        except Exception as e:  # noqa: BLE001 - a failing pass is a result
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        log(f"  bn_parts {shape}: " + ", ".join(f"{k}={v}" for k, v in row.items()
+                                               if k.endswith(("GBps", "pct_copy", "_ok", "error"))))
+    return rows
+
+
+def _bn_parts_check(x, dy, p, passes, eps: float) -> dict:
+    """Each pass against plain torch on the same (fp32 CPU) tensors: values and gradients."""
+    xf = x.float()
+    mean, var, _ = passes["stats"][0]()
+    ref_var, ref_mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
+    out = dict(stats_ok=bool(torch.allclose(mean, ref_mean, atol=1e-5) and torch.allclose(var, ref_var, atol=1e-5)))
+    shape = (1, -1, 1, 1)
+    xr = xf.clone().requires_grad_()
+    w = p.weight.clone().requires_grad_()
+    b = p.bias.clone().requires_grad_()
+    yr = torch.relu(F.batch_norm(xr, None, None, w, b, training=True, eps=eps))
+    y = passes["apply"][0]()
+    ref_apply = torch.relu((xf - p.mean.view(shape)) * p.scale.view(shape) + p.bias.view(shape))
+    out["apply_ok"] = bool(torch.allclose(y.float(), ref_apply, atol=1e-4))
+    dx, dgamma, dbeta = passes["backward"][0]()
+    yr.backward(dy.float())
+    out["backward_ok"] = bool(torch.allclose(dx.float(), xr.grad, atol=1e-4) and torch.allclose(dgamma, w.grad, atol=1e-4)
+                              and torch.allclose(dbeta, b.grad, atol=1e-4))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ conv passes
 SMOKE_CONV_SHAPES = [dict(C=16, K=16, k=3, stride=1, dil=1, pad=1, H=6, W=6, N=1, model="smoke"),
                      dict(C=16, K=32, k=1, stride=2, dil=1, pad=0, H=6, W=6, N=1, model="smoke"),

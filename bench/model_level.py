@@ -47,6 +47,38 @@ def run_worker(spec: dict, timeout: float, log=print) -> dict:
     return dict(base, error=f"worker exit {p.returncode}: {tail}", process_s=wall)
 
 
+def run_worker_multi(specs: list[dict], timeout: float, log=print) -> list[dict]:
+    """CUDA: several configurations of one implementation in one ``bench.worker`` process (one start-up, one
+    import of torch and the kernels; the allocator emptied and the peak reset between configurations). A row per
+    spec, in order: measured, or why not (the process timed out or crashed before reaching it)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    bases = [dict(impl=s["impl"], model=s.get("model"), batch=s["batch"], size=s["size"], width=s.get("width", 1.0),
+                  bn=s.get("bn", "batch")) for s in specs]
+    if timeout < 3:
+        return [dict(b, skipped="no time left in the section budget") for b in bases]
+    t = time.perf_counter()
+    why = None
+    try:
+        p = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "bench.worker", json.dumps({"configs": specs})],
+                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        out, err = p.stdout, p.stderr
+        if p.returncode != 0:
+            why = f"worker exit {p.returncode}: {(err or out).strip().splitlines()[-3:]}"
+    except subprocess.TimeoutExpired as e:  # the rows printed before the timeout are kept
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = ""
+        why = f"timed out after {timeout:.0f} s (section budget)"
+    wall = round(time.perf_counter() - t, 1)
+    rows = [json.loads(ln[len(PREFIX):]) for ln in out.splitlines() if ln.startswith(PREFIX)]
+    for r in rows:
+        r["process_s"] = wall
+        r["shared_process"] = len(specs)
+    for b in bases[len(rows):]:
+        rows.append(dict(b, error=why or "the worker printed no row for it", timeout=why is not None and "timed out" in why))
+    return rows
+
+
 def _log_row(row: dict, log) -> None:
     if "error" in row or "skipped" in row:
         log(f"  {row['model']:6s} {row['impl']:14s} b{row['batch']:<4d} {row.get('error') or row.get('skipped')}")
@@ -59,13 +91,14 @@ def _log_row(row: dict, log) -> None:
             f"  ({row.get('process_s', '?')} s)")
 
 
-def largest_batch(base: dict, section, start: int, cap: int, log=print) -> dict:
-    """CUDA only: :func:`bench.worker.search` in a fresh process, given what is left of the section budget."""
+def largest_batch(base: dict, section, start: int, cap: int, log=print, backstop: float = 60) -> dict:
+    """CUDA only: :func:`bench.worker.search` in a fresh process, given what is left of the section budget.
+    The worker does not start a try it predicts to end after its budget; ``backstop`` s more is the timeout."""
     budget = section.timeout() - 10  # leave the process time to report
     if budget < 15:
         return dict(impl=base["impl"], model=base.get("model"), skipped="no time left in the section budget")
     spec = dict(base, search=True, start=start, cap=cap, budget_s=budget, batch=start)
-    row = run_worker(spec, budget + 60, log)  # the worker stops trying at its budget; the timeout is a backstop
+    row = run_worker(spec, budget + backstop, log)
     if "largest_batch" in row:
         log(f"  {row['model']:6s} {row['impl']:14s} largest batch {row['largest_batch']} "
             f"(first failure {row['first_failure']}, complete={row['complete']}, {row.get('process_s')} s)")

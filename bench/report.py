@@ -5,7 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-GOALS_NOTE = "issue 12 goals; judged only from numbers measured side by side in this run"
+GOALS_NOTE = "goals of issues 12 and 20 (#20); judged only from numbers measured side by side in this run"
+# (ours, baseline) step ratios in the summary: x/y img/s > 1 means x is faster
+PAIRS = (("fused", "eager"), ("fused", "compile"), ("fused", "checkpoint"), ("fused_graphed", "eager"),
+         ("eager_graphed", "eager"), ("fused_graphed", "compile"), ("fused_graphed", "eager_graphed"),
+         ("fused_compile", "eager"), ("fused_cudagraphs", "eager"), ("fused_cudagraphs", "compile"),
+         ("compile", "eager"))
 
 
 def _by(rows, model, impl):
@@ -23,27 +28,33 @@ def _ratio(a, b, key):
 
 
 def summary(res: dict) -> dict:
-    """Ratios of ours (fused) against eager, torch.compile and checkpointing, per model."""
+    """Ratios of ours (fused, graphed, compiled) against eager, torch.compile and checkpointing, per model
+    (:data:`PAIRS`); the full-resolution largest batches as ratios to eager's."""
     fixed = res.get("model", {}).get("fixed", [])
     largest = res.get("model", {}).get("largest", [])
     out = {}
     for model in sorted({r.get("model") for r in fixed if r.get("model")}):
-        fused = _by(fixed, model, "fused")
         m = {}
-        for base in ("eager", "compile", "checkpoint"):
-            b = _by(fixed, model, base)
-            if fused is None or b is None:
+        for ours, base in PAIRS:
+            a, b = _by(fixed, model, ours), _by(fixed, model, base)
+            if a is None or b is None:
                 continue
-            m[f"fused/{base}"] = dict(
-                step_time=_ratio(fused, b, "step_ms") if fused.get("timed") and b.get("timed") else None,
-                img_per_s=_ratio(fused, b, "img_per_s") if fused.get("timed") and b.get("timed") else None,
-                peak_memory=_ratio(fused, b, "peak_bytes"),
-                saved_bytes=_ratio(fused, b, "saved_bytes"))
-            lf = _by(largest, model, "fused")
-            lb = _by(largest, model, base)
-            if lf and lb and lf.get("largest_batch") and lb.get("largest_batch"):
-                m[f"fused/{base}"]["largest_batch"] = round(lf["largest_batch"] / lb["largest_batch"], 3)
+            m[f"{ours}/{base}"] = dict(
+                step_time=_ratio(a, b, "step_ms") if a.get("timed") and b.get("timed") else None,
+                img_per_s=_ratio(a, b, "img_per_s") if a.get("timed") and b.get("timed") else None,
+                peak_memory=_ratio(a, b, "peak_bytes"),
+                saved_bytes=_ratio(a, b, "saved_bytes"))
+            la, lb = _by(largest, model, ours), _by(largest, model, base)
+            if la and lb and la.get("largest_batch") and lb.get("largest_batch"):
+                m[f"{ours}/{base}"]["largest_batch"] = round(la["largest_batch"] / lb["largest_batch"], 3)
         out[model] = m
+    full = [r for r in res.get("model", {}).get("fullres", []) if r.get("largest_batch")]
+    if full:
+        model = full[0]["model"]
+        e = _by(full, model, "eager")
+        out[model] = {r["impl"]: dict(largest_batch=r["largest_batch"], complete=r.get("complete"),
+                                      vs_eager=round(r["largest_batch"] / e["largest_batch"], 3) if e else None)
+                      for r in full}
     return out
 
 
@@ -70,6 +81,7 @@ def goals(res: dict) -> list[dict]:
     add("A1 img/s fused > torch.compile", a1.get("fused/compile", {}).get("img_per_s"), lambda v: v > 1.0, cuda, why)
     add("A1 img/s fused >= 1.3x checkpoint", a1.get("fused/checkpoint", {}).get("img_per_s"), lambda v: v >= 1.3,
         cuda, why)
+    _goals_20(res, add, cuda)
     bn = [r for r in res.get("kernels", {}).get("bn_relu", []) if r.get("timed")]
     v = min((min(r.get("ours_fwd_pct_copy", 1e9), r.get("ours_bwd_pct_copy", 1e9)) for r in bn), default=None)
     add("BN-ReLU fwd/bwd >= 85% of copy bandwidth (worst shape, %)", v, lambda v: v >= 85, cuda, "CPU: smoke only")
@@ -79,6 +91,32 @@ def goals(res: dict) -> list[dict]:
     add("BN-ReLU-conv 3x3 fprop >= 70% of bf16 peak on large layers (best of 4 largest, %)",
         None if v in (None, -1) else v, lambda v: v >= 70, cuda, "CPU: smoke only")
     return rows
+
+
+def _goals_20(res: dict, add, cuda: bool) -> None:
+    """Issue 20: the fused path as fast as the alternatives at half the memory."""
+    s = res.get("summary", {})
+    why = "CPU run; the goal is for an H100, bf16"
+    for model, what in (("A1-s8-frozen", "A1-s8/4 frozen BN"), ("A1-s8", "A1-s8/4 batch statistics")):
+        m = s.get(model, {})
+        add(f"#20 {what}: fused_graphed img/s >= 1.15x eager", m.get("fused_graphed/eager", {}).get("img_per_s"),
+            lambda v: v >= 1.15, cuda, why)
+        add(f"#20 {what}: fused img/s >= 1.0x eager", m.get("fused/eager", {}).get("img_per_s"),
+            lambda v: v >= 1.0, cuda, why)
+    a1 = s.get("A1", {})
+    add("#20 A1/64: fused img/s >= torch.compile", a1.get("fused/compile", {}).get("img_per_s"), lambda v: v >= 1.0,
+        cuda, why)
+    add("#20 A1/64: fused peak memory <= 0.6x eager", a1.get("fused/eager", {}).get("peak_memory"),
+        lambda v: v <= 0.6, cuda, why)
+    parts = [r for r in res.get("kernels", {}).get("bn_parts", []) if r.get("timed")]
+    for name in ("stats", "apply"):
+        v = min((r[f"{name}_pct_copy"] for r in parts if f"{name}_pct_copy" in r), default=None)
+        add(f"#20 BN {name} pass >= 85% of copy bandwidth (worst shape, %)", v, lambda v: v >= 85, cuda,
+            "CPU: smoke only")
+    full = s.get("A1-s8-fullres", {})
+    best = max((full.get(i, {}).get("largest_batch") or 0 for i in ("fused", "unit")), default=0) or None
+    add("#20 A1-s8 at 1024x2048: largest batch (fused or unit) >= 16 on one 80 GB GPU", best, lambda v: v >= 16, cuda,
+        "needs CUDA")
 
 
 def _fmt(v, spec):
@@ -136,6 +174,17 @@ def kernel_tables(res: dict, markdown: bool = False) -> str:
     elif bn:
         parts.append("BN-ReLU: smoke only (" + ", ".join(f"{k}={v}" for r in bn for k, v in r.items()
                                                         if k.endswith(("_ok", "_error"))) + ")")
+    bnp = k.get("bn_parts", [])
+    if bnp and any(r.get("timed") for r in bnp):
+        head = ["shape", "pass", "ms", "GB/s", "% copy"]
+        lines = [["x".join(map(str, r["shape"])), name, _fmt(r.get(f"{name}_ms"), ".4f"),
+                  _fmt(r.get(f"{name}_GBps"), ".0f"), _fmt(r.get(f"{name}_pct_copy"), ".0f")]
+                 for r in bnp for name in ("stats", "apply", "backward")]
+        parts.append("BN passes apart (ideal bytes: stats |x|, apply 2|x|, backward 5|x|)\n\n"
+                     + _table(head, lines, markdown))
+    elif bnp:
+        parts.append("BN passes apart: smoke only (" + ", ".join(f"{k}={v}" for r in bnp for k, v in r.items()
+                                                                if k.endswith(("_ok", "error"))) + ")")
     conv = k.get("conv", {})
     rows = conv.get("rows", [])
     if rows and any(r.get("timed") for r in rows):
@@ -165,6 +214,21 @@ def data_table(res: dict, markdown: bool = False) -> str:
     return _table(head, lines, markdown)
 
 
+def fullres_table(res: dict, markdown: bool = False) -> str:
+    rows = res.get("model", {}).get("fullres", [])
+    if not rows:
+        return ""
+    head = ["model", "impl", "size", "bn", "largest batch", "first failure", "complete", "peak MiB at largest", "note"]
+    lines = []
+    for r in rows:
+        fits = [t for t in r.get("tries", []) if t.get("fits") and t.get("batch") == r.get("largest_batch")]
+        lines.append([r.get("model"), r.get("impl"), "x".join(map(str, r.get("size") or [])), r.get("bn", ""),
+                      str(r.get("largest_batch") or "-"), str(r.get("first_failure") or "-"),
+                      str(r.get("complete", "-")), _fmt(fits[0].get("peak_MiB") if fits else None, ".0f"),
+                      (r.get("error") or r.get("skipped") or "")[:90]])
+    return _table(head, lines, markdown)
+
+
 def goals_table(res: dict, markdown: bool = False) -> str:
     lines = [[g["goal"], _fmt(g["value"], "") if g["value"] is not None else "-", g["status"]]
              for g in res.get("goals", [])]
@@ -172,8 +236,10 @@ def goals_table(res: dict, markdown: bool = False) -> str:
 
 
 def text_report(res: dict) -> str:
-    parts = ["MODEL LEVEL (" + res.get("model", {}).get("note", "") + ")", model_table(res), "",
-             "KERNEL LEVEL", kernel_tables(res), ""]
+    parts = ["MODEL LEVEL (" + res.get("model", {}).get("note", "") + ")", model_table(res), ""]
+    if res.get("model", {}).get("fullres"):
+        parts += ["LARGEST BATCH AT FULL RESOLUTION", fullres_table(res), ""]
+    parts += ["KERNEL LEVEL", kernel_tables(res), ""]
     if res.get("data"):
         parts += ["DATA PIPELINES", data_table(res), ""]
     parts += ["GOALS (" + GOALS_NOTE + ")", goals_table(res)]
@@ -247,6 +313,8 @@ def markdown_block(res: dict, json_path: str, plots: list[str], readme_dir: Path
         lines += ["CPU numbers from a shared 2-core machine: timings are noisy and say nothing about a GPU. "
                   "Saved-activation bytes are device-independent.", ""]
     lines += ["**Model level** — " + res.get("model", {}).get("note", ""), "", model_table(res, True), ""]
+    if res.get("model", {}).get("fullres"):
+        lines += ["**Largest batch at full resolution**", "", fullres_table(res, True), ""]
     kt = kernel_tables(res, True)
     if kt:
         lines += ["**Kernel level**", "", kt, ""]

@@ -12,7 +12,10 @@ Sections (each with a time budget in quick/campaign mode; what does not fit is s
             synchronised), images/s, peak memory, saved-for-backward activation bytes
   sweep     (CPU) the same at more batch sizes, for the plots
   largest   (CUDA) largest batch that fits: doubling then bisection, one process per implementation
+  fullres   (campaign, CUDA) the largest A1-s8 batch at full Cityscapes resolution (1024x2048, no crops) for
+            eager, fused and recompute="unit"
   bn_relu   BN-ReLU forward/backward achieved bandwidth vs the copy bandwidth
+  bn_parts  (campaign) the statistics pass, the apply pass and the backward of the fused BN-ReLU timed apart
   conv      each distinct conv shape of A1 / A1-s8, fprop / dgrad / wgrad, ours vs cuDNN vs torch.compile
   data      data pipelines' images/s per backend (bench.data_throughput)
   host      host cost of a fused vs eager training step through Triton's real launch path on a stand-in sm_90
@@ -61,24 +64,54 @@ CONFIGS = {
     ),
     "campaign": dict(
         total_s=525, threads=None,
-        models={"A1": dict(label=A1, width=1.0, size=224, batch=64, sweep=[]),
-                "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, sweep=[])},
-        impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile", "fused_cudagraphs"],
-        compile_models=["A1", "A1-s8"], warmup=3, iters=8, host_iters=21,
-        # 2026-11-25 on an H100: the tests took 28-38 s; the compile section needed ~175 s for A1 alone
-        budgets=dict(tests=60, model=95, compile=150, largest=80, ceilings=10, bn_relu=20, conv=65, data=20, host=40),
+        # issue 20: A1/64, A1-s8/4 with batch statistics and frozen BN (the seed's segmentation setting), A1-s8/16
+        models={"A1": dict(label=A1, width=1.0, size=224, batch=64, bn="batch", sweep=[]),
+                "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, bn="batch", sweep=[]),
+                "A1-s8-frozen": dict(label=S8, width=1.0, size=504, batch=4, bn="frozen", sweep=[]),
+                "A1-s8-b16": dict(label=S8, width=1.0, size=504, batch=16, bn="batch", sweep=[])},
+        impls=["eager", "fused", "fused_graphed", "eager_graphed", "compile", "fused_compile", "fused_cudagraphs"],
+        # the order the goals need them (a budget cut drops the tail): A1-s8/4 both BN modes, A1/64, then A1-s8/16
+        model_order=["A1-s8-frozen", "A1-s8", "A1", "A1-s8-b16"],
+        compile_models=["A1", "A1-s8-frozen", "A1-s8", "A1-s8-b16"],
+        # one process per compiled row (a cold torch.compile of A1 took 30-100 s on the H100 2026-11-25)
+        compile_order=[("compile", "A1"), ("fused_cudagraphs", "A1-s8-frozen"), ("fused_compile", "A1"),
+                       ("compile", "A1-s8-frozen"), ("fused_cudagraphs", "A1"), ("fused_compile", "A1-s8-frozen"),
+                       ("compile", "A1-s8"), ("fused_cudagraphs", "A1-s8"), ("fused_compile", "A1-s8"),
+                       ("compile", "A1-s8-b16"), ("fused_cudagraphs", "A1-s8-b16"), ("fused_compile", "A1-s8-b16")],
+        compile_row_s=110, warmup=3, iters=8, largest=False,
+        # 2026-11-25 on an H100: the tests took 28-38 s (+ interpreter start); one model process ~13 s for one
+        # configuration (start-up ~5 s); 525 s in all, under the 9-minute window with the runner's own start-up
+        # tests: ~30 s for the kernel tests on 2026-11-25 plus ~25 s for the CUDA-graph tests (6 capture checks and
+        # one --cuda-graphs trainer run)
+        budgets=dict(tests=70, model=140, compile=115, fullres=80, ceilings=8, bn_relu=12, bn_parts=20, conv=30,
+                     data=10, host=30),
+        host_iters=21,
+        order=["tests", "model", "compile", "fullres", "ceilings", "bn_relu", "bn_parts", "conv", "data", "host"],
+        fullres=dict(model="A1-s8-fullres", label=S8, width=1.0, size=[1024, 2048], bn="frozen",
+                     # starts from the 2026-11-25 H100 peaks at 504 px (eager ~0.7 GB per image, fused ~half)
+                     impls=["eager", "fused", "unit"], start={"eager": 8, "fused": 16, "unit": 16}, cap=64),
         largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
         # mixed decode measured and its labels checked against the pixels (alignment first: it is the must-have)
         data=dict(images=96, batch=16, epochs=1, workers=[8], reps=2, cases=["cls-train", "seg-train"],
                   alignment=True),
     ),
     "smoke": dict(
-        total_s=110, threads=2,
-        models={"A1": dict(label=A1, width=0.0625, size=32, batch=2, sweep=[]),
-                "A1-s8": dict(label=S8, width=0.0625, size=48, batch=1, sweep=[])},
-        impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"], compile_models=[],
-        warmup=1, iters=1,
-        budgets=dict(tests=40, ceilings=5, model=70, bn_relu=5, conv=10, data=15, host=30),
+        total_s=185, threads=2,
+        models={"A1": dict(label=A1, width=0.0625, size=32, batch=2, bn="batch", sweep=[]),
+                "A1-s8": dict(label=S8, width=0.0625, size=48, batch=1, bn="batch", sweep=[]),
+                # the new configurations without checkpoint/igemm rows (the smoke's time is the suite's)
+                "A1-s8-frozen": dict(label=S8, width=0.0625, size=48, batch=1, bn="frozen", sweep=[],
+                                     impls=["eager", "fused", "eager_graphed", "fused_graphed"]),
+                "A1-s8-b16": dict(label=S8, width=0.0625, size=48, batch=2, bn="batch", sweep=[],
+                                  impls=["eager", "fused", "eager_graphed", "fused_graphed"])},
+        impls=["eager", "fused", "fused_igemm", "checkpoint", "eager_graphed", "fused_graphed", "compile",
+               "fused_compile", "fused_cudagraphs"], compile_models=[],
+        model_order=["A1", "A1-s8", "A1-s8-frozen", "A1-s8-b16"],
+        warmup=1, iters=1, largest=False,
+        budgets=dict(tests=40, ceilings=5, model=100, bn_relu=5, bn_parts=5, conv=10, data=15, fullres=5, host=30),
+        order=["tests", "model", "compile", "fullres", "ceilings", "bn_relu", "bn_parts", "conv", "data", "host"],
+        fullres=dict(model="A1-s8-fullres", label=S8, width=0.0625, size=[64, 128], bn="frozen",
+                     impls=["eager", "fused", "unit"], start=1, cap=4),
         data=dict(images=16, batch=4, epochs=1, workers=[1], reps=1, cases=["cls-train"], alignment=True),
     ),
 }
@@ -123,8 +156,19 @@ def run_tests(section, out_dir: Path | None, log) -> dict:
 
 def _spec(cfg, name, m, impl, batch, cuda, saved=True):
     return dict(impl=impl, model=name, label=m["label"], width=m["width"], size=m["size"], batch=batch,
-                warmup=cfg["warmup"], iters=cfg["iters"], saved=saved, threads=cfg.get("threads"),
-                device="cuda" if cuda else "cpu", smoke=False)
+                bn=m.get("bn", "batch"), warmup=cfg["warmup"], iters=cfg["iters"], saved=saved,
+                threads=cfg.get("threads"), device="cuda" if cuda else "cpu", smoke=False)
+
+
+def _cuda_only_row(impl: str, name: str, m: dict, sec) -> dict | None:
+    """A skipped row (with the reason) for an implementation that needs CUDA, on a CPU run; else None."""
+    from bench.impls import CUDA_ONLY
+
+    if impl not in CUDA_ONLY:
+        return None
+    sec.skip(f"{name} {impl}", f"needs CUDA: {CUDA_ONLY[impl]}")
+    return dict(impl=impl, model=name, batch=m["batch"], bn=m.get("bn", "batch"),
+                skipped=f"needs CUDA: {CUDA_ONLY[impl]}")
 
 
 def model_section(cfg, budget, res, log, cuda: bool, smoke: bool) -> None:
@@ -135,12 +179,50 @@ def model_section(cfg, budget, res, log, cuda: bool, smoke: bool) -> None:
     def spec(name, m, impl, batch, saved=True):
         return _spec(cfg, name, m, impl, batch, cuda, saved)
 
-    from bench.impls import COMPILED
+    from bench.impls import COMPILED, CUDA_ONLY
 
     plain = [i for i in cfg["impls"] if i not in COMPILED]
+    names = cfg.get("model_order") or list(cfg["models"])
     with budget.section("model", cfg["budgets"].get("model")) as sec:
-        for name, m in cfg["models"].items():
+        if cfg.get("model_order"):  # campaign: one process per implementation, its configurations in order
+            from bench.model_level import run_worker_multi
+
+            runnable = [i for i in plain if cuda or (i != "fused_igemm" and i not in CUDA_ONLY)]
             for impl in plain:
+                mine = [n for n in names if impl in cfg["models"][n].get("impls", plain)]
+                if not cuda and impl == "fused_igemm":
+                    for name in mine:
+                        why = "needs CUDA (Triton interpreter on CPU: smoke in the conv section)"
+                        fixed.append(dict(impl=impl, model=name, batch=cfg["models"][name]["batch"], skipped=why))
+                        sec.skip(f"{name} {impl}", why)
+                    continue
+                if not cuda and impl in CUDA_ONLY:
+                    fixed.extend(_cuda_only_row(impl, name, cfg["models"][name], sec) for name in mine)
+                    continue
+                if not sec.has(8):
+                    for name in mine:
+                        sec.skip(f"{name} {impl}")
+                        fixed.append(dict(impl=impl, model=name, batch=cfg["models"][name]["batch"],
+                                          skipped="section time budget spent"))
+                    continue
+                # what is left, shared by the processes still to run
+                share = sec.timeout() / (len(runnable) - runnable.index(impl))
+                rows = run_worker_multi([spec(n, cfg["models"][n], impl, cfg["models"][n]["batch"],
+                                              saved=impl not in ("eager_graphed", "fused_graphed"))
+                                         for n in mine], share, log)
+                for j, row in enumerate(rows):
+                    if not cuda and j and "peak_bytes" in row:
+                        row["note"] = ("CPU peak RSS is a process high-water mark: this process measured "
+                                       f"{j} configuration(s) before this one")
+                    fixed.append(row)
+                    _log_row(row, log)
+            names = []  # measured above
+        for name in names:
+            m = cfg["models"][name]
+            for impl in plain:
+                if not cuda and (row := _cuda_only_row(impl, name, m, sec)) is not None:
+                    fixed.append(row)
+                    continue
                 if impl == "fused_igemm" and not cuda:
                     fixed.append(dict(impl=impl, model=name, batch=m["batch"], skipped=(
                         "needs CUDA: in the Triton interpreter one step of a width-1/16 A1 at 32 px takes ~150 s; "
@@ -169,9 +251,9 @@ def model_section(cfg, budget, res, log, cuda: bool, smoke: bool) -> None:
                         _log_row(row, log)
         res["notes"].append("largest batch: CUDA only (on CPU the limit is host RAM and swapping, not a "
                             "meaningful number)")
-    if not cfg.get("compile_last"):
+    if not cfg.get("compile_last") and not cfg.get("order"):
         compile_section(cfg, budget, res, log, cuda)
-    if not cuda:
+    if not cuda or not cfg.get("largest", True):
         return
     with budget.section("largest", cfg["budgets"].get("largest")) as sec:
         first = ("eager", "fused", "checkpoint")  # the goal's ratio (fused/eager) first
@@ -199,21 +281,52 @@ def compile_section(cfg, budget, res, log, cuda: bool) -> None:
     from bench.impls import COMPILED
 
     compiled = [i for i in cfg["impls"] if i in COMPILED]
+    order = cfg.get("compile_order") or [(impl, name) for name in cfg["models"] for impl in compiled]
     with budget.section("compile", cfg["budgets"].get("compile")) as sec:
-        for name, m in cfg["models"].items():
-            for impl in compiled:
-                if name not in cfg["compile_models"]:
-                    why = "not in this mode's compile_models (torch.compile takes minutes per model on CPU)"
-                    fixed.append(dict(impl=impl, model=name, batch=m["batch"], skipped=why))
-                    sec.skip(f"{name} {impl}", why)
-                    continue
-                if not sec.has(10):
-                    sec.skip(f"{name} {impl} b{m['batch']}")
-                    fixed.append(dict(impl=impl, model=name, batch=m["batch"], skipped="section time budget spent"))
-                    continue
-                row = run_worker(_spec(cfg, name, m, impl, m["batch"], cuda), sec.timeout(1800), log)
+        for impl, name in order:
+            m = cfg["models"][name]
+            if impl not in compiled:
+                continue
+            if not cuda and (row := _cuda_only_row(impl, name, m, sec)) is not None:
                 fixed.append(row)
-                _log_row(row, log)
+                continue
+            if name not in cfg["compile_models"]:
+                why = "not in this mode's compile_models (torch.compile takes minutes per model on CPU)"
+                fixed.append(dict(impl=impl, model=name, batch=m["batch"], skipped=why))
+                sec.skip(f"{name} {impl}", why)
+                continue
+            if not sec.has(10):
+                sec.skip(f"{name} {impl} b{m['batch']}")
+                fixed.append(dict(impl=impl, model=name, batch=m["batch"], skipped="section time budget spent"))
+                continue
+            row = run_worker(_spec(cfg, name, m, impl, m["batch"], cuda),
+                             sec.timeout(cfg.get("compile_row_s", 1800)), log)
+            fixed.append(row)
+            _log_row(row, log)
+
+
+def fullres_section(cfg, budget, res, log, cuda: bool) -> None:
+    """The largest A1-s8 training batch at full Cityscapes resolution (1024x2048, no crops): eager, fused and
+    recompute="unit", each searched in its own process (doubling from ``start``, then bisection)."""
+    from bench.model_level import largest_batch
+
+    f = cfg["fullres"]
+    rows = res["model"].setdefault("fullres", [])
+    with budget.section("fullres", cfg["budgets"].get("fullres")) as sec:
+        for k, impl in enumerate(f["impls"]):
+            base = dict(impl=impl, model=f["model"], label=f["label"], width=f["width"], size=f["size"],
+                        bn=f["bn"], device="cuda")
+            if not cuda:
+                why = "needs CUDA: the limit on a CPU is host RAM and swap, not a meaningful number"
+                sec.skip(f"{f['model']} {impl} largest batch", why)
+                rows.append(dict(impl=impl, model=f["model"], size=f["size"], bn=f["bn"], skipped=why))
+                continue
+            share = sec.timeout() / (len(f["impls"]) - k)
+            sub = type(sec)(budget, f"fullres:{impl}", share)
+            start = f["start"][impl] if isinstance(f["start"], dict) else f["start"]
+            row = largest_batch(base, sub, start=start, cap=f["cap"], log=log, backstop=15)
+            budget.sections.pop(f"fullres:{impl}", None)
+            rows.append(row)
 
 
 def kernel_sections(cfg, budget, res, log, cuda: bool, smoke: bool) -> None:
@@ -225,6 +338,9 @@ def kernel_sections(cfg, budget, res, log, cuda: bool, smoke: bool) -> None:
     copy = res.get("ceilings", {}).get("copy", {}).get("GBps")
     with budget.section("bn_relu", cfg["budgets"].get("bn_relu")) as sec:
         res["kernels"]["bn_relu"] = kl.bn_relu_bandwidth(sec, copy, smoke or not cuda, log)
+    if "bn_parts" in cfg["budgets"]:
+        with budget.section("bn_parts", cfg["budgets"].get("bn_parts")) as sec:
+            res["kernels"]["bn_parts"] = kl.bn_parts(sec, copy, smoke or not cuda, log)
     peak = res.get("ceilings", {}).get("matmul_bf16", {}).get("TFLOPs") if cuda else None
     with budget.section("conv", cfg["budgets"].get("conv")) as sec:
         res["kernels"]["conv"] = kl.conv_section(sec, dict(cfg, smoke=smoke), peak, log)
@@ -393,7 +509,31 @@ def main(argv=None) -> int:
                 log("WARNING: compiled kernel tests failed (see above); measuring anyway, results flagged")
                 res["notes"].append("compiled kernel tests FAILED in this run: " + res["tests"].get("summary", ""))
                 status = 1
-        if not res.get("stopped"):
+        if not res.get("stopped") and cfg.get("order"):
+            # the campaign: the configured order (model level first: subprocesses with timeouts, the headline
+            # numbers; host last: its stand-in Triton driver must not precede a GPU section)
+            group = {"model": "model", "compile": "model", "fullres": "model", "ceilings": "kernels",
+                     "bn_relu": "kernels", "bn_parts": "kernels", "conv": "kernels", "data": "data", "host": "host"}
+            if not args.sections:
+                wanted.add("host")
+            done_kernels = False
+            for name in cfg["order"]:
+                if name == "tests" or group.get(name) not in wanted:
+                    continue
+                if name == "model":
+                    model_section(cfg, budget, res, log, cuda, mode == "smoke")
+                elif name == "compile":
+                    compile_section(cfg, budget, res, log, cuda)
+                elif name == "fullres":
+                    fullres_section(cfg, budget, res, log, cuda)
+                elif group[name] == "kernels" and not done_kernels:
+                    kernel_sections(cfg, budget, res, log, cuda, mode in ("smoke", "quick"))
+                    done_kernels = True
+                elif name == "data":
+                    data_section(cfg, budget, res, log, cuda)
+                elif name == "host":
+                    host_section(cfg, budget, res, log, mode == "smoke")
+        elif not res.get("stopped"):
             # model level first: its measurements run in subprocesses with timeouts, and hold the headline numbers
             if "model" in wanted:
                 model_section(cfg, budget, res, log, cuda, mode == "smoke")

@@ -1,8 +1,11 @@
 """One measurement in a fresh process: ``python -m bench.worker '<json spec>'`` prints ``BENCH_RESULT {json}``.
 
 A fresh process per measurement gives each a clean state (allocator, compile caches in memory, peak counters)
-and, on CPU, its own peak RSS. Spec keys: impl, label, width, size, batch, warmup, iters, saved (bool),
-threads, device ("cuda"/"cpu"), smoke (bool: run, do not time).
+and, on CPU, its own peak RSS. Spec keys: impl, label, width, size (int or [H, W]), batch, bn ("batch" /
+"frozen"), warmup, iters, saved (bool), threads, device ("cuda"/"cpu"), smoke (bool: run, do not time).
+``{"configs": [spec, ...]}`` (CUDA) measures several configurations of one implementation in one process, one
+after another with the model freed, the cache emptied and the peak counter reset between them, and prints one
+``BENCH_RESULT`` line per configuration as soon as it is done (a timeout keeps the rows already printed).
 
 Peak memory: CUDA ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` (tensors only);
 CPU ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the end minus the same value measured in this process after
@@ -55,7 +58,7 @@ def measure(spec: dict) -> dict:
     _warm_runtime(device)
     impl = spec["impl"]
     row = dict(impl=impl, model=spec.get("model"), label=spec["label"], width=spec.get("width", 1.0),
-               size=spec["size"], batch=spec["batch"], device=device,
+               size=spec["size"], batch=spec["batch"], bn=spec.get("bn", "batch"), device=device,
                dtype="bf16 autocast" if device == "cuda" else "float32",
                layout="channels_last" if device == "cuda" else "NCHW")
     torch.manual_seed(0)
@@ -66,9 +69,11 @@ def measure(spec: dict) -> dict:
     else:
         base = _rss_bytes()
     t0 = time.perf_counter()
-    model, fn = build(impl, spec["label"], width=spec.get("width", 1.0), device=device)
+    model, fn = build(impl, spec["label"], width=spec.get("width", 1.0), device=device, bn=spec.get("bn", "batch"))
     x, y = inputs(model, spec["batch"], spec["size"], device)
-    step = make_step(model, fn, x, y, device)
+    step = make_step(model, fn, x, y, device, impl)
+    # graphed: warm-up steps and the capture happen before timing (the replays are what is timed)
+    setup_calls = getattr(step, "warmup_calls", 0)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
         t = time.perf_counter()
@@ -80,9 +85,13 @@ def measure(spec: dict) -> dict:
             row["note"] = "smoke: one step run, not timed" + (
                 " (Triton interpreter)" if impl == "fused_igemm" and device != "cuda" else "")
         else:
-            for _ in range(max(0, spec.get("warmup", 2) - 1)):
+            t = time.perf_counter()
+            for _ in range(max(0, spec.get("warmup", 2) - 1, setup_calls - 1)):
                 step()
             sync()
+            if setup_calls:
+                row["warmup_and_capture_s"] = round(time.perf_counter() - t, 3)
+                row["graph_warmup_steps"] = step.graphed.warmup
             times = []
             for _ in range(spec.get("iters", 5)):
                 t = time.perf_counter()
@@ -131,19 +140,27 @@ def search(spec: dict) -> dict:
     from bench.impls import build, inputs, make_step
 
     device = "cuda"
-    model, fn = build(spec["impl"], spec["label"], width=spec.get("width", 1.0), device=device)
+    model, fn = build(spec["impl"], spec["label"], width=spec.get("width", 1.0), device=device,
+                      bn=spec.get("bn", "batch"))
     deadline = time.monotonic() + spec.get("budget_s", 1e9)
     tries: list[dict] = []
+    last = {"b": 0, "s": 0.0}  # the last try: batch and seconds, to predict the next one's cost
+
+    def no_time_for(b: int) -> bool:
+        """The next try would end after the deadline (its time scales with the batch, x1.3 for the margin)."""
+        predicted = last["s"] * b / last["b"] * 1.3 if last["b"] else 0.0
+        return time.monotonic() + predicted > deadline
 
     def fits(b: int) -> bool:
         x = y = step = None
         ok, row = False, dict(batch=b)
+        t_try = time.monotonic()
         try:
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             x, y = inputs(model, b, spec["size"], device)
-            step = make_step(model, fn, x, y, device)
+            step = make_step(model, fn, x, y, device, spec["impl"])
             step()
             torch.cuda.synchronize()
             t = time.perf_counter()
@@ -163,6 +180,7 @@ def search(spec: dict) -> dict:
         model.zero_grad(set_to_none=True)
         gc.collect()
         torch.cuda.empty_cache()
+        last.update(b=b, s=time.monotonic() - t_try)
         tries.append(row)
         print(json.dumps(row), flush=True)
         return ok
@@ -170,7 +188,7 @@ def search(spec: dict) -> dict:
     lo, hi, b, cap = 0, None, spec.get("start", 8), spec.get("cap", 8192)
     complete = True
     while b <= cap:
-        if time.monotonic() > deadline:
+        if no_time_for(b):
             complete = False
             break
         if not fits(b):
@@ -178,29 +196,45 @@ def search(spec: dict) -> dict:
             break
         lo, b = b, b * 2
     while complete and hi is not None and hi - lo > max(1, lo // 16):
-        if time.monotonic() > deadline:
+        mid = (lo + hi) // 2
+        if no_time_for(mid):
             complete = False
             break
-        mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return dict(impl=spec["impl"], model=spec.get("model"), label=spec["label"], size=spec["size"],
+                bn=spec.get("bn", "batch"),
                 largest_batch=lo or None, first_failure=hi, complete=complete, tries=tries,
                 method="doubling from start, then bisection to ~6%; one process, full cleanup between tries",
                 cap_reached=hi is None and lo >= cap)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    spec = json.loads(argv[0])
+def _one(spec: dict) -> dict:
     try:
-        row = search(spec) if spec.get("search") else measure(spec)
+        return search(spec) if spec.get("search") else measure(spec)
     except Exception as e:  # noqa: BLE001 - the runner records why an implementation failed
         tb = traceback.format_exc().strip().splitlines()
         row = dict(impl=spec.get("impl"), model=spec.get("model"), batch=spec.get("batch"),
                    error=f"{type(e).__name__}: {str(e)[:400]}", where=tb[-3:] if len(tb) > 3 else tb)
         if type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e):
             row["oom"] = True
-    print(PREFIX + json.dumps(row), flush=True)
+        return row
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(argv[0])
+    for one in spec.get("configs") or [spec]:
+        row = _one(one)
+        print(PREFIX + json.dumps(row), flush=True)
+        if spec.get("configs"):  # the next configuration starts from an empty allocator
+            import gc
+
+            import torch
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
     return 0
 
 

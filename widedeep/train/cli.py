@@ -78,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
                    help="torch.compile the training forward with this mode (the fused kernels stay as custom ops; "
                         "reduce-overhead = CUDA graphs, for launch-bound small batches); evaluation stays eager")
+    o.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the whole training step (forward, loss, backward, SGD) in one CUDA graph after 3 "
+                        "warm-up steps and replay it (one GPU; batches of another shape are dropped); eval stays eager")
     o.add_argument("--channels-last", action="store_true",
                    help="channels_last model and batches (batches are NCHW otherwise); ignored when training on "
                         "a CPU a model with strided convs of <16 channels, which crash oneDNN on some CPUs")

@@ -115,6 +115,27 @@ def _compiled(net: nn.Module, mode: str, device: torch.device) -> nn.Module:
     return torch.compile(net, mode=None if mode == "default" else mode)
 
 
+def _graphed_step(ctx: Context, net: nn.Module, opt, scaler):
+    """--cuda-graphs: the training step as a CUDA graph (graphs.py), or a one-line refusal."""
+    from . import graphs
+
+    a = ctx.args
+    backend = torch.distributed.get_backend() if ctx.dist.enabled else None
+    try:
+        graphs.refuse(ctx.device, world_size=ctx.dist.world_size, compile_mode=a.compile, dist_backend=backend)
+        graphs.prepare_optimizer(opt, ctx.device)
+    except graphs.GraphRefused as e:
+        raise TrainingError(str(e)) from None
+
+    def forward_loss(x, y):
+        with _autocast(ctx):
+            out = net(x)
+        return graphs.step_loss(ctx.task, out, y, loss_resolution=a.loss_resolution, ohem=not a.no_ohem,
+                                stride=STRIDE)
+
+    return graphs.GraphedStep(net, opt, forward_loss, scaler=scaler)
+
+
 def _cli_mismatch_hint(e, ctx: Context) -> str:
     """The weights mismatch in command-line terms (flags, not Python arguments)."""
     a, lab = ctx.args, parse_label(ctx.label)
@@ -198,6 +219,7 @@ def train(ctx: Context) -> dict:
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if a.compile != "off":
         net = _compiled(net, a.compile, ctx.device)
+    graphed = _graphed_step(ctx, net, opt, scaler) if getattr(a, "cuda_graphs", False) else None
     summary = Summary(ctx.run_dir / "summary.csv", ctx.run_dir / "tb" if a.tensorboard else None,
                       keep_through=start_epoch) if ctx.is_main else None
     log.info("%s on %s: %d process(es), batch %d per process = %d global, %d iterations/epoch, epochs %d..%d of %d, "
@@ -249,13 +271,17 @@ def train(ctx: Context) -> dict:
                     if ctx.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     y = b["label"].to(ctx.device, non_blocking=True)
-                    with _autocast(ctx):
-                        out = net(x)
-                    loss, hits = _loss(ctx, out, y)
-                    bad = distributed.broadcast_flag(not torch.isfinite(loss).item(), ctx.device)
+                    if graphed is not None:  # the whole step, replayed (forward, loss, backward, SGD): graphs.py
+                        loss, hits = graphed(x, y) or (None, None)
+                    else:
+                        with _autocast(ctx):
+                            out = net(x)
+                        loss, hits = _loss(ctx, out, y)
+                    bad = loss is not None and distributed.broadcast_flag(not torch.isfinite(loss).item(), ctx.device)
                     if bad:
                         raise TrainingError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1} (lr {lr:.4g}); "
                                             "lower --base-lr, try --amp off, or check the data")
+                    if graphed is None:
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(opt)

@@ -48,5 +48,11 @@ def learning_rate(kind: str, base: float, step: int, total: int, power: float = 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Each group's lr = ``lr`` x its ``lr_mult``; a tensor lr (CUDA graphs, ``graphs.prepare_optimizer``) is
+    written in place, so a captured optimizer step reads the new value."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)
+        v = lr * g.get("lr_mult", 1.0)
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(v)
+        else:
+            g["lr"] = v
