@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _runtime
+from . import plain as _plain  # export/trace in inference: plain aten ops
 from .bn_stats import _dist_active, as_nchw_or_nhwc, channel_stats, finalize_stats, needs_int64, reduction_grid
 from ._runtime import HAS_TRITON
 
@@ -523,6 +524,8 @@ def bn_relu(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, backe
     ``activation``: "relu" (default), "leaky_relu" (negative slope ``activation_param``) or "identity".
     """
     activation_code(activation)  # an unknown name fails here, on every path
+    if _plain.exporting() and _plain.take_plain(bn, "kernels.bn_relu"):  # export/trace for inference (plain.py)
+        return _plain.bn_act_plain(x, bn, activation, activation_param, compute_dtype(x))
     be = _runtime.resolve_backend(backend, x)
     if torch.compiler.is_compiling() and not sync:  # one opaque custom op per step for Dynamo (kernels/ops.py)
         from .ops import bn_relu_via_ops
