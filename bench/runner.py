@@ -15,6 +15,8 @@ Sections (each with a time budget in quick/campaign mode; what does not fit is s
   bn_relu   BN-ReLU forward/backward achieved bandwidth vs the copy bandwidth
   conv      each distinct conv shape of A1 / A1-s8, fprop / dgrad / wgrad, ours vs cuDNN vs torch.compile
   data      data pipelines' images/s per backend (bench.data_throughput)
+  inference eval images/s of eager, fused and torch.compile: A1 224 batch 64, Cityscapes 1024x2048 batch 1
+            (bench.inference; CPU modes: width 1/16 at small sizes, a smoke)
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ CONFIGS = {
                 "A1-s8": dict(label=S8, width=0.0625, size=168, batch=1, sweep=[])},
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"],
         compile_models=["A1"], warmup=2, iters=5, compile_last=True,
-        budgets=dict(ceilings=8, bn_relu=5, conv=12, model=75, sweep=60, compile=None, data=20),
+        budgets=dict(ceilings=8, bn_relu=5, conv=12, model=75, sweep=60, compile=None, data=20, inference=25),
+        inference=dict(smoke=True),
         data=dict(images=32, batch=8, epochs=1, workers=[2], reps=2, cases=["cls-train"]),
     ),
     "full": dict(
@@ -52,7 +55,7 @@ CONFIGS = {
                 "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, sweep=[1, 2, 8])},
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile", "fused_cudagraphs"],
         compile_models=["A1", "A1-s8"], warmup=3, iters=10,
-        budgets={}, largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
+        budgets={}, inference=dict(smoke=False), largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
         # the published CPU numbers: 5 interleaved repetitions, 1 -> 2 workers, per-image CPU profile
         data=dict(images=256, batch=16, epochs=2, workers=[1, 2], reps=5, cases=["cls-train", "seg-train"],
                   profile=True, alignment=True),
@@ -64,7 +67,10 @@ CONFIGS = {
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile", "fused_cudagraphs"],
         compile_models=["A1", "A1-s8"], warmup=3, iters=8,
         # 2026-11-25 on an H100: the tests took 28-38 s; the compile section needed ~175 s for A1 alone
-        budgets=dict(tests=60, model=95, compile=150, largest=80, ceilings=10, bn_relu=20, conv=65, data=20),
+        # inference (eval images/s, bench.inference): 35 s taken from largest (80 -> 60) and conv (65 -> 50)
+        budgets=dict(tests=60, model=95, inference=35, compile=150, largest=60, ceilings=10, bn_relu=20, conv=50,
+                     data=20),
+        inference=dict(smoke=False, iters=10),
         largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
         # mixed decode measured and its labels checked against the pixels (alignment first: it is the must-have)
         data=dict(images=96, batch=16, epochs=1, workers=[8], reps=2, cases=["cls-train", "seg-train"],
@@ -76,7 +82,8 @@ CONFIGS = {
                 "A1-s8": dict(label=S8, width=0.0625, size=48, batch=1, sweep=[])},
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"], compile_models=[],
         warmup=1, iters=1,
-        budgets=dict(tests=40, ceilings=5, model=70, bn_relu=5, conv=10, data=15),
+        budgets=dict(tests=40, ceilings=5, model=70, bn_relu=5, conv=10, data=15, inference=15),
+        inference=dict(smoke=True, iters=1),
         data=dict(images=16, batch=4, epochs=1, workers=[1], reps=1, cases=["cls-train"], alignment=True),
     ),
 }
@@ -275,7 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="with --gpu-campaign: shrink it to a CPU smoke run")
     ap.add_argument("--out", type=Path, help="campaign: the folder for everything (results.json, log, plots); "
                                              "other modes: the JSON path (default bench/results/<device>-<date>.json)")
-    ap.add_argument("--sections", help="comma list to run only some of: model,kernels,data")
+    ap.add_argument("--sections", help="comma list to run only some of: model,kernels,data,inference")
     ap.add_argument("--budget-scale", type=float, default=1.0,
                     help="multiply every time budget (e.g. 2 on a machine shared with other jobs); recorded")
     ap.add_argument("--no-plots", action="store_true")
@@ -335,7 +342,7 @@ def main(argv=None) -> int:
         res["notes"].append("torch.compile on CPU runs with torch._inductor.config.layout_optimization = False: "
                             "with Inductor's channels_last layouts oneDNN's convolution_backward segfaults in the "
                             "compiled backward (torch 2.13 CPU, width-1/16 A1 at 224)")
-    wanted = set((args.sections or "model,kernels,data").split(","))
+    wanted = set((args.sections or "model,kernels,data,inference").split(","))
     status = 0
     try:
         if args.gpu_campaign:
@@ -352,6 +359,10 @@ def main(argv=None) -> int:
             # model level first: its measurements run in subprocesses with timeouts, and hold the headline numbers
             if "model" in wanted:
                 model_section(cfg, budget, res, log, cuda, mode == "smoke")
+            if "inference" in wanted:  # eval images/s: eager, fused, torch.compile (bench.inference)
+                from bench.inference import section as inference_section
+
+                inference_section(cfg, budget, res, log, cuda)
             if "kernels" in wanted:
                 kernel_sections(cfg, budget, res, log, cuda, mode in ("smoke", "quick"))
             if "data" in wanted:

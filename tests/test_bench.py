@@ -67,6 +67,9 @@ def test_campaign_smoke_json(campaign):
     fused = [r for r in res["model"]["fixed"] if r["impl"] == "fused" and r["model"] == "A1"][0]
     assert fused["saved_bytes"] < eager["saved_bytes"]
     assert res["summary"]["A1"]["fused/eager"]["saved_bytes"] < 1
+    inference = res["inference"]  # bench.inference rows: measured, or saying why not
+    assert inference and all("img_per_s" in r or "error" in r or "skipped" in r for r in inference), inference
+    assert any(r.get("img_per_s", 0) > 0 and r["case"] == "A1" and r["impl"] == "eager" for r in inference)
 
 
 def test_committed_quick_results_structure():
