@@ -294,3 +294,21 @@ def test_export_cli_from_weights_file_and_errors(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("python -m widedeep.export: error:") and msg in err and "\n" not in err, err
     assert not (tmp_path / "x.onnx").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.jit.script (ResNet-38: a scriptable view with the same modules; see widedeep/models/scriptable.py)
+
+
+@pytest.mark.parametrize("label,kw", [("voc_rna-a1_cls21_s8", {}),
+                                      ("wider_resnet38_a2", dict(output_stride=8, global_pool="catavgmax"))])
+def test_jit_script_of_fused_resnet38_equals_eager(label, kw):
+    model = _randomise_bn(create_model(label, width=W, fused=True, **kw)).eval()
+    scripted = torch.jit.script(model)
+    assert list(scripted.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _scale_close(scripted(x), model(x))
+    model.freeze_bn_stats(True).train()  # the scripted view keeps each module's own mode (frozen BN)
+    scripted = torch.jit.script(model)
+    assert scripted.training and not scripted.bn7.training
