@@ -312,3 +312,16 @@ def test_jit_script_of_fused_resnet38_equals_eager(label, kw):
     model.freeze_bn_stats(True).train()  # the scripted view keeps each module's own mode (frozen BN)
     scripted = torch.jit.script(model)
     assert scripted.training and not scripted.bn7.training
+
+
+def test_onnx_export_in_training_mode_is_refused_with_our_line(tmp_path):
+    pytest.importorskip("onnxscript")
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 1))
+    kernels.fuse_bn_relu_conv(net)
+    net.train()  # batch statistics: no plain-op equivalent that ONNX runtimes would honour
+    with pytest.raises(Exception, match=r"bn_relu_conv: a BatchNorm with batch statistics \(training mode\)"):
+        torch.onnx.export(net, (torch.randn(2, 3, 4, 4),), dynamo=True)
+    # (the TorchScript-based exporter, dynamo=False, switches the model to eval itself: plain ops, no refusal)
+    torch.onnx.export(net, (torch.randn(2, 3, 4, 4),), str(tmp_path / "x.onnx"), dynamo=False)
+    onnx = pytest.importorskip("onnx")
+    assert {n.op_type for n in onnx.load(str(tmp_path / "x.onnx")).graph.node} >= {"BatchNormalization", "Conv"}
