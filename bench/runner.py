@@ -20,6 +20,8 @@ Sections (each with a time budget in quick/campaign mode; what does not fit is s
   data      data pipelines' images/s per backend (bench.data_throughput)
   host      host cost of a fused vs eager training step through Triton's real launch path on a stand-in sm_90
             driver (bench.host, in a subprocess): Triton launches, aten ops, host syncs, host time per step and per BN
+  inference eval images/s of eager, fused and torch.compile: A1 224 batch 64, Cityscapes 1024x2048 batch 1
+            (bench.inference; CPU modes: width 1/16 at small sizes, a smoke)
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ CONFIGS = {
                 "A1-s8": dict(label=S8, width=0.0625, size=168, batch=1, sweep=[])},
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"],
         compile_models=["A1"], warmup=2, iters=5, compile_last=True, host_iters=21,
-        budgets=dict(ceilings=8, bn_relu=5, conv=12, model=75, sweep=60, compile=None, data=20, host=60),
+        budgets=dict(ceilings=8, bn_relu=5, conv=12, model=75, sweep=60, compile=None, data=20, host=60, inference=25),
+        inference=dict(smoke=True),
         data=dict(images=32, batch=8, epochs=1, workers=[2], reps=2, cases=["cls-train"]),
     ),
     "full": dict(
@@ -57,7 +60,7 @@ CONFIGS = {
                 "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, sweep=[1, 2, 8])},
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile", "fused_cudagraphs"],
         compile_models=["A1", "A1-s8"], warmup=3, iters=10,
-        budgets={}, largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
+        budgets={}, inference=dict(smoke=False), largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
         # the published CPU numbers: 5 interleaved repetitions, 1 -> 2 workers, per-image CPU profile
         data=dict(images=256, batch=16, epochs=2, workers=[1, 2], reps=5, cases=["cls-train", "seg-train"],
                   profile=True, alignment=True),
@@ -83,10 +86,11 @@ CONFIGS = {
         # configuration (start-up ~5 s); 525 s in all, under the 9-minute window with the runner's own start-up
         # tests: ~30 s for the kernel tests on 2026-11-25 plus ~25 s for the CUDA-graph tests (6 capture checks and
         # one --cuda-graphs trainer run)
-        budgets=dict(tests=70, model=140, compile=115, fullres=80, ceilings=8, bn_relu=12, bn_parts=20, conv=30,
-                     data=10, host=30),
+        budgets=dict(tests=70, model=130, compile=100, fullres=70, ceilings=8, bn_relu=12, bn_parts=20, conv=30,
+                     data=10, host=30, inference=35),
+        inference=dict(smoke=False, iters=10),
         host_iters=21,
-        order=["tests", "model", "compile", "fullres", "ceilings", "bn_relu", "bn_parts", "conv", "data", "host"],
+        order=["tests", "model", "inference", "compile", "fullres", "ceilings", "bn_relu", "bn_parts", "conv", "data", "host"],
         fullres=dict(model="A1-s8-fullres", label=S8, width=1.0, size=[1024, 2048], bn="frozen",
                      # starts from the 2026-11-25 H100 peaks at 504 px (eager ~0.7 GB per image, fused ~half)
                      impls=["eager", "fused", "unit"], start={"eager": 8, "fused": 16, "unit": 16}, cap=64),
@@ -96,7 +100,7 @@ CONFIGS = {
                   alignment=True),
     ),
     "smoke": dict(
-        total_s=185, threads=2,
+        total_s=200, threads=2,
         models={"A1": dict(label=A1, width=0.0625, size=32, batch=2, bn="batch", sweep=[]),
                 "A1-s8": dict(label=S8, width=0.0625, size=48, batch=1, bn="batch", sweep=[]),
                 # the new configurations without checkpoint/igemm rows (the smoke's time is the suite's)
@@ -108,8 +112,9 @@ CONFIGS = {
                "fused_compile", "fused_cudagraphs"], compile_models=[],
         model_order=["A1", "A1-s8", "A1-s8-frozen", "A1-s8-b16"],
         warmup=1, iters=1, largest=False,
-        budgets=dict(tests=40, ceilings=5, model=100, bn_relu=5, bn_parts=5, conv=10, data=15, fullres=5, host=30),
-        order=["tests", "model", "compile", "fullres", "ceilings", "bn_relu", "bn_parts", "conv", "data", "host"],
+        budgets=dict(tests=40, ceilings=5, model=100, bn_relu=5, bn_parts=5, conv=10, data=15, fullres=5, host=30, inference=15),
+        inference=dict(smoke=True, iters=1),
+        order=["tests", "model", "inference", "compile", "fullres", "ceilings", "bn_relu", "bn_parts", "conv", "data", "host"],
         fullres=dict(model="A1-s8-fullres", label=S8, width=0.0625, size=[64, 128], bn="frozen",
                      impls=["eager", "fused", "unit"], start=1, cap=4),
         data=dict(images=16, batch=4, epochs=1, workers=[1], reps=1, cases=["cls-train"], alignment=True),
@@ -433,7 +438,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="with --gpu-campaign: shrink it to a CPU smoke run")
     ap.add_argument("--out", type=Path, help="campaign: the folder for everything (results.json, log, plots); "
                                              "other modes: the JSON path (default bench/results/<device>-<date>.json)")
-    ap.add_argument("--sections", help="comma list to run only some of: model,kernels,data,host")
+    ap.add_argument("--sections", help="comma list to run only some of: model,kernels,host,data,inference")
     ap.add_argument("--budget-scale", type=float, default=1.0,
                     help="multiply every time budget (e.g. 2 on a machine shared with other jobs); recorded")
     ap.add_argument("--no-plots", action="store_true")
@@ -493,8 +498,8 @@ def main(argv=None) -> int:
         res["notes"].append("torch.compile on CPU runs with torch._inductor.config.layout_optimization = False: "
                             "with Inductor's channels_last layouts oneDNN's convolution_backward segfaults in the "
                             "compiled backward (torch 2.13 CPU, width-1/16 A1 at 224)")
-    wanted = set((args.sections or "model,kernels,host,data").split(","))
-    unknown = wanted - {"model", "kernels", "host", "data"}
+    wanted = set((args.sections or "model,kernels,host,data,inference").split(","))
+    unknown = wanted - {"model", "kernels", "host", "data", "inference"}
     if unknown:
         ap.error(f"--sections: unknown {', '.join(sorted(unknown))}; expected a comma list of model,kernels,host,data")
     status = 0
@@ -513,7 +518,8 @@ def main(argv=None) -> int:
             # the campaign: the configured order (model level first: subprocesses with timeouts, the headline
             # numbers; host last: its stand-in Triton driver must not precede a GPU section)
             group = {"model": "model", "compile": "model", "fullres": "model", "ceilings": "kernels",
-                     "bn_relu": "kernels", "bn_parts": "kernels", "conv": "kernels", "data": "data", "host": "host"}
+                     "bn_relu": "kernels", "bn_parts": "kernels", "conv": "kernels", "data": "data", "host": "host",
+                     "inference": "inference"}
             if not args.sections:
                 wanted.add("host")
             done_kernels = False
@@ -533,10 +539,18 @@ def main(argv=None) -> int:
                     data_section(cfg, budget, res, log, cuda)
                 elif name == "host":
                     host_section(cfg, budget, res, log, mode == "smoke")
+                elif name == "inference":  # eval images/s: eager, fused, torch.compile (bench.inference)
+                    from bench.inference import section as inference_section
+
+                    inference_section(cfg, budget, res, log, cuda)
         elif not res.get("stopped"):
             # model level first: its measurements run in subprocesses with timeouts, and hold the headline numbers
             if "model" in wanted:
                 model_section(cfg, budget, res, log, cuda, mode == "smoke")
+            if "inference" in wanted:  # eval images/s: eager, fused, torch.compile (bench.inference)
+                from bench.inference import section as inference_section
+
+                inference_section(cfg, budget, res, log, cuda)
             if "kernels" in wanted:
                 kernel_sections(cfg, budget, res, log, cuda, mode in ("smoke", "quick"))
             if "host" in wanted:

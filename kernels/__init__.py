@@ -14,11 +14,11 @@ from ._runtime import BACKENDS, HAS_CUDA, HAS_TRITON, INTERPRET, resolve_backend
 from .bn_relu import ACTIVATIONS, BNParams, bn_params, bn_relu, bn_relu_backward, bn_relu_forward
 from .bn_relu_conv import bn_relu_conv
 from .bn_stats import channel_stats
-from .fuse import FusedSequential, fuse_bn_relu_conv
+from .fuse import FusedSequential, fuse_bn_relu_conv, unfuse
 from .modules import ABN, BNReLU, BNReLUConv2d, InPlaceABN, InPlaceABNSync
 
 __all__ = [
     "ABN", "ACTIVATIONS", "InPlaceABN", "InPlaceABNSync", "BACKENDS", "HAS_CUDA", "HAS_TRITON", "INTERPRET", "BNParams", "BNReLU", "BNReLUConv2d", "FusedSequential",
     "bn_params", "bn_relu", "bn_relu_backward", "bn_relu_conv", "bn_relu_forward", "channel_stats",
-    "fuse_bn_relu_conv", "resolve_backend", "set_default_backend",
+    "fuse_bn_relu_conv", "resolve_backend", "set_default_backend", "unfuse",
 ]

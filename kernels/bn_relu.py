@@ -39,6 +39,7 @@ import torch
 from . import _runtime
 from ._common import (ACTIVATIONS, TRITON_DTYPES, activation_code, as_nchw_or_nhwc, cdiv,  # noqa: F401 (re-exported)
                       needs_int64)
+from . import plain as _plain  # export/trace in inference: plain aten ops
 from ._runtime import HAS_TRITON
 from .bn_stats import (ROW, STAT_ROWS, _aligned, _dist_active, channel_stats, finalize_stats, launch_stats, merge_k,
                        reduction_grid, scratch, tile_sizes, TILE_PROBE_CHANNELS, STATS_WARPS)
@@ -593,6 +594,8 @@ def bn_relu(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, backe
     ``activation``: "relu" (default), "leaky_relu" (negative slope ``activation_param``) or "identity".
     """
     activation_code(activation)  # an unknown name fails here, on every path
+    if _plain.exporting() and _plain.take_plain(bn, "kernels.bn_relu"):  # export/trace for inference (plain.py)
+        return _plain.bn_act_plain(x, bn, activation, activation_param, compute_dtype(x))
     be = _runtime.resolve_backend(backend, x)
     if torch.compiler.is_compiling() and not sync:  # one opaque custom op per step for Dynamo (kernels/ops.py)
         from .ops import bn_relu_via_ops

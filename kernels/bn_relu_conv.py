@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _runtime
+from . import plain as _plain  # export/trace in inference: plain aten ops
 from .bn_relu import BNParams, activation_code, bn_params, bn_relu_backward, bn_relu_forward, compute_dtype
 
 
@@ -224,6 +225,8 @@ def bn_relu_conv(
             raise ValueError(f"conv='triton' cannot be used here: {why}")
     cdtype = compute_dtype(x)
     geometry = tuple(_geometry(c) for c in convs)  # validates padding before any running statistic changes
+    if _plain.exporting() and _plain.take_plain(bn, "kernels.bn_relu_conv"):  # export/trace for inference
+        return _plain.bn_act_conv_plain(x, bn, convs, dropout, activation, activation_param)  # (plain.py)
     if torch.compiler.is_compiling() and not sync:  # opaque custom ops for Dynamo (kernels/ops.py)
         from .ops import bn_relu_conv_via_ops
 

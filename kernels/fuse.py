@@ -219,3 +219,40 @@ def _fuse_traced_tree(module: nn.Module, backend: str, start: int) -> int:
     for child in list(module.children()):
         total += _fuse_traced_tree(child, backend, start + total)
     return total
+
+
+def unfuse(model: nn.Module) -> int:
+    """Undo :func:`fuse_bn_relu_conv` and ``fused=True`` in place: plain BatchNorm -> ReLU -> Conv2d modules again.
+
+    - ``FusedSequential`` containers become ``nn.Sequential`` (their fused-chain attributes dropped);
+    - modules whose ``forward`` was replaced by a rewritten torch.fx graph get their class's ``forward`` back
+      and lose the ``_fused_chain_*`` helpers (which hold no parameters or buffers);
+    - models with a ``set_fused`` method (``widedeep``'s ResNet-38, by duck typing: this package imports
+      nothing from widedeep) get ``set_recompute(None)`` when they have a recompute plan, then
+      ``set_fused(False)``.
+
+    Parameters, buffers, state_dict keys and optimizer state are untouched (the same tensors). The drop-in
+    modules (``BNReLU``, ``BNReLUConv2d``, ``InPlaceABN``/``ABN``) stay: they are the user's own choice of layer,
+    and they export as plain ops anyway (:mod:`kernels.plain`). Returns the number of modules changed.
+    """
+    changed = 0
+    for module in list(model.modules()):
+        if type(module) is FusedSequential:
+            module.__class__ = nn.Sequential
+            for attr in ("fused_starts", "fused_backend"):
+                module.__dict__.pop(attr, None)
+            changed += 1
+        if "forward" in module.__dict__ and (
+                isinstance(module.__dict__["forward"], _PerMode)
+                or any(isinstance(c, _FusedChain) for c in module.children())):
+            del module.__dict__["forward"]
+            for name in [n for n, c in module.named_children() if isinstance(c, _FusedChain)]:
+                delattr(module, name)
+            changed += 1
+        plan = getattr(module, "recompute_plan", None)
+        if callable(getattr(module, "set_fused", None)) and (plan or getattr(module, "_fused_backend", None)):
+            if plan:
+                module.set_recompute(None)
+            module.set_fused(False)
+            changed += 1
+    return changed

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import plain as _plain
 from .bn_relu import activation_code, bn_relu
 from .bn_relu_conv import bn_relu_conv
 
@@ -227,7 +228,8 @@ class ABN(nn.Module):
             x = x.reshape(shape[0], shape[1], -1, shape[-1] if x.dim() == 5 else 1)
         weight = self.weight
         if self._abs_weight and weight is not None:
-            weight = _AbsPlusEps.apply(weight, self.eps)
+            # export/trace: plain ops (an autograd Function is opaque to jit.trace; kernels/plain.py)
+            weight = weight.abs() + self.eps if _plain.exporting() else _AbsPlusEps.apply(weight, self.eps)
         y = bn_relu(x, _BNView(self, weight), backend=self.backend, activation=self.activation,
                     activation_param=self.activation_param, **self._sync_args())
         return y.reshape(shape) if y.shape != shape else y

@@ -70,6 +70,9 @@ def test_campaign_smoke_json(campaign):
     host = res["host"]  # bench.host in its own process: rows, or why not (an unsupported Triton: skipped)
     assert "error" not in host, host
     assert host.get("skipped") or any(r["impl"] == "fused" and r["triton_launches"] > 0 for r in host["models"])
+    inference = res["inference"]  # bench.inference rows: measured, or saying why not
+    assert inference and all("img_per_s" in r or "error" in r or "skipped" in r for r in inference), inference
+    assert any(r.get("img_per_s", 0) > 0 and r["case"] == "A1" and r["impl"] == "eager" for r in inference)
 
 
 def test_committed_quick_results_structure():

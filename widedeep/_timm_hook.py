@@ -33,6 +33,20 @@ def register_now() -> bool:
     return True
 
 
+def register_timm() -> bool:
+    """Register the plain names with timm now (importing timm). False when timm is missing or broken (it needs
+    a matching torchvision). Not needed after ``import widedeep``, which registers as soon as timm is imported.
+    (Exported as ``widedeep.models.register_timm``; it lives here so that the imports run one way:
+    ``_timm_hook`` -> ``models.timm_compat`` -> ``models.registry``, never back.)"""
+    try:
+        return register_now()
+    except Exception as e:  # timm present but broken
+        import logging
+
+        logging.getLogger("widedeep.models.registry").warning("timm registration failed: %r", e)
+        return False
+
+
 class _RegisterAfterExec:  # an importlib Loader (no importlib.abc: it imports pathlib & co, ~40 ms)
     """Wraps timm's loader: runs it, restores it on the module, then registers."""
 

@@ -239,15 +239,3 @@ def _check_lineage(name: str, model: ResNet38, wf: WeightsFile, explicit: set[st
 
 def list_models() -> list[str]:
     return sorted(PLAIN_NAMES) + sorted(ALIASES)
-
-
-def register_timm() -> bool:
-    """Register the plain names with timm now (importing timm). False when timm is missing or broken (it needs
-    a matching torchvision). Not needed after ``import widedeep``, which registers as soon as timm is imported."""
-    from widedeep._timm_hook import register_now
-
-    try:
-        return register_now()
-    except Exception as e:  # timm present but broken
-        log.warning("timm registration failed: %r", e)
-        return False

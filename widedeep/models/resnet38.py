@@ -17,7 +17,8 @@ The same class also builds the Mapillary InPlace-ABN / NVIDIA lineage (``WiderRe
 Tensors: input (N, 3, H, W) float, RGB normalised with ImageNet mean/std, NCHW or channels_last.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: torch.fx copies forward()'s annotations into generated code, and a
+# string "torch.Tensor" there becomes an unknown type `_torch_Tensor_` when that code is scripted (timm's fx test)
 
 import math
 from dataclasses import dataclass
@@ -504,6 +505,19 @@ class ResNet38(_Activation, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each unit in backward with torch.utils.checkpoint (timm's switch; a baseline for fusion)."""
         self.grad_checkpointing = enable
+
+    @property
+    def head_hidden_size(self) -> int:
+        """timm's pre-logits width: what ``forward`` returns without a classifier (``forward_head(x,
+        pre_logits=True)``): num_features, twice that with ``global_pool="catavgmax"``."""
+        return self.num_features * (1 if self.segmentation else GLOBAL_POOLS[self.global_pool])
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script(model)``: the scriptable view of :mod:`widedeep.models.scriptable` (same modules and
+        keys, plain torch ops)."""
+        from .scriptable import scriptable
+
+        return scriptable(self)
 
     def get_classifier(self) -> nn.Module | None:
         return self.head.score if self.head is not None else self.fc

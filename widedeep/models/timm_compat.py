@@ -48,7 +48,7 @@ def _cfg(file: str = "", **kw: Any) -> dict[str, Any]:
 
 _A1_FILE = "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
 _A_FILE = "ilsvrc-cls_rna-a_cls1000_ep-0001.params"
-_D_CFG = dict(num_classes=0, input_size=(3, 448, 448), pool_size=(56, 56), crop_pct=1.0, classifier="")
+_D_CFG = dict(num_classes=0, input_size=(3, 448, 448), pool_size=(56, 56), crop_pct=1.0)  # classifier "fc" when asked for
 
 # Mapillary's WiderResNet / WiderResNetA2 (InPlace-ABN, leaky ReLU): their ImageNet protocol is 256 -> 224 centre
 # crop; the file (wider_resnet38.pth.tar) is the user's: pretrained_cfg_overlay=dict(file=PATH), and
@@ -102,6 +102,11 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> torch.nn.M
 
     def build(*, device: Any = None, dtype: Any = None, **kw: Any) -> torch.nn.Module:
         kw.setdefault("num_classes", PLAIN_NAMES[name].get("num_classes", 1000))
+        if PLAIN_NAMES[name].get("segmentation"):
+            # timm's contract: forward gives (N, num_classes) logits (pooled features without a classifier), as
+            # every timm classifier; the stride-8 map is forward_features(x). psa/SEAM's resnet38d (forward =
+            # relu(bn7) map, "2 conv." head) stays widedeep.models.create_model("resnet38d").
+            kw.setdefault("segmentation", False)
         model = create_model(name, weights=None if weights is None else str(weights), **kw)
         return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
 

@@ -110,6 +110,18 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--synthetic", action="store_true", help="write a synthetic dataset at --data-root first")
     o.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill
     o.add_argument("--no-dropout", action="store_true", help=argparse.SUPPRESS)  # tests: DDP equivalence
+    # model options the models already take (create_model keywords), so that a Mapillary/NVIDIA file fine-tunes
+    # from the command line as it loads from Python (README: "Three ResNet-38 lineages")
+    m = ap.add_argument_group("model options")
+    m.add_argument("--activation", choices=["relu", "leaky_relu"],
+                   help="the trunk's BN activation (default relu; Mapillary's files: leaky_relu)")
+    m.add_argument("--activation-param", type=float, help="leaky ReLU slope (default 0.01)")
+    m.add_argument("--weights-convention", choices=["plain", "inplace_abn"],
+                   help="BN gammas of a Mapillary/NVIDIA --weights file: inplace_abn = saved from InPlaceABN "
+                        "(|gamma| + eps, converted on loading), plain = plain BatchNorm values")
+    m.add_argument("--bn-eps", type=float, help="every BatchNorm's eps (default 1.001e-5; Mapillary/psa 1e-5)")
+    m.add_argument("--dilate-first-conv", action="store_true",
+                   help="also dilate unit 5a's first 3x3 at output stride 8 (Mapillary's dilated WiderResNetA2)")
     return ap
 
 

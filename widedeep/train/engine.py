@@ -68,6 +68,27 @@ def resolve(args) -> tuple[str, str, str]:
     return lab.label, DATASET_OF_LABEL[lab.dataset], "seg" if lab.task == "segmentation" else "cls"
 
 
+def model_options(a) -> dict:
+    """create_model keywords from --activation, --activation-param, --bn-eps, --dilate-first-conv (only those given:
+    the model's defaults stay the label's); bad values are one-line errors."""
+    opts: dict = {}
+    if getattr(a, "activation", None):
+        opts["activation"] = a.activation
+    if getattr(a, "activation_param", None) is not None:
+        if not (math.isfinite(a.activation_param) and a.activation_param >= 0):
+            raise TrainingError(f"--activation-param {a.activation_param}: expected a finite slope >= 0")
+        if opts.get("activation") != "leaky_relu":
+            raise TrainingError("--activation-param is the leaky ReLU slope: add --activation leaky_relu")
+        opts["activation_param"] = a.activation_param
+    if getattr(a, "bn_eps", None) is not None:
+        if not (math.isfinite(a.bn_eps) and a.bn_eps > 0):
+            raise TrainingError(f"--bn-eps {a.bn_eps}: expected a positive number (1e-5, 1.001e-5)")
+        opts["bn_eps"] = a.bn_eps
+    if getattr(a, "dilate_first_conv", False):
+        opts["dilate_first_conv"] = True
+    return opts
+
+
 def build_model(ctx: Context) -> ResNet38:
     a = ctx.args
     fused = ({"on": True, "off": False, "auto": ctx.device.type == "cuda"}[a.fused] or a.backward_do_mirror
@@ -77,13 +98,15 @@ def build_model(ctx: Context) -> ResNet38:
         from widedeep.weights import read_weights
 
         # md5 checks are for released files: a mismatch (e.g. our own <label>_ep-NNNN exports) warns and loads
-        wf = read_weights(a.weights, verify=not a.no_verify_weights)
+        wf = read_weights(a.weights, verify=not a.no_verify_weights,
+                          weights_convention=getattr(a, "weights_convention", None))
     from widedeep.weights import WeightsMismatchError
 
     try:  # training drops a classifier of another size (fine-tuning); evaluation needs the file to fit exactly
         model = create_model(ctx.label, weights=wf, weights_strict=strict, pool_style=a.pool_top_infer_style,
                              num_classes=None if strict else parse_label(ctx.label).num_classes, width=a.width,
-                             fused=bool(fused), recompute="unit" if a.recompute == "unit" else None)
+                             fused=bool(fused), recompute="unit" if a.recompute == "unit" else None,
+                             **model_options(a))
     except WeightsMismatchError as e:
         raise TrainingError(_cli_mismatch_hint(e, ctx)) from None
     bn = a.bn_stats if a.bn_stats != "auto" else ("frozen" if ctx.task == "seg" else "batch")
