@@ -52,6 +52,9 @@ if HAS_TRITON:
     from ._common import _act_bwd, _act_fwd, _element_offsets
 
     _PARAM_FLAGS = ["running", "has_affine"]
+    # per-channel vectors and scratch: small loads, never worth an alignment specialisation (the launch plans then
+    # only check the alignment of x, y, dy, dx)
+    _VECTORS = ["stats_ptr", "w_ptr", "b_ptr", "rmean_ptr", "rvar_ptr", "part_ptr", "tick_ptr", "red_ptr"]
 
     @triton.jit
     def _channel_params(ch, C, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, running, has_affine):
@@ -108,7 +111,7 @@ if HAS_TRITON:
             ch = rows % C
         return ch, offs, mask
 
-    @triton.jit(do_not_specialize=_PARAM_FLAGS)
+    @triton.jit(do_not_specialize=_PARAM_FLAGS, do_not_specialize_on_alignment=_VECTORS[:5])
     def _bn_act_fwd_kernel(
         x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, R, L, C, slope, running, has_affine,
         ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -124,7 +127,7 @@ if HAS_TRITON:
         z = (x - _bcast(mean, CHANNELS_LAST)) * _bcast(scale, CHANNELS_LAST) + _bcast(beta, CHANNELS_LAST)
         tl.store(y_ptr + offs, _act_fwd(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit(do_not_specialize=_PARAM_FLAGS + ["write_dx"])
+    @triton.jit(do_not_specialize=_PARAM_FLAGS + ["write_dx"], do_not_specialize_on_alignment=_VECTORS)
     def _bn_act_grad_sums_kernel(
         x_ptr, dy_ptr, dx_ptr, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, part_ptr, tick_ptr, red_ptr,
         M, C, HW, m_per_prog, slope, running, has_affine, write_dx,
@@ -180,7 +183,8 @@ if HAS_TRITON:
             tl.store(red_ptr + 2 * C + cs, sum_gx * rstd, mask=cmask)
             tl.store(red_ptr + 3 * C + cs, sum_g, mask=cmask)
 
-    @triton.jit(do_not_specialize=_PARAM_FLAGS + ["batch_stats"])
+    @triton.jit(do_not_specialize=_PARAM_FLAGS + ["batch_stats"],
+                do_not_specialize_on_alignment=_VECTORS[:5] + ["red_ptr"])
     def _bn_act_bwd_kernel(
         x_ptr, dy_ptr, dx_ptr, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, red_ptr, R, L, C, slope, running,
         has_affine, batch_stats,
@@ -396,30 +400,28 @@ def update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, count: int |
         bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
 
 
-def _fp32_running(bn) -> bool:
-    return bn.running_mean is not None and bn.running_mean.dtype == bn.running_var.dtype == torch.float32
+def _fp32_running(rm, rv) -> bool:
+    return rm is not None and rm.dtype == rv.dtype == torch.float32
 
 
 def _bn_params_triton(x, bn, use_batch: bool, track: bool, sync: bool, process_group, **act) -> BNParams:
     C = x.shape[1]
+    rm, rv, weight, bias = bn.running_mean, bn.running_var, bn.weight, bn.bias
     if not use_batch:
-        if _fp32_running(bn):
-            return BNParams.from_running(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias, x.numel() // C,
-                                         **act)
-        return BNParams(bn.running_mean.float(), torch.rsqrt(bn.running_var.float() + bn.eps), bn.weight, bn.bias,
-                        x.numel() // C, False, **act)
-    in_kernel = track and _fp32_running(bn)  # running-stat update inside the statistics kernel
+        if _fp32_running(rm, rv):
+            return BNParams.from_running(rm, rv, bn.eps, weight, bias, x.numel() // C, **act)
+        return BNParams(rm.float(), torch.rsqrt(rv.float() + bn.eps), weight, bias, x.numel() // C, False, **act)
+    in_kernel = track and _fp32_running(rm, rv)  # running-stat update inside the statistics kernel
     if _dist_active(sync):
-        stats = finalize_stats(x, weight=bn.weight, eps=bn.eps, sync=True, process_group=process_group,
-                               running=(bn.running_mean, bn.running_var) if in_kernel else None,
+        stats = finalize_stats(x, weight=weight, eps=bn.eps, sync=True, process_group=process_group,
+                               running=(rm, rv) if in_kernel else None,
                                momentum=bn.momentum, num_batches_tracked=bn.num_batches_tracked)
     else:
         x, channels_last = as_nchw_or_nhwc(x)
         stats = torch.empty((len(STAT_ROWS), C), device=x.device, dtype=torch.float32)
-        launch_stats(x, channels_last, stats, weight=bn.weight, running=(bn.running_mean, bn.running_var)
-                     if in_kernel else None, momentum=bn.momentum, eps=bn.eps,
-                     num_batches_tracked=bn.num_batches_tracked)
-    p = BNParams.from_stats(stats, bn.weight, bn.bias, True, **act)
+        launch_stats(x, channels_last, stats, weight=weight, running=(rm, rv) if in_kernel else None,
+                     momentum=bn.momentum, eps=bn.eps, num_batches_tracked=bn.num_batches_tracked)
+    p = BNParams.from_stats(stats, weight, bias, True, **act)
     if track and not in_kernel:  # running statistics kept in another dtype: plain torch update
         update_running_stats(bn, p.mean, stats[ROW["var"]], p.count)
     return p
@@ -456,7 +458,7 @@ def bn_relu_forward(x: torch.Tensor, p: BNParams, *, backend: str, out_dtype: to
     stats, w, b, rm, rv, eps, running, affine = _kernel_params(p)
     int64 = needs_int64(x)
     key = (x.shape, x.dtype, out_dtype, w.dtype, x.device.index, p.act, channels_last, int64,
-           _aligned(x, y, stats, w, b, rm, rv))
+           x.data_ptr() & 15 == 0)
     APPLY(key, grid, x, y, stats, w, b, rm, rv, eps, R, L, x.shape[1], p.slope, running, affine,
           p.act, channels_last, int64, br, bl, num_warps=ELEMENTWISE_WARPS)
     return y
@@ -495,7 +497,7 @@ def _backward_triton(x, dy, p: BNParams, need_dx: bool, do_sync: bool, process_g
         g = reduction_grid(x, channels_last)
         part, tick, _ = scratch(x.device, 2 * g.splits * C)
         dx_arg = dx if write_dx else x
-        key = (base, g.grid, _aligned(x, dy, dx_arg, stats, w, b, rm, rv))
+        key = (base, g.grid, _aligned(x, dy, dx_arg))
         GRAD_SUMS(key, g.grid, x, dy, dx_arg, stats, w, b, rm, rv, eps, part, tick, red, g.M, C, g.HW, g.m_per_prog,
                   p.slope, running, affine, int(write_dx), act, channels_last, g.int64, g.block_m, g.block_c,
                   merge_k(g.block_c), num_warps=STATS_WARPS)
@@ -509,7 +511,7 @@ def _backward_triton(x, dy, p: BNParams, need_dx: bool, do_sync: bool, process_g
     if do_sync:  # parameter gradients (rows 2, 3) stay local (DDP averages them); dx uses the group-wide sums
         torch.distributed.all_reduce(red[:2], group=process_group)
     R, L, br, bl, grid = _elementwise(x.shape, channels_last)
-    key = (base, _aligned(x, dy, dx, stats, w, b, rm, rv, red))
+    key = (base, _aligned(x, dy))  # dx: a fresh allocation
     DX(key, grid, x, dy, dx, stats, w, b, rm, rv, eps, red, R, L, C, p.slope, running, affine, int(p.batch_stats),
        act, channels_last, int64, br, bl, num_warps=ELEMENTWISE_WARPS)
     return dx, red[2], red[3]

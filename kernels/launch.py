@@ -28,6 +28,11 @@ if HAS_TRITON:
         _knobs = None
 
 
+def _idle(hook) -> bool:
+    """No launch hook installed: None (Triton 3.4-3.6) or an empty HookChain (3.7+)."""
+    return hook is None or (hasattr(hook, "calls") and not hook.calls)
+
+
 def _direct_ok(ck) -> bool:
     return _knobs is not None and all(hasattr(ck, a) for a in ("run", "function", "packed_metadata"))
 
@@ -54,7 +59,7 @@ class Kernel:
             return
         plan = self.plans.get(key)
         driver = triton.runtime.driver.active
-        if plan is not None and _knobs.runtime.launch_enter_hook is None:
+        if plan is not None and _idle(_knobs.runtime.launch_enter_hook) and _idle(_knobs.runtime.launch_exit_hook):
             ck, device = plan
             if driver.get_current_device() == device:
                 ck.run(grid[0], grid[1], grid[2], driver.get_current_stream(device), ck.function,
