@@ -25,11 +25,11 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, thresh: fl
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(target.shape)} differ in size; "
                          "subsample labels (labels_at_feature_resolution) or upsample logits first")
     nll = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    valid = target != ignore_index
+    n = int(valid.sum())
+    if n == 0:  # a zero that still reaches every logit (backward and DDP's gradient hooks need a graph)
+        return logits.sum() * 0.0
     with torch.no_grad():
-        valid = target != ignore_index
-        n = int(valid.sum())
-        if n == 0:
-            return logits.sum() * 0.0
         keep = valid
         if n > min_kept:
             prob = torch.exp(-nll.detach())
