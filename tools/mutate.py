@@ -142,6 +142,11 @@ MUTANTS: list[Mutant] = [
     _m("conv-dgrad-sums-no-xc", CONV, "tl.atomic_add(sums_ptr + C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)",
        "tl.atomic_add(sums_ptr + C + cs, tl.sum(acc, axis=0), mask=c_ok)", T_CONV + ["-k", "gpu_tiles"],
        "dgrad epilogue's sum g*(x-mean) loses its (x-mean)"),
+    # ---- the compile path: create_model(fused="triton") must reach the triton kernels under torch.compile
+    _m("models-explicit-fused-backend-ignored", "widedeep/models/resnet38.py",
+       '("auto" if fused is True else str(fused))', '"auto"',
+       ["tests/test_compile_ops.py", "-k", "compiled_fused_resnet38 and torch-triton"],
+       "fused='triton' silently follows the default backend"),
     # ---- kernels/bn_stats.py, kernels/bn_relu.py (being rewritten: anchors are single statements; stale if gone)
     _m("bn-stats-finalize-no-chan-term", BN_STATS,
        "m2 += tile_m2 + delta * delta * (count * n_tile / tl.maximum(total, 1.0))", "m2 += tile_m2",
