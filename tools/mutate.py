@@ -147,6 +147,10 @@ MUTANTS: list[Mutant] = [
        '("auto" if fused is True else str(fused))', '"auto"',
        ["tests/test_compile_ops.py", "-k", "compiled_fused_resnet38 and torch-triton"],
        "fused='triton' silently follows the default backend"),
+    # ---- bench: the campaign's GPU-test gate
+    _m("bench-gate-rc5-passes", "bench/runner.py", 'passed = returncode == 0 and counts.get("passed", 0) > 0',
+       "passed = returncode in (0, 5)", ["tests/test_bench.py", "-k", "gpu_gate"],
+       "the pre-#25 gate: nothing selected or everything skipped counted as a pass"),
     # ---- kernels/bn_stats.py, kernels/bn_relu.py (being rewritten: anchors are single statements; stale if gone)
     _m("bn-stats-finalize-no-chan-term", BN_STATS,
        "m2 += tile_m2 + delta * delta * (count * n_tile / tl.maximum(total, 1.0))", "m2 += tile_m2",
@@ -161,6 +165,8 @@ MUTANTS: list[Mutant] = [
        T_BN, "gradient finalize keeps only the last block of partial sum(g)"),
     _m("bn-relu-finalize-assign-gx", BN_RELU, "acc_gx += tl.load(gx_ptr + offs", "acc_gx = tl.load(gx_ptr + offs",
        T_BN, "gradient finalize keeps only the last block of partial sum(g*(x-mean))"),
+    _m("bn-relu-dgamma-doubled", BN_RELU, "sum_gx * tl.load(rstd_ptr + cs", "2.0 * sum_gx * tl.load(rstd_ptr + cs",
+       T_BN + ["tests/test_fused_model.py"], "dgamma off by a constant factor (a cosine check passes it)"),
 ]
 
 
