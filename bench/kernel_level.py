@@ -5,7 +5,9 @@ matmul peak = 2 n^3 / time of a large ``torch.matmul`` (bf16 on CUDA; on CPU fp3
 
 BN-ReLU (training mode, batch statistics): achieved bandwidth = ideal bytes / time, the same ideal bytes for
 every implementation: forward 3|x| (statistics read, normalise read + write), backward 5|x| (sums read x and dy,
-dx pass reads x and dy and writes dx). Backward time = (forward + backward) - forward.
+dx pass reads x and dy and writes dx). The backward is timed alone (CUDA events around ``y.backward(dy)``, a
+fresh untimed forward before each repetition): no (forward + backward) - forward difference, whose noise could
+give near-zero times and absurd bandwidths.
 
 Convolutions: each distinct conv shape of A1 (224) and A1-s8 (504), fprop / dgrad / wgrad timed separately,
 TFLOP/s = 2 N P Q K C R S / time:
@@ -46,6 +48,30 @@ def time_ms(fn, reps: int = 20, grad_to_none=None) -> float:
         fn()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts) * 1e3
+
+
+def time_backward_ms(forward, dy, reps: int = 20, grad_to_none=()) -> float:
+    """Median ms of ``forward().backward(dy)``'s backward alone: each repetition runs a fresh forward (not timed),
+    synchronises, then times the backward (CUDA events on CUDA, wall clock on CPU); one warm-up repetition."""
+
+    def once() -> float:
+        for t in grad_to_none:
+            t.grad = None
+        y = forward()
+        _sync()
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            y.backward(dy)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t = time.perf_counter()
+        y.backward(dy)
+        return (time.perf_counter() - t) * 1e3
+
+    once()
+    return statistics.median(once() for _ in range(reps))
 
 
 # ------------------------------------------------------------------------------------------------ ceilings
@@ -99,18 +125,22 @@ def bn_relu_bandwidth(section, copy_GBps: float | None, smoke: bool, log=print) 
         nbytes = x.numel() * x.element_size()
         row = dict(shape=list(shape), dtype=str(dtype).replace("torch.", ""), layout="channels_last",
                    fwd_bytes=3 * nbytes, bwd_bytes=5 * nbytes, timed=CUDA and not smoke)
+        dy = torch.randn(shape, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
+        smoke_out = {}
         for name, f in impls.items():
             try:
                 y = f()
-                dy = torch.randn_like(y)
                 y.backward(dy)
-                if not row["timed"]:
-                    row[f"{name}_ok"] = bool(torch.isfinite(x.grad).all())
-                    x.grad = None
+                if not row["timed"]:  # smoke: finite, and ours equal to eager (y, dx, dgamma, dbeta)
+                    smoke_out[name] = [t.detach().float().clone() for t in (y, x.grad, bn.weight.grad, bn.bias.grad)]
+                    row[f"{name}_ok"] = all(bool(torch.isfinite(t).all()) for t in smoke_out[name])
+                    x.grad = bn.weight.grad = bn.bias.grad = None
                     continue
                 fwd = time_ms(f)
-                both = time_ms(lambda: f().backward(dy), grad_to_none=[x, bn.weight, bn.bias])
-                bwd = max(both - fwd, 1e-6)
+                bwd = time_backward_ms(f, dy, grad_to_none=[x, bn.weight, bn.bias])
+                if not bwd > 0:
+                    row[f"{name}_bwd_error"] = f"backward time {bwd} ms: not a measurement"
+                    continue
                 row.update({f"{name}_fwd_ms": round(fwd, 4), f"{name}_bwd_ms": round(bwd, 4),
                             f"{name}_fwd_GBps": round(3 * nbytes / fwd / 1e6, 1),
                             f"{name}_bwd_GBps": round(5 * nbytes / bwd / 1e6, 1)})
@@ -119,6 +149,10 @@ def bn_relu_bandwidth(section, copy_GBps: float | None, smoke: bool, log=print) 
                     row[f"{name}_bwd_pct_copy"] = round(100 * 5 * nbytes / bwd / 1e6 / copy_GBps, 1)
             except Exception as e:  # noqa: BLE001 - a failing implementation is a result
                 row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+        if "ours" in smoke_out and "eager" in smoke_out:
+            row["ours_ok"] = row["ours_ok"] and all(
+                torch.allclose(a, b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1e-3))
+                for a, b in zip(smoke_out["ours"], smoke_out["eager"]))
         rows.append(row)
         log(f"  bn_relu {shape}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k.endswith(("GBps", "ok",
                                                                                                    "error"))))
@@ -265,7 +299,8 @@ def conv_passes(s: dict, timed: bool, compile_: bool) -> dict:
         impls["compile"] = dict(fprop=lambda: cf(x, w), dgrad=lambda: cd(dy, w, x), wgrad=lambda: cw(dy, x, w))
     row = dict(s, P=P, Q=Q, dtype=str(dt).replace("torch.", ""), layout="channels_last",
                gflop_per_pass=round(flops / 1e9, 3), timed=timed)
-    ref = dict(fprop=c_fprop(x, w).float(), wgrad=c_wgrad(dy, x, w).float()) if not timed else {}
+    ref = dict(fprop=c_fprop(x, w).float(), dgrad=c_dgrad(dy, w, x)[0].float(),
+               wgrad=c_wgrad(dy, x, w).float()) if not timed else {}
     for name, passes in impls.items():
         for pname, f in passes.items():
             try:
@@ -273,7 +308,7 @@ def conv_passes(s: dict, timed: bool, compile_: bool) -> dict:
                 if not timed:
                     o = out[0] if isinstance(out, tuple) else out
                     ok = bool(torch.isfinite(o.float()).all())
-                    if pname in ref:
+                    if pname in ref and (pname != "dgrad" or name == "ours"):  # cudnn's dgrad is before the mask
                         ok = ok and torch.allclose(o.float(), ref[pname], rtol=1e-3, atol=1e-3)
                     row[f"{name}_{pname}_ok"] = ok
                     continue

@@ -32,13 +32,17 @@ def _step_seconds(model, x, steps: int) -> float:
         model.zero_grad(set_to_none=True)
         model(x).float().square().mean().backward()
 
+    def sync():
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
     step()  # warm-up of this configuration
+    sync()  # else the first timed step also waits for the warm-up's queued kernels
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         step()
-        if x.is_cuda:
-            torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

@@ -6,7 +6,8 @@
     python -m bench --gpu-campaign --smoke --out DIR          # the campaign shrunk to a CPU smoke (CI)
 
 Sections (each with a time budget in quick/campaign mode; what does not fit is skipped and recorded):
-  tests     (campaign) ``python -m pytest -q -m gpu tests/`` in a subprocess; failures are flagged (notes, exit 1), not fatal
+  tests     (campaign) ``python -m pytest -q -m gpu tests/`` in a subprocess; failures, a run where nothing passed
+            (exit 5, all skipped) and a timeout are flagged (notes, exit 1), not fatal; without CUDA: "no GPU"
   ceilings  measured copy bandwidth and matmul peak of the device
   model     per implementation and model, one fresh process each: training-step time (median after warm-up,
             synchronised), images/s, peak memory, saved-for-backward activation bytes
@@ -134,9 +135,40 @@ class Logger:
             self.fh.flush()
 
 
-def run_tests(section, out_dir: Path | None, log) -> dict:
-    """``python -m pytest -q -m gpu tests/`` in a subprocess; output goes to the log."""
+def gate_result(returncode: int | None, stdout: str) -> dict:
+    """The GPU-test gate's verdict from pytest's exit status and summary line: ``passed`` only when pytest exited 0
+    *and* at least one test passed. Exit 5 (nothing selected) and a run whose every test skipped are failures of
+    the gate (on a CUDA machine they mean the compiled kernels were never checked), not passes."""
+    import re
+
+    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
+    summary = lines[-1] if lines else ""
+    counts = {k.rstrip("s") if k.startswith("error") else k: int(n) for n, k in
+              re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)", summary)}
+    ran = sum(counts.get(k, 0) for k in ("passed", "failed", "error", "xfailed", "xpassed"))
+    passed = returncode == 0 and counts.get("passed", 0) > 0
+    why = None
+    if returncode == 5:
+        why = "pytest selected no test (exit 5)"
+    elif returncode == 0 and not passed:
+        why = "no test ran (every selected test skipped)"
+    elif returncode not in (0, None):
+        why = f"pytest exit {returncode}"
+    return dict(returncode=returncode, passed=passed, counts=counts, ran=ran, summary=summary,
+                **({"why": why} if why else {}))
+
+
+def run_tests(section, out_dir: Path | None, log, cuda: bool | None = None) -> dict:
+    """``python -m pytest -q -m gpu tests/`` in a subprocess; output goes to the log. Without CUDA nothing runs:
+    the result says "no GPU" (``passed`` None), never a pass."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/"]
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        return dict(cmd=" ".join(cmd[1:]), returncode=None, passed=None, no_gpu=True, ran=0, seconds=0.0,
+                    summary="no GPU: the compiled-kernel tests (pytest -m gpu) need CUDA; not run")
     log("  $ " + " ".join(cmd[1:]))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"]
                                                    if os.environ.get("PYTHONPATH") else ""))
@@ -148,15 +180,15 @@ def run_tests(section, out_dir: Path | None, log) -> dict:
         log(out[-3000:])
         return dict(cmd=" ".join(cmd[1:]), returncode=None, passed=None, timed_out=True,
                     seconds=round(time.perf_counter() - t, 1), summary=f"timed out after {section.budget_s:.0f} s")
-    tail = [ln for ln in p.stdout.strip().splitlines() if ln.strip()]
     for ln in p.stdout.strip().splitlines()[-60:]:
         log("  | " + ln)
     if p.stderr.strip():
         for ln in p.stderr.strip().splitlines()[-20:]:
             log("  ! " + ln)
-    # exit 5: nothing collected/selected (a CPU machine: every gpu test deselected or skipped)
-    return dict(cmd=" ".join(cmd[1:]), returncode=p.returncode, passed=p.returncode in (0, 5),
-                seconds=round(time.perf_counter() - t, 1), summary=tail[-1] if tail else "")
+    res = gate_result(p.returncode, p.stdout)
+    if res.get("why"):
+        res["summary"] = f"{res['summary']} ({res['why']})"
+    return dict(cmd=" ".join(cmd[1:]), seconds=round(time.perf_counter() - t, 1), **res)
 
 
 def _spec(cfg, name, m, impl, batch, cuda, saved=True):
@@ -506,9 +538,9 @@ def main(argv=None) -> int:
     try:
         if args.gpu_campaign:
             with budget.section("tests", cfg["budgets"].get("tests")) as sec:
-                res["tests"] = run_tests(sec, out_dir, log)
+                res["tests"] = run_tests(sec, out_dir, log, cuda)
             log(f"  tests: {res['tests']['summary']}")
-            if res["tests"].get("passed") is False:
+            if res["tests"].get("passed") is False or res["tests"].get("timed_out"):
                 # a GPU window is rare (2026-11-25: one failing tolerance test cost a whole call): measure anyway,
                 # flag every result, exit 1
                 log("WARNING: compiled kernel tests failed (see above); measuring anyway, results flagged")

@@ -25,6 +25,7 @@ import traceback
 from bench.impls import COMPILED
 
 PREFIX = "BENCH_RESULT "
+TIMED_STEPS = 3  # per batch size tried by the largest-batch search (its rows are the sweep plots' points)
 
 
 def _rss_bytes() -> int:
@@ -130,8 +131,8 @@ def measure(spec: dict) -> dict:
 def search(spec: dict) -> dict:
     """CUDA: the largest batch whose training step fits, by doubling from spec["start"] then bisection, in this
     process with full cleanup between tries (one model build, parameters and optimizer state kept: the fixed
-    cost of training). Each try runs two steps (the second timed) and records its peak memory: the points of
-    the step-time / peak-memory vs batch plots."""
+    cost of training). Each try runs a warm-up step then ``TIMED_STEPS`` timed ones (median) and records its peak
+    memory: the points of the step-time / peak-memory vs batch plots."""
     import gc
 
     import torch
@@ -163,11 +164,15 @@ def search(spec: dict) -> dict:
             step = make_step(model, fn, x, y, device, spec["impl"])
             step()
             torch.cuda.synchronize()
-            t = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            ms = (time.perf_counter() - t) * 1e3
-            row.update(fits=True, step_ms=round(ms, 2), img_per_s=round(b / ms * 1e3, 2),
+            times = []
+            for _ in range(TIMED_STEPS):  # median of several: one step's time is one sample of its noise
+                t = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t) * 1e3)
+            ms = statistics.median(times)
+            row.update(fits=True, step_ms=round(ms, 2), step_ms_min=round(min(times), 2), timed_steps=len(times),
+                       img_per_s=round(b / ms * 1e3, 2),
                        peak_MiB=round(torch.cuda.max_memory_allocated() / 2**20, 1))
             ok = True
         except torch.OutOfMemoryError:

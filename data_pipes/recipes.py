@@ -108,9 +108,11 @@ class SegTrain:
         margin = max(1, int(FEATURE_STRIDE / rate / 2))
 
         def start(extent: int) -> int:
-            if extent >= side:
-                return int(rng.integers(-margin, extent - side + 1))
-            return -int(rng.integers(0, max(1, int(FEATURE_STRIDE / rate))))  # image top-left, small jitter
+            # The seed pastes the image at ``margin`` in a padded canvas and draws the window's canvas start from
+            # [0, max(1, 8 / rate, margin + extent - side + 1)) (numpy truncates the float bound): a window larger
+            # than the image still starts up to 8 / rate - 1 - margin pixels inside it.
+            high = max(1, int(FEATURE_STRIDE / rate), margin + extent - side + 1)
+            return int(rng.integers(0, high)) - margin
 
         x0, y0 = start(width), start(height)
         return {"window": (x0, y0, side, side), "flip": bool(self.flip and rng.random() < 0.5)}

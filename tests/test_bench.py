@@ -61,7 +61,18 @@ def test_campaign_smoke_json(campaign):
     res = json.loads((out / "results.json").read_text())
     assert res["mode"] == "smoke"
     _check_structure(res, cpu=res["environment"]["device"] == "cpu")
-    assert res["tests"]["passed"] is True
+    tests = res["tests"]
+    if res["environment"]["device"] == "cpu":  # the gate says so explicitly; it is not a pass
+        assert tests["passed"] is None and tests["no_gpu"] is True and "no GPU" in tests["summary"], tests
+    else:  # on CUDA the gate must have run tests, and they passed
+        assert tests["passed"] is True and tests["counts"]["passed"] > 0 and tests["ran"] > 0, tests
+    # the smoke's correctness flags: every kernel row checked, every check true
+    flags = [(k, v) for row in res["kernels"]["bn_relu"] + res["kernels"]["conv"]["rows"]
+             for k, v in row.items() if k.endswith("_ok")]
+    assert {k for k, _ in flags} >= {"ours_ok", "eager_ok", "ours_fprop_ok", "ours_dgrad_ok", "ours_wgrad_ok"}, flags
+    assert all(v is True for _, v in flags), [k for k, v in flags if v is not True]
+    assert not [k for row in res["kernels"]["bn_relu"] + res["kernels"]["conv"]["rows"] for k in row
+                if k.endswith("error")]
     eager = [r for r in res["model"]["fixed"] if r["impl"] == "eager" and r["model"] == "A1"][0]
     assert eager.get("timed") and eager["saved_bytes"] > 0 and eager["peak_method"]
     fused = [r for r in res["model"]["fixed"] if r["impl"] == "fused" and r["model"] == "A1"][0]
@@ -73,6 +84,30 @@ def test_campaign_smoke_json(campaign):
     inference = res["inference"]  # bench.inference rows: measured, or saying why not
     assert inference and all("img_per_s" in r or "error" in r or "skipped" in r for r in inference), inference
     assert any(r.get("img_per_s", 0) > 0 and r["case"] == "A1" and r["impl"] == "eager" for r in inference)
+
+
+@pytest.mark.parametrize("rc, stdout, passed, why", [
+    (0, "....\n4 passed, 2 skipped in 3.1s", True, None),
+    (0, "sss\n3 skipped, 120 deselected in 2.0s", False, "skipped"),  # a CUDA machine where every gpu test skipped
+    (5, "\n120 deselected in 1.9s", False, "exit 5"),  # nothing selected
+    (1, "F.\n1 failed, 1 passed in 2.2s", False, "exit 1"),
+    (1, "E\n1 error in 0.5s", False, "exit 1"),
+])
+def test_gpu_gate_needs_tests_that_ran_and_passed(rc, stdout, passed, why):
+    from bench.runner import gate_result
+
+    g = gate_result(rc, stdout)
+    assert g["passed"] is passed, g
+    assert (why is None and "why" not in g) or why in g["why"], g
+    if passed:
+        assert g["counts"] == {"passed": 4, "skipped": 2} and g["ran"] == 4
+
+
+def test_gpu_gate_without_cuda_says_no_gpu():
+    from bench.runner import run_tests
+
+    res = run_tests(None, None, print, cuda=False)  # nothing runs: no section budget needed
+    assert res["passed"] is None and res["no_gpu"] is True and res["summary"].startswith("no GPU"), res
 
 
 def test_committed_quick_results_structure():

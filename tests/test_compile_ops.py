@@ -175,36 +175,61 @@ def test_compiled_padding_mode_is_refused_as_in_eager():
 # a fused ResNet-38, compiled, in a subprocess
 
 
-def _compile_model_check(backend: str, conv_impl: str) -> dict:
-    """fullgraph compile of a width-1/16 fused A1 classifier (training step) vs the same model in eager."""
+def _compile_model_check(default_backend: str, fused: str) -> dict:
+    """fullgraph compile of a width-1/16 fused A1 classifier (training step) vs the same model in eager.
+
+    ``fused``: "auto" (``create_model(fused=True)``: the kernels' default backend, set to ``default_backend``) or an
+    explicit backend name (``fused="triton"``). The result lists the backends that reached the fused kernels' entry
+    points (``kernels.ops``' statistics, BN-ReLU and BN-ReLU-conv forward/backward) during the compiled step, so a
+    test can tell which path really ran."""
+    from kernels import ops as kops
     from widedeep.models import create_model
 
-    kernels.set_default_backend(backend)
+    kernels.set_default_backend(default_backend)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    fused = "triton" if conv_impl == "triton" else True
-    model = create_model("ilsvrc-cls_rna-a1_cls1000", fused=fused, width=0.0625, num_classes=10).to(device).train()
+    model = create_model("ilsvrc-cls_rna-a1_cls1000", fused=True if fused == "auto" else fused, width=0.0625,
+                         num_classes=10).to(device).train()
     ref = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32, device=device)
+    seen = set()
+    originals = {n: getattr(kops, n) for n in ("bn_params", "bn_relu_forward", "bn_relu_backward", "conv_forward",
+                                              "conv_backward")}
+
+    def recording(name, fn):
+        def wrapped(*args, **kwargs):
+            seen.add((name, kwargs["backend"] if "backend" in kwargs else args[2]))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for n, fn in originals.items():
+        setattr(kops, n, recording(n, fn))
     out = _inductor(model)(x)
     out.square().sum().backward()
+    for n, fn in originals.items():
+        setattr(kops, n, fn)
     out_ref = ref(x)
     out_ref.square().sum().backward()
     grads = [(p.grad - q.grad).abs().max().item() / max(q.grad.abs().max().item(), 1e-6)
              for p, q in zip(model.parameters(), ref.parameters())]
     bufs = [(b.double() - c.double()).abs().max().item() for b, c in zip(model.buffers(), ref.buffers())]
     return dict(out=(out - out_ref).abs().max().item() / out_ref.abs().max().item(), grad=max(grads),
-                buffers=max(bufs))
+                buffers=max(bufs), seen=sorted(seen))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_fused_resnet38_equals_eager(backend):
+@pytest.mark.parametrize("default_backend, fused", [("torch", "auto"), ("triton", "auto"), ("torch", "triton")])
+def test_compiled_fused_resnet38_equals_eager(default_backend, fused):
+    """``fused="triton"`` with the default backend left at torch: the explicit backend must win in the compiled
+    graph (every kernel entry point sees "triton"), and "auto" must follow the default."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, __file__, backend, "torch"], capture_output=True, text=True, env=env,
+    r = subprocess.run([sys.executable, __file__, default_backend, fused], capture_output=True, text=True, env=env,
                        timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["out"] < 1e-5 and res["grad"] < 1e-4 and res["buffers"] < 1e-6, res
+    want = default_backend if fused == "auto" else fused
+    entry_points = {"bn_params", "bn_relu_forward", "bn_relu_backward", "conv_forward", "conv_backward"}
+    assert {tuple(s) for s in res["seen"]} == {(n, want) for n in entry_points}, res
 
 
 if __name__ == "__main__":

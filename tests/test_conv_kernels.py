@@ -17,6 +17,8 @@ Activations: the same launcher and module checks with leaky ReLU (slope 0.2) and
 dgrad-epilogue activation (reference: F.leaky_relu / none on the same z), same tolerances.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -171,19 +173,59 @@ def test_plain_conv_kernels_without_prologue(device):
     torch.testing.assert_close(dw, torch.nn.grad.conv2d_weight(x, w.shape, dy, 2, 1, 1), rtol=1e-4, atol=1e-4)
 
 
+@contextlib.contextmanager
+def _programs_in_reverse_order():
+    """Triton interpreter: run each grid's programs last to first. The interpreter otherwise runs them in one fixed
+    order, so fp32 atomics are reproducible there by accident; reversed, they add in another order and their
+    rounding changes, as it does between runs on a GPU."""
+    from triton.runtime import interpreter as ti
+
+    b = ti.interpreter_builder
+    dims = [1, 1, 1]
+    set_dim, set_idx = b.set_grid_dim, b.set_grid_idx
+
+    def grid_dim(nx, ny, nz):
+        dims[:] = [nx, ny, nz]
+        return set_dim(nx, ny, nz)
+
+    b.set_grid_dim = grid_dim
+    b.set_grid_idx = lambda x, y, z: set_idx(dims[0] - 1 - x, dims[1] - 1 - y, dims[2] - 1 - z)
+    try:
+        yield
+    finally:
+        del b.set_grid_dim, b.set_grid_idx  # back to the class's methods
+
+
+def _dgrad_wgrad(device, x, w, dy, vec, deterministic):
+    g, sg, sgx = conv_dgrad(dy, w, x, 1, 0, 1, vec, deterministic=deterministic)
+    dw = conv_wgrad(dy, x, w.shape, 1, 0, 1, vec, deterministic=deterministic)
+    return g, sg, sgx, dw
+
+
 def test_deterministic_mode_is_reproducible(device):
-    """deterministic=True: no atomics; the same bits twice, and the same values as the atomic path."""
-    C, K = 24, 16
-    x = torch.randn(1, C, 5, 5, device=device)
-    w = torch.randn(K, C, 3, 3, device=device) / (C * 9) ** 0.5
+    """deterministic=True: no atomics. Interpreted, the same bits with the programs run in reverse order, where
+    the atomic path's BN sums and split-M dW change bits (the control: the reversal is observable); compiled, the
+    same bits twice. Values match the float64 reference and the atomic path."""
+    C, K = 16, 16
+    x = torch.randn(1, C, 16, 17, device=device)  # 1x1 conv, 272 rows: 17 dgrad row tiles, 3 wgrad splits (interpreted)
+    w = torch.randn(K, C, 1, 1, device=device) / C ** 0.5
     vec = _bn_vectors(C, device)
-    cfg = None  # the interpreter's config on CPU; the fixed GPU config on CUDA (deterministic: no autotuning)
-    torch.manual_seed(1)
-    a = _check_launchers(device, x, w, vec, 1, 1, 1, torch.float32, config=cfg, deterministic=True)
-    torch.manual_seed(1)
-    b = _check_launchers(device, x, w, vec, 1, 1, 1, torch.float32, config=cfg, deterministic=True)
-    for u, v in zip(a[1:], b[1:]):
-        assert torch.equal(u, v)
+    _check_launchers(device, x, w, vec, 1, 0, 1, torch.float32, deterministic=True)
+    dy = torch.randn(1, K, 16, 17, device=device)
+    a = _dgrad_wgrad(device, x, w, dy, vec, True)
+    if _interpreted(device):
+        assert kc.wgrad_splits(x, 16 * 17, K, C) >= 3  # a + b is b + a: order only shows from 3 terms on
+        with _programs_in_reverse_order():
+            b = _dgrad_wgrad(device, x, w, dy, vec, True)
+            atomic_rev = _dgrad_wgrad(device, x, w, dy, vec, False)
+        atomic = _dgrad_wgrad(device, x, w, dy, vec, False)
+        assert not all(torch.equal(u, v) for u, v in zip(atomic[1:], atomic_rev[1:])), "reversal not observable"
+    else:
+        b = _dgrad_wgrad(device, x, w, dy, vec, True)
+        atomic = _dgrad_wgrad(device, x, w, dy, vec, False)
+    for name, u, v, at in zip(("g", "sum g", "sum gx", "dw"), a, b, atomic):
+        assert torch.equal(u, v), name
+        _close(u, at, GRAD_TOL, name)
 
 
 def test_int64_offsets_chosen_for_big_tensors_on_meta(monkeypatch):
@@ -207,14 +249,31 @@ def test_int64_offsets_chosen_for_big_tensors_on_meta(monkeypatch):
         kc._check_positions(2**31)
 
 
-def test_int64_offset_arithmetic():
-    """Why the switch exists: past 2**31 elements the last offset ((n*H+h)*W+w)*C+c wraps in int32, not in int64."""
+if kc.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _offset_probe(out_ptr, first_row, C, INT64: tl.constexpr):
+        """The kernels' offset expression: kernels.conv._idx(row, INT64) * C + c for int32 rows (two lanes)."""
+        rows = first_row + tl.arange(0, 2)
+        tl.store(out_ptr + tl.arange(0, 2), (kc._idx(rows, INT64) * C + (C - 1)).to(tl.int64))
+
+
+@pytest.mark.skipif(not kc.HAS_TRITON, reason="needs triton")
+def test_int64_offset_arithmetic(device):
+    """Why the switch exists, through our own ``_idx``: past 2**31 elements the last offset ((n*H+h)*W+w)*C+c of
+    a 16x4096x128x257 tensor wraps in int32 (INT64=False) and is exact with INT64=True."""
     N, H, W, C = 16, 128, 257, 4096
-    n, h, w, c = N - 1, H - 1, W - 1, C - 1
-    rows = torch.tensor([(n * H + h) * W + w], dtype=torch.int32)  # the kernels keep row indices int32
-    wrapped = rows * C + c
-    wide = rows.to(torch.int64) * C + c  # INT64: _idx(row) * C
-    assert wrapped.item() < 0 and wide.item() == N * H * W * C - 1
+    last_row = N * H * W - 1
+    want = [(last_row - 1) * C + C - 1, last_row * C + C - 1]
+    for int64 in (True, False):
+        out = torch.zeros(2, dtype=torch.int64, device=device)
+        _offset_probe[(1,)](out, last_row - 1, C, INT64=int64)
+        if int64:
+            assert out.tolist() == want and want[1] == N * H * W * C - 1
+        else:
+            assert out.tolist() == [(v + 2**31) % 2**32 - 2**31 for v in want] and out[1] < 0  # int32 wrap
 
 
 def test_int64_variant_matches_int32(device, monkeypatch):

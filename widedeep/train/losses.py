@@ -42,11 +42,11 @@ def _ohem_sum(logits, target, thresh, min_kept, ignore_index) -> tuple[torch.Ten
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(target.shape)} differ in size; "
                          "subsample labels (labels_at_feature_resolution) or upsample logits first")
     nll = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    valid = target != ignore_index
+    n = int(valid.sum())
+    if n == 0:  # a zero that still reaches every logit (backward and DDP's gradient hooks need a graph)
+        return logits.sum() * 0.0, valid.sum()
     with torch.no_grad():
-        valid = target != ignore_index
-        n = int(valid.sum())
-        if n == 0:
-            return logits.sum() * 0.0, valid.sum()
         keep = valid
         if n > min_kept:
             prob = torch.exp(-nll.detach())
