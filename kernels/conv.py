@@ -31,6 +31,7 @@ Reference: torch.nn.functional.conv2d / torch.nn.grad.conv2d_{input,weight} on a
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,12 @@ GPU_CONFIGS = {
     "16bit": (ConvConfig(64, 64, 32, 8, 4, 3), ConvConfig(64, 128, 32, 8, 8, 2)),
     "tf32": (ConvConfig(64, 64, 16, 8, 4, 3), ConvConfig(128, 64, 16, 8, 8, 3)),
     "ieee": (ConvConfig(32, 64, 16, 8, 4, 1), ConvConfig(64, 32, 16, 8, 4, 1)),
+}
+# sm_90 only, beside GPU_CONFIGS (kernels.conv.autotune_configs): the Hopper matmul shapes (Triton's persistent
+# matmul tutorial tunes 128x{128,256}x{64,128}, 8 warps): two warpgroups share a 128-row tile, each wgmma is
+# m64nNk16 with N = 128/256, and 3 stages of A+B tiles take ~96 KB / ~144 KB of the 227 KB of shared memory.
+HOPPER_CONFIGS = {
+    "16bit": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(128, 256, 64, 8, 8, 3)),
 }
 INTERPRETER_CONFIG = ConvConfig(16, 16, 16, 1, 1, 1)
 INT32_LIMIT = 2**31  # a tensor with this many elements or more needs 64-bit offsets
@@ -160,69 +167,106 @@ if HAS_TRITON:
         n = ms // (P * Q)
         p = (ms % (P * Q)) // Q
         q = ms % Q
+        h0 = p * stride - pad  # the tap (0, 0)'s input row/column; tap (r, s) adds (r*dil, s*dil)
+        w0 = q * stride - pad
+        row0 = (n * H + h0) * W + w0
         ks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ok = ks < K
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for rs in range(0, R * S):
-            h = p * stride - pad + (rs // S) * dil
-            w = q * stride - pad + (rs % S) * dil
-            pos_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            base = _idx((n * H + h) * W + w, INT64) * C
-            for c0 in range(0, C, BLOCK_K):
-                cs = c0 + tl.arange(0, BLOCK_K)
-                c_ok = cs < C
-                ok = pos_ok[:, None] & c_ok[None, :]
-                a = tl.load(x_ptr + base[:, None] + cs[None, :], mask=ok, other=0.0)
-                if PROLOGUE:
-                    a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, slope, ACT).to(w_ptr.dtype.element_ty)
-                else:
-                    a = a.to(w_ptr.dtype.element_ty)
-                b = tl.load(w_ptr + (rs * C + cs)[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, UPCAST, PRECISION)
+        # One flat K loop over (tap, channel block): the software pipeline runs across tap boundaries instead of
+        # draining at the end of every tap (a nested tap/channel loop is two loops to the pipeliner).
+        nk = tl.cdiv(C, BLOCK_K)
+        for it in range(0, R * S * nk):
+            rs = it // nk
+            c0 = (it - rs * nk) * BLOCK_K
+            dh = (rs // S) * dil
+            dw = (rs % S) * dil
+            pos_ok = m_ok & (h0 + dh >= 0) & (h0 + dh < H) & (w0 + dw >= 0) & (w0 + dw < W)
+            base = _idx(row0 + (dh * W + dw), INT64) * C
+            cs = c0 + tl.arange(0, BLOCK_K)
+            c_ok = cs < C
+            ok = pos_ok[:, None] & c_ok[None, :]
+            a = tl.load(x_ptr + base[:, None] + cs[None, :], mask=ok, other=0.0)
+            if PROLOGUE:  # on the way to the MMA operand: act(bn(x)) exists only in registers
+                a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, slope, ACT).to(w_ptr.dtype.element_ty)
+            else:
+                a = a.to(w_ptr.dtype.element_ty)
+            b = tl.load(w_ptr + (rs * C + cs)[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, UPCAST, PRECISION)
         tl.store(y_ptr + _idx(ms, INT64)[:, None] * K + ks[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+    @triton.jit
+    def _phase_taps(e, R, stride, dil, G, INV):
+        """Taps r in [0, R) with (e - r*dil) % stride == 0, as (first r, step, count): r = r0 + t*step.
+
+        e = phase + pad; G = gcd(dil, stride), INV = (dil/G)^-1 mod (stride/G) (from the launcher). No tap when G
+        does not divide e (e.g. stride 2, even dilation, odd e): that phase's gradient is 0 (before act')."""
+        step = stride // G
+        r0 = ((e // G) * INV) % step
+        count = tl.where(e % G == 0, (R - r0 + step - 1) // step, 0)
+        return r0, step, count
 
     @triton.jit
     def _dgrad_kernel(
         dy_ptr, w_ptr, g_ptr, x_ptr, mean_ptr, scale_ptr, beta_ptr, sums_ptr,
-        N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
+        N, H, W, C, P, Q, K, R, S, stride, pad, dil, G, INV, slope,
         EPILOGUE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         INT64: tl.constexpr, DETERMINISTIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        # sums_ptr: (2, C) fp32 accumulated by atomics, or (2, cdiv(M, BLOCK_M), C) partials when DETERMINISTIC.
-        M = N * H * W
-        num_m = tl.cdiv(M, BLOCK_M)
+        # By phases: program_id(1) = (ah, aw), the input positions h = ah + stride*i, w = aw + stride*j. Such a
+        # position meets only the taps with (ah + pad - r*dil) % stride == 0 (same for every i), each at
+        # p = i + (ah + pad - r*dil) / stride: stride**2 dense sub-GEMMs, no MMA on rows a tap cannot reach.
+        # Stride 1 is one phase with every tap. Grid axis 0 covers the largest phase; rows past a smaller
+        # phase's end are masked, and programs with no row run no K step.
+        # sums_ptr: (2, C) fp32 accumulated by atomics, or (2, stride**2 * num_m, C) partials when DETERMINISTIC.
+        phase = tl.program_id(1)
+        ah = phase // stride
+        aw = phase % stride
+        Hp = (H - ah + stride - 1) // stride
+        Wp = (W - aw + stride - 1) // stride
+        Mp = N * Hp * Wp
+        num_m = tl.cdiv(N * tl.cdiv(H, stride) * tl.cdiv(W, stride), BLOCK_M)  # the largest phase's row tiles
         pid_m, pid_n = _grouped(tl.program_id(0), num_m, tl.cdiv(C, BLOCK_N), GROUP_M)
         ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = ms < M
-        n = ms // (H * W)
-        h = (ms % (H * W)) // W
-        w = ms % W
+        m_ok = ms < Mp
+        n = ms // (Hp * Wp)
+        i = (ms % (Hp * Wp)) // Wp
+        j = ms % Wp
+        r0, step, nth = _phase_taps(ah + pad, R, stride, dil, G, INV)
+        s0, _, ntw = _phase_taps(aw + pad, S, stride, dil, G, INV)
+        row0 = (n * P + i) * Q + j
         cs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         c_ok = cs < C
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for rs in range(0, R * S):
-            ph = h + pad - (rs // S) * dil
-            qw = w + pad - (rs % S) * dil
-            p = ph // stride
-            q = qw // stride
-            ok = m_ok & (ph >= 0) & (qw >= 0) & (ph % stride == 0) & (qw % stride == 0) & (p < P) & (q < Q)
-            base = _idx((n * P + p) * Q + q, INT64) * K
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < K
-                a = tl.load(dy_ptr + base[:, None] + ks[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + (rs * K + ks)[:, None] * C + cs[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-                acc = _mma(a.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
+        nk = tl.cdiv(K, BLOCK_K)
+        n_it = tl.where(pid_m * BLOCK_M < Mp, nth * ntw * nk, 0)
+        for it in range(0, n_it):  # one flat loop over (tap of this phase, K block)
+            t = it // nk
+            k0 = (it - t * nk) * BLOCK_K
+            r = r0 + (t // ntw) * step
+            s = s0 + (t % ntw) * step
+            dp = (ah + pad - r * dil) // stride  # exact: no rounding direction to care about
+            dq = (aw + pad - s * dil) // stride
+            ok = m_ok & (i + dp >= 0) & (i + dp < P) & (j + dq >= 0) & (j + dq < Q)
+            base = _idx(row0 + (dp * Q + dq), INT64) * K
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a = tl.load(dy_ptr + base[:, None] + ks[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + ((r * S + s) * K + ks)[:, None] * C + cs[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = _mma(a.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
         out_ok = m_ok[:, None] & c_ok[None, :]
-        offs = _idx(ms, INT64)[:, None] * C + cs[None, :]
+        rows = (n * H + ah + stride * i) * W + aw + stride * j
+        offs = _idx(rows, INT64)[:, None] * C + cs[None, :]
         if EPILOGUE:  # act'(z) recomputed from x, plus the per-channel sums of the BN backward
             xc = tl.load(x_ptr + offs, mask=out_ok, other=0.0).to(tl.float32) - tl.load(mean_ptr + cs, mask=c_ok, other=0.0)[None, :]
             z = xc * tl.load(scale_ptr + cs, mask=c_ok, other=0.0)[None, :] + tl.load(beta_ptr + cs, mask=c_ok, other=0.0)[None, :]
             acc = tl.where(out_ok, _act_bwd(z, acc, slope, ACT), 0.0)
             if DETERMINISTIC:
-                tl.store(sums_ptr + pid_m * C + cs, tl.sum(acc, axis=0), mask=c_ok)
-                tl.store(sums_ptr + (num_m + pid_m) * C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
+                part = phase * num_m + pid_m
+                parts = stride * stride * num_m
+                tl.store(sums_ptr + part * C + cs, tl.sum(acc, axis=0), mask=c_ok)
+                tl.store(sums_ptr + (parts + part) * C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
             else:
                 tl.atomic_add(sums_ptr + cs, tl.sum(acc, axis=0), mask=c_ok)
                 tl.atomic_add(sums_ptr + C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
@@ -274,16 +318,81 @@ if HAS_TRITON:
         else:
             tl.atomic_add(dw_ptr + offs, acc, mask=out_ok)
 
-    _FPROP_KEY = ["N", "H", "W", "C", "K", "R", "stride", "dil"]
+    _KEYS = {"fprop": ["N", "H", "W", "C", "K", "R", "stride", "pad", "dil"]}
+    _KEYS["dgrad"] = _KEYS["fprop"]
+    _KEYS["wgrad"] = _KEYS["fprop"] + ["SPLITS"]
+    # the buffers a kernel accumulates into: the autotuner zeroes them before each timed run and after the choice,
+    # else the benchmark runs' atomics would stay in the result (tests/test_conv_autotune.py shows it)
+    _RESET = {"fprop": None, "dgrad": ["sums_ptr"], "wgrad": ["dw_ptr"]}
+    _KERNELS = {"fprop": _fprop_kernel, "dgrad": _dgrad_kernel, "wgrad": _wgrad_kernel}
+    _TUNERS: dict = {}
 
-    def _configs(cls):
-        return [triton.Config(c_.meta(), num_warps=c_.num_warps, num_stages=c_.num_stages) for c_ in GPU_CONFIGS[cls]]
+    def _bench(kernel_call, quantiles):
+        """The autotuner's timer: the driver's benchmarker on a GPU; under the interpreter (CPU tests of the same
+        autotune path: config choice, reset_to_zero) the wall clock of two calls."""
+        if _runtime.INTERPRET:
+            import time
 
-    _fprop_tuned = {cls: triton.autotune(_configs(cls), key=_FPROP_KEY)(_fprop_kernel) for cls in GPU_CONFIGS}
-    _dgrad_tuned = {cls: triton.autotune(_configs(cls), key=_FPROP_KEY, reset_to_zero=["sums_ptr"])(_dgrad_kernel)
-                    for cls in GPU_CONFIGS}
-    _wgrad_tuned = {cls: triton.autotune(_configs(cls), key=_FPROP_KEY + ["SPLITS"], reset_to_zero=["dw_ptr"])(_wgrad_kernel)
-                    for cls in GPU_CONFIGS}
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                kernel_call()
+                times.append(1e3 * (time.perf_counter() - t0))
+            return [min(times)] * len(quantiles)
+        from triton.runtime import driver
+
+        bench = getattr(driver.active, "get_benchmarker", None)
+        if bench is None:
+            import triton.testing
+
+            return triton.testing.do_bench(kernel_call, quantiles=quantiles)
+        return bench()(kernel_call, quantiles=quantiles)
+
+    def _tuned(kind: str, cls: str, x: torch.Tensor):
+        """The autotuned launcher of ``kind`` for operand class ``cls`` on x's device (its arch's config space)."""
+        arch = device_arch(x)
+        key = (kind, cls, arch)
+        if key not in _TUNERS:
+            configs = [triton.Config(c_.meta(), num_warps=c_.num_warps, num_stages=c_.num_stages)
+                       for c_ in autotune_configs(cls, arch)]
+            _TUNERS[key] = triton.autotune(configs, key=_KEYS[kind], reset_to_zero=_RESET[kind],
+                                           do_bench=_bench)(_KERNELS[kind])
+        return _TUNERS[key]
+
+
+_interpreter_arch: int | None = None
+
+
+def device_arch(x: torch.Tensor) -> int:
+    """Compute capability as an int (90 for sm_90) of x's CUDA device; on CPU the arch set by
+    :func:`autotune_in_interpreter` (80 unless given)."""
+    if _compiled(x):
+        major, minor = torch.cuda.get_device_capability(x.device)
+        return 10 * major + minor
+    return _interpreter_arch or 80
+
+
+def autotune_configs(cls: str, arch: int) -> tuple:
+    """The autotune space of an operand class on sm_``arch``: :data:`GPU_CONFIGS`, plus :data:`HOPPER_CONFIGS` on
+    sm_90 (wgmma with 8 warps; sm_80's mma.sync and 164 KB of shared memory gain nothing from them)."""
+    return tuple(GPU_CONFIGS[cls]) + (tuple(HOPPER_CONFIGS.get(cls, ())) if arch // 10 == 9 else ())
+
+
+@contextlib.contextmanager
+def autotune_in_interpreter(arch: int = 80):
+    """Tests: under the interpreter, launch through the GPU's autotuner (every config of
+    ``autotune_configs(cls, arch)`` run and timed, reset_to_zero, the choice cached per shape) instead of
+    :data:`INTERPRETER_CONFIG`. Slow: tiny shapes only."""
+    global _autotune_interpreted, _interpreter_arch
+    old = _autotune_interpreted, _interpreter_arch
+    _autotune_interpreted, _interpreter_arch = True, arch
+    try:
+        yield
+    finally:
+        _autotune_interpreted, _interpreter_arch = old
+
+
+_autotune_interpreted = False
 
 
 def _compiled(x: torch.Tensor) -> bool:
@@ -303,9 +412,11 @@ def _choose(x: torch.Tensor, config: ConvConfig | None, cls: str, fixed: bool) -
     config = config or _forced_config
     if config is not None:
         return config
-    if not _compiled(x):
+    if fixed:
+        return GPU_CONFIGS[cls][0] if (_compiled(x) or _autotune_interpreted) else INTERPRETER_CONFIG
+    if not _compiled(x) and not _autotune_interpreted:
         return INTERPRETER_CONFIG
-    return GPU_CONFIGS[cls][0] if fixed else None
+    return None
 
 
 def _launch(tuned, raw, grid, config: ConvConfig | None, *args, **flags):
@@ -391,10 +502,23 @@ def conv_fprop(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, dil
     prec = _precision(weight.dtype, precision)
     cls, int64 = operand_class(weight.dtype, prec), needs_int64(xl.numel(), y.numel())
     grid = lambda m: (triton.cdiv(N * P * Q, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),)  # noqa: E731
-    _launch(_fprop_tuned.get(cls), _fprop_kernel, grid, _choose(x, config, cls, int64),
+    _launch(_tuned("fprop", cls, x), _fprop_kernel, grid, _choose(x, config, cls, int64),
             xl, wt, y, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
             PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64)
     return y
+
+
+def phase_constants(stride: int, dil: int) -> tuple[int, int]:
+    """(G, INV) for the phase-split dgrad: G = gcd(dil, stride), INV = (dil/G)^-1 mod (stride/G) (0 when that is 1)."""
+    gcd = math.gcd(dil, stride)
+    step = stride // gcd
+    return gcd, (pow(dil // gcd, -1, step) if step > 1 else 0)
+
+
+def dgrad_phase_taps(H: int, R: int, stride: int, pad: int, dil: int) -> list[list[int]]:
+    """Per phase a (0 <= a < stride) the taps r whose (a + pad - r*dil) is a multiple of ``stride``: the taps that
+    reach the input rows a, a + stride, ... (the kernel's ``_phase_taps`` in Python, for tests and accounting)."""
+    return [[r for r in range(R) if (a + pad - r * dil) % stride == 0] for a in range(min(stride, H))]
 
 
 def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: int, pad: int, dil: int,
@@ -422,14 +546,17 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: 
     prec = _precision(weight.dtype, precision)
     cls, int64 = operand_class(weight.dtype, prec), needs_int64(dyl.numel(), g.numel())
     cfg = _choose(x, config, cls, int64 or det)
-    if det:  # partial sums per row tile, summed below in a fixed order
-        sums = torch.zeros((2, triton.cdiv(N * H * W, cfg.block_m), C), device=x.device, dtype=torch.float32)
+    if det:  # partial sums per (phase, row tile), summed below in a fixed order
+        rows = stride * stride * triton.cdiv(N * triton.cdiv(H, stride) * triton.cdiv(W, stride), cfg.block_m)
+        sums = torch.zeros((2, rows, C), device=x.device, dtype=torch.float32)
     else:
         sums = torch.zeros((2, C), device=x.device, dtype=torch.float32)
     mean, scale, beta = _vectors(bn, x)
-    grid = lambda m: (triton.cdiv(N * H * W, m["BLOCK_M"]) * triton.cdiv(C, m["BLOCK_N"]),)  # noqa: E731
-    _launch(_dgrad_tuned.get(cls), _dgrad_kernel, grid, cfg,
-            dyl, wt, g, xl, mean, scale, beta, sums, N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
+    gcd, inv = phase_constants(stride, dil)
+    grid = lambda m: (triton.cdiv(N * triton.cdiv(H, stride) * triton.cdiv(W, stride), m["BLOCK_M"])  # noqa: E731
+                      * triton.cdiv(C, m["BLOCK_N"]), stride * stride)
+    _launch(_tuned("dgrad", cls, x), _dgrad_kernel, grid, cfg,
+            dyl, wt, g, xl, mean, scale, beta, sums, N, H, W, C, P, Q, K, R, S, stride, pad, dil, gcd, inv, slope,
             EPILOGUE=bn is not None, ACT=act, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
     if bn is None:
         return g, None, None
@@ -470,7 +597,7 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, stri
     prec = _precision(dtype, precision)
     cls, int64 = operand_class(dtype, prec), needs_int64(dyl.numel(), xl.numel())
     grid = lambda m: (triton.cdiv(K, m["BLOCK_M"]) * triton.cdiv(C, m["BLOCK_N"]), R * S * splits)  # noqa: E731
-    _launch(_wgrad_tuned.get(cls), _wgrad_kernel, grid, _choose(x, config, cls, int64 or det),
+    _launch(_tuned("wgrad", cls, x), _wgrad_kernel, grid, _choose(x, config, cls, int64 or det),
             dyl, xl, dw, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, splits, slope,
             PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
     if det:
