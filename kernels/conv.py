@@ -69,11 +69,17 @@ GPU_CONFIGS = {
     "tf32": (ConvConfig(64, 64, 16, 8, 4, 3), ConvConfig(128, 64, 16, 8, 8, 3)),
     "ieee": (ConvConfig(32, 64, 16, 8, 4, 1), ConvConfig(64, 32, 16, 8, 4, 1)),
 }
-# sm_90 only, beside GPU_CONFIGS (kernels.conv.autotune_configs): the Hopper matmul shapes (Triton's persistent
-# matmul tutorial tunes 128x{128,256}x{64,128}, 8 warps): two warpgroups share a 128-row tile, each wgmma is
-# m64nNk16 with N = 128/256, and 3 stages of A+B tiles take ~96 KB / ~144 KB of the 227 KB of shared memory.
+# sm_90 only, 16-bit operands, beside GPU_CONFIGS (:func:`autotune_configs`): the Hopper matmul shapes (Triton's
+# persistent matmul tutorial tunes 128x{128,256}x{64,128}, 8 warps): two warpgroups share the tile, each wgmma is
+# m64nNk16 with N up to 256, and 3-4 stages of A+B tiles take 96-150 KB of the 227 KB of shared memory. Per kernel,
+# because their register needs differ (Triton 3.9 ptxas, sm_90, BN on; bench/results/aot-compile.md):
+# fprop 128x128x64 s3/s4 174/170 registers, 128x256x64 246; wgrad 128x128x64 142, 128x256x64 spills (255 + 88 B)
+# where 256x128x64 (the prologue on a 64x128 operand, not 64x256) takes 228; dgrad's epilogue (act' and the two BN
+# sums on the tile) spills at 128x128x64 (255 + 48 B) and fits at 128x64x64 (180).
 HOPPER_CONFIGS = {
-    "16bit": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(128, 256, 64, 8, 8, 3)),
+    "fprop": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(128, 128, 64, 8, 8, 4), ConvConfig(128, 256, 64, 8, 8, 3)),
+    "dgrad": (ConvConfig(128, 64, 64, 8, 8, 4),),
+    "wgrad": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(256, 128, 64, 8, 8, 3)),
 }
 INTERPRETER_CONFIG = ConvConfig(16, 16, 16, 1, 1, 1)
 INT32_LIMIT = 2**31  # a tensor with this many elements or more needs 64-bit offsets
@@ -175,12 +181,12 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         # One flat K loop over (tap, channel block): the software pipeline runs across tap boundaries instead of
         # draining at the end of every tap (a nested tap/channel loop is two loops to the pipeliner).
-        nk = tl.cdiv(C, BLOCK_K)
-        for it in range(0, R * S * nk):
-            rs = it // nk
-            c0 = (it - rs * nk) * BLOCK_K
-            dh = (rs // S) * dil
-            dw = (rs % S) * dil
+        # The tap (rs, its offsets dh/dw) and channel block c0 advance as loop-carried scalars, no division per step.
+        c0 = 0
+        rs = 0
+        dh = 0
+        dw = 0
+        for _ in range(0, R * S * tl.cdiv(C, BLOCK_K)):
             pos_ok = m_ok & (h0 + dh >= 0) & (h0 + dh < H) & (w0 + dw >= 0) & (w0 + dw < W)
             base = _idx(row0 + (dh * W + dw), INT64) * C
             cs = c0 + tl.arange(0, BLOCK_K)
@@ -193,6 +199,14 @@ if HAS_TRITON:
                 a = a.to(w_ptr.dtype.element_ty)
             b = tl.load(w_ptr + (rs * C + cs)[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, UPCAST, PRECISION)
+            c0 += BLOCK_K
+            next_tap = c0 >= C
+            c0 = tl.where(next_tap, 0, c0)
+            rs = tl.where(next_tap, rs + 1, rs)
+            dw = tl.where(next_tap, dw + dil, dw)
+            next_row = dw >= S * dil
+            dw = tl.where(next_row, 0, dw)
+            dh = tl.where(next_row, dh + dil, dh)
         tl.store(y_ptr + _idx(ms, INT64)[:, None] * K + ks[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
     @triton.jit
@@ -239,15 +253,18 @@ if HAS_TRITON:
         cs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         c_ok = cs < C
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        nk = tl.cdiv(K, BLOCK_K)
-        n_it = tl.where(pid_m * BLOCK_M < Mp, nth * ntw * nk, 0)
-        for it in range(0, n_it):  # one flat loop over (tap of this phase, K block)
-            t = it // nk
-            k0 = (it - t * nk) * BLOCK_K
-            r = r0 + (t // ntw) * step
-            s = s0 + (t % ntw) * step
-            dp = (ah + pad - r * dil) // stride  # exact: no rounding direction to care about
-            dq = (aw + pad - s * dil) // stride
+        n_it = tl.where(pid_m * BLOCK_M < Mp, nth * ntw * tl.cdiv(K, BLOCK_K), 0)
+        # One flat loop over (tap of this phase, K block). The tap and block advance as loop-carried scalars (no
+        # integer division per step: on sm_80 that extra scalar work tipped the 4-warp tile into spills).
+        dstep = step * dil // stride  # how far p moves when r advances by one step (exact)
+        dp0 = (ah + pad - r0 * dil) // stride  # exact: no rounding direction to care about
+        dq0 = (aw + pad - s0 * dil) // stride
+        k0 = 0
+        r = r0
+        s = s0
+        dp = dp0
+        dq = dq0
+        for _ in range(0, n_it):
             ok = m_ok & (i + dp >= 0) & (i + dp < P) & (j + dq >= 0) & (j + dq < Q)
             base = _idx(row0 + (dp * Q + dq), INT64) * K
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -255,6 +272,16 @@ if HAS_TRITON:
             a = tl.load(dy_ptr + base[:, None] + ks[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_ptr + ((r * S + s) * K + ks)[:, None] * C + cs[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
             acc = _mma(a.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
+            k0 += BLOCK_K
+            next_tap = k0 >= K
+            k0 = tl.where(next_tap, 0, k0)
+            s = tl.where(next_tap, s + step, s)
+            dq = tl.where(next_tap, dq - dstep, dq)
+            next_row = s >= S
+            s = tl.where(next_row, s0, s)
+            dq = tl.where(next_row, dq0, dq)
+            r = tl.where(next_row, r + step, r)
+            dp = tl.where(next_row, dp - dstep, dp)
         out_ok = m_ok[:, None] & c_ok[None, :]
         rows = (n * H + ah + stride * i) * W + aw + stride * j
         offs = _idx(rows, INT64)[:, None] * C + cs[None, :]
@@ -354,7 +381,7 @@ if HAS_TRITON:
         key = (kind, cls, arch)
         if key not in _TUNERS:
             configs = [triton.Config(c_.meta(), num_warps=c_.num_warps, num_stages=c_.num_stages)
-                       for c_ in autotune_configs(cls, arch)]
+                       for c_ in autotune_configs(cls, arch, kind)]
             _TUNERS[key] = triton.autotune(configs, key=_KEYS[kind], reset_to_zero=_RESET[kind],
                                            do_bench=_bench)(_KERNELS[kind])
         return _TUNERS[key]
@@ -372,16 +399,18 @@ def device_arch(x: torch.Tensor) -> int:
     return _interpreter_arch or 80
 
 
-def autotune_configs(cls: str, arch: int) -> tuple:
-    """The autotune space of an operand class on sm_``arch``: :data:`GPU_CONFIGS`, plus :data:`HOPPER_CONFIGS` on
-    sm_90 (wgmma with 8 warps; sm_80's mma.sync and 164 KB of shared memory gain nothing from them)."""
-    return tuple(GPU_CONFIGS[cls]) + (tuple(HOPPER_CONFIGS.get(cls, ())) if arch // 10 == 9 else ())
+def autotune_configs(cls: str, arch: int, kind: str = "fprop") -> tuple:
+    """The autotune space of ``kind`` ("fprop" | "dgrad" | "wgrad") for an operand class on sm_``arch``:
+    :data:`GPU_CONFIGS`, plus :data:`HOPPER_CONFIGS` for 16-bit operands on sm_90 (wgmma with 8 warps; sm_80's
+    mma.sync and 164 KB of shared memory gain nothing from them)."""
+    hopper = HOPPER_CONFIGS[kind] if (cls == "16bit" and arch // 10 == 9) else ()
+    return tuple(GPU_CONFIGS[cls]) + tuple(hopper)
 
 
 @contextlib.contextmanager
 def autotune_in_interpreter(arch: int = 80):
     """Tests: under the interpreter, launch through the GPU's autotuner (every config of
-    ``autotune_configs(cls, arch)`` run and timed, reset_to_zero, the choice cached per shape) instead of
+    ``autotune_configs(cls, arch, kind)`` run and timed, reset_to_zero, the choice cached per shape) instead of
     :data:`INTERPRETER_CONFIG`. Slow: tiny shapes only."""
     global _autotune_interpreted, _interpreter_arch
     old = _autotune_interpreted, _interpreter_arch
@@ -641,7 +670,8 @@ def aot_variants() -> list:
             sigs = {
                 "conv_fprop": (_fprop_kernel, "PROLOGUE", {"x_ptr": f"*{xs}", "w_ptr": f"*{os_}", "y_ptr": f"*{os_}"}),
                 "conv_dgrad": (_dgrad_kernel, "EPILOGUE", {"dy_ptr": f"*{os_}", "w_ptr": f"*{os_}", "g_ptr": "*fp32",
-                                                           "x_ptr": f"*{xs}", "sums_ptr": "*fp32"}),
+                                                           "x_ptr": f"*{xs}", "sums_ptr": "*fp32", "G": "i32",
+                                                           "INV": "i32"}),
                 "conv_wgrad": (_wgrad_kernel, "PROLOGUE", {"dy_ptr": f"*{os_}", "x_ptr": f"*{xs}", "dw_ptr": "*fp32",
                                                            "SPLITS": "i32"}),
             }
@@ -668,5 +698,20 @@ def aot_variants() -> list:
                             + {relu: "", leaky: " leaky_relu", ident: " identity"}[act]
                         out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
                                            f"{flags} {cfg.label()}", tensor_cores=cls != "ieee",
-                                           divisible=("C", "K")))
+                                           divisible=("C", "K"), single_k_loop=cls != "ieee"))
+                    # sm_90's extra autotune configs (HOPPER_CONFIGS), budgeted: BN + ReLU (what the model
+                    # launches) for every 16-bit combination, plain and leaky_relu for bf16 operands only
+                    if cls != "16bit" or not (flag or odt == xdt == torch.bfloat16):
+                        continue
+                    acts = (relu, leaky) if (flag and xdt == odt == torch.bfloat16) else (relu,)
+                    for cfg in HOPPER_CONFIGS[name[len("conv_"):]]:
+                        for act in acts:
+                            const = {flag_name: flag, "ACT": act, "UPCAST": False, "PRECISION": prec, "INT64": False,
+                                     **cfg.meta()}
+                            if has_det:
+                                const["DETERMINISTIC"] = False
+                            flags = ("bn" if flag else "plain") + (" leaky_relu" if act == leaky else "")
+                            out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
+                                               f"{flags} {cfg.label()} (sm_90)", tensor_cores=True,
+                                               divisible=("C", "K"), archs=(90,), single_k_loop=True))
     return out
