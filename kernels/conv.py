@@ -18,8 +18,16 @@ GPU fitness:
 - fp32 operands use ``tl.dot(..., input_precision="ieee")`` (exact fp32 FMA, as torch's default conv) unless TF32
   is asked for (``set_fp32_precision("tf32")`` or ``precision="tf32"``); bf16/fp16 run on tensor cores.
 - Offsets are int32 unless a tensor has 2**31 elements or more; then the launcher picks the ``INT64`` variant.
-- On a GPU the tile is autotuned over :data:`GPU_CONFIGS` (keyed on the shape); under the interpreter one fixed
-  config (:data:`INTERPRETER_CONFIG`, or the one given by ``config=`` / :func:`use_config`) runs.
+- On a GPU the tile is autotuned over :func:`autotune_configs` (keyed on the shape): :data:`GPU_CONFIGS`, plus
+  :data:`HOPPER_CONFIGS` (128-row tiles, 8 warps) for 16-bit operands on sm_90; under the interpreter one fixed
+  config (:data:`INTERPRETER_CONFIG`, or the one given by ``config=`` / :func:`use_config`) runs, or the GPU's
+  autotuner itself inside :func:`autotune_in_interpreter` (tests).
+- One flat K loop per kernel: fprop and dgrad iterate over (filter tap, channel block) with the tap advanced as
+  loop-carried scalars, so Triton software-pipelines a single loop that never drains at a tap boundary (sm_90 PTX:
+  one loop holds the wgmmas, one ``cp.async.wait_group`` per iteration; kernels/aot.py checks it).
+- dgrad runs by phases (grid axis 1 = stride**2 input phases (h % stride, w % stride)): a phase meets only the
+  taps r with (phase + pad - r*dil) % stride == 0, so a stride-2 3x3 dgrad does 9 tap-GEMMs of a quarter of the
+  rows in all instead of 9 masked full ones (75% of them zeros); stride 1 is one phase.
 - The split-M weight gradient and the dgrad epilogue sums use fp32 atomics, coalesced along C; ``deterministic=True``
   (or :func:`set_deterministic`) writes per-split partials instead and sums them in a fixed order.
 - Every variant the launchers can choose is listed by :func:`aot_variants` and compiled for sm_80/sm_90 in CI

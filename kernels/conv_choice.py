@@ -169,8 +169,9 @@ def _campaign_rows(data) -> tuple[list[dict], str]:
     """(rows, device) of a campaign JSON (bench.runner) or a bench.conv_shapes result file."""
     if isinstance(data, dict) and "kernels" in data:
         return data["kernels"]["conv"]["rows"], data["environment"]["device"]
-    if isinstance(data, dict) and "rows" in data:
-        return data["rows"], (data.get("environment") or {}).get("device", "")
+    for field in ("rows", "results"):  # bench.conv_shapes writes "results" (bench._env.write_results)
+        if isinstance(data, dict) and isinstance(data.get(field), list):
+            return data[field], (data.get("environment") or {}).get("device", "")
     raise ValueError("expected a bench campaign JSON (kernels.conv.rows) or a bench.conv_shapes result (rows)")
 
 

@@ -116,3 +116,18 @@ def test_table_from_campaign_rows_cli(tmp_path):
     src.write_text("[]")
     assert cc.main(["--from", str(src), "--out", str(out)]) == 2
     assert cc.load_table(out)["entries"]  # the old table is intact
+
+
+def test_table_from_conv_shapes_results_merges(tmp_path):
+    """bench.conv_shapes' results file ("results" rows) merged into a table that holds another device's entry."""
+    out = tmp_path / "table.json"
+    other = _entry("triton", device="NVIDIA A100-SXM4-80GB")
+    out.write_text(json.dumps(_table(other)))
+    src = tmp_path / "shapes.json"
+    row = dict(C=64, K=128, k=3, stride=2, dil=1, pad=1, H=56, W=56, N=4, dtype="bf16", igemm_ms=2.0,
+               bnrelu_cudnn_ms=1.0)
+    src.write_text(json.dumps({"environment": {"device": H100}, "results": [row]}))
+    assert cc.main(["--from", str(src), "--out", str(out), "--merge"]) == 0
+    t = cc.load_table(out)["entries"]
+    assert t[(H100, "bf16", 4, 64, 128, 56, 56, 3, 2, 1, 1)] == "torch"
+    assert t[tuple(other[f] for f in cc.KEY_FIELDS)] == "triton"
