@@ -300,8 +300,10 @@ if HAS_TRITON:
             if DETERMINISTIC:
                 part = phase * num_m + pid_m
                 parts = stride * stride * num_m
-                tl.store(sums_ptr + part * C + cs, tl.sum(acc, axis=0), mask=c_ok)
+                # sum(g*xc) first: xc dies before the second reduction (in the other order the sm_80 4-warp tile
+                # with fp32 x spilled 8 bytes)
                 tl.store(sums_ptr + (parts + part) * C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
+                tl.store(sums_ptr + part * C + cs, tl.sum(acc, axis=0), mask=c_ok)
             else:
                 tl.atomic_add(sums_ptr + cs, tl.sum(acc, axis=0), mask=c_ok)
                 tl.atomic_add(sums_ptr + C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
