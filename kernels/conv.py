@@ -273,7 +273,8 @@ if HAS_TRITON:
         dp = dp0
         dq = dq0
         for _ in range(0, n_it):
-            ok = m_ok & (i + dp >= 0) & (i + dp < P) & (j + dq >= 0) & (j + dq < Q)
+            # 0 <= i+dp < P as one unsigned compare (a negative wraps above P): fewer live predicates
+            ok = m_ok & ((i + dp).to(tl.uint32) < P) & ((j + dq).to(tl.uint32) < Q)
             base = _idx(row0 + (dp * Q + dq), INT64) * K
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
@@ -305,8 +306,14 @@ if HAS_TRITON:
                 tl.store(sums_ptr + (parts + part) * C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
                 tl.store(sums_ptr + part * C + cs, tl.sum(acc, axis=0), mask=c_ok)
             else:
-                tl.atomic_add(sums_ptr + cs, tl.sum(acc, axis=0), mask=c_ok)
-                tl.atomic_add(sums_ptr + C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
+                # the order only moves registers: sum(g*xc) first fits the 16-bit tiles (Triton 3.6 sm_80 leaky_relu
+                # spilled 8 B the other way), sum(g) first the fp32 ones (Triton 3.9 sm_90 ieee identity: 24 B)
+                if w_ptr.dtype.element_ty == tl.float32:
+                    tl.atomic_add(sums_ptr + cs, tl.sum(acc, axis=0), mask=c_ok)
+                    tl.atomic_add(sums_ptr + C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
+                else:
+                    tl.atomic_add(sums_ptr + C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
+                    tl.atomic_add(sums_ptr + cs, tl.sum(acc, axis=0), mask=c_ok)
         tl.store(g_ptr + offs, acc.to(g_ptr.dtype.element_ty), mask=out_ok)
 
     @triton.jit
