@@ -7,6 +7,9 @@ A1-s8 at 504 (batch 4 per GPU, the seed's 16 over 4), bf16, channels_last. Imple
 eager (BatchNorm2d + ReLU + cuDNN conv), bnrelu_cudnn (Triton BN-ReLU recompute + cuDNN),
 igemm (Triton implicit GEMM with the BN-ReLU prologue), compile (torch.compile of the eager block).
 Times are triton.testing.do_bench medians (ms, L2 cleared); TFLOP/s counts fprop + dgrad + wgrad.
+
+``--table kernels/conv_choice.json`` also writes the per-layer choice table (kernels/conv_choice.py: "triton" where
+igemm beats bnrelu_cudnn on this device, merged with the other devices' entries already in the file).
 """
 
 from __future__ import annotations
@@ -100,7 +103,10 @@ def _amp(fn):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.conv_shapes")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--table", type=Path, help="write the per-layer conv choice table here (needs --out)")
     args = ap.parse_args(argv)
+    if args.table and not args.out:
+        ap.error("--table needs --out (the table is made from the results file)")
     shapes = conv_shapes("ilsvrc-cls_rna-a1_cls1000", 224, 64) + conv_shapes("voc_rna-a1_cls21_s8", 504, 4)
     rows = []
     for s in shapes:
@@ -108,6 +114,10 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         write_results(args.out, rows)
+    if args.table:
+        from kernels import conv_choice
+
+        return conv_choice.main(["--from", str(args.out), "--out", str(args.table), "--merge"])
     return 0
 
 

@@ -7,7 +7,13 @@ tensor-core instructions in the PTX (``wgmma`` on sm_90, ``mma.sync`` on sm_80),
 
 - no compile error, no register spill;
 - shared memory within the target's opt-in limit (sm_90 227 KB = 232448 B, sm_80 163 KB = 166912 B);
-- sm_90 bf16/fp16 (and opt-in TF32) conv kernels use ``wgmma``; sm_80 ones ``mma.sync``.
+- sm_90 bf16/fp16 (and opt-in TF32) conv kernels use ``wgmma``; sm_80 ones ``mma.sync``;
+- variants marked ``single_k_loop`` (the tensor-core convs) have all their MMAs in one PTX loop (:func:`mma_loops`:
+  a nested tap/channel loop shows 2), and on sm_90 that loop waits on its async copies once per iteration
+  (``cp.async.wait_group``, or an mbarrier wait for TMA): one software-pipelined K loop that never drains.
+
+``--only conv`` (comma-separated substrings of kernel names) compiles a subset; variants with ``archs`` set (the
+sm_90-only Hopper tiles) are compiled for those archs only.
 
 The kernels must be imported with ``TRITON_INTERPRET=0`` (under the interpreter ``@triton.jit`` gives an
 InterpretedFunction, which cannot be compiled), so this runs as its own process::
@@ -52,6 +58,8 @@ class Variant:
     config: str = ""
     tensor_cores: bool = False  # must use tensor-core MMA instructions (wgmma on sm_90, mma on sm_80)
     divisible: tuple = field(default=())  # extra integer args assumed divisible by 16 (pointers always are)
+    archs: tuple = field(default=())  # compile only for these compute capabilities (empty: every --arch)
+    single_k_loop: bool = False  # its MMAs must sit in one loop (sm_90: with one async-copy wait, a pipelined K loop)
 
     @property
     def name(self) -> str:
@@ -96,6 +104,35 @@ def _run_ptxas(ptx: str, arch: int) -> str:
         return r.stdout + r.stderr
 
 
+_LABEL = re.compile(r"^(\$L__BB\d+_\d+):", re.M)
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
+_MMA = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)\b")
+_WAITS = {"cp.async.wait": r"\bcp\.async\.wait_(?:group|all)\b", "bulk.wait": r"\bcp\.async\.bulk\.wait_group\b",
+          "mbarrier.wait": r"\bmbarrier\.(?:try_)?wait", "wgmma.wait": r"\bwgmma\.wait_group\b",
+          "bar.sync": r"\bbar\.sync\b"}
+
+
+def mma_loops(ptx: str) -> list[dict]:
+    """The loops of a PTX kernel that contain a tensor-core MMA, each with its waits per iteration.
+
+    A loop is the text from a label to a later branch back to it (LLVM emits natural loops that way); nested
+    loops both count, so a tap loop around a channel loop gives 2 and one flat K loop gives 1. Per loop: the
+    number of MMA instructions and of each wait kind in its body (``cp.async.wait`` is the software pipeline's
+    async-copy wait; TMA would show ``mbarrier.wait``)."""
+    labels = {m.group(1): m.start() for m in _LABEL.finditer(ptx)}
+    out = []
+    for m in _BRANCH.finditer(ptx):
+        start = labels.get(m.group(1))
+        if start is None or start > m.start():
+            continue
+        body = ptx[start:m.end()]
+        n_mma = len(_MMA.findall(body))
+        if n_mma:
+            out.append(dict(label=m.group(1), mma=n_mma,
+                            **{k: len(re.findall(rx, body)) for k, rx in _WAITS.items()}))
+    return out
+
+
 def compile_variant(v: Variant, arch: int) -> dict:
     """Compile ``v`` for sm_``arch``; a dict row for the table with ``problems`` (empty when it passes)."""
     import triton
@@ -103,7 +140,7 @@ def compile_variant(v: Variant, arch: int) -> dict:
     from triton.compiler import ASTSource
 
     row = dict(kernel=v.kernel or v.name, fn=v.name, dtypes=v.dtypes, config=v.config, arch=arch,
-               regs=None, spills=None, shared=None, mma=None, seconds=None, problems=[])
+               regs=None, spills=None, shared=None, mma=None, loops=None, seconds=None, problems=[])
     t0 = time.time()
     try:
         sig, attrs = _full_signature(v)
@@ -137,6 +174,16 @@ def compile_variant(v: Variant, arch: int) -> dict:
         row["problems"].append("sm_90 tensor-core kernel without wgmma in its PTX")
     if v.tensor_cores and arch < 90 and not mma:
         row["problems"].append(f"sm_{arch} tensor-core kernel without mma.sync in its PTX")
+    loops = mma_loops(ptx)
+    row["loops"] = "; ".join(f"{lp['mma']} mma, " + ", ".join(f"{lp[k]} {k}" for k in _WAITS if lp[k])
+                             for lp in loops) or "none"
+    if v.single_k_loop and (wgmma or mma):
+        if len(loops) != 1:
+            row["problems"].append(f"{len(loops)} loops hold MMAs (one pipelined K loop expected)")
+        elif arch >= 90 and loops[0]["cp.async.wait"] + loops[0]["mbarrier.wait"] != 1:
+            # sm_90 only: on sm_80 Triton's mma.sync pipeline waits once per operand stream (3 in our loops)
+            row["problems"].append(f"K loop with {loops[0]['cp.async.wait']} cp.async and "
+                                   f"{loops[0]['mbarrier.wait']} mbarrier waits per iteration (1 expected)")
     row["seconds"] = round(time.time() - t0, 2)
     return row
 
@@ -160,13 +207,22 @@ def _work(job: tuple[int, int]) -> dict:
     return compile_variant(_VARIANTS[i], arch)
 
 
-def compile_all(archs=(90, 80), jobs: int = 2, modules=MODULES, limit: int | None = None) -> list[dict]:
-    """Compile every variant of ``modules`` for each arch (``jobs`` processes); rows in a fixed order."""
+def compile_all(archs=(90, 80), jobs: int = 2, modules=MODULES, limit: int | None = None,
+                only: str | None = None) -> list[dict]:
+    """Compile every variant of ``modules`` for each arch (``jobs`` processes); rows in a fixed order.
+
+    ``only``: comma-separated substrings; a variant is kept when its label ``"<kernel> <dtypes> <config>"``
+    (``"conv_dgrad x=bf16 op=bf16 bn 64x64x32 g8 w4 s3"``) or its function name contains one of them
+    (``"conv"``: the convolutions only)."""
     global _VARIANTS
     _VARIANTS = collect_variants(modules)
+    if only:
+        keys = [k for k in only.split(",") if k]
+        _VARIANTS = [v for v in _VARIANTS if any(k in f"{v.kernel} {v.dtypes} {v.config}" or k in v.name
+                                                 for k in keys)]
     if limit:
         _VARIANTS = _VARIANTS[:limit]
-    work = [(i, a) for a in archs for i in range(len(_VARIANTS))]
+    work = [(i, a) for a in archs for i in range(len(_VARIANTS)) if not _VARIANTS[i].archs or a in _VARIANTS[i].archs]
     if jobs <= 1:
         return [_work(j) for j in work]
     import multiprocessing as mp
@@ -177,12 +233,13 @@ def compile_all(archs=(90, 80), jobs: int = 2, modules=MODULES, limit: int | Non
 
 
 def table(rows: list[dict]) -> str:
-    head = "| arch | kernel | dtypes | config | regs | spills | shared B | tensor-core instrs | status |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| arch | kernel | dtypes | config | regs | spills | shared B | tensor-core instrs | "
+            "loops with MMA: per-iteration MMAs and waits | status |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         status = "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
         lines.append(f"| sm_{r['arch']} | {r['kernel']} | {r['dtypes']} | {r['config']} | {r['regs']} | "
-                     f"{r['spills']} | {r['shared']} | {r['mma']} | {status} |")
+                     f"{r['spills']} | {r['shared']} | {r['mma']} | {r.get('loops') or ''} | {status} |")
     return "\n".join(lines)
 
 
@@ -208,6 +265,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--modules", default=",".join(MODULES))
     ap.add_argument("--limit", type=int, default=None, help="only the first N variants (debugging)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated substrings of '<kernel> <dtypes> <config>' to keep (e.g. conv, conv_dgrad, "
+                         "'conv_fprop x=bf16 op=bf16 bn')")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     ap.add_argument("--md", default=None, help="write the markdown table here")
     args = ap.parse_args(argv)
@@ -220,7 +280,10 @@ def main(argv=None) -> int:
         return 3
     t0 = time.time()
     rows = compile_all(tuple(int(a) for a in args.arch.split(",")), args.jobs, tuple(args.modules.split(",")),
-                       args.limit)
+                       args.limit, args.only)
+    if not rows:
+        print(f"kernels.aot: no variant matches --only {args.only!r}", file=sys.stderr)
+        return 2
     text = summary(rows) + f" in {time.time() - t0:.0f} s on {args.jobs} processes\n\n" + table(rows) + "\n"
     print(text)
     if args.json:

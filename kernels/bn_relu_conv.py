@@ -210,15 +210,22 @@ def bn_relu_conv(
     running statistics in eval; frozen statistics with trainable gamma/beta = bn.eval() with requires_grad).
     ``dropout`` is element-wise inverted dropout between the activation and the convs (applied when > 0).
     ``conv="triton"`` (with the triton backend) runs the convolutions as implicit GEMMs that normalise and
-    rectify x while loading it (:mod:`kernels.conv`); ``"torch"`` (default) uses torch/cuDNN convolutions.
+    rectify x while loading it (:mod:`kernels.conv`); ``"torch"`` (default) uses torch/cuDNN convolutions;
+    ``"auto"`` picks per call from the table of :mod:`kernels.conv_choice` (device and shape; cuDNN where the
+    table has no entry, off CUDA, or where the implicit GEMM cannot run these convs).
     ``activation``: "relu" (default), "leaky_relu" (negative slope ``activation_param``) or "identity".
     """
     if not convs:
         raise ValueError("bn_relu_conv needs at least one convolution")
     activation_code(activation)  # an unknown name fails here, on every path
     be = _runtime.resolve_backend(backend, x)
-    if conv not in ("torch", "triton"):
-        raise ValueError(f"conv must be 'torch' or 'triton', got {conv!r}")
+    if conv not in ("torch", "triton", "auto"):
+        raise ValueError(f"conv must be 'torch', 'triton' or 'auto', got {conv!r}")
+    if conv == "auto":  # per layer, from the shipped/overridden table (kernels/conv_choice.py); never off CUDA
+        from .conv_choice import choose
+
+        conv = "triton" if (be == "triton" and _igemm_supported(convs, dropout, sync) is None
+                            and choose(x, convs, compute_dtype(x)) == "triton") else "torch"
     if conv == "triton":
         why = "it needs backend='triton'" if be != "triton" else _igemm_supported(convs, dropout, sync)
         if why:

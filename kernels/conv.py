@@ -18,8 +18,16 @@ GPU fitness:
 - fp32 operands use ``tl.dot(..., input_precision="ieee")`` (exact fp32 FMA, as torch's default conv) unless TF32
   is asked for (``set_fp32_precision("tf32")`` or ``precision="tf32"``); bf16/fp16 run on tensor cores.
 - Offsets are int32 unless a tensor has 2**31 elements or more; then the launcher picks the ``INT64`` variant.
-- On a GPU the tile is autotuned over :data:`GPU_CONFIGS` (keyed on the shape); under the interpreter one fixed
-  config (:data:`INTERPRETER_CONFIG`, or the one given by ``config=`` / :func:`use_config`) runs.
+- On a GPU the tile is autotuned over :func:`autotune_configs` (keyed on the shape): :data:`GPU_CONFIGS`, plus
+  :data:`HOPPER_CONFIGS` (128-row tiles, 8 warps) for 16-bit operands on sm_90; under the interpreter one fixed
+  config (:data:`INTERPRETER_CONFIG`, or the one given by ``config=`` / :func:`use_config`) runs, or the GPU's
+  autotuner itself inside :func:`autotune_in_interpreter` (tests).
+- One flat K loop per kernel: fprop and dgrad iterate over (filter tap, channel block) with the tap advanced as
+  loop-carried scalars, so Triton software-pipelines a single loop that never drains at a tap boundary (sm_90 PTX:
+  one loop holds the wgmmas, one ``cp.async.wait_group`` per iteration; kernels/aot.py checks it).
+- dgrad runs by phases (grid axis 1 = stride**2 input phases (h % stride, w % stride)): a phase meets only the
+  taps r with (phase + pad - r*dil) % stride == 0, so a stride-2 3x3 dgrad does 9 tap-GEMMs of a quarter of the
+  rows in all instead of 9 masked full ones (75% of them zeros); stride 1 is one phase.
 - The split-M weight gradient and the dgrad epilogue sums use fp32 atomics, coalesced along C; ``deterministic=True``
   (or :func:`set_deterministic`) writes per-split partials instead and sums them in a fixed order.
 - Every variant the launchers can choose is listed by :func:`aot_variants` and compiled for sm_80/sm_90 in CI
@@ -31,6 +39,7 @@ Reference: torch.nn.functional.conv2d / torch.nn.grad.conv2d_{input,weight} on a
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +76,18 @@ GPU_CONFIGS = {
     "16bit": (ConvConfig(64, 64, 32, 8, 4, 3), ConvConfig(64, 128, 32, 8, 8, 2)),
     "tf32": (ConvConfig(64, 64, 16, 8, 4, 3), ConvConfig(128, 64, 16, 8, 8, 3)),
     "ieee": (ConvConfig(32, 64, 16, 8, 4, 1), ConvConfig(64, 32, 16, 8, 4, 1)),
+}
+# sm_90 only, 16-bit operands, beside GPU_CONFIGS (:func:`autotune_configs`): the Hopper matmul shapes (Triton's
+# persistent matmul tutorial tunes 128x{128,256}x{64,128}, 8 warps): two warpgroups share the tile, each wgmma is
+# m64nNk16 with N up to 256, and 3-4 stages of A+B tiles take 96-150 KB of the 227 KB of shared memory. Per kernel,
+# because their register needs differ (Triton 3.9 ptxas, sm_90, BN on; bench/results/aot-compile.md):
+# fprop 128x128x64 s3/s4 174/170 registers, 128x256x64 246; wgrad 128x128x64 142, 128x256x64 spills (255 + 88 B)
+# where 256x128x64 (the prologue on a 64x128 operand, not 64x256) takes 228; dgrad's epilogue (act' and the two BN
+# sums on the tile) spills at 128x128x64 (255 + 48 B) and fits at 128x64x64 (180).
+HOPPER_CONFIGS = {
+    "fprop": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(128, 128, 64, 8, 8, 4), ConvConfig(128, 256, 64, 8, 8, 3)),
+    "dgrad": (ConvConfig(128, 64, 64, 8, 8, 4),),
+    "wgrad": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(256, 128, 64, 8, 8, 3)),
 }
 INTERPRETER_CONFIG = ConvConfig(16, 16, 16, 1, 1, 1)
 INT32_LIMIT = 2**31  # a tensor with this many elements or more needs 64-bit offsets
@@ -160,72 +181,139 @@ if HAS_TRITON:
         n = ms // (P * Q)
         p = (ms % (P * Q)) // Q
         q = ms % Q
+        h0 = p * stride - pad  # the tap (0, 0)'s input row/column; tap (r, s) adds (r*dil, s*dil)
+        w0 = q * stride - pad
+        row0 = (n * H + h0) * W + w0
         ks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ok = ks < K
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for rs in range(0, R * S):
-            h = p * stride - pad + (rs // S) * dil
-            w = q * stride - pad + (rs % S) * dil
-            pos_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            base = _idx((n * H + h) * W + w, INT64) * C
-            for c0 in range(0, C, BLOCK_K):
-                cs = c0 + tl.arange(0, BLOCK_K)
-                c_ok = cs < C
-                ok = pos_ok[:, None] & c_ok[None, :]
-                a = tl.load(x_ptr + base[:, None] + cs[None, :], mask=ok, other=0.0)
-                if PROLOGUE:
-                    a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, slope, ACT).to(w_ptr.dtype.element_ty)
-                else:
-                    a = a.to(w_ptr.dtype.element_ty)
-                b = tl.load(w_ptr + (rs * C + cs)[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, UPCAST, PRECISION)
+        # One flat K loop over (tap, channel block): the software pipeline runs across tap boundaries instead of
+        # draining at the end of every tap (a nested tap/channel loop is two loops to the pipeliner).
+        # The tap (rs, its offsets dh/dw) and channel block c0 advance as loop-carried scalars, no division per step.
+        c0 = 0
+        rs = 0
+        dh = 0
+        dw = 0
+        for _ in range(0, R * S * tl.cdiv(C, BLOCK_K)):
+            pos_ok = m_ok & (h0 + dh >= 0) & (h0 + dh < H) & (w0 + dw >= 0) & (w0 + dw < W)
+            base = _idx(row0 + (dh * W + dw), INT64) * C
+            cs = c0 + tl.arange(0, BLOCK_K)
+            c_ok = cs < C
+            ok = pos_ok[:, None] & c_ok[None, :]
+            a = tl.load(x_ptr + base[:, None] + cs[None, :], mask=ok, other=0.0)
+            if PROLOGUE:  # on the way to the MMA operand: act(bn(x)) exists only in registers
+                a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, slope, ACT).to(w_ptr.dtype.element_ty)
+            else:
+                a = a.to(w_ptr.dtype.element_ty)
+            b = tl.load(w_ptr + (rs * C + cs)[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, UPCAST, PRECISION)
+            c0 += BLOCK_K
+            next_tap = c0 >= C
+            c0 = tl.where(next_tap, 0, c0)
+            rs = tl.where(next_tap, rs + 1, rs)
+            dw = tl.where(next_tap, dw + dil, dw)
+            next_row = dw >= S * dil
+            dw = tl.where(next_row, 0, dw)
+            dh = tl.where(next_row, dh + dil, dh)
         tl.store(y_ptr + _idx(ms, INT64)[:, None] * K + ks[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+    @triton.jit
+    def _phase_taps(e, R, stride, dil, G, INV):
+        """Taps r in [0, R) with (e - r*dil) % stride == 0, as (first r, step, count): r = r0 + t*step.
+
+        e = phase + pad; G = gcd(dil, stride), INV = (dil/G)^-1 mod (stride/G) (from the launcher). No tap when G
+        does not divide e (e.g. stride 2, even dilation, odd e): that phase's gradient is 0 (before act')."""
+        step = stride // G
+        r0 = ((e // G) * INV) % step
+        count = tl.where(e % G == 0, (R - r0 + step - 1) // step, 0)
+        return r0, step, count
 
     @triton.jit
     def _dgrad_kernel(
         dy_ptr, w_ptr, g_ptr, x_ptr, mean_ptr, scale_ptr, beta_ptr, sums_ptr,
-        N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
+        N, H, W, C, P, Q, K, R, S, stride, pad, dil, G, INV, slope,
         EPILOGUE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         INT64: tl.constexpr, DETERMINISTIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        # sums_ptr: (2, C) fp32 accumulated by atomics, or (2, cdiv(M, BLOCK_M), C) partials when DETERMINISTIC.
-        M = N * H * W
-        num_m = tl.cdiv(M, BLOCK_M)
+        # By phases: program_id(1) = (ah, aw), the input positions h = ah + stride*i, w = aw + stride*j. Such a
+        # position meets only the taps with (ah + pad - r*dil) % stride == 0 (same for every i), each at
+        # p = i + (ah + pad - r*dil) / stride: stride**2 dense sub-GEMMs, no MMA on rows a tap cannot reach.
+        # Stride 1 is one phase with every tap. Grid axis 0 covers the largest phase; rows past a smaller
+        # phase's end are masked, and programs with no row run no K step.
+        # sums_ptr: (2, C) fp32 accumulated by atomics, or (2, stride**2 * num_m, C) partials when DETERMINISTIC.
+        phase = tl.program_id(1)
+        ah = phase // stride
+        aw = phase % stride
+        Hp = (H - ah + stride - 1) // stride
+        Wp = (W - aw + stride - 1) // stride
+        Mp = N * Hp * Wp
+        num_m = tl.cdiv(N * tl.cdiv(H, stride) * tl.cdiv(W, stride), BLOCK_M)  # the largest phase's row tiles
         pid_m, pid_n = _grouped(tl.program_id(0), num_m, tl.cdiv(C, BLOCK_N), GROUP_M)
         ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = ms < M
-        n = ms // (H * W)
-        h = (ms % (H * W)) // W
-        w = ms % W
+        m_ok = ms < Mp
+        n = ms // (Hp * Wp)
+        i = (ms % (Hp * Wp)) // Wp
+        j = ms % Wp
+        r0, step, nth = _phase_taps(ah + pad, R, stride, dil, G, INV)
+        s0, _, ntw = _phase_taps(aw + pad, S, stride, dil, G, INV)
+        row0 = (n * P + i) * Q + j
         cs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         c_ok = cs < C
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for rs in range(0, R * S):
-            ph = h + pad - (rs // S) * dil
-            qw = w + pad - (rs % S) * dil
-            p = ph // stride
-            q = qw // stride
-            ok = m_ok & (ph >= 0) & (qw >= 0) & (ph % stride == 0) & (qw % stride == 0) & (p < P) & (q < Q)
-            base = _idx((n * P + p) * Q + q, INT64) * K
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < K
-                a = tl.load(dy_ptr + base[:, None] + ks[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + (rs * K + ks)[:, None] * C + cs[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-                acc = _mma(a.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
+        n_it = tl.where(pid_m * BLOCK_M < Mp, nth * ntw * tl.cdiv(K, BLOCK_K), 0)
+        # One flat loop over (tap of this phase, K block). The tap and block advance as loop-carried scalars (no
+        # integer division per step: on sm_80 that extra scalar work tipped the 4-warp tile into spills).
+        dstep = step * dil // stride  # how far p moves when r advances by one step (exact)
+        dp0 = (ah + pad - r0 * dil) // stride  # exact: no rounding direction to care about
+        dq0 = (aw + pad - s0 * dil) // stride
+        k0 = 0
+        r = r0
+        s = s0
+        dp = dp0
+        dq = dq0
+        for _ in range(0, n_it):
+            # 0 <= i+dp < P as one unsigned compare (a negative wraps above P): fewer live predicates
+            ok = m_ok & ((i + dp).to(tl.uint32) < P) & ((j + dq).to(tl.uint32) < Q)
+            base = _idx(row0 + (dp * Q + dq), INT64) * K
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a = tl.load(dy_ptr + base[:, None] + ks[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + ((r * S + s) * K + ks)[:, None] * C + cs[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = _mma(a.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
+            k0 += BLOCK_K
+            next_tap = k0 >= K
+            k0 = tl.where(next_tap, 0, k0)
+            s = tl.where(next_tap, s + step, s)
+            dq = tl.where(next_tap, dq - dstep, dq)
+            next_row = s >= S
+            s = tl.where(next_row, s0, s)
+            dq = tl.where(next_row, dq0, dq)
+            r = tl.where(next_row, r + step, r)
+            dp = tl.where(next_row, dp - dstep, dp)
         out_ok = m_ok[:, None] & c_ok[None, :]
-        offs = _idx(ms, INT64)[:, None] * C + cs[None, :]
+        rows = (n * H + ah + stride * i) * W + aw + stride * j
+        offs = _idx(rows, INT64)[:, None] * C + cs[None, :]
         if EPILOGUE:  # act'(z) recomputed from x, plus the per-channel sums of the BN backward
             xc = tl.load(x_ptr + offs, mask=out_ok, other=0.0).to(tl.float32) - tl.load(mean_ptr + cs, mask=c_ok, other=0.0)[None, :]
             z = xc * tl.load(scale_ptr + cs, mask=c_ok, other=0.0)[None, :] + tl.load(beta_ptr + cs, mask=c_ok, other=0.0)[None, :]
             acc = tl.where(out_ok, _act_bwd(z, acc, slope, ACT), 0.0)
             if DETERMINISTIC:
-                tl.store(sums_ptr + pid_m * C + cs, tl.sum(acc, axis=0), mask=c_ok)
-                tl.store(sums_ptr + (num_m + pid_m) * C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
+                part = phase * num_m + pid_m
+                parts = stride * stride * num_m
+                # sum(g*xc) first: xc dies before the second reduction (in the other order the sm_80 4-warp tile
+                # with fp32 x spilled 8 bytes)
+                tl.store(sums_ptr + (parts + part) * C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
+                tl.store(sums_ptr + part * C + cs, tl.sum(acc, axis=0), mask=c_ok)
             else:
-                tl.atomic_add(sums_ptr + cs, tl.sum(acc, axis=0), mask=c_ok)
-                tl.atomic_add(sums_ptr + C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
+                # the order only moves registers: sum(g*xc) first fits the 16-bit tiles (Triton 3.6 sm_80 leaky_relu
+                # spilled 8 B the other way), sum(g) first the fp32 ones (Triton 3.9 sm_90 ieee identity: 24 B)
+                if w_ptr.dtype.element_ty == tl.float32:
+                    tl.atomic_add(sums_ptr + cs, tl.sum(acc, axis=0), mask=c_ok)
+                    tl.atomic_add(sums_ptr + C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
+                else:
+                    tl.atomic_add(sums_ptr + C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)
+                    tl.atomic_add(sums_ptr + cs, tl.sum(acc, axis=0), mask=c_ok)
         tl.store(g_ptr + offs, acc.to(g_ptr.dtype.element_ty), mask=out_ok)
 
     @triton.jit
@@ -274,16 +362,83 @@ if HAS_TRITON:
         else:
             tl.atomic_add(dw_ptr + offs, acc, mask=out_ok)
 
-    _FPROP_KEY = ["N", "H", "W", "C", "K", "R", "stride", "dil"]
+    _KEYS = {"fprop": ["N", "H", "W", "C", "K", "R", "stride", "pad", "dil"]}
+    _KEYS["dgrad"] = _KEYS["fprop"]
+    _KEYS["wgrad"] = _KEYS["fprop"] + ["SPLITS"]
+    # the buffers a kernel accumulates into: the autotuner zeroes them before each timed run and after the choice,
+    # else the benchmark runs' atomics would stay in the result (tests/test_conv_autotune.py shows it)
+    _RESET = {"fprop": None, "dgrad": ["sums_ptr"], "wgrad": ["dw_ptr"]}
+    _KERNELS = {"fprop": _fprop_kernel, "dgrad": _dgrad_kernel, "wgrad": _wgrad_kernel}
+    _TUNERS: dict = {}
 
-    def _configs(cls):
-        return [triton.Config(c_.meta(), num_warps=c_.num_warps, num_stages=c_.num_stages) for c_ in GPU_CONFIGS[cls]]
+    def _bench(kernel_call, quantiles):
+        """The autotuner's timer: the driver's benchmarker on a GPU; under the interpreter (CPU tests of the same
+        autotune path: config choice, reset_to_zero) the wall clock of two calls."""
+        if _runtime.INTERPRET:
+            import time
 
-    _fprop_tuned = {cls: triton.autotune(_configs(cls), key=_FPROP_KEY)(_fprop_kernel) for cls in GPU_CONFIGS}
-    _dgrad_tuned = {cls: triton.autotune(_configs(cls), key=_FPROP_KEY, reset_to_zero=["sums_ptr"])(_dgrad_kernel)
-                    for cls in GPU_CONFIGS}
-    _wgrad_tuned = {cls: triton.autotune(_configs(cls), key=_FPROP_KEY + ["SPLITS"], reset_to_zero=["dw_ptr"])(_wgrad_kernel)
-                    for cls in GPU_CONFIGS}
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                kernel_call()
+                times.append(1e3 * (time.perf_counter() - t0))
+            return [min(times)] * len(quantiles)
+        from triton.runtime import driver
+
+        bench = getattr(driver.active, "get_benchmarker", None)
+        if bench is None:
+            import triton.testing
+
+            return triton.testing.do_bench(kernel_call, quantiles=quantiles)
+        return bench()(kernel_call, quantiles=quantiles)
+
+    def _tuned(kind: str, cls: str, x: torch.Tensor):
+        """The autotuned launcher of ``kind`` for operand class ``cls`` on x's device (its arch's config space)."""
+        arch = device_arch(x)
+        key = (kind, cls, arch)
+        if key not in _TUNERS:
+            configs = [triton.Config(c_.meta(), num_warps=c_.num_warps, num_stages=c_.num_stages)
+                       for c_ in autotune_configs(cls, arch, kind)]
+            _TUNERS[key] = triton.autotune(configs, key=_KEYS[kind], reset_to_zero=_RESET[kind],
+                                           do_bench=_bench)(_KERNELS[kind])
+        return _TUNERS[key]
+
+
+_interpreter_arch: int | None = None
+
+
+def device_arch(x: torch.Tensor) -> int:
+    """Compute capability as an int (90 for sm_90) of x's CUDA device; on CPU the arch set by
+    :func:`autotune_in_interpreter` (80 unless given)."""
+    if _compiled(x):
+        major, minor = torch.cuda.get_device_capability(x.device)
+        return 10 * major + minor
+    return _interpreter_arch or 80
+
+
+def autotune_configs(cls: str, arch: int, kind: str = "fprop") -> tuple:
+    """The autotune space of ``kind`` ("fprop" | "dgrad" | "wgrad") for an operand class on sm_``arch``:
+    :data:`GPU_CONFIGS`, plus :data:`HOPPER_CONFIGS` for 16-bit operands on sm_90 (wgmma with 8 warps; sm_80's
+    mma.sync and 164 KB of shared memory gain nothing from them)."""
+    hopper = HOPPER_CONFIGS[kind] if (cls == "16bit" and arch // 10 == 9) else ()
+    return tuple(GPU_CONFIGS[cls]) + tuple(hopper)
+
+
+@contextlib.contextmanager
+def autotune_in_interpreter(arch: int = 80):
+    """Tests: under the interpreter, launch through the GPU's autotuner (every config of
+    ``autotune_configs(cls, arch, kind)`` run and timed, reset_to_zero, the choice cached per shape) instead of
+    :data:`INTERPRETER_CONFIG`. Slow: tiny shapes only."""
+    global _autotune_interpreted, _interpreter_arch
+    old = _autotune_interpreted, _interpreter_arch
+    _autotune_interpreted, _interpreter_arch = True, arch
+    try:
+        yield
+    finally:
+        _autotune_interpreted, _interpreter_arch = old
+
+
+_autotune_interpreted = False
 
 
 def _compiled(x: torch.Tensor) -> bool:
@@ -303,9 +458,11 @@ def _choose(x: torch.Tensor, config: ConvConfig | None, cls: str, fixed: bool) -
     config = config or _forced_config
     if config is not None:
         return config
-    if not _compiled(x):
+    if fixed:
+        return GPU_CONFIGS[cls][0] if (_compiled(x) or _autotune_interpreted) else INTERPRETER_CONFIG
+    if not _compiled(x) and not _autotune_interpreted:
         return INTERPRETER_CONFIG
-    return GPU_CONFIGS[cls][0] if fixed else None
+    return None
 
 
 def _launch(tuned, raw, grid, config: ConvConfig | None, *args, **flags):
@@ -391,10 +548,23 @@ def conv_fprop(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, dil
     prec = _precision(weight.dtype, precision)
     cls, int64 = operand_class(weight.dtype, prec), needs_int64(xl.numel(), y.numel())
     grid = lambda m: (triton.cdiv(N * P * Q, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),)  # noqa: E731
-    _launch(_fprop_tuned.get(cls), _fprop_kernel, grid, _choose(x, config, cls, int64),
+    _launch(_tuned("fprop", cls, x), _fprop_kernel, grid, _choose(x, config, cls, int64),
             xl, wt, y, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
             PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64)
     return y
+
+
+def phase_constants(stride: int, dil: int) -> tuple[int, int]:
+    """(G, INV) for the phase-split dgrad: G = gcd(dil, stride), INV = (dil/G)^-1 mod (stride/G) (0 when that is 1)."""
+    gcd = math.gcd(dil, stride)
+    step = stride // gcd
+    return gcd, (pow(dil // gcd, -1, step) if step > 1 else 0)
+
+
+def dgrad_phase_taps(H: int, R: int, stride: int, pad: int, dil: int) -> list[list[int]]:
+    """Per phase a (0 <= a < stride) the taps r whose (a + pad - r*dil) is a multiple of ``stride``: the taps that
+    reach the input rows a, a + stride, ... (the kernel's ``_phase_taps`` in Python, for tests and accounting)."""
+    return [[r for r in range(R) if (a + pad - r * dil) % stride == 0] for a in range(min(stride, H))]
 
 
 def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: int, pad: int, dil: int,
@@ -422,14 +592,17 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: 
     prec = _precision(weight.dtype, precision)
     cls, int64 = operand_class(weight.dtype, prec), needs_int64(dyl.numel(), g.numel())
     cfg = _choose(x, config, cls, int64 or det)
-    if det:  # partial sums per row tile, summed below in a fixed order
-        sums = torch.zeros((2, triton.cdiv(N * H * W, cfg.block_m), C), device=x.device, dtype=torch.float32)
+    if det:  # partial sums per (phase, row tile), summed below in a fixed order
+        rows = stride * stride * triton.cdiv(N * triton.cdiv(H, stride) * triton.cdiv(W, stride), cfg.block_m)
+        sums = torch.zeros((2, rows, C), device=x.device, dtype=torch.float32)
     else:
         sums = torch.zeros((2, C), device=x.device, dtype=torch.float32)
     mean, scale, beta = _vectors(bn, x)
-    grid = lambda m: (triton.cdiv(N * H * W, m["BLOCK_M"]) * triton.cdiv(C, m["BLOCK_N"]),)  # noqa: E731
-    _launch(_dgrad_tuned.get(cls), _dgrad_kernel, grid, cfg,
-            dyl, wt, g, xl, mean, scale, beta, sums, N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
+    gcd, inv = phase_constants(stride, dil)
+    grid = lambda m: (triton.cdiv(N * triton.cdiv(H, stride) * triton.cdiv(W, stride), m["BLOCK_M"])  # noqa: E731
+                      * triton.cdiv(C, m["BLOCK_N"]), stride * stride)
+    _launch(_tuned("dgrad", cls, x), _dgrad_kernel, grid, cfg,
+            dyl, wt, g, xl, mean, scale, beta, sums, N, H, W, C, P, Q, K, R, S, stride, pad, dil, gcd, inv, slope,
             EPILOGUE=bn is not None, ACT=act, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
     if bn is None:
         return g, None, None
@@ -470,7 +643,7 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, stri
     prec = _precision(dtype, precision)
     cls, int64 = operand_class(dtype, prec), needs_int64(dyl.numel(), xl.numel())
     grid = lambda m: (triton.cdiv(K, m["BLOCK_M"]) * triton.cdiv(C, m["BLOCK_N"]), R * S * splits)  # noqa: E731
-    _launch(_wgrad_tuned.get(cls), _wgrad_kernel, grid, _choose(x, config, cls, int64 or det),
+    _launch(_tuned("wgrad", cls, x), _wgrad_kernel, grid, _choose(x, config, cls, int64 or det),
             dyl, xl, dw, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, splits, slope,
             PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
     if det:
@@ -514,7 +687,8 @@ def aot_variants() -> list:
             sigs = {
                 "conv_fprop": (_fprop_kernel, "PROLOGUE", {"x_ptr": f"*{xs}", "w_ptr": f"*{os_}", "y_ptr": f"*{os_}"}),
                 "conv_dgrad": (_dgrad_kernel, "EPILOGUE", {"dy_ptr": f"*{os_}", "w_ptr": f"*{os_}", "g_ptr": "*fp32",
-                                                           "x_ptr": f"*{xs}", "sums_ptr": "*fp32"}),
+                                                           "x_ptr": f"*{xs}", "sums_ptr": "*fp32", "G": "i32",
+                                                           "INV": "i32"}),
                 "conv_wgrad": (_wgrad_kernel, "PROLOGUE", {"dy_ptr": f"*{os_}", "x_ptr": f"*{xs}", "dw_ptr": "*fp32",
                                                            "SPLITS": "i32"}),
             }
@@ -541,5 +715,20 @@ def aot_variants() -> list:
                             + {relu: "", leaky: " leaky_relu", ident: " identity"}[act]
                         out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
                                            f"{flags} {cfg.label()}", tensor_cores=cls != "ieee",
-                                           divisible=("C", "K")))
+                                           divisible=("C", "K"), single_k_loop=cls != "ieee"))
+                    # sm_90's extra autotune configs (HOPPER_CONFIGS), budgeted: BN + ReLU (what the model
+                    # launches) for every 16-bit combination, plain and leaky_relu for bf16 operands only
+                    if cls != "16bit" or not (flag or odt == xdt == torch.bfloat16):
+                        continue
+                    acts = (relu, leaky) if (flag and xdt == odt == torch.bfloat16) else (relu,)
+                    for cfg in HOPPER_CONFIGS[name[len("conv_"):]]:
+                        for act in acts:
+                            const = {flag_name: flag, "ACT": act, "UPCAST": False, "PRECISION": prec, "INT64": False,
+                                     **cfg.meta()}
+                            if has_det:
+                                const["DETERMINISTIC"] = False
+                            flags = ("bn" if flag else "plain") + (" leaky_relu" if act == leaky else "")
+                            out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
+                                               f"{flags} {cfg.label()} (sm_90)", tensor_cores=True,
+                                               divisible=("C", "K"), archs=(90,), single_k_loop=True))
     return out

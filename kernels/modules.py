@@ -58,7 +58,8 @@ class BNReLUConv2d(nn.Module):
     buffers, so state_dict keys are ``bn.*`` / ``conv.*`` and weights move freely to and from plain models.
     ``dropout``: element-wise dropout between ReLU and conv in training (mask kept as bool).
     ``conv_impl="triton"``: implicit-GEMM convolutions with the BN-ReLU prologue (see :mod:`kernels.conv`);
-    ``"torch"`` (default): torch/cuDNN convolutions. (The old keyword ``conv=`` still works, with a
+    ``"torch"`` (default): torch/cuDNN convolutions; ``"auto"``: per layer from :mod:`kernels.conv_choice`'s
+    table (device and shape; cuDNN where it has no entry or off CUDA). (The old keyword ``conv=`` still works, with a
     DeprecationWarning.) ``activation``: "relu" (default), "leaky_relu" (negative slope ``activation_param``)
     or "identity", between BN and conv. String padding (``"same"``) or a ``padding_mode`` other than ``"zeros"`` runs
     BN-ReLU fused and the convolution as nn.Conv2d, which then keeps the activation for backward.

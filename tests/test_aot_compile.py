@@ -4,7 +4,7 @@ Runs ``python -m kernels.aot`` in a subprocess with ``TRITON_INTERPRET=0`` (this
 and an interpreted function cannot be compiled; a subprocess also contains a native crash) and a throwaway Triton
 cache. Fails on any compile error, register spill (``ptxas -v``), shared memory over the target's limit, or an
 sm_90 bf16/fp16/TF32 conv kernel without ``wgmma`` (sm_80: ``mma.sync``). Prints the table and writes it to
-bench/results/aot-compile.md. Takes about 3-4 minutes on 2 cores.
+bench/results/aot-compile.md. Takes 6-13 minutes on 2 cores. The other tests here take seconds.
 """
 
 import json
@@ -50,4 +50,52 @@ def test_every_variant_compiles_for_sm90_and_sm80(tmp_path):
         assert r["regs"] is not None and r["spills"] == 0 and r["shared"] is not None
     sm90_16 = [r for r in rows if r["arch"] == 90 and r["kernel"].startswith("conv_") and "op=fp32" not in r["dtypes"]]
     assert sm90_16 and all("wgmma" in r["mma"] for r in sm90_16)
+    # one software-pipelined K loop per conv (kernels.aot.mma_loops): one loop holds the MMAs, one cp.async wait in it
+    for r in sm90_16:
+        assert r["loops"].count("mma,") == 1 and r["loops"].split("mma, ")[1].startswith("1 cp.async.wait"), r
+    assert any("(sm_90)" in r["config"] for r in sm90_16), "the Hopper tiles were not compiled"
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+_NESTED = """
+$L__BB0_1:
+	cp.async.wait_group 1;
+$L__BB0_2:
+	cp.async.wait_group 1;
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r1}, %rd1, %rd2, 1, 1, 1, 1, 1;
+	wgmma.wait_group.sync.aligned 1;
+	@%p1 bra 	$L__BB0_2;
+	bar.sync 0;
+	@%p2 bra 	$L__BB0_1;
+"""
+
+
+def test_mma_loop_count_tells_nested_from_flat():
+    """The PTX loop analysis behind the single-K-loop check: a tap loop around a channel loop is 2 loops holding
+    the MMA, the flat loop 1; waits are counted per loop body."""
+    from kernels.aot import mma_loops
+
+    nested = mma_loops(_NESTED)
+    assert len(nested) == 2 and sorted(lp["cp.async.wait"] for lp in nested) == [1, 2]
+    flat = mma_loops(_NESTED.replace("\t@%p2 bra \t$L__BB0_1;\n", ""))
+    assert len(flat) == 1 and flat[0]["cp.async.wait"] == 1 and flat[0]["wgmma.wait"] == 1 and flat[0]["mma"] == 1
+    assert mma_loops("$L__BB0_1:\n\tcp.async.wait_group 0;\n\t@%p1 bra \t$L__BB0_1;\n") == []  # no MMA: no K loop
+
+
+def test_only_filter_compiles_a_subset(tmp_path):
+    """``--only 'conv_dgrad x=bf16 op=bf16 bn 64x64x32' --limit 1``: one conv variant, sm_90, with its loop report (seconds, not the full check)."""
+    if _version() < (3, 3):
+        pytest.skip("kernels.aot needs Triton >= 3.3")
+    out_json = tmp_path / "aot.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+           "TRITON_DUMP_PTXAS_LOG": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "90", "--jobs", "1", "--only",
+                           "conv_dgrad x=bf16 op=bf16 bn 64x64x32", "--limit", "1", "--json", str(out_json)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out_json.read_text())
+    assert [r["kernel"] for r in rows] == ["conv_dgrad"] and rows[0]["arch"] == 90
+    assert rows[0]["loops"].startswith("2 mma, 1 cp.async.wait") and not rows[0]["problems"]
+    bad = subprocess.run([sys.executable, "-m", "kernels.aot", "--only", "no_such_kernel"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "no variant matches --only" in bad.stderr
