@@ -60,6 +60,9 @@ class Variant:
     divisible: tuple = field(default=())  # extra integer args assumed divisible by 16 (pointers always are)
     archs: tuple = field(default=())  # compile only for these compute capabilities (empty: every --arch)
     single_k_loop: bool = False  # its MMAs must sit in one loop (sm_90: with one async-copy wait, a pipelined K loop)
+    # reductions: the loop that streams the tensor (plain ld.global) has no bar.sync (per-lane accumulation)
+    barrier_free_loop: bool = False
+    vector_loads: bool = False  # elementwise passes: data loads vectorised (ld.global.v2/.v4) when L % 16 == 0
 
     @property
     def name(self) -> str:
@@ -133,6 +136,22 @@ def mma_loops(ptx: str) -> list[dict]:
     return out
 
 
+def streaming_loops(ptx: str) -> list[dict]:
+    """The PTX loops that load global memory through L1 (plain ``ld.global``, not the ``.cg`` loads of a
+    finalising program's merge), each with its ``bar.sync`` count."""
+    labels = {m.group(1): m.start() for m in _LABEL.finditer(ptx)}
+    out = []
+    for m in _BRANCH.finditer(ptx):
+        start = labels.get(m.group(1))
+        if start is None or start > m.start():
+            continue
+        body = ptx[start:m.end()]
+        loads = len(re.findall(r"\bld\.global(?!\.cg)(?:\.[a-z0-9]+)*\s", body))
+        if loads:
+            out.append(dict(label=m.group(1), loads=loads, barriers=len(re.findall(r"\bbar\.sync\b", body))))
+    return out
+
+
 def compile_variant(v: Variant, arch: int) -> dict:
     """Compile ``v`` for sm_``arch``; a dict row for the table with ``problems`` (empty when it passes)."""
     import triton
@@ -184,6 +203,12 @@ def compile_variant(v: Variant, arch: int) -> dict:
             # sm_90 only: on sm_80 Triton's mma.sync pipeline waits once per operand stream (3 in our loops)
             row["problems"].append(f"K loop with {loops[0]['cp.async.wait']} cp.async and "
                                    f"{loops[0]['mbarrier.wait']} mbarrier waits per iteration (1 expected)")
+    if v.barrier_free_loop:
+        streams = streaming_loops(ptx)
+        if not any(lp["barriers"] == 0 for lp in streams):
+            row["problems"].append(f"no barrier-free streaming loop (loops: {streams})")
+    if v.vector_loads and not re.search(r"\bld\.global(?:\.[a-z0-9]+)*\.v[24]\.", ptx):
+        row["problems"].append("data loads are scalar (no ld.global.v2/.v4)")
     row["seconds"] = round(time.time() - t0, 2)
     return row
 

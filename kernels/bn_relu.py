@@ -657,13 +657,13 @@ def aot_variants() -> list:
                                "running": "i32", "has_affine": "i32"}
                         out.append(Variant(_bn_act_fwd_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
                                            kernel="bn_relu_forward", dtypes=f"x={xs} y={ys}", config=cfg,
-                                           divisible=_EW_DIVISIBLE))
+                                           divisible=_EW_DIVISIBLE, vector_loads=block_l >= 16))
                         sig = {"x_ptr": f"*{xs}", "dy_ptr": f"*{ys}", "dx_ptr": f"*{xs}", **_PARAMS_SIG,
                                "red_ptr": "*fp32", **ew, "slope": "fp32", "running": "i32", "has_affine": "i32",
                                "batch_stats": "i32"}
                         out.append(Variant(_bn_act_bwd_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
                                            kernel="bn_relu_backward", dtypes=f"x={xs} dy={ys}", config=cfg,
-                                           divisible=_EW_DIVISIBLE))
+                                           divisible=_EW_DIVISIBLE, vector_loads=block_l >= 16))
             for block_m, block_c in sorted({tile_sizes(c, cl) for c in TILE_PROBE_CHANNELS}):
                 for int64 in (False, True):
                     for act, act_label in _aot_acts(int64):
@@ -674,7 +674,7 @@ def aot_variants() -> list:
                         out.append(Variant(_bn_act_grad_sums_kernel, sig,
                                            dict(ACT=act, CHANNELS_LAST=cl, INT64=int64, BLOCK_M=block_m,
                                                 BLOCK_C=block_c, MERGE_K=merge_k(block_c)),
-                                           num_warps=STATS_WARPS, kernel="bn_relu_grad_sums",
+                                           num_warps=STATS_WARPS, kernel="bn_relu_grad_sums", barrier_free_loop=True,
                                            dtypes=f"x={xs} dy={ys}", divisible=("C", "HW", "m_per_prog"),
                                            config=f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} "
                                                   f"{block_m}x{block_c}{act_label}"))

@@ -444,7 +444,7 @@ def aot_variants() -> list:
                     const = dict(CHANNELS_LAST=cl, INT64=int64, BLOCK_M=block_m, BLOCK_C=block_c,
                                  MERGE_K=merge_k(block_c))
                     out.append(Variant(_stats_kernel, sig, const, num_warps=STATS_WARPS, kernel="channel_stats",
-                                       dtypes=f"x={xs}", divisible=("C", "HW", "m_per_prog"),
+                                       dtypes=f"x={xs}", divisible=("C", "HW", "m_per_prog"), barrier_free_loop=True,
                                        config=f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} {block_m}x{block_c}"))
     sig = {"g_ptr": "*fp32", "K": "i32", "M": "i32", "C": "i32", "tick_ptr": "*i32", "out_ptr": "*fp32",
            "w_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32", "nbt_ptr": "*i64", "momentum": "fp32",
