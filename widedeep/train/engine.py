@@ -305,11 +305,12 @@ def train(ctx: Context) -> dict:
                         raise TrainingError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1} (lr {lr:.4g}); "
                                             "lower --base-lr, try --amp off, or check the data")
                     if graphed is None:
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                    stats.add(*distributed.reduce_step_stats(loss, hits, ctx.device), len(y))  # over ranks
+                        opt.zero_grad(set_to_none=True)
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
+                    if loss is not None:  # None: a batch of another shape, dropped by --cuda-graphs
+                        stats.add(*distributed.reduce_step_stats(loss, hits, ctx.device), len(y))  # over ranks
                 global_step += 1
                 if ctx.is_main and ((step + 1) % a.log_interval == 0 or step + 1 == iters):
                     dt = time.perf_counter() - t0
