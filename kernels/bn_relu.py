@@ -217,13 +217,13 @@ if HAS_TRITON:
     DX = Kernel(_bn_act_bwd_kernel)
 
 
-# Elementwise tiles: 4096 elements for 4 warps (32 per thread: 4+ vector loads of data per operand), (BLOCK_R,
+# Elementwise tiles: 4096 elements for 8 warps (16 per thread: 2-4 vector loads of data per operand), (BLOCK_R,
 # BLOCK_L) = (256, 16) when rows are short (H*W or C <= 16), else (64, 64): at most 63 masked elements per row,
 # 64-element (128-256 B) contiguous row segments. Each is an AOT variant.
 ELEMENTWISE_TILE = 4096
 NCHW_BLOCK_L = (16, 64)  # spatial positions per row segment
 NHWC_BLOCK_L = (16, 64)  # channels per tile
-ELEMENTWISE_WARPS = 4
+ELEMENTWISE_WARPS = 8  # 16 elements per thread: 4 v4 loads of fp32 (2 of bf16); 4 warps spilled on sm_80 (leaky, fp32)
 
 
 def elementwise_tiling(shape: tuple[int, int, int, int], channels_last: bool) -> tuple[int, int, int, int]:
@@ -664,8 +664,8 @@ def aot_variants() -> list:
                         out.append(Variant(_bn_act_bwd_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
                                            kernel="bn_relu_backward", dtypes=f"x={xs} dy={ys}", config=cfg,
                                            divisible=_EW_DIVISIBLE, vector_loads=block_l >= 16))
-            for block_m, block_c in sorted({tile_sizes(c, cl) for c in TILE_PROBE_CHANNELS}):
-                for int64 in (False, True):
+            for int64 in (False, True):
+                for block_m, block_c in sorted({tile_sizes(c, cl, int64) for c in TILE_PROBE_CHANNELS}):
                     for act, act_label in _aot_acts(int64):
                         sig = {"x_ptr": f"*{xs}", "dy_ptr": f"*{ys}", "dx_ptr": f"*{xs}", **_PARAMS_SIG,
                                "part_ptr": "*fp32", "tick_ptr": "*i32", "red_ptr": "*fp32",

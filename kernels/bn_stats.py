@@ -42,12 +42,12 @@ MERGE_ELEMENTS = 1024  # partials merged per step by the finalising program: MER
 TICKETS = 1 << 16  # per-device ticket slots (channel blocks + 1); plenty for C = 2**16 at 16 channels a block
 
 
-def tile_sizes(C: int, channels_last: bool) -> tuple[int, int]:
+def tile_sizes(C: int, channels_last: bool, int64: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_C) of the reduction kernels: the contiguous axis gets the long side, 4096 elements for
-    8 warps (16 per thread: 2-4 vector loads per operand and iteration)."""
-    if channels_last and C > 16:
-        return 64, 64
-    return 256, 16
+    8 warps (16 per thread: 2-4 vector loads per operand and iteration); half as many positions with int64
+    offsets (64-bit offsets of 16 elements per thread spilled on sm_80/sm_90 with fp32 input)."""
+    block_m, block_c = (64, 64) if channels_last and C > 16 else (256, 16)
+    return (block_m // 2 if int64 else block_m), block_c
 
 
 def merge_k(block_c: int) -> int:
@@ -237,7 +237,7 @@ class ReductionGrid:
     def __init__(self, shape, channels_last: bool, hint: int, int64: bool):
         N, C, H, W = shape
         self.M, self.C, self.HW = N * H * W, C, H * W
-        self.block_m, self.block_c = tile_sizes(C, channels_last)
+        self.block_m, self.block_c = tile_sizes(C, channels_last, int64)
         self.c_blocks = cdiv(C, self.block_c)
         tiles = cdiv(self.M, self.block_m)
         splits = max(1, min(cdiv(tiles, MIN_TILES_PER_PROGRAM), hint // self.c_blocks))
@@ -435,8 +435,8 @@ def aot_variants() -> list:
     flags = {"triple": "i32", "has_affine": "i32", "update": "i32", "cumulative": "i32"}
     for xdt, xs in TRITON_DTYPES.items():
         for cl in (False, True):
-            for block_m, block_c in sorted({tile_sizes(c, cl) for c in TILE_PROBE_CHANNELS}):
-                for int64 in (False, True):
+            for int64 in (False, True):
+                for block_m, block_c in sorted({tile_sizes(c, cl, int64) for c in TILE_PROBE_CHANNELS}):
                     sig = {"x_ptr": f"*{xs}", "part_ptr": "*fp32", "tick_ptr": "*i32", "out_ptr": "*fp32",
                            "w_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32", "nbt_ptr": "*i64",
                            **{s: "i32" for s in ("M", "C", "HW", "m_per_prog")}, "momentum": "fp32", "eps": "fp32",

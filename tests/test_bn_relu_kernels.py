@@ -195,7 +195,7 @@ def triton_cdiv(a, b):
 
 def test_int64_offsets_give_the_same_result(device, monkeypatch):
     """The INT64 code paths (taken from 2**31 elements; forced here on small tensors) of every BN kernel give
-    bit-identical statistics, y, dx, dgamma, dbeta and running statistics."""
+    the same statistics, y, dx, dgamma, dbeta and running statistics (to fp32 rounding)."""
     results = {}
     for int64_from in (2**31, 0):
         monkeypatch.setattr(importlib.import_module("kernels._common"), "INT64_FROM", int64_from)
@@ -209,7 +209,9 @@ def test_int64_offsets_give_the_same_result(device, monkeypatch):
             results[int64_from, cl] = [y, x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var]
     for cl in (False, True):
         for a, b in zip(results[2**31, cl], results[0, cl]):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            # the reductions take half as many positions per tile with int64 offsets (register budget), so
+            # their summation order differs: equal to fp32 rounding, not bitwise
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
