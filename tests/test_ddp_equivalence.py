@@ -37,7 +37,7 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     voc = write_synthetic("voc", tmp_path / "voc", num_train=16, num_val=2, size=(48, 80), num_classes=5)
     common = ["--data-root", voc, "--model", LABEL, "--width", "0.0625", "--crop-size", "48", "--origin-size", "64",
               "--bn-stats", "frozen", "--backend", "torch", "--prefetch-threads", "0", "--log-interval", "1",
-              "--save-every", "0", "--no-eval", "--batch-images", "4", "--to-epoch", "1", "--base-lr", "0.05",
+              "--save-every", "0", "--no-eval", "--batch-images", "4", "--to-epoch", "1", "--base-lr", "0.01",
               "--no-ohem", "--no-dropout", "--device", "cpu"]
     common = list(map(str, common))
     ok(subprocess.run([sys.executable, "-m", "widedeep.train", *common, "--output", str(tmp_path / "one")],
