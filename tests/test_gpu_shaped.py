@@ -120,8 +120,9 @@ def test_multi_block_merge_with_the_shipped_constants(monkeypatch):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_channel_stats_multi_block_fp64(hint, channels_last):
+def test_channel_stats_multi_block_fp64(monkeypatch, channels_last):
     """channel_stats alone (mean, biased var) from many partials, with a large common offset (|mean|/std 1e3)."""
+    gpu_shaped(monkeypatch, 37)
     x = _x(70, channels_last, offset=1e3)
     mean, var, count = kernels.channel_stats(x, backend="triton")
     xd = x.double()
@@ -173,12 +174,13 @@ def test_sync_statistics_multi_block_single_rank(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_running_statistics_over_steps_multi_block(hint, momentum):
+def test_running_statistics_over_steps_multi_block(monkeypatch, momentum):
     """Three training steps (cumulative average with momentum=None) from many partials equal float64."""
+    gpu_shaped(monkeypatch)
     bn = _bn(70, momentum=momentum)
     ref_bn = copy.deepcopy(bn).double()
     for step in range(3):
-        x = _x(70, step % 2 == 1)
+        x = _x(70, step % 2 == 1, shape=(2, 20, 30))  # 5+ merge blocks in either layout
         with torch.no_grad():
             kernels.bn_relu(x, bn, backend="triton")
             ref_bn(x.double())
