@@ -115,6 +115,15 @@ _WAITS = {"cp.async.wait": r"\bcp\.async\.wait_(?:group|all)\b", "bulk.wait": r"
           "bar.sync": r"\bbar\.sync\b"}
 
 
+def _loop_bodies(ptx: str):
+    """(label, body) of every PTX loop: the text from a label to a later branch back to it."""
+    labels = {m.group(1): m.start() for m in _LABEL.finditer(ptx)}
+    for m in _BRANCH.finditer(ptx):
+        start = labels.get(m.group(1))
+        if start is not None and start <= m.start():
+            yield m.group(1), ptx[start:m.end()]
+
+
 def mma_loops(ptx: str) -> list[dict]:
     """The loops of a PTX kernel that contain a tensor-core MMA, each with its waits per iteration.
 
@@ -122,16 +131,11 @@ def mma_loops(ptx: str) -> list[dict]:
     loops both count, so a tap loop around a channel loop gives 2 and one flat K loop gives 1. Per loop: the
     number of MMA instructions and of each wait kind in its body (``cp.async.wait`` is the software pipeline's
     async-copy wait; TMA would show ``mbarrier.wait``)."""
-    labels = {m.group(1): m.start() for m in _LABEL.finditer(ptx)}
     out = []
-    for m in _BRANCH.finditer(ptx):
-        start = labels.get(m.group(1))
-        if start is None or start > m.start():
-            continue
-        body = ptx[start:m.end()]
+    for label, body in _loop_bodies(ptx):
         n_mma = len(_MMA.findall(body))
         if n_mma:
-            out.append(dict(label=m.group(1), mma=n_mma,
+            out.append(dict(label=label, mma=n_mma,
                             **{k: len(re.findall(rx, body)) for k, rx in _WAITS.items()}))
     return out
 
@@ -139,16 +143,11 @@ def mma_loops(ptx: str) -> list[dict]:
 def streaming_loops(ptx: str) -> list[dict]:
     """The PTX loops that load global memory through L1 (plain ``ld.global``, not the ``.cg`` loads of a
     finalising program's merge), each with its ``bar.sync`` count."""
-    labels = {m.group(1): m.start() for m in _LABEL.finditer(ptx)}
     out = []
-    for m in _BRANCH.finditer(ptx):
-        start = labels.get(m.group(1))
-        if start is None or start > m.start():
-            continue
-        body = ptx[start:m.end()]
+    for label, body in _loop_bodies(ptx):
         loads = len(re.findall(r"\bld\.global(?!\.cg)(?:\.[a-z0-9]+)*\s", body))
         if loads:
-            out.append(dict(label=m.group(1), loads=loads, barriers=len(re.findall(r"\bbar\.sync\b", body))))
+            out.append(dict(label=label, loads=loads, barriers=len(re.findall(r"\bbar\.sync\b", body))))
     return out
 
 
