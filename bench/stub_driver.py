@@ -64,6 +64,7 @@ class LaunchCounter:
     def __init__(self):
         self.by_name: collections.Counter = collections.Counter()
         self.names: list[str] = []  # handle -> kernel name (the "function" load_binary returns)
+        self.trace: list | None = None  # set to a list to record (function handle, grid) per launch
 
     def handle(self, name: str) -> int:
         self.names.append(name)
@@ -72,6 +73,8 @@ class LaunchCounter:
     def launch(self, gridX, gridY, gridZ, stream, function, *rest):
         # the C launcher's signature starts (gridX, gridY, gridZ, stream, function, ...) in 3.6 and 3.9
         self.by_name[self.names[function]] += 1
+        if self.trace is not None:
+            self.trace.append((function, (gridX, gridY, gridZ)))
 
     @property
     def total(self) -> int:
@@ -120,6 +123,33 @@ class _Utils:
         return (TARGET_ARCH // 10, TARGET_ARCH % 10)
 
 
+def _checked_launch(launch, n_args: int, version: str):
+    """The C launch of one compiled kernel, refusing any call whose argument layout differs from the C launcher
+    of that Triton version (what the real one would reject or misread), so that callers that enter the C launch
+    directly (:mod:`kernels.launch`) are checked against it here:
+
+    - 3.6: ``(gx, gy, gz, stream, function, coop, pdl, global_scratch, profile_scratch, kernel_metadata,
+      launch_metadata, enter_hook, exit_hook, *args)``, the format ``"iiiKKppOOOOOO"`` + one per argument;
+    - 3.9: ``(gx, gy, gz, stream, function, coop, pdl, kernel_metadata, launch_metadata, enter_hook, exit_hook,
+      global_scratch, profile_scratch, arg_annotations, kernel_signature, args)``, args a tuple.
+
+    ``n_args``: the kernel's signature length (constexprs included: both versions receive every argument)."""
+
+    def checked(*a):
+        grid_ok = len(a) > 5 and all(isinstance(v, int) and v > 0 for v in a[:3]) and isinstance(a[3], int)
+        if version == "3.6":
+            ok = grid_ok and len(a) == 13 + n_args and isinstance(a[9], tuple) and len(a[9]) == 3
+        else:
+            ok = grid_ok and len(a) == 16 and isinstance(a[7], tuple) and isinstance(a[15], tuple) \
+                and len(a[15]) == n_args
+        if not ok:
+            raise TypeError(f"C launch called with an argument layout Triton {version} does not take: "
+                            f"{len(a)} arguments for a {n_args}-argument kernel")
+        return launch(*a)
+
+    return checked
+
+
 @functools.lru_cache(maxsize=None)
 def _launcher_cls():
     """A CudaLauncher subclass whose C launch is the counter; ``__call__`` is Triton's own."""
@@ -137,6 +167,7 @@ def _launcher_cls():
                     nv.PyKernelArg = types.SimpleNamespace
                     nv.ARG_CONSTEXPR, nv.ARG_KERNEL, nv.ARG_TUPLE = 0, 1, 2
                 super().__init__(src, metadata)
+                self.launch = _checked_launch(self.launch, len(src.signature), version)
                 return
             # 3.6: the original builds a C launcher per signature (gcc + libcuda); keep everything else
             import triton
@@ -144,8 +175,9 @@ def _launcher_cls():
             signature = {idx: value for idx, value in src.signature.items()}
             tensordesc_meta = getattr(metadata, "tensordesc_meta", None)
             self.num_ctas = getattr(metadata, "num_ctas", 1)
-            self.launch = nv.wrap_handle_tensordesc(triton.runtime.driver.active.utils.launch, signature,
-                                                    tensordesc_meta)
+            self.launch = _checked_launch(
+                nv.wrap_handle_tensordesc(triton.runtime.driver.active.utils.launch, signature, tensordesc_meta),
+                len(signature), version)
             self.global_scratch_size = metadata.global_scratch_size
             self.global_scratch_align = metadata.global_scratch_align
             self.profile_scratch_size = metadata.profile_scratch_size

@@ -41,9 +41,10 @@ from ._common import (ACTIVATIONS, TRITON_DTYPES, activation_code, as_nchw_or_nh
                       needs_int64)
 from . import plain as _plain  # export/trace in inference: plain aten ops
 from ._runtime import HAS_TRITON
-from .bn_stats import (ROW, STAT_ROWS, _aligned, _dist_active, channel_stats, finalize_stats, launch_stats, merge_k,
-                       reduction_grid, scratch, tile_sizes, TILE_PROBE_CHANNELS, STATS_WARPS)
-from .launch import Kernel
+from .bn_stats import ROW, STAT_ROWS, _aligned, _dist_active, channel_stats, finalize_stats, launch_stats, scratch
+from .launch import Kernel, Slot
+from .tiles import (ELEMENTWISE_TILE, ELEMENTWISE_WARPS, NCHW_BLOCK_L, NHWC_BLOCK_L, STATS_WARPS,  # noqa: F401
+                    bn_variant_tiles, elementwise_tiling, geometry, merge_k)
 
 if HAS_TRITON:
     import triton
@@ -217,50 +218,10 @@ if HAS_TRITON:
     DX = Kernel(_bn_act_bwd_kernel)
 
 
-# Elementwise tiles: 4096 elements for 8 warps (16 per thread: 2-4 vector loads of data per operand), (BLOCK_R,
-# BLOCK_L) = (256, 16) when rows are short (H*W or C <= 16), else (64, 64): at most 63 masked elements per row,
-# 64-element (128-256 B) contiguous row segments. Each is an AOT variant.
-ELEMENTWISE_TILE = 4096
-NCHW_BLOCK_L = (16, 64)  # spatial positions per row segment
-NHWC_BLOCK_L = (16, 64)  # channels per tile
-ELEMENTWISE_WARPS = 8  # 16 elements per thread: 4 v4 loads of fp32 (2 of bf16); 4 warps spilled on sm_80 (leaky, fp32)
-
-
-def elementwise_tiling(shape: tuple[int, int, int, int], channels_last: bool) -> tuple[int, int, int, int]:
-    """(R, L, BLOCK_R, BLOCK_L) of the (rows, cols) view of an (N, C, H, W) tensor: NCHW rows are (n, c) of
-    length H*W, channels_last rows are positions of length C."""
-    N, C, H, W = shape
-    R, L = (N * H * W, C) if channels_last else (N * C, H * W)
-    blocks = NHWC_BLOCK_L if channels_last else NCHW_BLOCK_L
-    block_l = blocks[0] if L <= blocks[0] else blocks[1]
-    return R, L, ELEMENTWISE_TILE // block_l, block_l
-
-
-def _elementwise_grid(R: int, L: int, block_r: int, block_l: int, channels_last: bool) -> tuple[int, int, int]:
-    """Grid of :func:`_tile`: (row blocks, column blocks) for channels_last, (column, row blocks) for NCHW."""
-    rb, lb = cdiv(R, block_r), cdiv(L, block_l)
-    grid = (rb, lb, 1) if channels_last else (lb, rb, 1)
-    if grid[1] > 65535:
-        raise ValueError(f"BN-ReLU grid {grid[:2]} exceeds CUDA's 65535 programs on axis 1 ({'C' if channels_last else 'N*C'} too large)")
-    return grid
-
-
-_ew: dict = {}
-
-
-def _elementwise(shape, channels_last: bool) -> tuple:
-    """Cached (R, L, BLOCK_R, BLOCK_L, grid) of a shape and layout."""
-    key = (shape, channels_last)
-    e = _ew.get(key)
-    if e is None:
-        R, L, br, bl = elementwise_tiling(shape, channels_last)
-        e = _ew[key] = (R, L, br, bl, _elementwise_grid(R, L, br, bl, channels_last))
-    return e
-
-
-def _like(x: torch.Tensor, channels_last: bool, dtype: torch.dtype) -> torch.Tensor:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(x.shape, device=x.device, dtype=dtype, memory_format=fmt)
+def _like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor with x's strides (x dense, NCHW or channels_last) in ``dtype``. ``empty_like``
+    keeps a dense tensor's strides and costs a third of ``torch.empty(..., memory_format=...)`` on the host."""
+    return torch.empty_like(x, dtype=dtype)
 
 
 class BNParams:
@@ -279,13 +240,13 @@ class BNParams:
     ``activation``: "relu" | "leaky_relu" | "identity"; ``activation_param``: the leaky negative slope."""
 
     __slots__ = ("_mean", "_rstd", "_scale", "_count", "weight", "bias", "batch_stats", "stats", "running",
-                 "activation", "activation_param", "act", "slope")
+                 "activation", "activation_param", "act", "slope", "_kp")
 
     def __init__(self, mean, rstd, weight, bias, count, batch_stats: bool, cached_scale=None,
                  activation: str = "relu", activation_param: float = 0.01):
         self._mean, self._rstd, self._scale, self._count = mean, rstd, cached_scale, count
         self.weight, self.bias, self.batch_stats = weight, bias, batch_stats
-        self.stats = self.running = None
+        self.stats = self.running = self._kp = None
         self.activation, self.activation_param = activation, activation_param
         self.act = activation_code(activation)  # the kernels' ACT constexpr
         # the runtime fp32 slope the kernels take (0.0 unless leaky_relu: it is not read then)
@@ -365,12 +326,12 @@ def bn_params(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, bac
     ``activation``/``activation_param`` are carried in the returned BNParams for the forward/backward that use it.
     """
     activation_code(activation)  # refuse an unknown name before any statistics are updated
+    if backend == "triton":
+        return _bn_params_triton(x, bn, sync, process_group, activation, float(activation_param))
     act = dict(activation=activation, activation_param=float(activation_param))
     C = x.shape[1]
     use_batch = bn.training or bn.running_mean is None
     track = bn.training and bn.track_running_stats and bn.running_mean is not None
-    if backend == "triton":
-        return _bn_params_triton(x, bn, use_batch, track, sync, process_group, **act)
     # fp32 math (fp64 for fp64 inputs on the torch path, which makes it an exact oracle in tests)
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     weight = bn.weight.detach().to(dt) if bn.weight is not None else x.new_ones(C, dtype=dt)
@@ -404,23 +365,34 @@ def _fp32_running(rm, rv) -> bool:
     return rm is not None and rm.dtype == rv.dtype == torch.float32
 
 
-def _bn_params_triton(x, bn, use_batch: bool, track: bool, sync: bool, process_group, **act) -> BNParams:
+def _module_state(bn) -> tuple:
+    """(running_mean, running_var, weight, bias, num_batches_tracked) of a BatchNorm module, read from its
+    parameter and buffer dicts (``nn.Module.__getattr__`` costs ~0.4 us per name on this hot path)."""
+    p, b = bn._parameters, bn._buffers
+    get = lambda d, k: d[k] if k in d else getattr(bn, k, None)  # noqa: E731 (subclasses may use properties)
+    return (get(b, "running_mean"), get(b, "running_var"), get(p, "weight"), get(p, "bias"),
+            get(b, "num_batches_tracked"))
+
+
+def _bn_params_triton(x, bn, sync: bool, process_group, activation: str, slope: float) -> BNParams:
+    rm, rv, weight, bias, nbt = _module_state(bn)
+    act = dict(activation=activation, activation_param=slope)
     C = x.shape[1]
-    rm, rv, weight, bias = bn.running_mean, bn.running_var, bn.weight, bn.bias
-    if not use_batch:
+    if not bn.training and rm is not None:  # running statistics: nothing launched here
         if _fp32_running(rm, rv):
             return BNParams.from_running(rm, rv, bn.eps, weight, bias, x.numel() // C, **act)
         return BNParams(rm.float(), torch.rsqrt(rv.float() + bn.eps), weight, bias, x.numel() // C, False, **act)
+    track = bn.training and bn.track_running_stats and rm is not None
     in_kernel = track and _fp32_running(rm, rv)  # running-stat update inside the statistics kernel
     if _dist_active(sync):
         stats = finalize_stats(x, weight=weight, eps=bn.eps, sync=True, process_group=process_group,
                                running=(rm, rv) if in_kernel else None,
-                               momentum=bn.momentum, num_batches_tracked=bn.num_batches_tracked)
+                               momentum=bn.momentum, num_batches_tracked=nbt)
     else:
         x, channels_last = as_nchw_or_nhwc(x)
         stats = torch.empty((len(STAT_ROWS), C), device=x.device, dtype=torch.float32)
         launch_stats(x, channels_last, stats, weight=weight, running=(rm, rv) if in_kernel else None,
-                     momentum=bn.momentum, eps=bn.eps, num_batches_tracked=bn.num_batches_tracked)
+                     momentum=bn.momentum, eps=bn.eps, num_batches_tracked=nbt)
     p = BNParams.from_stats(stats, weight, bias, True, **act)
     if track and not in_kernel:  # running statistics kept in another dtype: plain torch update
         update_running_stats(bn, p.mean, stats[ROW["var"]], p.count)
@@ -429,7 +401,15 @@ def _bn_params_triton(x, bn, use_batch: bool, track: bool, sync: bool, process_g
 
 def _kernel_params(p: BNParams) -> tuple:
     """(stats, weight, bias, running_mean, running_var, eps, running flag, affine flag) pointers and flags of p for
-    the kernels; absent tensors are stood in by a present one (never read)."""
+    the kernels; absent tensors are stood in by a present one (never read). Computed once per BNParams: the
+    forward, the recompute and the backward launches read the same."""
+    kp = p._kp
+    if kp is None:
+        kp = p._kp = _kernel_params_of(p)
+    return kp
+
+
+def _kernel_params_of(p: BNParams) -> tuple:
     if p.running is not None:
         rm, rv, eps = p.running
         stats = rm
@@ -444,6 +424,14 @@ def _kernel_params(p: BNParams) -> tuple:
     return stats, (w if affine else stats), (b if affine else stats), rm, rv, eps, int(p.running is not None), int(affine)
 
 
+def _slot(geo, key, kernel, grid, warps) -> Slot:
+    """The launch slot of ``key`` in x's geometry (created on first use)."""
+    slot = geo.slots.get(key)
+    if slot is None:
+        slot = geo.slots[key] = Slot(kernel, grid, warps)
+    return slot
+
+
 def bn_relu_forward(x: torch.Tensor, p: BNParams, *, backend: str, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """act(bn(x)) with known statistics (activation from ``p``); same layout as x, dtype ``out_dtype``
     (default x.dtype)."""
@@ -453,14 +441,14 @@ def bn_relu_forward(x: torch.Tensor, p: BNParams, *, backend: str, out_dtype: to
         z = (x.to(p.mean.dtype) - p.mean.view(shape)) * p.scale.view(shape) + p.beta.view(shape)
         return _act_torch(z, p).to(out_dtype)
     x, channels_last = as_nchw_or_nhwc(x)
-    y = _like(x, channels_last, out_dtype)
-    R, L, br, bl, grid = _elementwise(x.shape, channels_last)
+    geo = geometry(x, channels_last)
+    y = _like(x, out_dtype)
     stats, w, b, rm, rv, eps, running, affine = _kernel_params(p)
-    int64 = needs_int64(x)
-    key = (x.shape, x.dtype, out_dtype, w.dtype, x.device.index, p.act, channels_last, int64,
-           x.data_ptr() & 15 == 0)
-    APPLY(key, grid, x, y, stats, w, b, rm, rv, eps, R, L, x.shape[1], p.slope, running, affine,
-          p.act, channels_last, int64, br, bl, num_warps=ELEMENTWISE_WARPS)
+    act = p.act
+    slot = _slot(geo, ("apply", x.dtype, out_dtype, w.dtype, b.dtype, act, x.data_ptr() & 15 == 0), APPLY,
+                 geo.ew_grid, ELEMENTWISE_WARPS)
+    slot(x, y, stats, w, b, rm, rv, eps, geo.R, geo.L, x.shape[1], p.slope, running, affine,
+         act, channels_last, geo.int64, geo.block_r, geo.block_l)
     return y
 
 
@@ -484,23 +472,24 @@ def _act_grad_torch(z: torch.Tensor, dy: torch.Tensor, act: int, slope: float) -
 
 def _backward_triton(x, dy, p: BNParams, need_dx: bool, do_sync: bool, process_group, sums, act: int):
     x, channels_last = as_nchw_or_nhwc(x)
-    dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if not dy.is_contiguous(memory_format=fmt):
+        dy = dy.contiguous(memory_format=fmt)
+    geo = geometry(x, channels_last)
     C = x.shape[1]
     stats, w, b, rm, rv, eps, running, affine = _kernel_params(p)
-    int64 = needs_int64(x)
-    base = (x.shape, x.dtype, dy.dtype, w.dtype, x.device.index, act, channels_last, int64)
-    dx = _like(x, channels_last, x.dtype) if need_dx else None
+    dx = _like(x, x.dtype) if need_dx else None
     if sums is None:
         # frozen statistics: dx = scale * g needs no sums, so the sums pass writes it too (one launch)
         write_dx = need_dx and not p.batch_stats
         red = torch.empty((4, C), device=x.device, dtype=torch.float32)
-        g = reduction_grid(x, channels_last)
+        g = geo.red
         part, tick, _ = scratch(x.device, 2 * g.splits * C)
         dx_arg = dx if write_dx else x
-        key = (base, g.grid, _aligned(x, dy, dx_arg))
-        GRAD_SUMS(key, g.grid, x, dy, dx_arg, stats, w, b, rm, rv, eps, part, tick, red, g.M, C, g.HW, g.m_per_prog,
-                  p.slope, running, affine, int(write_dx), act, channels_last, g.int64, g.block_m, g.block_c,
-                  merge_k(g.block_c), num_warps=STATS_WARPS)
+        slot = _slot(geo, ("sums", x.dtype, dy.dtype, w.dtype, b.dtype, act, _aligned(x, dy, dx_arg)), GRAD_SUMS,
+                     g.grid, STATS_WARPS)
+        slot(x, dy, dx_arg, stats, w, b, rm, rv, eps, part, tick, red, g.M, C, g.HW, g.m_per_prog, p.slope, running,
+             affine, int(write_dx), act, channels_last, g.int64, g.block_m, g.block_c, g.merge_k)
         if write_dx or not need_dx:
             return dx, red[2], red[3]
     else:  # (sum g, sum g*(x-mean)) from elsewhere (the implicit-GEMM dgrad epilogue), (C,) or (K, C) partials
@@ -510,10 +499,10 @@ def _backward_triton(x, dy, p: BNParams, need_dx: bool, do_sync: bool, process_g
             return None, red[2], red[3]
     if do_sync:  # parameter gradients (rows 2, 3) stay local (DDP averages them); dx uses the group-wide sums
         torch.distributed.all_reduce(red[:2], group=process_group)
-    R, L, br, bl, grid = _elementwise(x.shape, channels_last)
-    key = (base, _aligned(x, dy))  # dx: a fresh allocation
-    DX(key, grid, x, dy, dx, stats, w, b, rm, rv, eps, red, R, L, C, p.slope, running, affine, int(p.batch_stats),
-       act, channels_last, int64, br, bl, num_warps=ELEMENTWISE_WARPS)
+    slot = _slot(geo, ("dx", x.dtype, dy.dtype, w.dtype, b.dtype, act, _aligned(x, dy)), DX, geo.ew_grid,
+                 ELEMENTWISE_WARPS)  # dx: a fresh allocation
+    slot(x, dy, dx, stats, w, b, rm, rv, eps, red, geo.R, geo.L, C, p.slope, running, affine, int(p.batch_stats),
+         act, channels_last, geo.int64, geo.block_r, geo.block_l)
     return dx, red[2], red[3]
 
 
@@ -635,47 +624,42 @@ def aot_variants() -> list:
     kernels.aot.Variant (flags such as running statistics, affine, write_dx and batch_stats are runtime
     arguments: one compiled kernel serves them all).
 
-    Elementwise kernels: 4 warps, the tiles of :func:`elementwise_tiling`, row length L declared divisible by 16
+    Elementwise kernels: ELEMENTWISE_WARPS, the tiles of :mod:`kernels.tiles`, row length L declared divisible by 16
     (as the runtime specialises every real layer: vectorised loads); gradient sums: 8 warps, the tiles of
-    :func:`kernels.bn_stats.tile_sizes`, C/HW/m_per_prog declared divisible."""
+    :func:`kernels.tiles.tile_sizes`, C/HW/m_per_prog declared divisible."""
     from .aot import Variant
 
     out = []
     ew = {s: "i32" for s in ("R", "L", "C")}
+    tiles = bn_variant_tiles()
     for xdt, ydt in DTYPE_COMBOS:
         xs, ys = _DTYPES[xdt], _DTYPES[ydt]
-        for cl in (False, True):
-            blocks = NHWC_BLOCK_L if cl else NCHW_BLOCK_L
-            for block_l in blocks:
-                for int64 in (False, True):
-                    for act, act_label in _aot_acts(int64):
-                        tile = dict(ACT=act, CHANNELS_LAST=cl, INT64=int64, BLOCK_R=ELEMENTWISE_TILE // block_l,
-                                    BLOCK_L=block_l)
-                        cfg = (f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} "
-                               f"{ELEMENTWISE_TILE // block_l}x{block_l}{act_label}")
-                        sig = {"x_ptr": f"*{xs}", "y_ptr": f"*{ys}", **_PARAMS_SIG, **ew, "slope": "fp32",
-                               "running": "i32", "has_affine": "i32"}
-                        out.append(Variant(_bn_act_fwd_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
-                                           kernel="bn_relu_forward", dtypes=f"x={xs} y={ys}", config=cfg,
-                                           divisible=_EW_DIVISIBLE, vector_loads=block_l >= 16))
-                        sig = {"x_ptr": f"*{xs}", "dy_ptr": f"*{ys}", "dx_ptr": f"*{xs}", **_PARAMS_SIG,
-                               "red_ptr": "*fp32", **ew, "slope": "fp32", "running": "i32", "has_affine": "i32",
-                               "batch_stats": "i32"}
-                        out.append(Variant(_bn_act_bwd_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
-                                           kernel="bn_relu_backward", dtypes=f"x={xs} dy={ys}", config=cfg,
-                                           divisible=_EW_DIVISIBLE, vector_loads=block_l >= 16))
-            for int64 in (False, True):
-                for block_m, block_c in sorted({tile_sizes(c, cl, int64) for c in TILE_PROBE_CHANNELS}):
-                    for act, act_label in _aot_acts(int64):
-                        sig = {"x_ptr": f"*{xs}", "dy_ptr": f"*{ys}", "dx_ptr": f"*{xs}", **_PARAMS_SIG,
-                               "part_ptr": "*fp32", "tick_ptr": "*i32", "red_ptr": "*fp32",
-                               **{s: "i32" for s in ("M", "C", "HW", "m_per_prog")}, "slope": "fp32",
-                               "running": "i32", "has_affine": "i32", "write_dx": "i32"}
-                        out.append(Variant(_bn_act_grad_sums_kernel, sig,
-                                           dict(ACT=act, CHANNELS_LAST=cl, INT64=int64, BLOCK_M=block_m,
-                                                BLOCK_C=block_c, MERGE_K=merge_k(block_c)),
-                                           num_warps=STATS_WARPS, kernel="bn_relu_grad_sums", barrier_free_loop=True,
-                                           dtypes=f"x={xs} dy={ys}", divisible=("C", "HW", "m_per_prog"),
-                                           config=f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} "
-                                                  f"{block_m}x{block_c}{act_label}"))
+        for (cl, block_r, block_l), int64 in ((t, i) for t in tiles["elementwise"] for i in (False, True)):
+            for act, act_label in _aot_acts(int64):
+                tile = dict(ACT=act, CHANNELS_LAST=cl, INT64=int64, BLOCK_R=block_r, BLOCK_L=block_l)
+                cfg = f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} {block_r}x{block_l}{act_label}"
+                sig = {"x_ptr": f"*{xs}", "y_ptr": f"*{ys}", **_PARAMS_SIG, **ew, "slope": "fp32",
+                       "running": "i32", "has_affine": "i32"}
+                out.append(Variant(_bn_act_fwd_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
+                                   kernel="bn_relu_forward", dtypes=f"x={xs} y={ys}", config=cfg,
+                                   divisible=_EW_DIVISIBLE, vector_loads=block_l >= 16))
+                sig = {"x_ptr": f"*{xs}", "dy_ptr": f"*{ys}", "dx_ptr": f"*{xs}", **_PARAMS_SIG,
+                       "red_ptr": "*fp32", **ew, "slope": "fp32", "running": "i32", "has_affine": "i32",
+                       "batch_stats": "i32"}
+                out.append(Variant(_bn_act_bwd_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
+                                   kernel="bn_relu_backward", dtypes=f"x={xs} dy={ys}", config=cfg,
+                                   divisible=_EW_DIVISIBLE, vector_loads=block_l >= 16))
+        for cl, int64, block_m, block_c in tiles["reduction"]:
+            for act, act_label in _aot_acts(int64):
+                sig = {"x_ptr": f"*{xs}", "dy_ptr": f"*{ys}", "dx_ptr": f"*{xs}", **_PARAMS_SIG,
+                       "part_ptr": "*fp32", "tick_ptr": "*i32", "red_ptr": "*fp32",
+                       **{s: "i32" for s in ("M", "C", "HW", "m_per_prog")}, "slope": "fp32",
+                       "running": "i32", "has_affine": "i32", "write_dx": "i32"}
+                out.append(Variant(_bn_act_grad_sums_kernel, sig,
+                                   dict(ACT=act, CHANNELS_LAST=cl, INT64=int64, BLOCK_M=block_m,
+                                        BLOCK_C=block_c, MERGE_K=merge_k(block_c)),
+                                   num_warps=STATS_WARPS, kernel="bn_relu_grad_sums", barrier_free_loop=True,
+                                   dtypes=f"x={xs} dy={ys}", divisible=("C", "HW", "m_per_prog"),
+                                   config=f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} "
+                                          f"{block_m}x{block_c}{act_label}"))
     return out

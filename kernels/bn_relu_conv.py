@@ -30,14 +30,19 @@ def _activation(x, p: BNParams, backend, dtype, mask, keep):
     return a
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype``; no dispatch when it already is (the common case: a saved cast, an autocast gradient)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def conv_forward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weights, biases, geometry) -> tuple:
     """Forward of conv(dropout(act(bn(x)))) for each (weight, bias, geometry) with torch/cuDNN convolutions.
 
-    Shared by the autograd Function (eager) and the custom op (:mod:`kernels.ops`, torch.compile)."""
+    Every operand is in ``cdtype`` (the autocast dtype when autocast is on), so autocast, if enabled, has
+    nothing to cast. Shared by the autograd Function (eager) and the custom op (:mod:`kernels.ops`)."""
     a = _activation(x, p, backend, cdtype, mask, keep)
-    with torch.autocast(x.device.type, enabled=False):
-        return tuple(F.conv2d(a, w.to(cdtype), None if b is None else b.to(cdtype), *geo)
-                     for w, b, geo in zip(weights, biases, geometry))
+    return tuple(F.conv2d(a, _as(w, cdtype), None if b is None else _as(b, cdtype), *geo)
+                 for w, b, geo in zip(weights, biases, geometry))
 
 
 def conv_backward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weights, has_bias, geometry, grad_outs,
@@ -58,11 +63,11 @@ def conv_backward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weigh
             continue
         stride, padding, dilation, groups = geo
         gi, gw, gb = torch.ops.aten.convolution_backward(
-            gy.to(cdtype), a, w.to(cdtype), [w.shape[0]] if has_b else None,
+            _as(gy, cdtype), a, _as(w, cdtype), [w.shape[0]] if has_b else None,
             list(stride), list(padding), list(dilation), False, [0, 0], groups, [True, nw, nb],
         )
         grad_a = gi if grad_a is None else grad_a.add_(gi)
-        param_grads += [gw.to(pdt) if nw else None, gb.to(pdt) if nb else None]
+        param_grads += [_as(gw, pdt) if nw else None, _as(gb, pdt) if nb else None]
     del a
     if grad_a is None:
         return None, None, None, param_grads
@@ -80,7 +85,7 @@ class _BNReLUConvFunction(torch.autograd.Function):
         # params: for each conv, (weight, bias-or-None); geometry: for each conv (stride, padding, dilation, groups)
         weights, biases = params[0::2], params[1::2]
         ctx.weight_dtypes = [w.dtype for w in weights]
-        weights = [w.to(cdtype) for w in weights]  # cast once per step: backward reuses these copies
+        weights = [_as(w, cdtype) for w in weights]  # cast once per step: backward reuses these copies
         outs = conv_forward(x, p, backend, cdtype, mask, keep, weights, biases, geometry)
         ctx.p, ctx.backend, ctx.cdtype, ctx.keep, ctx.sync, ctx.group = p, backend, cdtype, keep, sync, group
         ctx.param_dtype = gamma.dtype if gamma is not None else x.dtype
@@ -100,8 +105,8 @@ class _BNReLUConvFunction(torch.autograd.Function):
             need[0], need[n_fixed::2], need[n_fixed + 1::2], ctx.sync, ctx.group, ctx.weight_dtypes)
         if dgamma is None:
             return (None,) * (n_fixed + len(param_grads))
-        return (dx, dgamma.to(ctx.param_dtype) if need[1] else None,
-                dbeta.to(ctx.param_dtype) if need[2] else None, *([None] * (n_fixed - 3)), *param_grads)
+        return (dx, _as(dgamma, ctx.param_dtype) if need[1] else None,
+                _as(dbeta, ctx.param_dtype) if need[2] else None, *([None] * (n_fixed - 3)), *param_grads)
 
 
 def igemm_forward(x, p: BNParams, cdtype, weights, biases, geometry) -> tuple:

@@ -26,32 +26,17 @@ from __future__ import annotations
 import torch
 
 from . import _runtime  # first: sets TRITON_INTERPRET before triton.jit runs
-from ._common import TRITON_DTYPES, as_nchw_or_nhwc, cdiv, needs_int64
+from ._common import TRITON_DTYPES, as_nchw_or_nhwc, cdiv
 from ._runtime import HAS_TRITON
-from .launch import Kernel
+from .launch import Kernel, Slot
+from .tiles import (FINALIZE_BLOCK_C, FINALIZE_BLOCK_K, STATS_WARPS, TICKETS, Geometry, bn_variant_tiles, geometry,
+                    merge_k)
 
 # Rows of the (len(STAT_ROWS), C) fp32 statistics buffer: the one packing used by kernels, launchers and ops.
 STAT_ROWS = ("mean", "var", "rstd", "scale", "count")
 ROW = {name: i for i, name in enumerate(STAT_ROWS)}
 # Sources of the gathered-finalize kernel.
 SRC_GATHERED, SRC_RUNNING = 1, 2
-FINALIZE_BLOCK_K, FINALIZE_BLOCK_C = 16, 64  # gathered finalize: ranks per merge step, channels per program
-STATS_WARPS = 8
-MIN_TILES_PER_PROGRAM = 4  # fewer, longer programs: the last program's merge of all partials stays short
-MERGE_ELEMENTS = 1024  # partials merged per step by the finalising program: MERGE_K = MERGE_ELEMENTS // BLOCK_C
-TICKETS = 1 << 16  # per-device ticket slots (channel blocks + 1); plenty for C = 2**16 at 16 channels a block
-
-
-def tile_sizes(C: int, channels_last: bool, int64: bool = False) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_C) of the reduction kernels: the contiguous axis gets the long side, 4096 elements for
-    8 warps (16 per thread: 2-4 vector loads per operand and iteration); half as many positions with int64
-    offsets (64-bit offsets of 16 elements per thread spilled on sm_80/sm_90 with fp32 input)."""
-    block_m, block_c = (64, 64) if channels_last and C > 16 else (256, 16)
-    return (block_m // 2 if int64 else block_m), block_c
-
-
-def merge_k(block_c: int) -> int:
-    return MERGE_ELEMENTS // block_c
 
 
 if HAS_TRITON:
@@ -229,38 +214,6 @@ if HAS_TRITON:
     GATHERED_FINALIZE = Kernel(_gathered_finalize_kernel)
 
 
-class ReductionGrid:
-    """Geometry of a per-channel reduction over an (N, C, H, W) tensor (one per shape, layout and device hint)."""
-
-    __slots__ = ("M", "C", "HW", "block_m", "block_c", "c_blocks", "splits", "m_per_prog", "grid", "int64")
-
-    def __init__(self, shape, channels_last: bool, hint: int, int64: bool):
-        N, C, H, W = shape
-        self.M, self.C, self.HW = N * H * W, C, H * W
-        self.block_m, self.block_c = tile_sizes(C, channels_last, int64)
-        self.c_blocks = cdiv(C, self.block_c)
-        tiles = cdiv(self.M, self.block_m)
-        splits = max(1, min(cdiv(tiles, MIN_TILES_PER_PROGRAM), hint // self.c_blocks))
-        self.m_per_prog = cdiv(cdiv(self.M, splits), self.block_m) * self.block_m
-        self.splits = cdiv(self.M, self.m_per_prog) if self.M else 1
-        self.grid = (self.c_blocks, self.splits, 1)
-        self.int64 = int64
-        if self.c_blocks + 1 > TICKETS:
-            raise ValueError(f"{C} channels need more than {TICKETS} ticket slots")
-
-
-_grids: dict = {}
-
-
-def reduction_grid(x: torch.Tensor, channels_last: bool) -> ReductionGrid:
-    """The cached :class:`ReductionGrid` of x (shape, layout, int64 rule, the device's programs hint)."""
-    key = (x.shape, channels_last, needs_int64(x), x.device, _runtime.PROGRAMS_HINT, MIN_TILES_PER_PROGRAM)
-    g = _grids.get(key)
-    if g is None:
-        g = _grids[key] = ReductionGrid(x.shape, channels_last, _runtime.num_programs_hint(x), key[2])
-    return g
-
-
 _scratch: dict = {}
 
 
@@ -314,21 +267,26 @@ def _aligned(*ts) -> bool:
 
 
 def launch_stats(x: torch.Tensor, channels_last: bool, out: torch.Tensor, *, weight=None, running=None,
-                 momentum: float | None = 0.1, eps: float = 1e-5, num_batches_tracked=None, triple: bool = False) -> None:
+                 momentum: float | None = 0.1, eps: float = 1e-5, num_batches_tracked=None, triple: bool = False,
+                 geo: Geometry | None = None) -> None:
     """One ``_stats_kernel`` launch: x's statistics into ``out`` (STAT_ROWS, or (count, mean, M2) with ``triple``).
 
-    ``running``: (running_mean, running_var) fp32, updated in place (with ``num_batches_tracked`` += 1)."""
-    g = reduction_grid(x, channels_last)
+    ``running``: (running_mean, running_var) fp32, updated in place (with ``num_batches_tracked`` += 1).
+    ``geo``: x's :class:`kernels.tiles.Geometry` when the caller has it."""
+    geo = geo or geometry(x, channels_last)
+    g = geo.red
     part, tick, zero64 = scratch(x.device, 2 * g.splits * g.C)
     update = running is not None and not triple
     has_affine = weight is not None and not triple
     w = weight if has_affine else out
     rm, rv = running if update else (out, out)
-    consts = (channels_last, g.int64, g.block_m, g.block_c, merge_k(g.block_c))
-    key = (x.shape, x.dtype, w.dtype, x.device.index, consts, x.data_ptr() & 15 == 0, g.grid)
-    STATS(key, g.grid, x, part, tick, out, w, rm, rv, num_batches_tracked if update else zero64, g.M, g.C, g.HW,
-          g.m_per_prog, 0.0 if momentum is None else float(momentum), float(eps), int(triple), int(has_affine),
-          int(update), int(update and momentum is None), *consts, num_warps=STATS_WARPS)
+    key = ("stats", x.dtype, w.dtype, x.data_ptr() & 15 == 0)
+    slot = geo.slots.get(key)
+    if slot is None:
+        slot = geo.slots[key] = Slot(STATS, g.grid, STATS_WARPS)
+    slot(x, part, tick, out, w, rm, rv, num_batches_tracked if update else zero64, g.M, g.C, g.HW, g.m_per_prog,
+         0.0 if momentum is None else float(momentum), float(eps), int(triple), int(has_affine), int(update),
+         int(update and momentum is None), channels_last, g.int64, g.block_m, g.block_c, g.merge_k)
 
 
 def finalize_stats(
@@ -418,10 +376,6 @@ def _sync(mean: torch.Tensor, m2: torch.Tensor, count: int, group) -> tuple[torc
 # ----------------------------------------------------------------------------------------------------------------
 # Ahead-of-time variants (kernels/aot.py compiles each for sm_80 and sm_90 in CI)
 
-# channel counts that select every tile of tile_sizes(): one at each side of every threshold
-TILE_PROBE_CHANNELS = (1, 16, 17, 4096)
-
-
 def aot_variants() -> list:
     """Every (kernel, dtypes, layout, tile) the CUDA launchers of this module can choose, as kernels.aot.Variant.
 
@@ -434,18 +388,16 @@ def aot_variants() -> list:
     out = []
     flags = {"triple": "i32", "has_affine": "i32", "update": "i32", "cumulative": "i32"}
     for xdt, xs in TRITON_DTYPES.items():
-        for cl in (False, True):
-            for int64 in (False, True):
-                for block_m, block_c in sorted({tile_sizes(c, cl, int64) for c in TILE_PROBE_CHANNELS}):
-                    sig = {"x_ptr": f"*{xs}", "part_ptr": "*fp32", "tick_ptr": "*i32", "out_ptr": "*fp32",
-                           "w_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32", "nbt_ptr": "*i64",
-                           **{s: "i32" for s in ("M", "C", "HW", "m_per_prog")}, "momentum": "fp32", "eps": "fp32",
-                           **flags}
-                    const = dict(CHANNELS_LAST=cl, INT64=int64, BLOCK_M=block_m, BLOCK_C=block_c,
-                                 MERGE_K=merge_k(block_c))
-                    out.append(Variant(_stats_kernel, sig, const, num_warps=STATS_WARPS, kernel="channel_stats",
-                                       dtypes=f"x={xs}", divisible=("C", "HW", "m_per_prog"), barrier_free_loop=True,
-                                       config=f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} {block_m}x{block_c}"))
+        for cl, int64, block_m, block_c in bn_variant_tiles()["reduction"]:
+            sig = {"x_ptr": f"*{xs}", "part_ptr": "*fp32", "tick_ptr": "*i32", "out_ptr": "*fp32",
+                   "w_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32", "nbt_ptr": "*i64",
+                   **{s: "i32" for s in ("M", "C", "HW", "m_per_prog")}, "momentum": "fp32", "eps": "fp32",
+                   **flags}
+            const = dict(CHANNELS_LAST=cl, INT64=int64, BLOCK_M=block_m, BLOCK_C=block_c,
+                         MERGE_K=merge_k(block_c))
+            out.append(Variant(_stats_kernel, sig, const, num_warps=STATS_WARPS, kernel="channel_stats",
+                               dtypes=f"x={xs}", divisible=("C", "HW", "m_per_prog"), barrier_free_loop=True,
+                               config=f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} {block_m}x{block_c}"))
     sig = {"g_ptr": "*fp32", "K": "i32", "M": "i32", "C": "i32", "tick_ptr": "*i32", "out_ptr": "*fp32",
            "w_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32", "nbt_ptr": "*i64", "momentum": "fp32",
            "eps": "fp32", "source": "i32", **{k: "i32" for k in ("has_affine", "update", "cumulative")}}

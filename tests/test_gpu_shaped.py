@@ -23,6 +23,7 @@ from kernels import _runtime
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # also set for the interpreter in pyproject
 bn_stats_mod = importlib.import_module("kernels.bn_stats")
+tiles = importlib.import_module("kernels.tiles")
 
 # an H100's 4 x 132 programs and an odd count (uneven splits per channel block)
 HINTS = (4 * 132, 37)
@@ -33,8 +34,8 @@ def gpu_shaped(monkeypatch, hint: int = 4 * 132) -> None:
     tensors an interpreter can afford produce as many merge blocks as a real layer does on the GPU (the merge
     code is the same; only its block size, a constexpr, shrinks)."""
     monkeypatch.setattr(_runtime, "PROGRAMS_HINT", hint)
-    monkeypatch.setattr(bn_stats_mod, "MIN_TILES_PER_PROGRAM", 1)
-    monkeypatch.setattr(bn_stats_mod, "MERGE_ELEMENTS", 64)
+    monkeypatch.setattr(tiles, "MIN_TILES_PER_PROGRAM", 1)
+    monkeypatch.setattr(tiles, "MERGE_ELEMENTS", 64)
 
 
 @pytest.fixture(params=HINTS, ids=lambda h: f"hint{h}")
@@ -94,9 +95,9 @@ def test_multi_block_merges_match_fp64(hint, channels_last, frozen):
     C = 70
     x = _x(C, channels_last)
     bn = _bn(C, frozen)
-    g = bn_stats_mod.reduction_grid(x, channels_last)
+    g = tiles.geometry(x, channels_last).red
     # the last program merges the partials in blocks: more than one block is merged
-    assert g.splits > bn_stats_mod.merge_k(g.block_c), (g.splits, g.block_c)
+    assert g.splits > g.merge_k, (g.splits, g.block_c)
     dy = torch.randn_like(x)
     ref = _fp64_reference(x, bn, dy)
     got = _run(x, bn, dy)
@@ -110,8 +111,8 @@ def test_multi_block_merge_with_the_shipped_constants(monkeypatch):
     64 positions, 18 programs per channel block, merged 16 at a time)."""
     monkeypatch.setattr(_runtime, "PROGRAMS_HINT", 4 * 132)
     x = _x(70, True, shape=(2, 40, 60))
-    g = bn_stats_mod.reduction_grid(x, True)
-    assert g.splits > bn_stats_mod.merge_k(g.block_c), (g.splits, g.block_c)
+    g = tiles.geometry(x, True).red
+    assert g.splits > g.merge_k, (g.splits, g.block_c)
     bn = _bn(70)
     dy = torch.randn_like(x)
     ref = _fp64_reference(x, bn, dy)
