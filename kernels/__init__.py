@@ -11,8 +11,8 @@ This package imports nothing from ``widedeep``.
 
 from . import _runtime  # must run before any @triton.jit definition
 from ._runtime import BACKENDS, HAS_CUDA, HAS_TRITON, INTERPRET, resolve_backend, set_default_backend
-from .bn_relu import ACTIVATIONS, BNParams, bn_params, bn_relu, bn_relu_backward, bn_relu_forward
-from .bn_relu_conv import bn_relu_conv
+from .api import bn_relu, bn_relu_conv
+from .bn_relu import ACTIVATIONS, BNParams, bn_params, bn_relu_backward, bn_relu_forward
 from .bn_stats import channel_stats
 from .fuse import FusedSequential, fuse_bn_relu_conv, unfuse
 from .modules import ABN, BNReLU, BNReLUConv2d, InPlaceABN, InPlaceABNSync

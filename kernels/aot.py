@@ -36,37 +36,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Any
+
+from .tiles import Variant  # noqa: F401 (the variant record; kernels.aot.Variant stays importable)
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory per block (opt-in maximum)
 MIN_TRITON = (3, 3)
 MODULES = ("kernels.conv", "kernels.bn_relu", "kernels.bn_stats")
-
-
-@dataclass
-class Variant:
-    """One compilable kernel variant: the launch a launcher makes on CUDA, minus the tensors."""
-
-    fn: Any                    # the @triton.jit function (a JITFunction: import with TRITON_INTERPRET=0)
-    signature: dict            # runtime argument name -> Triton type ("*bf16", "i32", "fp32", ...)
-    constexprs: dict           # constexpr argument name -> value
-    num_warps: int = 4
-    num_stages: int = 3
-    kernel: str = ""           # launcher / kernel label for the table
-    dtypes: str = ""
-    config: str = ""
-    tensor_cores: bool = False  # must use tensor-core MMA instructions (wgmma on sm_90, mma on sm_80)
-    divisible: tuple = field(default=())  # extra integer args assumed divisible by 16 (pointers always are)
-    archs: tuple = field(default=())  # compile only for these compute capabilities (empty: every --arch)
-    single_k_loop: bool = False  # its MMAs must sit in one loop (sm_90: with one async-copy wait, a pipelined K loop)
-    # reductions: the loop that streams the tensor (plain ld.global) has no bar.sync (per-lane accumulation)
-    barrier_free_loop: bool = False
-    vector_loads: bool = False  # elementwise passes: data loads vectorised (ld.global.v2/.v4) when L % 16 == 0
-
-    @property
-    def name(self) -> str:
-        return getattr(self.fn, "__name__", None) or self.fn.fn.__name__
 
 
 def triton_version() -> tuple[int, int]:

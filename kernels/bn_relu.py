@@ -44,7 +44,7 @@ from ._runtime import HAS_TRITON
 from .bn_stats import ROW, STAT_ROWS, _aligned, _dist_active, channel_stats, finalize_stats, launch_stats, scratch
 from .launch import Kernel, Slot
 from .tiles import (ELEMENTWISE_TILE, ELEMENTWISE_WARPS, NCHW_BLOCK_L, NHWC_BLOCK_L, STATS_WARPS,  # noqa: F401
-                    bn_variant_tiles, elementwise_tiling, geometry, merge_k)
+                    Variant, bn_variant_tiles, elementwise_tiling, geometry, merge_k)
 
 if HAS_TRITON:
     import triton
@@ -368,7 +368,7 @@ def _fp32_running(rm, rv) -> bool:
 def _module_state(bn) -> tuple:
     """(running_mean, running_var, weight, bias, num_batches_tracked) of a BatchNorm module, read from its
     parameter and buffer dicts (``nn.Module.__getattr__`` costs ~0.4 us per name on this hot path)."""
-    p, b = bn._parameters, bn._buffers
+    p, b = getattr(bn, "_parameters", ()), getattr(bn, "_buffers", ())  # any object with the attributes works
     get = lambda d, k: d[k] if k in d else getattr(bn, k, None)  # noqa: E731 (subclasses may use properties)
     return (get(b, "running_mean"), get(b, "running_var"), get(p, "weight"), get(p, "bias"),
             get(b, "num_batches_tracked"))
@@ -576,27 +576,6 @@ class _BNReLUFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None
 
 
-def bn_relu(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, backend: str = "auto",
-            sync: bool = False, process_group=None, activation: str = "relu",
-            activation_param: float = 0.01) -> torch.Tensor:
-    """act(bn(x)) for an nn.BatchNorm2d ``bn`` (its mode, statistics and parameters), storing only x for backward.
-
-    x: (N, C, H, W) NCHW or channels_last, fp32/fp16/bf16. Output: x's layout, autocast dtype if autocast is on.
-    ``activation``: "relu" (default), "leaky_relu" (negative slope ``activation_param``) or "identity".
-    """
-    activation_code(activation)  # an unknown name fails here, on every path
-    if _plain.exporting() and _plain.take_plain(bn, "kernels.bn_relu"):  # export/trace for inference (plain.py)
-        return _plain.bn_act_plain(x, bn, activation, activation_param, compute_dtype(x))
-    be = _runtime.resolve_backend(backend, x)
-    if torch.compiler.is_compiling() and not sync:  # one opaque custom op per step for Dynamo (kernels/ops.py)
-        from .ops import bn_relu_via_ops
-
-        return bn_relu_via_ops(x, bn, be, compute_dtype(x), activation, activation_param)
-    p = bn_params(x, bn, backend=be, sync=sync, process_group=process_group, activation=activation,
-                  activation_param=activation_param)
-    return _BNReLUFunction.apply(x, bn.weight, bn.bias, p, be, compute_dtype(x), sync, process_group)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Ahead-of-time variants (kernels/aot.py compiles each for sm_80 and sm_90 in CI)
 
@@ -627,8 +606,6 @@ def aot_variants() -> list:
     Elementwise kernels: ELEMENTWISE_WARPS, the tiles of :mod:`kernels.tiles`, row length L declared divisible by 16
     (as the runtime specialises every real layer: vectorised loads); gradient sums: 8 warps, the tiles of
     :func:`kernels.tiles.tile_sizes`, C/HW/m_per_prog declared divisible."""
-    from .aot import Variant
-
     out = []
     ew = {s: "i32" for s in ("R", "L", "C")}
     tiles = bn_variant_tiles()

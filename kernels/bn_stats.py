@@ -29,8 +29,8 @@ from . import _runtime  # first: sets TRITON_INTERPRET before triton.jit runs
 from ._common import TRITON_DTYPES, as_nchw_or_nhwc, cdiv
 from ._runtime import HAS_TRITON
 from .launch import Kernel, Slot
-from .tiles import (FINALIZE_BLOCK_C, FINALIZE_BLOCK_K, STATS_WARPS, TICKETS, Geometry, bn_variant_tiles, geometry,
-                    merge_k)
+from .tiles import (FINALIZE_BLOCK_C, FINALIZE_BLOCK_K, STATS_WARPS, TICKETS, Geometry, Variant, bn_variant_tiles,
+                    geometry, merge_k)
 
 # Rows of the (len(STAT_ROWS), C) fp32 statistics buffer: the one packing used by kernels, launchers and ops.
 STAT_ROWS = ("mean", "var", "rstd", "scale", "count")
@@ -383,8 +383,6 @@ def aot_variants() -> list:
     steer the finalising program's epilogue, so one compiled kernel serves them all. The statistics kernel runs
     with 8 warps; the integer arguments that real shapes make multiples of 16 (C, HW, m_per_prog) are declared
     divisible, as the runtime JIT specialises them."""
-    from .aot import Variant
-
     out = []
     flags = {"triple": "i32", "has_affine": "i32", "update": "i32", "cumulative": "i32"}
     for xdt, xs in TRITON_DTYPES.items():

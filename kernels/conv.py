@@ -675,7 +675,7 @@ def aot_variants() -> list:
     conv compiles (the longest part of the check) for variants whose only difference, one select and multiply
     per element, cannot move registers or shared memory by much; the INT64 and DETERMINISTIC code is ACT-free.
     """
-    from .aot import Variant
+    from .tiles import Variant
 
     ints = {s: "i32" for s in _SCALARS}
     out = []

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from . import _runtime
+
 SHIPPED = Path(__file__).with_name("conv_choice.json")
 ENV = "WIDEDEEP_CONV_CHOICE"
 FORMAT = "widedeep-conv-choice"
@@ -132,8 +134,6 @@ def lookup(key: tuple) -> str:
 def choose(x: torch.Tensor, convs, dtype: torch.dtype) -> str:
     """``"triton"`` when the table picks the implicit GEMM for every conv in ``convs`` on x's device, else ``"torch"``.
     Never "triton" off CUDA or under the interpreter."""
-    from . import _runtime
-
     if not x.is_cuda or _runtime.INTERPRET:
         return "torch"
     dev = device_name(x)

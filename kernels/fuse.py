@@ -27,7 +27,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .bn_relu_conv import bn_relu_conv
+from .api import bn_relu_conv
 
 
 def _is_chain(mods: list[nn.Module], i: int) -> bool:

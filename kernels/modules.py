@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import plain as _plain
-from .bn_relu import activation_code, bn_relu
-from .bn_relu_conv import bn_relu_conv
+from ._common import activation_code
+from .api import bn_relu, bn_relu_conv
 
 
 class BNReLU(nn.BatchNorm2d):

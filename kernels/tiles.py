@@ -16,6 +16,9 @@ A leaf module: torch, :mod:`._runtime`, :mod:`._common`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 from . import _common, _runtime
@@ -145,3 +148,31 @@ def geometry(x: torch.Tensor, channels_last: bool) -> Geometry:
     if g is None:
         g = _geometries[key] = Geometry(x.shape, channels_last, int64, x.device, _runtime.num_programs_hint(x))
     return g
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time variants: each kernel module lists its own (``aot_variants()``) from the tables above
+
+@dataclass
+class Variant:
+    """One compilable kernel variant: the launch a launcher makes on CUDA, minus the tensors."""
+
+    fn: Any                    # the @triton.jit function (a JITFunction: import with TRITON_INTERPRET=0)
+    signature: dict            # runtime argument name -> Triton type ("*bf16", "i32", "fp32", ...)
+    constexprs: dict           # constexpr argument name -> value
+    num_warps: int = 4
+    num_stages: int = 3
+    kernel: str = ""           # launcher / kernel label for the table
+    dtypes: str = ""
+    config: str = ""
+    tensor_cores: bool = False  # must use tensor-core MMA instructions (wgmma on sm_90, mma on sm_80)
+    divisible: tuple = field(default=())  # extra integer args assumed divisible by 16 (pointers always are)
+    archs: tuple = field(default=())  # compile only for these compute capabilities (empty: every --arch)
+    single_k_loop: bool = False  # its MMAs must sit in one loop (sm_90: with one async-copy wait, a pipelined K loop)
+    # reductions: the loop that streams the tensor (plain ld.global) has no bar.sync (per-lane accumulation)
+    barrier_free_loop: bool = False
+    vector_loads: bool = False  # elementwise passes: data loads vectorised (ld.global.v2/.v4) when L % 16 == 0
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__name__", None) or self.fn.fn.__name__
