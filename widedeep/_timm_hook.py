@@ -3,7 +3,8 @@
 ``import widedeep`` calls :func:`install`: if timm is already imported the names are registered at once;
 else, if timm is installed, a meta-path finder waits for the first ``import timm`` (of any submodule too:
 the package comes first) and registers right after timm's own ``__init__`` has run. Without timm nothing
-happens. :func:`widedeep.models.register_timm` registers explicitly (importing timm).
+happens. :func:`widedeep.models.register_timm` (in :mod:`widedeep.models.timm_registration`) registers
+explicitly (importing timm). Nothing in :mod:`widedeep.models` imports this module: the imports run one way.
 """
 
 from __future__ import annotations
@@ -24,27 +25,12 @@ def _find_spec(name: str, path=None):
 
 
 def register_now() -> bool:
-    """Import widedeep.models.timm_compat (which imports timm) and register. False when timm fails to import."""
-    try:
-        from widedeep.models import timm_compat
+    """Register with timm now (importing torch and timm). False when widedeep.models or timm fails to import."""
+    try:  # lazy on purpose: `import widedeep` imports neither torch nor timm (tests/test_ecosystem.py)
+        from widedeep.models import timm_registration
     except ImportError:
         return False
-    timm_compat.register()
-    return True
-
-
-def register_timm() -> bool:
-    """Register the plain names with timm now (importing timm). False when timm is missing or broken (it needs
-    a matching torchvision). Not needed after ``import widedeep``, which registers as soon as timm is imported.
-    (Exported as ``widedeep.models.register_timm``; it lives here so that the imports run one way:
-    ``_timm_hook`` -> ``models.timm_compat`` -> ``models.registry``, never back.)"""
-    try:
-        return register_now()
-    except Exception as e:  # timm present but broken
-        import logging
-
-        logging.getLogger("widedeep.models.registry").warning("timm registration failed: %r", e)
-        return False
+    return timm_registration.register_now()
 
 
 class _RegisterAfterExec:  # an importlib Loader (no importlib.abc: it imports pathlib & co, ~40 ms)

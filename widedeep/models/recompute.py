@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from kernels.profiling import saved_tensor_bytes
+
 MODES = ("stored", "fused", "unit")
 
 
@@ -137,8 +139,6 @@ def plan_for_budget(costs: Sequence[UnitCost], budget: int, *, prefer: str = "fu
 def measure_unit_costs(model: nn.Module, x: torch.Tensor, backend: str = "auto") -> list[UnitCost]:
     """Per-unit saved bytes in each mode (a real forward of each unit on its input from ``model(x)``) and
     the extra forward FLOPs each mode costs in backward. BN running statistics are left as they were."""
-    from kernels.profiling import saved_tensor_bytes
-
     units = [(n, m) for n, m in model.named_children() if hasattr(m, "recompute") and hasattr(m, "backend")]
     inputs: dict[str, torch.Tensor] = {}
     hooks = [u.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0].detach()))

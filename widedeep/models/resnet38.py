@@ -29,24 +29,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+import kernels  # the fused path calls kernels.bn_relu / kernels.bn_relu_conv (attribute lookups: patchable)
+from widedeep.arch import LEVELS, NUM_FEATURES, unit_module_name  # noqa: F401 (re-exported: the model's table)
+
 from .recompute import normalise_plan, recompute_unit
+from .scriptable import scriptable
 
 BN_EPS = 1.001e-5  # ademxapp's value since 2017-01 ("for compatibility with cudnn v5"); the weights expect it
 BN_MOMENTUM = 0.1  # MXNet momentum 0.9 in PyTorch's convention
 
-# level -> (number of units, branch-2 output widths). Two widths: two 3x3 convs ("b33");
-# three widths: 1x1-3x3-1x1 bottleneck ("b131").
-LEVELS: dict[int, tuple[int, tuple[int, ...]]] = {
-    2: (3, (128, 128)),
-    3: (3, (256, 256)),
-    4: (6, (512, 512)),
-    5: (3, (512, 1024)),
-    6: (1, (512, 1024, 2048)),
-    7: (1, (1024, 2048, 4096)),
-}
 ACTIVATIONS = ("relu", "leaky_relu")  # leaky_relu: InPlace-ABN's default (slope 0.01), Mapillary's checkpoints
 STEM_CHANNELS = 64
-NUM_FEATURES = 4096
 
 # timm's global_pool names -> feature multiplier of the pooled vector ("" = no pooling, headless only)
 GLOBAL_POOLS: dict[str, int] = {"avg": 1, "max": 1, "avgmax": 1, "catavgmax": 2, "": 1}
@@ -114,10 +107,6 @@ class UnitSpec:
 class PoolSpec:
     after_level: int
     stride: int
-
-
-def unit_module_name(level: int, index: int) -> str:
-    return f"b{level}" if index == 0 else f"b{level}_{index}"
 
 
 def unit_ademxapp_name(level: int, index: int) -> str:
@@ -266,15 +255,11 @@ class PreActUnit(_Activation, nn.Module):
             bn = getattr(self, f"bn_{stage}")
             p = self.spec.dropout if (i == last and self.training) else 0.0
             if self.backend is not None and not (i == 0 and get_x_bn_relu):
-                from kernels import bn_relu_conv
-
-                outs = bn_relu_conv(t, bn, self._stage_convs(i), dropout=p, backend=self.backend, sync=self.sync_bn,
-                                    **self._act_kwargs())
+                outs = kernels.bn_relu_conv(t, bn, self._stage_convs(i), dropout=p, backend=self.backend,
+                                            sync=self.sync_bn, **self._act_kwargs())
             else:
                 if self.backend is not None:
-                    from kernels import bn_relu
-
-                    a = bn_relu(t, bn, backend=self.backend, sync=self.sync_bn, **self._act_kwargs())
+                    a = kernels.bn_relu(t, bn, backend=self.backend, sync=self.sync_bn, **self._act_kwargs())
                 else:
                     a = self._act(bn(t))
                 if i == 0:
@@ -308,10 +293,8 @@ class TwoConvHead(nn.Module):
         backward, not the 4096-channel activation (the largest single tensor of the stride-8 nets).
         ``act_kwargs``: the trunk's activation keywords for the kernels (none: ReLU); the ReLU between the
         head's two convs is ademxapp's and stays a ReLU."""
-        from kernels import bn_relu_conv
-
-        return self.score(F.relu(bn_relu_conv(x, bn, [self.conv6a], backend=backend, sync=sync,
-                                              **(act_kwargs or {}))[0]))
+        return self.score(F.relu(kernels.bn_relu_conv(x, bn, [self.conv6a], backend=backend, sync=sync,
+                                                      **(act_kwargs or {}))[0]))
 
 
 class ResNet38(_Activation, nn.Module):
@@ -512,12 +495,22 @@ class ResNet38(_Activation, nn.Module):
         pre_logits=True)``): num_features, twice that with ``global_pool="catavgmax"``."""
         return self.num_features * (1 if self.segmentation else GLOBAL_POOLS[self.global_pool])
 
+    def state_shapes(self, width: float | None = None) -> dict[str, tuple[int, ...]]:
+        """``{state_dict key: shape}`` of this architecture at ``width`` (default: the model's own), built on the
+        meta device (no memory). :func:`widedeep.weights.load_weights` asks it whether a file that does not fit
+        is the same net saved at another width (so the weights package never imports the model)."""
+        if width is None or width == self.width:
+            ref = self
+        else:
+            with torch.device("meta"):
+                ref = ResNet38(self.variant, self.num_classes, self.output_stride, segmentation=self.segmentation,
+                               width=width, in_chans=self.conv1a.in_channels)
+        return {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script(model)``: the scriptable view of :mod:`widedeep.models.scriptable` (same modules and
         keys, plain torch ops)."""
-        from .scriptable import scriptable
-
-        return scriptable(self)
+        return scriptable(self, PreActUnit)
 
     def get_classifier(self) -> nn.Module | None:
         return self.head.score if self.head is not None else self.fc
@@ -556,9 +549,7 @@ class ResNet38(_Activation, nn.Module):
     # ------------------------------------------------------------------ forward
     def _bn_relu7(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused_backend is not None:
-            from kernels import bn_relu
-
-            return bn_relu(x, self.bn7, backend=self._fused_backend, sync=self.sync_bn, **self._act_kwargs())
+            return kernels.bn_relu(x, self.bn7, backend=self._fused_backend, sync=self.sync_bn, **self._act_kwargs())
         return self._act(self.bn7(x))
 
     def _body(self):

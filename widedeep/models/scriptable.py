@@ -87,16 +87,17 @@ class ScriptPool(nn.Module):
         return x
 
 
-def scriptable(model: nn.Module) -> nn.Sequential:
-    """The scriptable ``nn.Sequential`` view of ``model`` (shared modules, the model's keys and mode)."""
-    from .resnet38 import PreActUnit
+def scriptable(model: nn.Module, unit_type: type[nn.Module]) -> nn.Sequential:
+    """The scriptable ``nn.Sequential`` view of ``model`` (shared modules, the model's keys and mode).
 
+    ``unit_type``: the model's residual unit class (:class:`~widedeep.models.resnet38.PreActUnit`), given by
+    ``ResNet38.__prepare_scriptable__`` so that this module imports nothing back from resnet38."""
     if getattr(model, "bn7", None) is None:
         raise RuntimeError("torch.jit.script: a pruned ResNet38 (prune_intermediate_layers) serves "
                            "forward_intermediates only, which TorchScript cannot compile")
     parts: "OrderedDict[str, nn.Module]" = OrderedDict(conv1a=model.conv1a)
     for name, module in model._body():
-        parts[name] = ScriptUnit(module) if isinstance(module, PreActUnit) else module
+        parts[name] = ScriptUnit(module) if isinstance(module, unit_type) else module
     parts["bn7"] = model.bn7
     parts["act7"] = ScriptActivation(model.activation, model.activation_param)
     if model.segmentation:

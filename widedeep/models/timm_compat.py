@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, is_model, model_entrypoint, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._registry import generate_default_cfgs
 
-from .registry import ALIASES, PLAIN_NAMES, create_model
+from .factory import create_model
+from .registry import ALIASES, PLAIN_NAMES
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet mean/std on RGB in [0, 1], as data_pipes.recipes
 STD = (0.229, 0.224, 0.225)
@@ -127,8 +128,6 @@ def _entry(variant: str):
 
 def register() -> list[str]:
     """Register every plain name and alias with timm (overwrites nothing timm already has). Idempotent."""
-    from timm.models import is_model, model_entrypoint
-
     done = []
     for variant in list(PLAIN_NAMES) + list(ALIASES):
         fn = model_entrypoint(variant) if is_model(variant) else None

@@ -33,6 +33,9 @@ from typing import Any, Mapping
 
 import torch
 
+from widedeep.arch import LEVELS, unit_module_name
+
+from .errors import WeightsFormatError, WeightsMismatchError
 from .mapping import UnknownNameError
 
 log = logging.getLogger("widedeep.weights")
@@ -62,8 +65,6 @@ _OPTIMISER_KEYS = ("optimizer", "optimiser", "optim", "optimizer_state", "optimi
 def mapillary_to_key(key: str) -> tuple[str, str | None]:
     """``mod4.block3.convs.bn2.0.weight`` -> (``b4_2.bn_branch2b1.weight``, ``"0"``): our key and the BN infix
     (``"0"`` NVIDIA, ``"bn"`` ABN v0, None). Raises :class:`UnknownNameError` for other keys."""
-    from widedeep.models.resnet38 import unit_module_name
-
     if key == "mod1.conv1.weight":
         return "conv1a.weight", None
     if m := _FC.match(key):
@@ -106,8 +107,6 @@ def unwrap_checkpoint(obj: Any, path: str) -> tuple[dict[str, Any], dict[str, st
     reported as skipped) and a Vistas ``{"body", "head", "cls"}`` dict (container ``"vistas"``; head and cls
     reported). Raises :class:`WeightsFormatError` when no dict of tensors is found.
     """
-    from .mxnet_params import WeightsFormatError
-
     skipped: dict[str, str] = {}
     trail: list[str] = []
     container = None
@@ -153,10 +152,6 @@ def from_mapillary(state: Mapping[str, torch.Tensor], path: str, container: str 
     key that does not map, two keys mapping to one, or a structure other than ResNet-38's ``[3, 3, 6, 3, 1, 1]``
     raise :class:`WeightsMismatchError`.
     """
-    from widedeep.models.resnet38 import LEVELS
-
-    from . import WeightsMismatchError
-
     out: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     infixes: set[str] = set()

@@ -70,3 +70,12 @@ def key_to_ademxapp(key: str, *, num_classes: int) -> str | None:
 
 def is_segmentation_file(names) -> bool:
     return any(n.split(":", 1)[-1].startswith("conv6a_") for n in names)
+
+
+def num_classes_of(state) -> int:
+    """Classifier outputs of a state_dict in our keys (``fc`` or the segmentation ``head.score``); 0 when
+    headless."""
+    for key in ("fc.weight", "head.score.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    return 0

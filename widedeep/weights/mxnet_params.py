@@ -27,6 +27,8 @@ import torch
 
 from widedeep.fileio import atomic_write_bytes  # noqa: F401  (re-exported: weights API)
 
+from .errors import WeightsFormatError
+
 LIST_MAGIC = 0x112
 V1_MAGIC = 0xF993FAC8
 V2_MAGIC = 0xF993FAC9
@@ -50,10 +52,6 @@ _DTYPES: dict[int, tuple[np.dtype, torch.dtype]] = {
 }
 _CODE_OF: dict[torch.dtype, int] = {t: code for code, (_, t) in _DTYPES.items()}
 _STYPES = {1: "row_sparse", 2: "csr"}
-
-
-class WeightsFormatError(ValueError):
-    """A weights file cannot be read as its format; the message names the file, the problem and what was expected."""
 
 
 class ParamsFormatError(WeightsFormatError):
