@@ -1,9 +1,12 @@
-"""Segmentation losses: the seed's OHEM ("bootstrapping") softmax loss and label subsampling."""
+"""The training loss: cross-entropy for classification, the seed's OHEM ("bootstrapping") softmax loss with
+label subsampling for segmentation, in one definition for the eager step and the CUDA-graph step."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .distributed import global_mean_count
 
 IGNORE = 255
 
@@ -53,3 +56,62 @@ def _ohem_sum(logits, target, thresh, min_kept, ignore_index) -> tuple[torch.Ten
             kth = prob[valid].kthvalue(min_kept).values
             keep = valid & (prob <= torch.clamp(kth, min=thresh))
     return nll[keep].sum(), keep.sum()
+
+
+def ohem_cross_entropy_static(logits: torch.Tensor, target: torch.Tensor, *, thresh: float = 0.6,
+                              min_kept: int = 256, ignore_index: int = IGNORE, reduction: str = "mean"):
+    """:func:`ohem_cross_entropy` with no host read and no data-dependent shape (capturable in a CUDA graph).
+
+    Same selection: valid pixels whose ground-truth probability is <= max(thresh, the ``min_kept``-th smallest
+    valid probability) are kept, all valid pixels when there are at most ``min_kept``; mean NLL over the kept
+    ones (0 when none). The k-th smallest valid probability is a ``kthvalue`` over all pixels with the ignored
+    ones set to 2 (above any probability), so it equals the one over the valid pixels whenever more than
+    ``min_kept`` are valid (the only case that reads it). logits (N, C, H, W), target (N, H, W) int64.
+    ``reduction="sum"``: (sum over the kept pixels, their count), as :func:`ohem_cross_entropy`.
+    """
+    if logits.shape[-2:] != target.shape[-2:]:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(target.shape)} differ in size; "
+                         "subsample labels (labels_at_feature_resolution) or upsample logits first")
+    nll = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    with torch.no_grad():
+        valid = target != ignore_index
+        prob = torch.exp(-nll.detach())
+        flat = torch.where(valid, prob, 2.0).flatten()
+        kth = flat.kthvalue(min(min_kept, flat.numel())).values
+        hard = valid & (prob <= torch.clamp(kth, min=thresh))
+        keep = torch.where(valid.sum() > min_kept, hard, valid)
+    total = (nll * keep).sum()
+    if reduction == "sum":
+        return total, keep.sum()
+    return total / keep.sum().clamp(min=1)
+
+
+def training_loss(task: str, out: torch.Tensor, y: torch.Tensor, *, loss_resolution: str = "feature",
+                  ohem: bool = True, stride: int = 8, capturable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's loss and (correct, counted) for the running training accuracy (seg: the seed's ``fcn_valid``).
+
+    cls: cross-entropy of (N, C) scores against (N,) labels; hits = (top-1 hits, N). seg: labels (N, H, W)
+    subsampled to the (N, C, h, w) scores (``loss_resolution="feature"``, the seed's ``[4::8]``) or the scores
+    upsampled to the labels ("full"); OHEM (or plain) cross-entropy ignoring 255, as a per-process sum over the
+    mean count over processes: after DDP averages the ranks' gradients every valid pixel of the global batch has
+    the weight it has in one process (OHEM still selects per process); hits = (correct valid pixels, valid pixels).
+    hits is an int64 (2,) tensor on the scores' device. ``capturable``: OHEM selects with
+    :func:`ohem_cross_entropy_static` (no host read: the ``--cuda-graphs`` step) instead of boolean indexing.
+    """
+    if task == "cls":
+        loss = F.cross_entropy(out.float(), y)
+        return loss, torch.stack([(out.argmax(1) == y).sum(), torch.full((), y.numel(), device=y.device)])
+    if loss_resolution == "feature":
+        y = labels_at_feature_resolution(y, stride)
+        if y.shape[-2:] != out.shape[-2:]:
+            raise ValueError(f"labels {tuple(y.shape[-2:])} vs scores {tuple(out.shape[-2:])}: the crop must be a "
+                             "multiple of 8 (it is rounded up for you) and the model output stride 8")
+    else:
+        out = F.interpolate(out.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+    if not ohem:
+        total, count = cross_entropy_sum(out, y)
+    else:
+        total, count = (ohem_cross_entropy_static if capturable else ohem_cross_entropy)(out, y, reduction="sum")
+    loss = total / global_mean_count(count).to(total.dtype)
+    valid = y != IGNORE
+    return loss, torch.stack([((out.argmax(1) == y) & valid).sum(), valid.sum()])
