@@ -28,10 +28,9 @@ What makes the step capture-safe, and how each host-side value reaches the graph
   the lr on the device (SGD has no ``capturable`` flag: it keeps no step counter; the foreach path would turn a
   tensor lr into a Python scalar with ``.item()``, a sync). :func:`widedeep.train.optim.set_lr` then writes the
   new value in place (``fill_``), which every later replay reads.
-- **Loss.** :func:`step_loss` is the trainer's one loss (``losses.training_loss``) with ``capturable=True``: the
-  seed's OHEM selects its hard pixels with a fixed-shape ``kthvalue`` (ignored pixels set above any probability)
-  instead of boolean indexing and ``int(valid.sum())`` (``losses.ohem_cross_entropy_static``, equal to
-  ``losses.ohem_cross_entropy``).
+- **Loss.** :func:`step_loss` is the trainer's one loss (``losses.training_loss``) with the OHEM selection swapped
+  for :func:`ohem_cross_entropy_static` (equal to ``losses.ohem_cross_entropy``): a fixed-shape ``kthvalue``
+  (ignored pixels set above any probability) instead of boolean indexing and ``int(valid.sum())``.
 - **BN statistics.** The fused kernels never synchronise (``num_batches_tracked``, momentum=None's factor and the
   running statistics are updated on the device); eager BatchNorm2d likewise.
 - **AMP.** bf16 autocast needs no scaler: captured as is. fp16's GradScaler decides on the host whether to skip a
@@ -53,11 +52,9 @@ import sys
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from .losses import ohem_cross_entropy_static, training_loss
-
-__all__ = ["GraphRefused", "GraphedStep", "HostSyncError", "forbid_host_sync", "ohem_cross_entropy_static",
-           "prepare_optimizer", "refuse", "step_loss"]
+from .losses import IGNORE, training_loss
 
 log = logging.getLogger("widedeep.train")
 
@@ -112,11 +109,40 @@ def _plain_state_dict(_opt, state: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ capture-safe loss
+def ohem_cross_entropy_static(logits: torch.Tensor, target: torch.Tensor, *, thresh: float = 0.6,
+                              min_kept: int = 256, ignore_index: int = IGNORE, reduction: str = "mean"):
+    """:func:`widedeep.train.losses.ohem_cross_entropy` with no host read and no data-dependent shape.
+
+    Same selection: valid pixels whose ground-truth probability is <= max(thresh, the ``min_kept``-th smallest
+    valid probability) are kept, all valid pixels when there are at most ``min_kept``; mean NLL over the kept
+    ones (0 when none). The k-th smallest valid probability is a ``kthvalue`` over all pixels with the ignored
+    ones set to 2 (above any probability), so it equals the one over the valid pixels whenever more than
+    ``min_kept`` are valid (the only case that reads it). logits (N, C, H, W), target (N, H, W) int64.
+    ``reduction="sum"``: (sum over the kept pixels, their count), as ``ohem_cross_entropy``.
+    """
+    if logits.shape[-2:] != target.shape[-2:]:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(target.shape)} differ in size; "
+                         "subsample labels (labels_at_feature_resolution) or upsample logits first")
+    nll = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    with torch.no_grad():
+        valid = target != ignore_index
+        prob = torch.exp(-nll.detach())
+        flat = torch.where(valid, prob, 2.0).flatten()
+        kth = flat.kthvalue(min(min_kept, flat.numel())).values
+        hard = valid & (prob <= torch.clamp(kth, min=thresh))
+        keep = torch.where(valid.sum() > min_kept, hard, valid)
+    total = (nll * keep).sum()
+    if reduction == "sum":
+        return total, keep.sum()
+    return total / keep.sum().clamp(min=1)
+
+
 def step_loss(task: str, out: torch.Tensor, y: torch.Tensor, *, loss_resolution: str = "feature",
               ohem: bool = True, stride: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """The trainer's loss (:func:`widedeep.train.losses.training_loss`, its one definition) in its capture-safe
     form: loss and (correct, counted) as device tensors, OHEM with a fixed-shape selection."""
-    return training_loss(task, out, y, loss_resolution=loss_resolution, ohem=ohem, stride=stride, capturable=True)
+    return training_loss(task, out, y, loss_resolution=loss_resolution, ohem=ohem, stride=stride,
+                         ohem_sum=ohem_cross_entropy_static)
 
 
 # ------------------------------------------------------------------------------------------------ the graphed step

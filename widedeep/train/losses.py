@@ -3,6 +3,8 @@ label subsampling for segmentation, in one definition for the eager step and the
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -58,36 +60,10 @@ def _ohem_sum(logits, target, thresh, min_kept, ignore_index) -> tuple[torch.Ten
     return nll[keep].sum(), keep.sum()
 
 
-def ohem_cross_entropy_static(logits: torch.Tensor, target: torch.Tensor, *, thresh: float = 0.6,
-                              min_kept: int = 256, ignore_index: int = IGNORE, reduction: str = "mean"):
-    """:func:`ohem_cross_entropy` with no host read and no data-dependent shape (capturable in a CUDA graph).
-
-    Same selection: valid pixels whose ground-truth probability is <= max(thresh, the ``min_kept``-th smallest
-    valid probability) are kept, all valid pixels when there are at most ``min_kept``; mean NLL over the kept
-    ones (0 when none). The k-th smallest valid probability is a ``kthvalue`` over all pixels with the ignored
-    ones set to 2 (above any probability), so it equals the one over the valid pixels whenever more than
-    ``min_kept`` are valid (the only case that reads it). logits (N, C, H, W), target (N, H, W) int64.
-    ``reduction="sum"``: (sum over the kept pixels, their count), as :func:`ohem_cross_entropy`.
-    """
-    if logits.shape[-2:] != target.shape[-2:]:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(target.shape)} differ in size; "
-                         "subsample labels (labels_at_feature_resolution) or upsample logits first")
-    nll = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
-    with torch.no_grad():
-        valid = target != ignore_index
-        prob = torch.exp(-nll.detach())
-        flat = torch.where(valid, prob, 2.0).flatten()
-        kth = flat.kthvalue(min(min_kept, flat.numel())).values
-        hard = valid & (prob <= torch.clamp(kth, min=thresh))
-        keep = torch.where(valid.sum() > min_kept, hard, valid)
-    total = (nll * keep).sum()
-    if reduction == "sum":
-        return total, keep.sum()
-    return total / keep.sum().clamp(min=1)
-
-
 def training_loss(task: str, out: torch.Tensor, y: torch.Tensor, *, loss_resolution: str = "feature",
-                  ohem: bool = True, stride: int = 8, capturable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  ohem: bool = True, stride: int = 8,
+                  ohem_sum: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The trainer's loss and (correct, counted) for the running training accuracy (seg: the seed's ``fcn_valid``).
 
     cls: cross-entropy of (N, C) scores against (N,) labels; hits = (top-1 hits, N). seg: labels (N, H, W)
@@ -95,8 +71,9 @@ def training_loss(task: str, out: torch.Tensor, y: torch.Tensor, *, loss_resolut
     upsampled to the labels ("full"); OHEM (or plain) cross-entropy ignoring 255, as a per-process sum over the
     mean count over processes: after DDP averages the ranks' gradients every valid pixel of the global batch has
     the weight it has in one process (OHEM still selects per process); hits = (correct valid pixels, valid pixels).
-    hits is an int64 (2,) tensor on the scores' device. ``capturable``: OHEM selects with
-    :func:`ohem_cross_entropy_static` (no host read: the ``--cuda-graphs`` step) instead of boolean indexing.
+    hits is an int64 (2,) tensor on the scores' device. ``ohem_sum(logits, target, reduction="sum")``: the OHEM
+    selection, :func:`ohem_cross_entropy` by default; the ``--cuda-graphs`` step passes its capture-safe twin
+    (``graphs.ohem_cross_entropy_static``: no host read, fixed shapes).
     """
     if task == "cls":
         loss = F.cross_entropy(out.float(), y)
@@ -111,7 +88,7 @@ def training_loss(task: str, out: torch.Tensor, y: torch.Tensor, *, loss_resolut
     if not ohem:
         total, count = cross_entropy_sum(out, y)
     else:
-        total, count = (ohem_cross_entropy_static if capturable else ohem_cross_entropy)(out, y, reduction="sum")
+        total, count = (ohem_sum or ohem_cross_entropy)(out, y, reduction="sum")
     loss = total / global_mean_count(count).to(total.dtype)
     valid = y != IGNORE
     return loss, torch.stack([((out.argmax(1) == y) & valid).sum(), valid.sum()])
