@@ -10,6 +10,9 @@ import argparse
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+# This module owns every flag and every default: those that depend on the task in TASK_DEFAULTS (their help text is
+# generated from it), filled in by config(), which builds the typed TrainConfig the trainer reads. (The module
+# docstring above is the --help description.)
 NO_MEANING = "accepted for the seed's commands; no meaning here"
 DEMO_ARGS = [
     "--data-root", "data/synthetic-voc", "--output", "output/demo", "--model", "voc_rna-a1_cls21_s8",

@@ -280,7 +280,8 @@ class TrainState:
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "global_step": self.global_step, "best": self.best, "rng": rngs if ctx.dist.enabled else rngs[0],
-                "args": ctx.cfg.flags, "label": ctx.label, "epoch_stats": self.stats.state() if step_in_epoch else None})
+                "args": ctx.cfg.flags, "label": ctx.label,
+                "epoch_stats": self.stats.state() if step_in_epoch else None})
             self.saved = {"path": ctx.run_dir / name, "epoch": epoch, "step": step_in_epoch}
 
 
@@ -475,7 +476,8 @@ def _log_step(ctx: Context, st: TrainState, epoch: int, step: int, first: int, l
 
 def _eval_due(cfg: TrainConfig, epoch: int) -> bool:
     """Evaluate after the last epoch of this run and every --eval-every epochs, unless --no-eval."""
-    return not cfg.no_eval and (epoch + 1 == cfg.stop_epoch or bool(cfg.eval_every and (epoch + 1) % cfg.eval_every == 0))
+    every = bool(cfg.eval_every) and (epoch + 1) % cfg.eval_every == 0
+    return not cfg.no_eval and (epoch + 1 == cfg.stop_epoch or every)
 
 
 def end_epoch(ctx: Context, st: TrainState, epoch: int, row: dict, metrics: dict | None) -> None:
