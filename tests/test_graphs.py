@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -48,7 +47,8 @@ def test_static_ohem_equals_ohem(valid_frac):
 
 @pytest.mark.parametrize("task,ohem", [("cls", True), ("seg", True), ("seg", False)])
 def test_step_loss_equals_trainer_loss(task, ohem):
-    from widedeep.train.engine import _loss
+    """The capture-safe form (graphs.step_loss) equals the eager trainer's (losses.training_loss)."""
+    from widedeep.train.losses import training_loss
 
     g = torch.Generator().manual_seed(2)
     if task == "cls":
@@ -56,8 +56,7 @@ def test_step_loss_equals_trainer_loss(task, ohem):
     else:
         out, y = torch.randn(2, 5, 6, 6, generator=g), torch.randint(0, 5, (2, 48, 48), generator=g)
         y[:, :8] = 255
-    ctx = SimpleNamespace(task=task, args=SimpleNamespace(loss_resolution="feature", no_ohem=not ohem))
-    ref_loss, ref_hits = _loss(ctx, out, y)
+    ref_loss, ref_hits = training_loss(task, out, y, loss_resolution="feature", ohem=ohem)
     loss, hits = step_loss(task, out, y, ohem=ohem)
     torch.testing.assert_close(loss, ref_loss)
     assert hits.tolist() == ref_hits.tolist()

@@ -4,14 +4,13 @@ a width-1/16 net, no training: the trainer's end-to-end runs are tests/test_trai
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from widedeep.models import create_model
-from widedeep.train.cli import parse
-from widedeep.train.engine import TrainingError, build_model, model_options, resolve
+from widedeep.train.cli import config, parse
+from widedeep.train.distributed import DistInfo
+from widedeep.train.engine import Context, TrainingError, build_model, model_options, resolve
 from widedeep.weights import save_weights
 
 LABEL = "cityscapes_rna-a2_cls19_s8"
@@ -20,8 +19,7 @@ LABEL = "cityscapes_rna-a2_cls19_s8"
 def _ctx(argv):
     args = parse(argv)
     label, dataset, task = resolve(args)
-    return SimpleNamespace(args=args, label=label, dataset=dataset, task=task, device=torch.device("cpu"),
-                           dist=SimpleNamespace(enabled=False, is_main=True), channels_last=False)
+    return Context(config(args, label=label, dataset=dataset, task=task), torch.device("cpu"), DistInfo())
 
 
 def test_model_flags_reach_the_model_and_load_a_mapillary_style_file(tmp_path):

@@ -1,4 +1,7 @@
-"""Training and evaluation loops for ``python -m widedeep.train``."""
+"""Training and evaluation loops for ``python -m widedeep.train``, in the shape of torchvision's reference
+``train.py``: :func:`train` = :func:`setup`, then per epoch :func:`train_one_epoch`, :func:`evaluate` when due and
+:func:`end_epoch`. Everything reads the typed :class:`~widedeep.train.cli.TrainConfig` (``ctx.cfg``), whose task
+defaults are resolved in ``cli.config``; the run's moving parts and position live in a :class:`TrainState`."""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,10 +29,11 @@ from widedeep.models.resnet38 import ResNet38
 
 from . import checkpoint, distributed
 from .cityscapes_metrics import CityscapesScores
+from .cli import TrainConfig
 from .evaluate import STRIDE, canvas_for, classify, nan_to_none, segment
 from .logs import Summary
+from .losses import training_loss
 from .memory_format import use_channels_last
-from .losses import cross_entropy_sum, labels_at_feature_resolution, ohem_cross_entropy
 from .metrics import ConfusionMatrix, TopK
 from .optim import learning_rate, make_optimizer, set_lr
 
@@ -42,14 +47,28 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Context:
-    args: object
-    label: str
-    dataset: str
-    task: str  # "cls" | "seg"
+    """One process's view of a run: its config, device and rank."""
+
+    cfg: TrainConfig
     device: torch.device
     dist: distributed.DistInfo
-    run_dir: Path
     channels_last: bool = False  # decided by build_model (see memory_format)
+
+    @property
+    def label(self) -> str:
+        return self.cfg.label
+
+    @property
+    def dataset(self) -> str:
+        return self.cfg.dataset
+
+    @property
+    def task(self) -> str:  # "cls" | "seg"
+        return self.cfg.task
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
 
     @property
     def is_main(self) -> bool:
@@ -68,29 +87,29 @@ def resolve(args) -> tuple[str, str, str]:
     return lab.label, DATASET_OF_LABEL[lab.dataset], "seg" if lab.task == "segmentation" else "cls"
 
 
-def model_options(a) -> dict:
+def model_options(a: TrainConfig) -> dict:
     """create_model keywords from --activation, --activation-param, --bn-eps, --dilate-first-conv (only those given:
     the model's defaults stay the label's); bad values are one-line errors."""
     opts: dict = {}
-    if getattr(a, "activation", None):
+    if a.activation:
         opts["activation"] = a.activation
-    if getattr(a, "activation_param", None) is not None:
+    if a.activation_param is not None:
         if not (math.isfinite(a.activation_param) and a.activation_param >= 0):
             raise TrainingError(f"--activation-param {a.activation_param}: expected a finite slope >= 0")
         if opts.get("activation") != "leaky_relu":
             raise TrainingError("--activation-param is the leaky ReLU slope: add --activation leaky_relu")
         opts["activation_param"] = a.activation_param
-    if getattr(a, "bn_eps", None) is not None:
+    if a.bn_eps is not None:
         if not (math.isfinite(a.bn_eps) and a.bn_eps > 0):
             raise TrainingError(f"--bn-eps {a.bn_eps}: expected a positive number (1e-5, 1.001e-5)")
         opts["bn_eps"] = a.bn_eps
-    if getattr(a, "dilate_first_conv", False):
+    if a.dilate_first_conv:
         opts["dilate_first_conv"] = True
     return opts
 
 
 def build_model(ctx: Context) -> ResNet38:
-    a = ctx.args
+    a = ctx.cfg
     fused = ({"on": True, "off": False, "auto": ctx.device.type == "cuda"}[a.fused] or a.backward_do_mirror
              or a.recompute == "unit")  # the unit re-run runs on the fused kernels
     wf, strict = None, a.phase == "val"
@@ -98,8 +117,7 @@ def build_model(ctx: Context) -> ResNet38:
         from widedeep.weights import read_weights
 
         # md5 checks are for released files: a mismatch (e.g. our own <label>_ep-NNNN exports) warns and loads
-        wf = read_weights(a.weights, verify=not a.no_verify_weights,
-                          weights_convention=getattr(a, "weights_convention", None))
+        wf = read_weights(a.weights, verify=not a.no_verify_weights, weights_convention=a.weights_convention)
     from widedeep.weights import WeightsMismatchError
 
     try:  # training drops a classifier of another size (fine-tuning); evaluation needs the file to fit exactly
@@ -109,10 +127,9 @@ def build_model(ctx: Context) -> ResNet38:
                              **model_options(a))
     except WeightsMismatchError as e:
         raise TrainingError(_cli_mismatch_hint(e, ctx)) from None
-    bn = a.bn_stats if a.bn_stats != "auto" else ("frozen" if ctx.task == "seg" else "batch")
-    if bn == "frozen":
+    if a.bn_stats == "frozen":
         model.freeze_bn_stats()
-    elif bn == "sync" and ctx.dist.enabled:
+    elif a.bn_stats == "sync" and ctx.dist.enabled:
         if fused:
             model.set_sync_bn()
         elif ctx.device.type == "cuda":
@@ -142,7 +159,7 @@ def _graphed_step(ctx: Context, net: nn.Module, opt, scaler):
     """--cuda-graphs: the training step as a CUDA graph (graphs.py), or a one-line refusal."""
     from . import graphs
 
-    a = ctx.args
+    a = ctx.cfg
     backend = torch.distributed.get_backend() if ctx.dist.enabled else None
     try:
         graphs.refuse(ctx.device, world_size=ctx.dist.world_size, compile_mode=a.compile, dist_backend=backend)
@@ -161,7 +178,7 @@ def _graphed_step(ctx: Context, net: nn.Module, opt, scaler):
 
 def _cli_mismatch_hint(e, ctx: Context) -> str:
     """The weights mismatch in command-line terms (flags, not Python arguments)."""
-    a, lab = ctx.args, parse_label(ctx.label)
+    a, lab = ctx.cfg, parse_label(ctx.label)
     if e.width_ratio:
         return f"--weights {e.path}: the file is a width-{e.file_width:g} net, the model width {e.model_width:g}: add --width {e.file_width:g}"
     if e.file_classes and e.model_classes is not None and e.file_classes != e.model_classes and len(e.mis_shaped) <= 4:
@@ -180,7 +197,7 @@ def _progress(ctx: Context, total: int, initial: int, desc: str):
 
 
 def _autocast(ctx: Context):
-    a = ctx.args.amp
+    a = ctx.cfg.amp
     if a == "off":
         return contextlib.nullcontext()
     return torch.autocast(ctx.device.type, dtype=torch.bfloat16 if a == "bf16" else torch.float16)
@@ -197,184 +214,7 @@ def _peak_mb(device: torch.device) -> float:
         return math.nan
 
 
-def train(ctx: Context) -> dict:
-    a = ctx.args
-    world, rank = ctx.dist.world_size, ctx.dist.rank
-    batch = a.batch_images or (256 if ctx.task == "cls" else 16)
-    if batch % world:
-        raise TrainingError(f"--batch-images {batch} (global) must be divisible by the {world} processes")
-    per_rank = batch // world
-    recipe = {}
-    if ctx.task == "seg":
-        recipe["scale_rate_range"] = tuple(a.scale_rate_range)
-        if a.origin_size:
-            recipe["origin_size"] = a.origin_size
-    loader = build_loader(ctx.dataset, a.data_root, a.split or "train", batch_size=per_rank, train=True,
-                          crop_size=a.crop_size, device=ctx.device, backend=a.backend, shard_id=rank,
-                          num_shards=world, seed=a.seed, workers=a.prefetch_threads, skip_bad=a.skip_bad,
-                          val_list=a.val_list, **recipe)
-    iters = len(loader)
-    total = a.to_epoch * iters
-    stop_epoch = min(a.stop_epoch or a.to_epoch, a.to_epoch)
-    if ctx.is_main:  # temporaries of a run killed while saving (.last.pt.tmp-<host>-<pid>); live writers are kept
-        for folder in (ctx.run_dir, Path(a.output)):
-            remove_stale_temporaries(folder)
-    model = build_model(ctx)
-    if a.no_dropout:
-        _no_dropout(model)
-    base_lr = a.base_lr if a.base_lr is not None else (0.1 if ctx.task == "cls" else 0.0016)
-    opt = make_optimizer(model, ctx.task, base_lr, a.weight_decay)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=a.amp == "fp16")
-    start_epoch, start_step, best, partial = a.from_epoch, 0, None, None
-    resume = (ctx.run_dir / "last.pt") if a.resume == "auto" else (Path(a.resume) if a.resume else None)
-    if resume is not None:
-        ck = checkpoint.load(resume)
-        checkpoint.load_model(model, ck, resume, label=ctx.label, width=a.width)
-        opt.load_state_dict(ck["optimizer"])
-        _load_scaler(scaler, ck, a.amp)
-        start_epoch, start_step, best = ck["epoch"], ck["step_in_epoch"], ck.get("best")
-        partial = ck.get("epoch_stats") if start_step else None
-        checkpoint.set_rng_state(ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"])
-        log.info("resumed %s at epoch %d step %d", resume, start_epoch + 1, start_step)
-    net = model
-    if ctx.dist.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    if a.compile != "off":
-        net = _compiled(net, a.compile, ctx.device)
-    graphed = _graphed_step(ctx, net, opt, scaler) if getattr(a, "cuda_graphs", False) else None
-    summary = Summary(ctx.run_dir / "summary.csv", ctx.run_dir / "tb" if a.tensorboard else None,
-                      keep_through=start_epoch) if ctx.is_main else None
-    log.info("%s on %s: %d process(es), batch %d per process = %d global, %d iterations/epoch, epochs %d..%d of %d, "
-             "lr %s %.4g", ctx.label, ctx.dataset, world, per_rank, batch, iters, start_epoch + 1, stop_epoch,
-             a.to_epoch, a.lr_type, base_lr)
-    global_step = start_epoch * iters + start_step
-    metrics: dict = {}
-    saved = {"path": resume, "epoch": start_epoch, "step": start_step}  # the newest checkpoint, for Ctrl-C
-    stats = EpochStats()
-
-    def save_state(epoch: int, step_in_epoch: int, name: str = "last.pt") -> None:
-        rngs = [checkpoint.rng_state()]
-        if ctx.dist.enabled:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        if ctx.is_main:
-            checkpoint.save(ctx.run_dir / name, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "best": best,
-                "rng": rngs if ctx.dist.enabled else rngs[0], "args": vars(a), "label": ctx.label,
-                "epoch_stats": stats.state() if step_in_epoch else None})
-            saved.update(path=ctx.run_dir / name, epoch=epoch, step=step_in_epoch)
-
-    try:
-        for epoch in range(start_epoch, stop_epoch):
-            net.train()
-            first = start_step if epoch == start_epoch else 0
-            # the running sums of an epoch resumed mid-way continue from the checkpoint: one row per whole epoch
-            stats = EpochStats.restore(partial if epoch == start_epoch else None)
-            t_epoch = t_data = t0 = time.perf_counter()
-            data_time = 0.0
-            # the last step's lr, for the row of an epoch resumed after its last step (no step left to run)
-            lr = learning_rate(a.lr_type, base_lr, max(0, global_step - 1), total)
-            bar = _progress(ctx, iters, first, f"epoch {epoch + 1}")
-            for step, b in enumerate(loader.iter_epoch(epoch, first, keep_empty=True), start=first):
-                bar.update()
-                data_time += time.perf_counter() - t_data
-                lr = learning_rate(a.lr_type, base_lr, global_step, total)
-                set_lr(opt, lr)
-                # every rank takes every step (DDP): if --skip-bad emptied a batch on any rank, all skip it
-                empty = "empty" in b
-                if a.skip_bad and ctx.dist.enabled:
-                    empty = distributed.broadcast_flag(empty, ctx.device)
-                if empty:
-                    log.warning("epoch %d step %d skipped: a batch had no readable sample", epoch + 1, step + 1)
-                else:
-                    x = b["image"].to(ctx.device, non_blocking=True)
-                    if ctx.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    y = b["label"].to(ctx.device, non_blocking=True)
-                    if graphed is not None:  # the whole step, replayed (forward, loss, backward, SGD): graphs.py
-                        loss, hits = graphed(x, y) or (None, None)
-                    else:
-                        with _autocast(ctx):
-                            out = net(x)
-                        loss, hits = _loss(ctx, out, y)
-                    bad = loss is not None and distributed.broadcast_flag(not torch.isfinite(loss).item(), ctx.device)
-                    if bad:
-                        raise TrainingError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1} (lr {lr:.4g}); "
-                                            "lower --base-lr, try --amp off, or check the data")
-                    if graphed is None:
-                        opt.zero_grad(set_to_none=True)
-                        scaler.scale(loss).backward()
-                        scaler.step(opt)
-                        scaler.update()
-                    if loss is not None:  # None: a batch of another shape, dropped by --cuda-graphs
-                        stats.add(*distributed.reduce_step_stats(loss, hits, ctx.device), len(y))  # over ranks
-                global_step += 1
-                if ctx.is_main and ((step + 1) % a.log_interval == 0 or step + 1 == iters):
-                    dt = time.perf_counter() - t0
-                    eta = dt / max(1, step + 1 - first) * (iters - step - 1)
-                    # data-wait: the share of the step time this process sat waiting for the loader (a starving
-                    # pipeline shows as a high value; the host syncs on loss.item() every step, so on a GPU the
-                    # host's wait is the GPU's idle time)
-                    log.info("epoch %d [%d/%d] lr %.4g loss %.4f %s %.3f img/s %.1f (global %.1f) data %.3fs "
-                             "data-wait %.2f mem %.0fMB eta %ds", epoch + 1, step + 1, iters, lr, stats.loss,
-                             "acc" if ctx.task == "cls" else "pix-acc", stats.acc, stats.seen_here / dt,
-                             stats.seen_here * world / dt, data_time / max(1, step + 1 - first),
-                             min(1.0, data_time / dt), _peak_mb(ctx.device), eta)
-                if a.checkpoint_interval and global_step % a.checkpoint_interval == 0:
-                    save_state(epoch, step + 1)
-                if a.stop_after_steps and global_step >= a.stop_after_steps:
-                    save_state(epoch, step + 1)
-                    log.info("stopping after %d steps (--stop-after-steps)", global_step)
-                    return {"stopped_at": global_step}
-                t_data = time.perf_counter()
-            bar.close()
-            start_step = 0
-            loop_s = time.perf_counter() - t_epoch
-            row = {"epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_acc": stats.acc,
-                   "epoch_s": round(loop_s, 2), "data_wait_frac": round(min(1.0, data_time / max(loop_s, 1e-9)), 4)}
-            if first:
-                row["resumed_at_step"] = first  # loss/acc cover the whole epoch; epoch_s only the part after it
-            do_eval = not a.no_eval and (epoch + 1 == stop_epoch or (a.eval_every and (epoch + 1) % a.eval_every == 0))
-            if do_eval:
-                metrics = evaluate(ctx, model, split="val", save=False)
-                key = "err1" if ctx.task == "cls" else "miou"
-                score = metrics[key]
-                row[f"val_{key}"] = score
-                if best is None or (score < best if key == "err1" else score > best):
-                    best = score
-                    if ctx.is_main:
-                        checkpoint.save(ctx.run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch + 1,
-                                                                  key: score, "label": ctx.label})
-            save_state(epoch + 1, 0)
-            if ctx.is_main:
-                if a.save_every and (epoch + 1) % a.save_every == 0:
-                    from widedeep.weights import save_weights
-
-                    save_weights(model, checkpoint.epoch_params_path(a.output, ctx.label, epoch + 1))
-                summary.add(row)
-                summary.plot(ctx.run_dir / "curves.png")
-    except KeyboardInterrupt as e:
-        if ctx.is_main:
-            log.warning("%s. %s", "terminated (SIGTERM)" if isinstance(e, checkpoint.Terminated) else "interrupted",
-                        _resume_hint(saved, ctx))
-        raise
-    return metrics
-
-
-def _no_dropout(model: nn.Module) -> None:
-    """Dropout off in units 6a/7a (--no-dropout: N-process vs 1-process equivalence checks; each rank draws its
-    own masks)."""
-    import dataclasses
-
-    for m in model.modules():
-        spec = getattr(m, "spec", None)
-        if dataclasses.is_dataclass(spec) and getattr(spec, "dropout", 0):
-            m.spec = dataclasses.replace(spec, dropout=0.0)
-
-
+# ------------------------------------------------------------------------------------------------ training
 class EpochStats:
     """Running loss/accuracy sums of one epoch; saved in mid-epoch checkpoints so a resumed epoch merges."""
 
@@ -405,6 +245,276 @@ class EpochStats:
         return self.hits / max(1.0, self.counted)
 
 
+@dataclass
+class TrainState:
+    """A training run's moving parts and position. :meth:`save` writes it to ``last.pt`` (the fields a resume
+    reads back in :func:`_restore`); the loop functions read and advance it."""
+
+    model: nn.Module  # the ResNet38: what is saved, exported and evaluated
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: Any  # data_pipes Loader of this rank's shard
+    iters: int  # steps per epoch
+    total: int  # steps of the whole schedule (--to-epoch), for the lr
+    start_epoch: int  # the first epoch this process trains (--from-epoch or the checkpoint's)
+    start_step: int = 0  # its first step (a checkpoint written mid-epoch)
+    partial: dict | None = None  # that epoch's running sums from the checkpoint
+    global_step: int = 0
+    best: float | None = None  # the best validation score so far (err1: lower, miou: higher)
+    net: nn.Module | None = None  # what trains: model, DDP-wrapped and/or compiled
+    graphed: Any = None  # graphs.GraphedStep with --cuda-graphs
+    summary: Summary | None = None  # summary.csv (rank 0)
+    stats: EpochStats = field(default_factory=EpochStats)  # the epoch in progress
+    saved: dict = field(default_factory=dict)  # the newest checkpoint (path, epoch, step), for Ctrl-C's hint
+    metrics: dict = field(default_factory=dict)  # the last evaluation
+
+    def save(self, ctx: Context, epoch: int, step_in_epoch: int, name: str = "last.pt") -> None:
+        """Checkpoint at ``step_in_epoch`` of ``epoch`` (0 = its start): every rank's RNG state, rank 0 writes."""
+        rngs = [checkpoint.rng_state()]
+        if ctx.dist.enabled:
+            gathered = [None] * ctx.dist.world_size
+            torch.distributed.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if ctx.is_main:
+            checkpoint.save(ctx.run_dir / name, {
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "global_step": self.global_step, "best": self.best, "rng": rngs if ctx.dist.enabled else rngs[0],
+                "args": ctx.cfg.flags, "label": ctx.label,
+                "epoch_stats": self.stats.state() if step_in_epoch else None})
+            self.saved = {"path": ctx.run_dir / name, "epoch": epoch, "step": step_in_epoch}
+
+
+def train(ctx: Context) -> dict:
+    """Train from --from-epoch (or the --resume checkpoint) to --stop-epoch: the last evaluation's metrics, or
+    ``{"stopped_at": step}`` after --stop-after-steps. Ctrl-C / SIGTERM log where the last checkpoint is."""
+    st = setup(ctx)
+    try:
+        for epoch in range(st.start_epoch, ctx.cfg.stop_epoch):
+            row = train_one_epoch(ctx, st, epoch)
+            if row is None:
+                return {"stopped_at": st.global_step}
+            evaluated = None
+            if _eval_due(ctx.cfg, epoch):
+                evaluated = st.metrics = evaluate(ctx, st.model, split="val", save=False)
+            end_epoch(ctx, st, epoch, row, evaluated)
+    except KeyboardInterrupt as e:
+        if ctx.is_main:
+            log.warning("%s. %s", "terminated (SIGTERM)" if isinstance(e, checkpoint.Terminated) else "interrupted",
+                        _resume_hint(st.saved, ctx))
+        raise
+    return st.metrics
+
+
+def setup(ctx: Context) -> TrainState:
+    """Loader, model, optimizer, the resumed position, the training wrappers, the summary, in this order (the
+    random draws of model init and resume, and so a resumed run's bits, depend on it)."""
+    cfg, world = ctx.cfg, ctx.dist.world_size
+    if cfg.batch_images % world:
+        raise TrainingError(f"--batch-images {cfg.batch_images} (global) must be divisible by the {world} processes")
+    loader = _train_loader(ctx, cfg.batch_images // world)
+    iters = len(loader)
+    if ctx.is_main:  # temporaries of a run killed while saving (.last.pt.tmp-<host>-<pid>); live writers are kept
+        for folder in (ctx.run_dir, Path(cfg.output)):
+            remove_stale_temporaries(folder)
+    model = build_model(ctx)
+    if cfg.no_dropout:
+        _no_dropout(model)
+    opt = make_optimizer(model, ctx.task, cfg.base_lr, cfg.weight_decay)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
+    st = TrainState(model=model, opt=opt, scaler=scaler, loader=loader, iters=iters, total=cfg.to_epoch * iters,
+                    start_epoch=cfg.from_epoch)
+    if cfg.resume_path is not None:
+        _restore(ctx, st, cfg.resume_path)
+    st.net = _training_net(ctx, model)
+    st.graphed = _graphed_step(ctx, st.net, opt, scaler) if cfg.cuda_graphs else None
+    st.summary = Summary(ctx.run_dir / "summary.csv", ctx.run_dir / "tb" if cfg.tensorboard else None,
+                         keep_through=st.start_epoch) if ctx.is_main else None
+    log.info("%s on %s: %d process(es), batch %d per process = %d global, %d iterations/epoch, epochs %d..%d of %d, "
+             "lr %s %.4g", ctx.label, ctx.dataset, world, cfg.batch_images // world, cfg.batch_images, iters,
+             st.start_epoch + 1, cfg.stop_epoch, cfg.to_epoch, cfg.lr_type, cfg.base_lr)
+    st.global_step = st.start_epoch * iters + st.start_step
+    st.saved = {"path": cfg.resume_path, "epoch": st.start_epoch, "step": st.start_step}
+    return st
+
+
+def _train_loader(ctx: Context, per_rank: int):
+    cfg = ctx.cfg
+    recipe = {}
+    if ctx.task == "seg":
+        recipe["scale_rate_range"] = tuple(cfg.scale_rate_range)
+        if cfg.origin_size:
+            recipe["origin_size"] = cfg.origin_size
+    return build_loader(ctx.dataset, cfg.data_root, cfg.split, batch_size=per_rank, train=True,
+                        crop_size=cfg.crop_size, device=ctx.device, backend=cfg.backend, shard_id=ctx.dist.rank,
+                        num_shards=ctx.dist.world_size, seed=cfg.seed, workers=cfg.prefetch_threads,
+                        skip_bad=cfg.skip_bad, val_list=cfg.val_list, **recipe)
+
+
+def _restore(ctx: Context, st: TrainState, path: Path) -> None:
+    """Model, optimizer, loss scale, position, best score and this rank's RNG state from checkpoint ``path``."""
+    ck = checkpoint.load(path)
+    checkpoint.load_model(st.model, ck, path, label=ctx.label, width=ctx.cfg.width)
+    st.opt.load_state_dict(ck["optimizer"])
+    _load_scaler(st.scaler, ck, ctx.cfg.amp)
+    st.start_epoch, st.start_step, st.best = ck["epoch"], ck["step_in_epoch"], ck.get("best")
+    st.partial = ck.get("epoch_stats") if st.start_step else None
+    checkpoint.set_rng_state(ck["rng"][ctx.dist.rank] if isinstance(ck["rng"], list) else ck["rng"])
+    log.info("resumed %s at epoch %d step %d", path, st.start_epoch + 1, st.start_step)
+
+
+def _training_net(ctx: Context, model: nn.Module) -> nn.Module:
+    """The module that trains: ``model`` in DDP over several processes, then torch.compile'd with --compile."""
+    net = model
+    if ctx.dist.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if ctx.cfg.compile != "off":
+        net = _compiled(net, ctx.cfg.compile, ctx.device)
+    return net
+
+
+class _EpochClock:
+    """An epoch's wall time and the part of it this process sat waiting for the loader."""
+
+    def __init__(self):
+        self.t0 = self.asked = time.perf_counter()
+        self.data_time = 0.0
+
+    def got_batch(self) -> None:
+        self.data_time += time.perf_counter() - self.asked
+
+    def ask_batch(self) -> None:
+        self.asked = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def train_one_epoch(ctx: Context, st: TrainState, epoch: int) -> dict | None:
+    """Epoch ``epoch`` (0-based) from its first step not trained yet, logging every --log-interval steps and
+    checkpointing every --checkpoint-interval: its summary.csv row, or None once --stop-after-steps is reached."""
+    cfg = ctx.cfg
+    st.net.train()
+    first = st.start_step if epoch == st.start_epoch else 0
+    # the running sums of an epoch resumed mid-way continue from the checkpoint: one row per whole epoch
+    st.stats = EpochStats.restore(st.partial if epoch == st.start_epoch else None)
+    clock = _EpochClock()
+    # the last step's lr, for the row of an epoch resumed after its last step (no step left to run)
+    lr = learning_rate(cfg.lr_type, cfg.base_lr, max(0, st.global_step - 1), st.total)
+    bar = _progress(ctx, st.iters, first, f"epoch {epoch + 1}")
+    for step, b in enumerate(st.loader.iter_epoch(epoch, first, keep_empty=True), start=first):
+        bar.update()
+        clock.got_batch()
+        lr = learning_rate(cfg.lr_type, cfg.base_lr, st.global_step, st.total)
+        set_lr(st.opt, lr)
+        train_step(ctx, st, b, epoch, step, lr)
+        st.global_step += 1
+        if ctx.is_main and ((step + 1) % cfg.log_interval == 0 or step + 1 == st.iters):
+            _log_step(ctx, st, epoch, step, first, lr, clock)
+        if cfg.checkpoint_interval and st.global_step % cfg.checkpoint_interval == 0:
+            st.save(ctx, epoch, step + 1)
+        if cfg.stop_after_steps and st.global_step >= cfg.stop_after_steps:
+            st.save(ctx, epoch, step + 1)
+            log.info("stopping after %d steps (--stop-after-steps)", st.global_step)
+            return None
+        clock.ask_batch()
+    bar.close()
+    loop_s = clock.elapsed()
+    row = {"epoch": epoch + 1, "lr": lr, "train_loss": st.stats.loss, "train_acc": st.stats.acc,
+           "epoch_s": round(loop_s, 2), "data_wait_frac": round(min(1.0, clock.data_time / max(loop_s, 1e-9)), 4)}
+    if first:
+        row["resumed_at_step"] = first  # loss/acc cover the whole epoch; epoch_s only the part after it
+    return row
+
+
+def train_step(ctx: Context, st: TrainState, b: dict, epoch: int, step: int, lr: float) -> None:
+    """One step on batch ``b``: forward, loss, backward and SGD (or their CUDA-graph replay), then the running
+    sums over ranks. Every rank takes every step (DDP): if --skip-bad emptied a batch on any rank, all skip it."""
+    cfg = ctx.cfg
+    empty = "empty" in b
+    if cfg.skip_bad and ctx.dist.enabled:
+        empty = distributed.broadcast_flag(empty, ctx.device)
+    if empty:
+        log.warning("epoch %d step %d skipped: a batch had no readable sample", epoch + 1, step + 1)
+        return
+    x = b["image"].to(ctx.device, non_blocking=True)
+    if ctx.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = b["label"].to(ctx.device, non_blocking=True)
+    if st.graphed is not None:  # the whole step, replayed (forward, loss, backward, SGD): graphs.py
+        loss, hits = st.graphed(x, y) or (None, None)
+    else:
+        with _autocast(ctx):
+            out = st.net(x)
+        loss, hits = training_loss(ctx.task, out, y, loss_resolution=cfg.loss_resolution, ohem=not cfg.no_ohem,
+                                   stride=STRIDE)
+    if loss is not None and distributed.broadcast_flag(not torch.isfinite(loss).item(), ctx.device):
+        raise TrainingError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1} (lr {lr:.4g}); "
+                            "lower --base-lr, try --amp off, or check the data")
+    if st.graphed is None:
+        st.opt.zero_grad(set_to_none=True)
+        st.scaler.scale(loss).backward()
+        st.scaler.step(st.opt)
+        st.scaler.update()
+    if loss is not None:  # None: a batch of another shape, dropped by --cuda-graphs
+        st.stats.add(*distributed.reduce_step_stats(loss, hits, ctx.device), len(y))  # over ranks
+
+
+def _log_step(ctx: Context, st: TrainState, epoch: int, step: int, first: int, lr: float, clock: _EpochClock):
+    dt = clock.elapsed()
+    done = max(1, step + 1 - first)
+    eta = dt / done * (st.iters - step - 1)
+    # data-wait: the share of the step time this process sat waiting for the loader (a starving pipeline shows
+    # as a high value; the host syncs on loss.item() every step, so on a GPU the host's wait is the GPU's idle time)
+    log.info("epoch %d [%d/%d] lr %.4g loss %.4f %s %.3f img/s %.1f (global %.1f) data %.3fs "
+             "data-wait %.2f mem %.0fMB eta %ds", epoch + 1, step + 1, st.iters, lr, st.stats.loss,
+             "acc" if ctx.task == "cls" else "pix-acc", st.stats.acc, st.stats.seen_here / dt,
+             st.stats.seen_here * ctx.dist.world_size / dt, clock.data_time / done,
+             min(1.0, clock.data_time / dt), _peak_mb(ctx.device), eta)
+
+
+def _eval_due(cfg: TrainConfig, epoch: int) -> bool:
+    """Evaluate after the last epoch of this run and every --eval-every epochs, unless --no-eval."""
+    every = bool(cfg.eval_every) and (epoch + 1) % cfg.eval_every == 0
+    return not cfg.no_eval and (epoch + 1 == cfg.stop_epoch or every)
+
+
+def end_epoch(ctx: Context, st: TrainState, epoch: int, row: dict, metrics: dict | None) -> None:
+    """After epoch ``epoch``: its validation score (``metrics``, None when not evaluated) in the row and best.pt
+    when it is the best so far, last.pt, the <label>_ep-NNNN.params export every --save-every epochs, the
+    summary.csv row and the curves."""
+    cfg = ctx.cfg
+    if metrics is not None:
+        key = "err1" if ctx.task == "cls" else "miou"
+        score = metrics[key]
+        row[f"val_{key}"] = score
+        if st.best is None or (score < st.best if key == "err1" else score > st.best):
+            st.best = score
+            if ctx.is_main:
+                checkpoint.save(ctx.run_dir / "best.pt", {"model": st.model.state_dict(), "epoch": epoch + 1,
+                                                          key: score, "label": ctx.label})
+    st.save(ctx, epoch + 1, 0)
+    if ctx.is_main:
+        if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
+            from widedeep.weights import save_weights
+
+            save_weights(st.model, checkpoint.epoch_params_path(cfg.output, ctx.label, epoch + 1))
+        st.summary.add(row)
+        st.summary.plot(ctx.run_dir / "curves.png")
+
+
+def _no_dropout(model: nn.Module) -> None:
+    """Dropout off in units 6a/7a (--no-dropout: N-process vs 1-process equivalence checks; each rank draws its
+    own masks)."""
+    import dataclasses
+
+    for m in model.modules():
+        spec = getattr(m, "spec", None)
+        if dataclasses.is_dataclass(spec) and getattr(spec, "dropout", 0):
+            m.spec = dataclasses.replace(spec, dropout=0.0)
+
+
 def _load_scaler(scaler: torch.amp.GradScaler, ck: dict, amp: str) -> None:
     """The fp16 loss scale of the checkpoint, when both runs use fp16; a switch of --amp starts afresh."""
     state = ck.get("scaler") or {}
@@ -424,28 +534,7 @@ def _resume_hint(saved: dict, ctx: Context) -> str:
             + ("" if Path(saved["path"]) == ctx.run_dir / "last.pt" else f" {saved['path']}") + ".")
 
 
-def _loss(ctx: Context, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and (correct, counted) for the running training accuracy (seg: the seed's ``fcn_valid``)."""
-    if ctx.task == "cls":
-        loss = F.cross_entropy(out.float(), y)
-        return loss, torch.tensor([(out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
-    if ctx.args.loss_resolution == "feature":
-        y = labels_at_feature_resolution(y, STRIDE)
-        if y.shape[-2:] != out.shape[-2:]:
-            raise TrainingError(f"labels {tuple(y.shape[-2:])} vs scores {tuple(out.shape[-2:])}: the crop must be a "
-                                "multiple of 8 (it is rounded up for you) and the model output stride 8")
-    else:
-        out = F.interpolate(out.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
-    # the per-process sum over the global mean count: after DDP averages the ranks' gradients, every valid pixel
-    # of the global batch has the weight it has in one process (OHEM still selects per process)
-    total, count = (cross_entropy_sum(out, y) if ctx.args.no_ohem
-                    else ohem_cross_entropy(out, y, reduction="sum"))
-    loss = total / distributed.global_mean_count(count).to(total.dtype)
-    valid = y != 255
-    hits = ((out.argmax(1) == y) & valid).sum().item()
-    return loss, torch.tensor([hits, valid.sum().item()], dtype=torch.float64)
-
-
+# ------------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate(ctx: Context, model: nn.Module, *, split: str = "val", save: bool = True) -> dict:
     model.eval()
@@ -472,20 +561,19 @@ def _headline(ctx: Context, m: dict) -> str:
 
 
 def _val_loader(ctx: Context, split: str, **kw):
-    a = ctx.args
+    a = ctx.cfg
     return build_loader(ctx.dataset, a.data_root, split, batch_size=kw.pop("batch_size", 1), train=False,
                         device=ctx.device, backend=a.backend, shard_id=ctx.dist.rank, num_shards=ctx.dist.world_size,
                         seed=a.seed, workers=a.prefetch_threads, skip_bad=a.skip_bad, val_list=a.val_list, **kw)
 
 
 def _evaluate_cls(ctx: Context, model: nn.Module, split: str, save: bool) -> dict:
-    a = ctx.args
-    scales = a.test_scales or (320,)
+    a = ctx.cfg
+    scales = a.test_scales
     per_scale, probs, labels = {}, {}, {}
-    batch = a.batch_images if a.phase == "val" and a.batch_images else 10
     for s in scales:
         top = TopK(ctx.device)
-        for b in _val_loader(ctx, split, batch_size=batch, crop_size=s, crops=3 if a.test_3crops else 1):
+        for b in _val_loader(ctx, split, batch_size=a.eval_batch, crop_size=s, crops=3 if a.test_3crops else 1):
             with _autocast(ctx):
                 p = classify(model, b["image"], flip=a.test_flipping)
             real = b["real"]
@@ -508,13 +596,13 @@ def _evaluate_cls(ctx: Context, model: nn.Module, split: str, save: bool) -> dic
 
 
 def _evaluate_seg(ctx: Context, model: nn.Module, split: str, save: bool) -> dict:
-    a = ctx.args
+    a = ctx.cfg
     space = LABEL_SPACES[ctx.dataset]
-    loader = _val_loader(ctx, split, batch_size=1, scale=None)
+    loader = _val_loader(ctx, split, batch_size=a.eval_batch, scale=None)
     cm = ConfusionMatrix(space.num_classes, ctx.device)
     cs = CityscapesScores() if ctx.dataset == "cityscapes" else None
-    scales = a.test_scales or (None,)
-    canvas = canvas_for(ctx.dataset, -(-(a.crop_size or 500) // 8) * 8)
+    scales = a.test_scales
+    canvas = canvas_for(ctx.dataset, -(-a.crop_size // 8) * 8)
     pred_dir = ctx.run_dir / f"{split}-predictions"
     samples = loader.index.samples
     for b in _progress_iter(ctx, loader, f"{split} images"):
@@ -525,8 +613,8 @@ def _evaluate_seg(ctx: Context, model: nn.Module, split: str, save: bool) -> dic
             lh, lw = b["label_size"][k].tolist()
             img = b["image"][k, :, :h, :w]
             with _autocast(ctx):
-                probs = segment(model, img, scales=scales, flip=a.test_flipping,
-                                steps=a.test_steps, canvas_min=canvas)
+                probs = segment(model, img, scales=scales, flip=a.test_flipping, steps=a.test_steps,
+                                canvas_min=canvas)
             if probs.shape[-2:] != (lh, lw):
                 probs = F.interpolate(probs[None], size=(lh, lw), mode="bilinear", align_corners=False)[0]
             pred = probs.argmax(0)

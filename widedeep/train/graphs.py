@@ -28,9 +28,9 @@ What makes the step capture-safe, and how each host-side value reaches the graph
   the lr on the device (SGD has no ``capturable`` flag: it keeps no step counter; the foreach path would turn a
   tensor lr into a Python scalar with ``.item()``, a sync). :func:`widedeep.train.optim.set_lr` then writes the
   new value in place (``fill_``), which every later replay reads.
-- **Loss.** :func:`step_loss` is the trainer's loss without host reads: the seed's OHEM selects its hard pixels
-  with a fixed-shape ``kthvalue`` (ignored pixels set above any probability) instead of boolean indexing and
-  ``int(valid.sum())`` (:func:`ohem_cross_entropy_static`, equal to ``losses.ohem_cross_entropy``).
+- **Loss.** :func:`step_loss` is the trainer's one loss (``losses.training_loss``) with the OHEM selection swapped
+  for :func:`ohem_cross_entropy_static` (equal to ``losses.ohem_cross_entropy``): a fixed-shape ``kthvalue``
+  (ignored pixels set above any probability) instead of boolean indexing and ``int(valid.sum())``.
 - **BN statistics.** The fused kernels never synchronise (``num_batches_tracked``, momentum=None's factor and the
   running statistics are updated on the device); eager BatchNorm2d likewise.
 - **AMP.** bf16 autocast needs no scaler: captured as is. fp16's GradScaler decides on the host whether to skip a
@@ -54,7 +54,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .losses import IGNORE, labels_at_feature_resolution
+from .losses import IGNORE, training_loss
 
 log = logging.getLogger("widedeep.train")
 
@@ -110,7 +110,7 @@ def _plain_state_dict(_opt, state: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ capture-safe loss
 def ohem_cross_entropy_static(logits: torch.Tensor, target: torch.Tensor, *, thresh: float = 0.6,
-                              min_kept: int = 256, ignore_index: int = IGNORE) -> torch.Tensor:
+                              min_kept: int = 256, ignore_index: int = IGNORE, reduction: str = "mean"):
     """:func:`widedeep.train.losses.ohem_cross_entropy` with no host read and no data-dependent shape.
 
     Same selection: valid pixels whose ground-truth probability is <= max(thresh, the ``min_kept``-th smallest
@@ -118,6 +118,7 @@ def ohem_cross_entropy_static(logits: torch.Tensor, target: torch.Tensor, *, thr
     ones (0 when none). The k-th smallest valid probability is a ``kthvalue`` over all pixels with the ignored
     ones set to 2 (above any probability), so it equals the one over the valid pixels whenever more than
     ``min_kept`` are valid (the only case that reads it). logits (N, C, H, W), target (N, H, W) int64.
+    ``reduction="sum"``: (sum over the kept pixels, their count), as ``ohem_cross_entropy``.
     """
     if logits.shape[-2:] != target.shape[-2:]:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(target.shape)} differ in size; "
@@ -130,31 +131,18 @@ def ohem_cross_entropy_static(logits: torch.Tensor, target: torch.Tensor, *, thr
         kth = flat.kthvalue(min(min_kept, flat.numel())).values
         hard = valid & (prob <= torch.clamp(kth, min=thresh))
         keep = torch.where(valid.sum() > min_kept, hard, valid)
-    return (nll * keep).sum() / keep.sum().clamp(min=1)
+    total = (nll * keep).sum()
+    if reduction == "sum":
+        return total, keep.sum()
+    return total / keep.sum().clamp(min=1)
 
 
 def step_loss(task: str, out: torch.Tensor, y: torch.Tensor, *, loss_resolution: str = "feature",
               ohem: bool = True, stride: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trainer's loss and (correct, counted) as device tensors: ``engine._loss`` without ``.item()``.
-
-    cls: cross-entropy, (top-1 hits, batch). seg: labels subsampled to the scores (or scores upsampled to the
-    labels), OHEM (or plain) cross-entropy ignoring 255, (correct valid pixels, valid pixels). hits is fp32 (2,).
-    """
-    if task == "cls":
-        loss = F.cross_entropy(out.float(), y)
-        hits = torch.stack([(out.argmax(1) == y).sum(), torch.full((), y.numel(), device=y.device)])
-        return loss, hits.float()
-    if loss_resolution == "feature":
-        y = labels_at_feature_resolution(y, stride)
-        if y.shape[-2:] != out.shape[-2:]:
-            raise ValueError(f"labels {tuple(y.shape[-2:])} vs scores {tuple(out.shape[-2:])}: the crop must be a "
-                             "multiple of 8 and the model output stride 8")
-    else:
-        out = F.interpolate(out.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
-    loss = ohem_cross_entropy_static(out, y) if ohem else F.cross_entropy(out.float(), y, ignore_index=IGNORE)
-    valid = y != IGNORE
-    hits = torch.stack([((out.argmax(1) == y) & valid).sum(), valid.sum()])
-    return loss, hits.float()
+    """The trainer's loss (:func:`widedeep.train.losses.training_loss`, its one definition) in its capture-safe
+    form: loss and (correct, counted) as device tensors, OHEM with a fixed-shape selection."""
+    return training_loss(task, out, y, loss_resolution=loss_resolution, ohem=ohem, stride=stride,
+                         ohem_sum=ohem_cross_entropy_static)
 
 
 # ------------------------------------------------------------------------------------------------ the graphed step
@@ -269,30 +257,10 @@ def _in_package(frame, prefixes: tuple[str, ...]) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def forbid_host_sync(exclude_packages: tuple[str, ...] = ()):
-    """Raise :class:`HostSyncError` on any host read of a tensor's value inside the block.
-
-    Two nets: the Tensor methods in :data:`HOST_READS`, ``torch.cuda.synchronize`` and the host-data constructors
-    in :data:`HOST_UPLOADS` are patched to raise, and a dispatch mode raises on the ATen ops in
-    :data:`HOST_READ_OPS` and on boolean-mask indexing (which also catches reads made inside C++, e.g.
-    ``add_(t, alpha=tensor)``). ``exclude_packages``: calls made while a frame of these packages is on
-    the stack are allowed; ``("triton",)`` exempts the Triton interpreter, which runs a kernel's *device* code on
-    the host with numpy (on a GPU that code runs on the device and reads nothing back).
-    """
+def _host_read_mode(exclude_packages: tuple[str, ...]):
+    """A dispatch mode that raises on the ATen ops in :data:`HOST_READ_OPS` and on boolean-mask indexing (reads
+    made inside C++), except below a frame of ``exclude_packages``."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def allowed() -> bool:
-        return bool(exclude_packages) and _in_package(sys._getframe(2), exclude_packages)
-
-    def patched(name, orig):
-        def f(self, *a, **k):
-            if not allowed():
-                raise HostSyncError(f"host read of a tensor: Tensor.{name}")
-            return orig(self, *a, **k)
-        return f
 
     class _Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -304,6 +272,33 @@ def forbid_host_sync(exclude_packages: tuple[str, ...] = ()):
                     exclude_packages and _in_package(sys._getframe(1), exclude_packages)):
                 raise HostSyncError(f"host read of a tensor: aten.{name}" + (" with a boolean mask" if masked else ""))
             return func(*args, **(kwargs or {}))
+
+    return _Mode()
+
+
+@contextlib.contextmanager
+def forbid_host_sync(exclude_packages: tuple[str, ...] = ()):
+    """Raise :class:`HostSyncError` on any host read of a tensor's value inside the block.
+
+    Two nets: the Tensor methods in :data:`HOST_READS`, ``torch.cuda.synchronize`` and the host-data constructors
+    in :data:`HOST_UPLOADS` are patched to raise, and a dispatch mode raises on the ATen ops in
+    :data:`HOST_READ_OPS` and on boolean-mask indexing (which also catches reads made inside C++, e.g.
+    ``add_(t, alpha=tensor)``). ``exclude_packages``: calls made while a frame of these packages is on
+    the stack are allowed; ``("triton",)`` exempts the Triton interpreter, which runs a kernel's *device* code on
+    the host with numpy (on a GPU that code runs on the device and reads nothing back).
+    """
+    mode = _host_read_mode(exclude_packages)
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def allowed() -> bool:
+        return bool(exclude_packages) and _in_package(sys._getframe(2), exclude_packages)
+
+    def patched(name, orig):
+        def f(self, *a, **k):
+            if not allowed():
+                raise HostSyncError(f"host read of a tensor: Tensor.{name}")
+            return orig(self, *a, **k)
+        return f
 
     sync = torch.cuda.synchronize
     uploads = {name: getattr(torch, name) for name in HOST_UPLOADS}
@@ -324,7 +319,7 @@ def forbid_host_sync(exclude_packages: tuple[str, ...] = ()):
         setattr(torch, name, upload(name, orig))
     torch.cuda.synchronize = no_sync
     try:
-        with _Mode():
+        with mode:
             yield
     finally:
         for name, orig in saved.items():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .cli import TASK_DEFAULTS
+
 
 def param_groups(model: nn.Module, *, weight_decay: float, bias_lr_mult: float) -> list[dict]:
     """Conv/FC weights and BN gamma: decay, lr x1. Biases and BN beta: no decay, lr x ``bias_lr_mult``.
@@ -26,12 +28,14 @@ def param_groups(model: nn.Module, *, weight_decay: float, bias_lr_mult: float) 
 
 def make_optimizer(model: nn.Module, task: str, base_lr: float, weight_decay: float | None = None,
                    momentum: float = 0.9) -> torch.optim.SGD:
-    """Classification: Nesterov SGD, wd 1e-4 (the seed's TorchNesterov = torch's nesterov SGD).
-    Segmentation: SGD momentum 0.9, wd 5e-4, biases/beta lr x2 without decay."""
+    """Classification: Nesterov SGD (the seed's TorchNesterov = torch's nesterov SGD). Segmentation: SGD momentum
+    0.9, biases/beta lr x2. Weight decay on weights and BN gamma only; None: the task's (``cli.TASK_DEFAULTS``)."""
+    if weight_decay is None:
+        weight_decay = TASK_DEFAULTS[task].weight_decay
     if task == "cls":
-        groups = param_groups(model, weight_decay=1e-4 if weight_decay is None else weight_decay, bias_lr_mult=1.0)
+        groups = param_groups(model, weight_decay=weight_decay, bias_lr_mult=1.0)
         return torch.optim.SGD(groups, lr=base_lr, momentum=momentum, nesterov=True)
-    groups = param_groups(model, weight_decay=5e-4 if weight_decay is None else weight_decay, bias_lr_mult=2.0)
+    groups = param_groups(model, weight_decay=weight_decay, bias_lr_mult=2.0)
     return torch.optim.SGD(groups, lr=base_lr, momentum=momentum)
 
 

@@ -14,7 +14,7 @@ import torch
 from widedeep.fileio import NoSpaceError
 
 from . import checkpoint, distributed, runlock
-from .cli import parse
+from .cli import config, parse
 from .engine import Context, TrainingError, build_model, evaluate, resolve, train
 from .logs import setup_logging
 
@@ -81,6 +81,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Parse, set up the process (device, DDP; --gpus spawns one process per GPU first), run. The flags read here
+    (--gpus, --device) place the process; the run itself reads the TrainConfig that ``_run`` builds."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     gpus = args.gpus or ()
@@ -120,43 +122,43 @@ def _run(args, info, device) -> dict:
     if args.data_root is None:
         raise TrainingError("--data-root is required (the dataset folder in the seed's layout)")
     label, dataset, task = resolve(args)
-    run_dir = Path(args.output) / label
+    cfg = config(args, label=label, dataset=dataset, task=task)
     # one live run per folder (rank 0 holds the lock), and a fresh training run never mixes with an old one
-    lock = runlock.RunLock(run_dir).acquire() if info.is_main else None
+    lock = runlock.RunLock(cfg.run_dir).acquire() if info.is_main else None
     removed = []
     try:
-        if args.phase == "train":
-            removed = runlock.check_fresh(run_dir, Path(args.output), label, resume=bool(args.resume),
-                                          overwrite=args.overwrite or args.demo, remove=info.is_main)
-        setup_logging(run_dir, info.is_main)
+        if cfg.phase == "train":
+            removed = runlock.check_fresh(cfg.run_dir, Path(cfg.output), label, resume=bool(cfg.resume),
+                                          overwrite=cfg.overwrite or cfg.demo, remove=info.is_main)
+        setup_logging(cfg.run_dir, info.is_main)
         if removed:
             log.info("--overwrite: removed the previous run's %s", ", ".join(p.name for p in removed))
-        return _run_locked(args, info, device, label, dataset, task, run_dir)
+        return _run_locked(Context(cfg, device, info))
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_locked(args, info, device, label, dataset, task, run_dir) -> dict:
-    if args.demo:
+def _run_locked(ctx: Context) -> dict:
+    cfg, info = ctx.cfg, ctx.dist
+    if cfg.demo:
         log.info("no arguments: running the demo (python -m widedeep.train --help for the real flags)")
-    if args.synthetic and info.is_main:
+    if cfg.synthetic and info.is_main:
         from data_pipes.synthetic import write_synthetic
 
         # 5 segmentation classes (or 10 ILSVRC classes): learnable by a tiny net in about a minute of CPU time
-        write_synthetic(dataset, args.data_root, num_train=64, num_val=16, size=(64, 112), seed=0,
-                        num_classes=10 if dataset == "ilsvrc" else 5)
+        write_synthetic(cfg.dataset, cfg.data_root, num_train=64, num_val=16, size=(64, 112), seed=0,
+                        num_classes=10 if cfg.dataset == "ilsvrc" else 5)
     distributed.barrier()
-    torch.manual_seed(args.seed + info.rank)
-    ctx = Context(args, label, dataset, task, device, info, run_dir)
+    torch.manual_seed(cfg.seed + info.rank)
     t0 = time.perf_counter()
-    if args.phase == "val":
-        if not args.weights:
+    if cfg.phase == "val":
+        if not cfg.weights:
             raise TrainingError("--phase val needs --weights")
         model = build_model(ctx)
-        metrics = evaluate(ctx, model, split=args.split or "val", save=True)
+        metrics = evaluate(ctx, model, split=cfg.split, save=True)
     else:
         metrics = train(ctx)
-        if args.demo and info.is_main and metrics:
-            log.info("demo finished in %.0f s: %s", time.perf_counter() - t0, run_dir)
+        if cfg.demo and info.is_main and metrics:
+            log.info("demo finished in %.0f s: %s", time.perf_counter() - t0, cfg.run_dir)
     return metrics
