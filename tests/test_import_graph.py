@@ -198,7 +198,7 @@ def describe(edges: dict[str, dict[str, int]], files: dict[str, Path]) -> str:
 
 
 PACKAGES = [
-    pytest.param("kernels", marks=pytest.mark.xfail(strict=True, reason="lead removes kernels cycles")),
+    "kernels",
     "widedeep",
 ]
 
