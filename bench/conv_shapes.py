@@ -44,7 +44,7 @@ def conv_shapes(label: str, size: int, batch: int, width: float = 1.0) -> list[d
             out.append(dict(zip(("C", "K", "k", "stride", "dil", "pad", "H", "W"), key), N=batch, model=label))
 
     for unit in model.units():
-        for name, m in unit.named_children():
+        for _name, m in unit.named_children():
             if isinstance(m, nn.Conv2d):
                 m.register_forward_pre_hook(hook)
     model(torch.empty(batch, 3, size, size, device="meta"))

@@ -9,7 +9,7 @@ Importing this package without a CUDA device sets ``TRITON_INTERPRET=1`` first, 
 This package imports nothing from ``widedeep``.
 """
 
-from . import _runtime  # must run before any @triton.jit definition
+from . import _runtime  # noqa: F401 (must run before any @triton.jit definition)
 from ._runtime import BACKENDS, HAS_CUDA, HAS_TRITON, INTERPRET, resolve_backend, set_default_backend
 from .api import bn_relu, bn_relu_conv
 from .bn_relu import ACTIVATIONS, BNParams, bn_params, bn_relu_backward, bn_relu_forward

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _runtime  # first: sets TRITON_INTERPRET before triton.jit runs
+from . import _runtime  # noqa: F401 (first: sets TRITON_INTERPRET before triton.jit runs)
 from ._runtime import HAS_TRITON
 
 # activation name -> the ACT constexpr of every kernel (0 keeps ReLU's code unchanged)

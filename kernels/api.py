@@ -33,12 +33,12 @@ def bn_relu(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, backe
     activation_code(activation)  # an unknown name fails here, on every path
     if _plain.exporting() and _plain.take_plain(bn, "kernels.bn_relu"):  # export/trace for inference (plain.py)
         return _plain.bn_act_plain(x, bn, activation, activation_param, compute_dtype(x))
-    be = _runtime.resolve_backend(backend, x)
+    resolved = _runtime.resolve_backend(backend, x)
     if torch.compiler.is_compiling() and not sync:  # one opaque custom op per step for Dynamo (kernels/ops.py)
-        return ops.bn_relu_via_ops(x, bn, be, compute_dtype(x), activation, activation_param)
-    p = bn_params(x, bn, backend=be, sync=sync, process_group=process_group, activation=activation,
+        return ops.bn_relu_via_ops(x, bn, resolved, compute_dtype(x), activation, activation_param)
+    p = bn_params(x, bn, backend=resolved, sync=sync, process_group=process_group, activation=activation,
                   activation_param=activation_param)
-    return _BNReLUFunction.apply(x, bn.weight, bn.bias, p, be, compute_dtype(x), sync, process_group)
+    return _BNReLUFunction.apply(x, bn.weight, bn.bias, p, resolved, compute_dtype(x), sync, process_group)
 
 
 
@@ -70,27 +70,27 @@ def bn_relu_conv(
     if not convs:
         raise ValueError("bn_relu_conv needs at least one convolution")
     activation_code(activation)  # an unknown name fails here, on every path
-    be = _runtime.resolve_backend(backend, x)
+    resolved = _runtime.resolve_backend(backend, x)
     if conv not in ("torch", "triton", "auto"):
-        raise ValueError(f"conv must be 'torch', 'triton' or 'auto', got {conv!r}")
+        raise ValueError(f"conv must resolved 'torch', 'triton' or 'auto', got {conv!r}")
     if conv == "auto":  # per layer, from the shipped/overridden table (kernels/conv_choice.py); never off CUDA
         from .conv_choice import choose  # here, not at the top: `python -m kernels.conv_choice` stays clean
 
-        conv = "triton" if (be == "triton" and _igemm_supported(convs, dropout, sync) is None
+        conv = "triton" if (resolved == "triton" and _igemm_supported(convs, dropout, sync) is None
                             and choose(x, convs, compute_dtype(x)) == "triton") else "torch"
     if conv == "triton":
-        why = "it needs backend='triton'" if be != "triton" else _igemm_supported(convs, dropout, sync)
+        why = "it needs backend='triton'" if resolved != "triton" else _igemm_supported(convs, dropout, sync)
         if why:
-            raise ValueError(f"conv='triton' cannot be used here: {why}")
+            raise ValueError(f"conv='triton' cannot resolved used here: {why}")
     cdtype = compute_dtype(x)
     geometry = tuple(_geometry(c) for c in convs)  # validates padding before any running statistic changes
     if _plain.exporting() and _plain.take_plain(bn, "kernels.bn_relu_conv"):  # export/trace for inference
         return _plain.bn_act_conv_plain(x, bn, convs, dropout, activation, activation_param)  # (plain.py)
     if torch.compiler.is_compiling() and not sync:  # opaque custom ops for Dynamo (kernels/ops.py)
         mask, keep = _dropout_mask(x, dropout)
-        return ops.bn_relu_conv_via_ops(x, bn, convs, geometry, be, cdtype, mask, keep, conv, activation,
+        return ops.bn_relu_conv_via_ops(x, bn, convs, geometry, resolved, cdtype, mask, keep, conv, activation,
                                     activation_param)
-    p = bn_params(x, bn, backend=be, sync=sync, process_group=process_group, activation=activation,
+    p = bn_params(x, bn, backend=resolved, sync=sync, process_group=process_group, activation=activation,
                   activation_param=activation_param)
     if conv == "triton":
         params_ = [t for c in convs for t in (c.weight, c.bias)]
@@ -99,6 +99,6 @@ def bn_relu_conv(
     params: list[torch.Tensor | None] = []
     for conv in convs:
         params += [conv.weight, conv.bias]
-    outs = _BNReLUConvFunction.apply(x, bn.weight, bn.bias, p, be, cdtype, mask, keep, sync, process_group,
+    outs = _BNReLUConvFunction.apply(x, bn.weight, bn.bias, p, resolved, cdtype, mask, keep, sync, process_group,
                                      geometry, *params)
     return list(outs)

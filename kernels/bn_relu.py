@@ -36,12 +36,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _runtime
 from ._common import (ACTIVATIONS, TRITON_DTYPES, activation_code, as_nchw_or_nhwc, cdiv,  # noqa: F401 (re-exported)
                       needs_int64)
-from . import plain as _plain  # export/trace in inference: plain aten ops
 from ._runtime import HAS_TRITON
-from .bn_stats import ROW, STAT_ROWS, _aligned, _dist_active, channel_stats, finalize_stats, launch_stats, scratch
+from .bn_stats import (ROW, STAT_ROWS, _aligned, _dist_active, channel_stats, finalize_stats, gather_stats,
+                       launch_stats, scratch)
 from .launch import Kernel, Slot
 from .tiles import (ELEMENTWISE_TILE, ELEMENTWISE_WARPS, NCHW_BLOCK_L, NHWC_BLOCK_L, STATS_WARPS,  # noqa: F401
                     Variant, bn_variant_tiles, elementwise_tiling, geometry, merge_k)
@@ -50,7 +49,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._common import _act_bwd, _act_fwd, _element_offsets
+    from ._common import _act_bwd, _act_fwd, _chan_combine, _element_offsets
+    from .bn_stats import _derive, _write_rows
 
     _PARAM_FLAGS = ["running", "has_affine"]
     # per-channel vectors and scratch: small loads, never worth an alignment specialisation (the launch plans then
@@ -124,6 +124,48 @@ if HAS_TRITON:
         # and the same z (so the same activation mask) as the backward and implicit-GEMM recomputations
         mean, scale, beta, _rstd = _channel_params(ch, C, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps,
                                                    running, has_affine)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = (x - _bcast(mean, CHANNELS_LAST)) * _bcast(scale, CHANNELS_LAST) + _bcast(beta, CHANNELS_LAST)
+        tl.store(y_ptr + offs, _act_fwd(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["has_affine", "update", "cumulative"],
+                do_not_specialize_on_alignment=["g_ptr", "stats_ptr", "w_ptr", "b_ptr", "rmean_ptr", "rvar_ptr",
+                                                "nbt_ptr"])
+    def _bn_act_fwd_gathered_kernel(
+        x_ptr, y_ptr, g_ptr, K, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, nbt_ptr, eps, momentum, R, L, C, slope,
+        has_affine, update, cumulative,
+        ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+    ):
+        """Sync BN's forward with the finalize folded in: each program Chan-merges the K ranks' (count, mean, M2)
+        rows (g_ptr (K, 3, C), in rank order: every program gets the same bits) for its channels and applies
+        y = act((x - mean) * scale + beta); the programs that own a channel (the first row block in
+        channels_last, rows n = 0 of the first column block in NCHW: each channel exactly once) write its
+        STAT_ROWS (stats_ptr (5, C)) and, with ``update``, move the running statistics (num_batches_tracked was
+        already incremented by this step's statistics kernel, so the cumulative factor reads it minus one)."""
+        ch, offs, mask = _tile(R, L, C, CHANNELS_LAST, INT64, BLOCK_R, BLOCK_L)
+        cm = ch < C
+        mean = tl.zeros(ch.shape, dtype=tl.float32)
+        m2 = tl.zeros(ch.shape, dtype=tl.float32)
+        count = tl.zeros(ch.shape, dtype=tl.float32)
+        for k in range(0, K):
+            base = g_ptr + k * 3 * C + ch
+            n = tl.load(base, mask=cm, other=0.0)
+            mu = tl.load(base + C, mask=cm, other=0.0)
+            q = tl.load(base + 2 * C, mask=cm, other=0.0)
+            mean, m2, count = _chan_combine(mean, m2, count, mu, q, n)
+        var, rstd, scale = _derive(m2, count, ch, cm, w_ptr, eps, has_affine)
+        beta = tl.zeros_like(mean)
+        if has_affine != 0:
+            beta = tl.load(b_ptr + ch, mask=cm, other=0.0).to(tl.float32)
+        first = (ch * 0 + tl.program_id(0)) == 0  # a vector, so the mask stays a boolean tensor
+        if CHANNELS_LAST:
+            own = cm & first
+        else:
+            own = cm & first & ((tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)) < C)
+        nbt_old = tl.load(nbt_ptr) - 1
+        _write_rows(mean, m2, count, var, rstd, scale, ch, own, C, stats_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum,
+                    update, cumulative)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         z = (x - _bcast(mean, CHANNELS_LAST)) * _bcast(scale, CHANNELS_LAST) + _bcast(beta, CHANNELS_LAST)
         tl.store(y_ptr + offs, _act_fwd(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=mask)
@@ -214,6 +256,7 @@ if HAS_TRITON:
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     APPLY = Kernel(_bn_act_fwd_kernel)
+    APPLY_GATHERED = Kernel(_bn_act_fwd_gathered_kernel)
     GRAD_SUMS = Kernel(_bn_act_grad_sums_kernel)
     DX = Kernel(_bn_act_bwd_kernel)
 
@@ -240,13 +283,13 @@ class BNParams:
     ``activation``: "relu" | "leaky_relu" | "identity"; ``activation_param``: the leaky negative slope."""
 
     __slots__ = ("_mean", "_rstd", "_scale", "_count", "weight", "bias", "batch_stats", "stats", "running",
-                 "activation", "activation_param", "act", "slope", "_kp")
+                 "activation", "activation_param", "act", "slope", "_kp", "gathered")
 
     def __init__(self, mean, rstd, weight, bias, count, batch_stats: bool, cached_scale=None,
                  activation: str = "relu", activation_param: float = 0.01):
         self._mean, self._rstd, self._scale, self._count = mean, rstd, cached_scale, count
         self.weight, self.bias, self.batch_stats = weight, bias, batch_stats
-        self.stats = self.running = self._kp = None
+        self.stats = self.running = self._kp = self.gathered = None
         self.activation, self.activation_param = activation, activation_param
         self.act = activation_code(activation)  # the kernels' ACT constexpr
         # the runtime fp32 slope the kernels take (0.0 unless leaky_relu: it is not read then)
@@ -384,6 +427,14 @@ def _bn_params_triton(x, bn, sync: bool, process_group, activation: str, slope: 
         return BNParams(rm.float(), torch.rsqrt(rv.float() + bn.eps), weight, bias, x.numel() // C, False, **act)
     track = bn.training and bn.track_running_stats and rm is not None
     in_kernel = track and _fp32_running(rm, rv)  # running-stat update inside the statistics kernel
+    if _dist_active(sync) and (in_kernel or not track):
+        # sync BN: this rank's (count, mean, M2) all-gathered; the merge, the STAT_ROWS and the running update
+        # happen in the forward's apply launch (bn_relu_forward: p.gathered), one launch less than finalize_stats
+        rows = gather_stats(x, process_group=process_group, num_batches_tracked=nbt if in_kernel else None)
+        p = BNParams.from_stats(torch.empty((len(STAT_ROWS), C), device=x.device, dtype=torch.float32), weight,
+                                bias, True, **act)
+        p.gathered = (rows, (rm, rv, nbt) if in_kernel else None, bn.momentum, bn.eps)
+        return p
     if _dist_active(sync):
         stats = finalize_stats(x, weight=weight, eps=bn.eps, sync=True, process_group=process_group,
                                running=(rm, rv) if in_kernel else None,
@@ -443,6 +494,9 @@ def bn_relu_forward(x: torch.Tensor, p: BNParams, *, backend: str, out_dtype: to
     x, channels_last = as_nchw_or_nhwc(x)
     geo = geometry(x, channels_last)
     y = _like(x, out_dtype)
+    if p.gathered is not None:
+        _apply_gathered(x, y, p, geo, channels_last)
+        return y
     stats, w, b, rm, rv, eps, running, affine = _kernel_params(p)
     act = p.act
     slot = _slot(geo, ("apply", x.dtype, out_dtype, w.dtype, b.dtype, act, x.data_ptr() & 15 == 0), APPLY,
@@ -450,6 +504,25 @@ def bn_relu_forward(x: torch.Tensor, p: BNParams, *, backend: str, out_dtype: to
     slot(x, y, stats, w, b, rm, rv, eps, geo.R, geo.L, x.shape[1], p.slope, running, affine,
          act, channels_last, geo.int64, geo.block_r, geo.block_l)
     return y
+
+
+def _apply_gathered(x, y, p: BNParams, geo, channels_last: bool) -> None:
+    """The first apply of a sync-BN step (``p.gathered``): merge the ranks' rows, write p.stats and the running
+    statistics, and y, in one launch; later applies of the same p (the recompute in backward) read p.stats."""
+    rows, running, momentum, eps = p.gathered
+    p.gathered = None
+    stats, w, b = p.stats, p.weight, p.bias
+    if (w is None) != (b is None):  # one of the two: both as vectors (gamma/beta read no statistic)
+        w, b = p.gamma, p.beta
+    affine = w is not None
+    w, b = (w, b) if affine else (stats, stats)
+    rm, rv, nbt = running if running is not None else (stats, stats, scratch(x.device, 0)[2])
+    update = running is not None
+    slot = _slot(geo, ("apply_gathered", x.dtype, y.dtype, w.dtype, b.dtype, p.act, x.data_ptr() & 15 == 0),
+                 APPLY_GATHERED, geo.ew_grid, ELEMENTWISE_WARPS)
+    slot(x, y, rows, rows.shape[0], stats, w, b, rm, rv, nbt, float(eps), 0.0 if momentum is None else float(momentum),
+         geo.R, geo.L, x.shape[1], p.slope, int(affine), int(update), int(update and momentum is None),
+         p.act, channels_last, geo.int64, geo.block_r, geo.block_l)
 
 
 def _act_torch(z: torch.Tensor, p: BNParams) -> torch.Tensor:
@@ -619,6 +692,13 @@ def aot_variants() -> list:
                        "running": "i32", "has_affine": "i32"}
                 out.append(Variant(_bn_act_fwd_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
                                    kernel="bn_relu_forward", dtypes=f"x={xs} y={ys}", config=cfg,
+                                   divisible=_EW_DIVISIBLE, vector_loads=block_l >= 16))
+                sig = {"x_ptr": f"*{xs}", "y_ptr": f"*{ys}", "g_ptr": "*fp32", "K": "i32", "stats_ptr": "*fp32",
+                       "w_ptr": "*fp32", "b_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32",
+                       "nbt_ptr": "*i64", "eps": "fp32", "momentum": "fp32", **ew, "slope": "fp32",
+                       "has_affine": "i32", "update": "i32", "cumulative": "i32"}
+                out.append(Variant(_bn_act_fwd_gathered_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
+                                   kernel="bn_relu_forward_gathered", dtypes=f"x={xs} y={ys}", config=cfg,
                                    divisible=_EW_DIVISIBLE, vector_loads=block_l >= 16))
                 sig = {"x_ptr": f"*{xs}", "dy_ptr": f"*{ys}", "dx_ptr": f"*{xs}", **_PARAMS_SIG,
                        "red_ptr": "*fp32", **ew, "slope": "fp32", "running": "i32", "has_affine": "i32",

@@ -12,15 +12,15 @@ Dtypes: x fp32/fp16/bf16; the convs compute in the autocast dtype when autocast 
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _runtime
-from . import plain as _plain  # export/trace in inference: plain aten ops
-from .bn_relu import BNParams, activation_code, bn_params, bn_relu_backward, bn_relu_forward, compute_dtype
+from .conv import conv_dgrad, conv_fprop, conv_wgrad
+from .bn_relu import BNParams, bn_relu_backward, bn_relu_forward
 
 
 def _activation(x, p: BNParams, backend, dtype, mask, keep):
@@ -78,6 +78,16 @@ def conv_backward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weigh
     return dx, dgamma, dbeta, param_grads
 
 
+def _fixed_inputs(fn_cls) -> int:
+    """How many inputs an autograd Function's forward takes before ``*params``: its backward returns one
+    gradient (or None) per input, so the padding follows the signature instead of a hand count."""
+    n = getattr(fn_cls, "_n_fixed", None)
+    if n is None:
+        params = list(inspect.signature(fn_cls.forward).parameters.values())[1:]  # without ctx
+        n = fn_cls._n_fixed = sum(p.kind is not inspect.Parameter.VAR_POSITIONAL for p in params)
+    return n
+
+
 class _BNReLUConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, p: BNParams, backend: str, cdtype, mask, keep: float, sync, group,
@@ -98,7 +108,7 @@ class _BNReLUConvFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         x, rest = saved[0], saved[1:]
         mask, weights = (rest[0], rest[1:]) if ctx.has_mask else (None, rest)
-        n_fixed = 11
+        n_fixed = _fixed_inputs(_BNReLUConvFunction)
         need = ctx.needs_input_grad
         dx, dgamma, dbeta, param_grads = conv_backward(
             x, ctx.p, ctx.backend, ctx.cdtype, mask, ctx.keep, weights, ctx.has_bias, ctx.geometry, grad_outs,
@@ -111,8 +121,6 @@ class _BNReLUConvFunction(torch.autograd.Function):
 
 def igemm_forward(x, p: BNParams, cdtype, weights, biases, geometry) -> tuple:
     """Forward with the implicit-GEMM kernels (:mod:`kernels.conv`): act(bn(x)) normalised in each operand load."""
-    from .conv import conv_fprop
-
     vec = (p.mean.float(), p.scale.float(), p.beta.float())
     act = dict(activation=p.activation, activation_param=p.activation_param)
     outs = []
@@ -124,8 +132,6 @@ def igemm_forward(x, p: BNParams, cdtype, weights, biases, geometry) -> tuple:
 
 def igemm_backward(x, p: BNParams, cdtype, weights, has_bias, geometry, grad_outs):
     """Backward of :func:`igemm_forward`: (dx, dgamma, dbeta, [dW_i, db_i, ...]); all None without gradients."""
-    from .conv import conv_dgrad, conv_wgrad
-
     vec = (p.mean.float(), p.scale.float(), p.beta.float())
     act = dict(activation=p.activation, activation_param=p.activation_param)
     g = sum_g = sum_gx = None
@@ -162,7 +168,7 @@ class _IGemmBNReLUConvFunction(torch.autograd.Function):
         x, *weights = ctx.saved_tensors
         dx, dgamma, dbeta, param_grads = igemm_backward(x, ctx.p, ctx.cdtype, weights, ctx.has_bias, ctx.geometry,
                                                         grad_outs)
-        n_fixed = 6
+        n_fixed = _fixed_inputs(_IGemmBNReLUConvFunction)
         if dgamma is None:
             return (None,) * (n_fixed + len(param_grads))
         return (dx, dgamma.to(ctx.param_dtype), dbeta.to(ctx.param_dtype), None, None, None, *param_grads)

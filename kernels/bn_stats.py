@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _runtime  # first: sets TRITON_INTERPRET before triton.jit runs
+from . import _runtime  # noqa: F401 (first: sets TRITON_INTERPRET before triton.jit runs)
 from ._common import TRITON_DTYPES, as_nchw_or_nhwc, cdiv
 from ._runtime import HAS_TRITON
 from .launch import Kernel, Slot
@@ -96,16 +96,22 @@ if HAS_TRITON:
         return mean, m2, count
 
     @triton.jit
-    def _finalize(mean, m2, count, cs, cmask, C, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum, eps,
-                  has_affine, update, cumulative):
-        """Write the STAT_ROWS of channels ``cs`` from merged (mean, M2, count); with ``update``, the running
-        statistics (unbiased variance) move by ``momentum`` or, ``cumulative``, by 1 / (num_batches_tracked before
-        this step + 1). Flags are runtime ints: this code runs once per channel block, never in a hot loop."""
+    def _derive(m2, count, cs, cmask, w_ptr, eps, has_affine):
+        """(var, rstd, scale = gamma * rstd) of channels ``cs`` from merged (M2, count): the one definition the
+        finalisers and the gathered apply kernel use."""
         var = m2 / tl.maximum(count, 1.0)
         rstd = 1.0 / tl.sqrt(var + eps)
         scale = rstd
         if has_affine != 0:
             scale = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32) * rstd
+        return var, rstd, scale
+
+    @triton.jit
+    def _write_rows(mean, m2, count, var, rstd, scale, cs, cmask, C, out_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum,
+                    update, cumulative):
+        """Store the STAT_ROWS of channels ``cs``; with ``update``, the running statistics (unbiased variance) move
+        by ``momentum`` or, ``cumulative``, by 1 / (num_batches_tracked before this step + 1). Flags are runtime
+        ints: this code runs once per channel block, never in a hot loop."""
         tl.store(out_ptr + cs, mean, mask=cmask)
         tl.store(out_ptr + C + cs, var, mask=cmask)
         tl.store(out_ptr + 2 * C + cs, rstd, mask=cmask)
@@ -120,6 +126,14 @@ if HAS_TRITON:
             rv = tl.load(rvar_ptr + cs, mask=cmask, other=0.0)
             tl.store(rmean_ptr + cs, rm + factor * (mean - rm), mask=cmask)
             tl.store(rvar_ptr + cs, rv + factor * (unbiased - rv), mask=cmask)
+
+    @triton.jit
+    def _finalize(mean, m2, count, cs, cmask, C, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum, eps,
+                  has_affine, update, cumulative):
+        """:func:`_derive` then :func:`_write_rows` for channels ``cs``."""
+        var, rstd, scale = _derive(m2, count, cs, cmask, w_ptr, eps, has_affine)
+        _write_rows(mean, m2, count, var, rstd, scale, cs, cmask, C, out_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum,
+                    update, cumulative)
 
     @triton.jit
     def _bump_batches(tick_ptr, n_blocks, nbt_ptr, nbt_old):
@@ -145,7 +159,9 @@ if HAS_TRITON:
     ):
         """Grid (channel blocks, splits). Partials of channels [pid_c*BLOCK_C, +BLOCK_C) over positions
         [pid_m*m_per_prog, +m_per_prog) into part_ptr (2, splits, C); the last program of a channel block
-        finalises it: STAT_ROWS into out_ptr (5, C), or with ``triple`` this rank's (count, mean, M2) (3, C).
+        finalises it: STAT_ROWS into out_ptr (5, C), or with ``triple`` this rank's (count, mean, M2) (3, C)
+        (and with ``update``, num_batches_tracked += 1: the gathered apply kernel then moves the running
+        statistics by 1 / num_batches_tracked in the cumulative mode).
         nbt_ptr: an int64 scalar (num_batches_tracked, read only with ``update``)."""
         pid_c = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -169,6 +185,8 @@ if HAS_TRITON:
                 tl.store(out_ptr + cs, count, mask=cmask)
                 tl.store(out_ptr + C + cs, mean, mask=cmask)
                 tl.store(out_ptr + 2 * C + cs, m2, mask=cmask)
+                if update != 0:  # sync BN: this step counts; the running statistics move in the gathered apply
+                    _bump_batches(tick_ptr, tl.num_programs(0), nbt_ptr, tl.load(nbt_ptr))
             else:
                 nbt_old = tl.load(nbt_ptr)
                 _finalize(mean, m2, count, cs, cmask, C, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum, eps,
@@ -271,15 +289,16 @@ def launch_stats(x: torch.Tensor, channels_last: bool, out: torch.Tensor, *, wei
                  geo: Geometry | None = None) -> None:
     """One ``_stats_kernel`` launch: x's statistics into ``out`` (STAT_ROWS, or (count, mean, M2) with ``triple``).
 
-    ``running``: (running_mean, running_var) fp32, updated in place (with ``num_batches_tracked`` += 1).
+    ``running``: (running_mean, running_var) fp32, updated in place (with ``num_batches_tracked`` += 1); with
+    ``triple`` only ``num_batches_tracked`` += 1 (``running`` then just says the step is tracked).
     ``geo``: x's :class:`kernels.tiles.Geometry` when the caller has it."""
     geo = geo or geometry(x, channels_last)
     g = geo.red
     part, tick, zero64 = scratch(x.device, 2 * g.splits * g.C)
-    update = running is not None and not triple
+    update = running is not None
     has_affine = weight is not None and not triple
     w = weight if has_affine else out
-    rm, rv = running if update else (out, out)
+    rm, rv = running if update and not triple else (out, out)
     key = ("stats", x.dtype, w.dtype, x.data_ptr() & 15 == 0)
     slot = geo.slots.get(key)
     if slot is None:
@@ -330,6 +349,19 @@ def finalize_stats(
                       float(eps), src, int(weight is not None), int(update), int(update and momentum is None),
                       FINALIZE_BLOCK_K, FINALIZE_BLOCK_C)
     return out
+
+
+def gather_stats(x: torch.Tensor, *, process_group=None, num_batches_tracked=None) -> torch.Tensor:
+    """Every rank's (count, mean, M2) of x, (world, 3, C) fp32: one statistics launch (this rank's triple; with
+    ``num_batches_tracked``, also += 1 there) and an all_gather, no host sync. The merge, the STAT_ROWS and the
+    running statistics are left to the gathered apply kernel of :mod:`kernels.bn_relu` (sync BN in one launch
+    less than :func:`finalize_stats`)."""
+    x, channels_last = as_nchw_or_nhwc(x)
+    local = torch.empty((3, x.shape[1]), device=x.device, dtype=torch.float32)
+    track = num_batches_tracked is not None
+    launch_stats(x, channels_last, local, triple=True, running=(local, local) if track else None,
+                 num_batches_tracked=num_batches_tracked)
+    return _all_gather_rows(local, process_group)
 
 
 def _stats_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -385,7 +417,7 @@ def aot_variants() -> list:
     divisible, as the runtime JIT specialises them."""
     out = []
     flags = {"triple": "i32", "has_affine": "i32", "update": "i32", "cumulative": "i32"}
-    for xdt, xs in TRITON_DTYPES.items():
+    for xs in TRITON_DTYPES.values():
         for cl, int64, block_m, block_c in bn_variant_tiles()["reduction"]:
             sig = {"x_ptr": f"*{xs}", "part_ptr": "*fp32", "tick_ptr": "*i32", "out_ptr": "*fp32",
                    "w_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32", "nbt_ptr": "*i64",

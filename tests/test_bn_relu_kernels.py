@@ -546,7 +546,7 @@ def _sync_worker(rank, world, port, result):
         torch.manual_seed(0)
         bn = nn.BatchNorm2d(C, momentum=momentum)
         host_syncs = 0
-        for step in range(2):  # two steps: running statistics (and 1/num_batches_tracked with momentum=None)
+        for _step in range(2):  # two steps: running statistics (and 1/num_batches_tracked with momentum=None)
             x = torch.randn(4, C, 5, 6) * 3 + 1
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -584,10 +584,10 @@ def test_sync_statistics_over_two_gloo_ranks_equal_one_big_batch_without_host_sy
         port = 30500 + os.getpid() % 1000
         mp.start_processes(_sync_worker, args=(2, port, result), nprocs=2, start_method="spawn")
         out = dict(result)
-    for key, (backend, cl, momentum, C) in SYNC_CONFIGS.items():
+    for key, (_backend, cl, momentum, C) in SYNC_CONFIGS.items():
         torch.manual_seed(0)
         bn = nn.BatchNorm2d(C, momentum=momentum)
-        for step in range(2):
+        for _step in range(2):
             x = torch.randn(4, C, 5, 6) * 3 + 1
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)

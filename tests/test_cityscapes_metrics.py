@@ -20,7 +20,7 @@ def test_scores_equal_cityscapesscripts(synthetic_root, tmp_path):
     ours = CityscapesScores()
     preds = []
     valid_ids = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
-    for k, gt_path in enumerate(gts):
+    for _k, gt_path in enumerate(gts):
         gt = np.asarray(Image.open(gt_path))
         inst = np.asarray(Image.open(str(gt_path).replace("labelIds", "instanceIds")))
         pred = gt.copy()

@@ -158,7 +158,7 @@ def test_gpu_pipeline_graph_is_valid_without_a_gpu(synthetic_root, ds, split, kw
     assert twin["problems"] == [] and [s for _, s, _ in twin["ops"]] == [s for _, s, _ in report["ops"]]
     pipe = cpu.backend.pipeline(cpu.planner)
     outs = pipe.run()
-    for name, tl, (dev, ndim, dtype, layout) in zip(contract(cpu.recipe, gpu=False), outs, twin["outputs"]):
+    for name, tl, (_dev, ndim, dtype, layout) in zip(contract(cpu.recipe, gpu=False), outs, twin["outputs"]):
         assert (tl.dtype.name, len(tl[0].shape()), tl.layout()) == (dtype, ndim, layout), name
     from data_pipes.dali_backend import _close
 

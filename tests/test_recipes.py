@@ -14,7 +14,6 @@ coordinates x0 = start - d0.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

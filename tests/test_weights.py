@@ -1,10 +1,8 @@
 """MXNet .params reader/writer, name mapping, loading errors, round trips, and MXNet itself as an oracle."""
 
 import os
-import shutil
 import struct
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
