@@ -458,6 +458,32 @@ def test_launches_per_bn_relu_step(mode, channels_last, device):
     assert compute == [], compute
 
 
+def test_sync_launches_per_bn_relu_step(tmp_path, device):
+    """Sync BN (a one-rank gloo group: the all_gather and all_reduce really run): statistics (this rank's triple,
+    num_batches_tracked bumped) + the gathered apply that merges the ranks and writes the statistics and running
+    statistics, gradient sums + dx = 4 launches (5 with the recompute of bn_relu_conv), no finalize launch; and
+    the running statistics move as nn.BatchNorm2d's (momentum=None: the cumulative average of two steps)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        bn = nn.BatchNorm2d(70, momentum=None).to(device)
+        ref = nn.BatchNorm2d(70, momentum=None).to(device)
+        for step in range(2):
+            x = (torch.randn(2, 70, 5, 6, device=device) * 2 + 3).requires_grad_()
+            dy = torch.randn_like(x)
+            with recording() as (launches, _):
+                kernels.bn_relu(x, bn, backend="triton", sync=True).backward(dy)
+            F.relu(ref(x.detach())).backward(dy)
+            assert [n for n, _ in launches] == ["_stats_kernel", "_bn_act_fwd_gathered_kernel",
+                                                "_bn_act_grad_sums_kernel", "_bn_act_bwd_kernel"], step
+        assert int(bn.num_batches_tracked) == 2
+        torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
 def _variant_key(name, constexprs, pointers):
     return name, tuple(sorted(constexprs.items())), tuple(sorted(pointers.items()))
 
