@@ -60,6 +60,7 @@ class Variant:
     divisible: tuple = field(default=())  # extra integer args assumed divisible by 16 (pointers always are)
     archs: tuple = field(default=())  # compile only for these compute capabilities (empty: every --arch)
     single_k_loop: bool = False  # its MMAs must sit in one loop (sm_90: with one async-copy wait, a pipelined K loop)
+    tma: bool = False  # an operand comes through a TMA tensor descriptor: cp.async.bulk.tensor and one mbarrier wait
     # reductions: the loop that streams the tensor (plain ld.global) has no bar.sync (per-lane accumulation)
     barrier_free_loop: bool = False
     vector_loads: bool = False  # elementwise passes: data loads vectorised (ld.global.v2/.v4) when L % 16 == 0
@@ -198,10 +199,14 @@ def compile_variant(v: Variant, arch: int) -> dict:
     if v.single_k_loop and (wgmma or mma):
         if len(loops) != 1:
             row["problems"].append(f"{len(loops)} loops hold MMAs (one pipelined K loop expected)")
-        elif arch >= 90 and loops[0]["cp.async.wait"] + loops[0]["mbarrier.wait"] != 1:
-            # sm_90 only: on sm_80 Triton's mma.sync pipeline waits once per operand stream (3 in our loops)
+        elif arch >= 90 and (loops[0]["cp.async.wait"], loops[0]["mbarrier.wait"]) != ((1, 1) if v.tma else (1, 0)):
+            # sm_90 only: on sm_80 Triton's mma.sync pipeline waits once per operand stream (3 in our loops).
+            # One wait per pipeline per iteration: the cp.async operand(s), and the TMA operand's mbarrier if any
             row["problems"].append(f"K loop with {loops[0]['cp.async.wait']} cp.async and "
-                                   f"{loops[0]['mbarrier.wait']} mbarrier waits per iteration (1 expected)")
+                                   f"{loops[0]['mbarrier.wait']} mbarrier waits per iteration "
+                                   f"({'1 and 1' if v.tma else '1 and 0'} expected)")
+    if v.tma and arch >= 90 and not re.search(r"\bcp\.async\.bulk\.tensor\b", ptx):
+        row["problems"].append("TMA variant without cp.async.bulk.tensor in its PTX")
     if v.barrier_free_loop:
         streams = streaming_loops(ptx)
         if not any(lp["barriers"] == 0 for lp in streams):
@@ -236,7 +241,7 @@ def compile_all(archs=(90, 80), jobs: int = 2, modules=MODULES, limit: int | Non
     """Compile every variant of ``modules`` for each arch (``jobs`` processes); rows in a fixed order.
 
     ``only``: comma-separated substrings; a variant is kept when its label ``"<kernel> <dtypes> <config>"``
-    (``"conv_dgrad x=bf16 op=bf16 bn 64x64x32 g8 w4 s3"``) or its function name contains one of them
+    (``"conv_dgrad x=bf16 op=bf16 bn 64x64x32 g8 w8 s3"``) or its function name contains one of them
     (``"conv"``: the convolutions only)."""
     global _VARIANTS
     _VARIANTS = collect_variants(modules)

@@ -22,6 +22,8 @@ GPU fitness:
   :data:`HOPPER_CONFIGS` (128-row tiles, 8 warps) for 16-bit operands on sm_90; under the interpreter one fixed
   config (:data:`INTERPRETER_CONFIG`, or the one given by ``config=`` / :func:`use_config`) runs, or the GPU's
   autotuner itself inside :func:`autotune_in_interpreter` (tests).
+- sm_90 fprop may read the weight operand through a TMA tensor descriptor (``ConvConfig.w_desc``, in the sm_90
+  autotune space where :func:`tma_ok`): one ``cp.async.bulk.tensor`` per K step (kernels/aot.py checks the PTX).
 - One flat K loop per kernel: fprop and dgrad iterate over (filter tap, channel block) with the tap advanced as
   loop-carried scalars, so Triton software-pipelines a single loop that never drains at a tap boundary (sm_90 PTX:
   one loop holds the wgmmas, one ``cp.async.wait_group`` per iteration; kernels/aot.py checks it).
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -59,21 +61,32 @@ class ConvConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    w_desc: bool = False  # fprop only: the weight operand through a tensor descriptor (TMA on sm_90)
 
     def meta(self) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
+        m = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
+        if self.w_desc:  # only then: the dgrad/wgrad kernels have no W_DESC (fprop's defaults to False)
+            m["W_DESC"] = True
+        return m
 
     def label(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
+        return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
+                + (" tma" if self.w_desc else ""))
 
 
 # Autotuned on a GPU, per operand class (tl.dot needs every block dim >= 16 with Triton 3.6; wgmma wants BLOCK_M a
 # multiple of 64 per 4 warps; fp32 "ieee" runs on FMA units, small tiles keep its registers in check). Chosen so
-# that no variant spills on sm_80/sm_90 with Triton 3.9's ptxas (bench/results/aot-compile.md); 128x64x32,
-# 128x128x32 and 64x64x64 spill there or with Triton 3.6. The first config of a class is the fixed one (INT64 and
+# that no variant spills on sm_80/sm_90 with Triton 3.6's or 3.9's ptxas (bench/results/aot-compile-conv.md);
+# 128x64x32, 128x128x32 and 64x64x64 spill there. The first config of a class is the fixed one (INT64 and
 # deterministic variants).
+# 16-bit 64x64x32 runs 8 warps, not 4: at 4 warps Triton 3.6's sm_80 code spilled (wgrad with an fp32 x under
+# autocast, BN prologue: 128 registers + 8 B; dgrad fp16 BN leaky_relu epilogue: 168 + 24 B) because one thread
+# held a 32x32 share of the accumulator plus the prologue's fp32 operand tile and the epilogue's BN sums. 8 warps
+# halve each thread's share (3.6 sm_80: 74 and 103 registers; sm_90 still wgmma, two warpgroups on m64n32).
+# 64x64x16 at 4 warps and 4 stages also fit (112/179) but halve the work per K step (more loop overhead, and on
+# sm_90 one k16 wgmma per barrier).
 GPU_CONFIGS = {
-    "16bit": (ConvConfig(64, 64, 32, 8, 4, 3), ConvConfig(64, 128, 32, 8, 8, 2)),
+    "16bit": (ConvConfig(64, 64, 32, 8, 8, 3), ConvConfig(64, 128, 32, 8, 8, 2)),
     "tf32": (ConvConfig(64, 64, 16, 8, 4, 3), ConvConfig(128, 64, 16, 8, 8, 3)),
     "ieee": (ConvConfig(32, 64, 16, 8, 4, 1), ConvConfig(64, 32, 16, 8, 4, 1)),
 }
@@ -84,8 +97,15 @@ GPU_CONFIGS = {
 # fprop 128x128x64 s3/s4 174/170 registers, 128x256x64 246; wgrad 128x128x64 142, 128x256x64 spills (255 + 88 B)
 # where 256x128x64 (the prologue on a 64x128 operand, not 64x256) takes 228; dgrad's epilogue (act' and the two BN
 # sums on the tile) spills at 128x128x64 (255 + 48 B) and fits at 128x64x64 (180).
+# fprop also with the weight operand through a TMA tensor descriptor (``w_desc``, " tma" in labels): the weight
+# tile is one cp.async.bulk.tensor copy per K step into shared memory, waited on by an mbarrier, instead of
+# BLOCK_K*BLOCK_N/256 cp.async per thread with their address and mask arithmetic (Triton 3.6/3.9 sm_90 BN bf16:
+# 158/168 registers at 128x128x64 s3). Both Triton versions lower tl.make_tensor_descriptor to TMA on sm_90
+# (block pointers are rewritten to plain loads since Triton 3.x, so they would not be TMA). Chosen only where the
+# descriptor is legal (:func:`tma_ok`: K * itemsize a multiple of 16 bytes, 16-byte aligned base).
 HOPPER_CONFIGS = {
-    "fprop": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(128, 128, 64, 8, 8, 4), ConvConfig(128, 256, 64, 8, 8, 3)),
+    "fprop": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(128, 128, 64, 8, 8, 4), ConvConfig(128, 256, 64, 8, 8, 3),
+              ConvConfig(128, 128, 64, 8, 8, 3, w_desc=True), ConvConfig(128, 256, 64, 8, 8, 3, w_desc=True)),
     "dgrad": (ConvConfig(128, 64, 64, 8, 8, 4),),
     "wgrad": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(256, 128, 64, 8, 8, 3)),
 }
@@ -173,6 +193,7 @@ if HAS_TRITON:
         PROLOGUE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         INT64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        W_DESC: tl.constexpr = False,
     ):
         M = N * P * Q
         pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
@@ -187,6 +208,14 @@ if HAS_TRITON:
         ks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ok = ks < K
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if W_DESC:
+            # The packed weight (R, S, C, K) as a 3-D tensor descriptor [R*S, C, K]: on sm_90 each (tap, channel
+            # block) tile is one TMA copy into shared memory (cp.async.bulk.tensor + mbarrier), no address or mask
+            # arithmetic in registers. 3-D, not [R*S*C, K]: channels past C are zero-filled by the copy (the
+            # descriptor's bounds), instead of reading the next tap's weights. The launcher checks the alignment
+            # TMA needs (16-byte base and row stride: K * itemsize % 16 == 0).
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[R * S, C, K], strides=[C * K, K, 1],
+                                               block_shape=[1, BLOCK_K, BLOCK_N])
         # One flat K loop over (tap, channel block): the software pipeline runs across tap boundaries instead of
         # draining at the end of every tap (a nested tap/channel loop is two loops to the pipeliner).
         # The tap (rs, its offsets dh/dw) and channel block c0 advance as loop-carried scalars, no division per step.
@@ -205,7 +234,10 @@ if HAS_TRITON:
                 a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, slope, ACT).to(w_ptr.dtype.element_ty)
             else:
                 a = a.to(w_ptr.dtype.element_ty)
-            b = tl.load(w_ptr + (rs * C + cs)[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            if W_DESC:
+                b = w_desc.load([rs, c0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+            else:
+                b = tl.load(w_ptr + (rs * C + cs)[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, UPCAST, PRECISION)
             c0 += BLOCK_K
             next_tap = c0 >= C
@@ -392,13 +424,17 @@ if HAS_TRITON:
             return triton.testing.do_bench(kernel_call, quantiles=quantiles)
         return bench()(kernel_call, quantiles=quantiles)
 
-    def _tuned(kind: str, cls: str, x: torch.Tensor):
-        """The autotuned launcher of ``kind`` for operand class ``cls`` on x's device (its arch's config space)."""
+    def _tuned(kind: str, cls: str, x: torch.Tensor, tma: bool = False):
+        """The autotuned launcher of ``kind`` for operand class ``cls`` on x's device (its arch's config space;
+        ``tma``: with the tensor-descriptor configs, when the weight allows them)."""
         arch = device_arch(x)
-        key = (kind, cls, arch)
+        key = (kind, cls, arch, tma)
         if key not in _TUNERS:
+            space = autotune_configs(cls, arch, kind, tma)
+            if any(c_.w_desc for c_ in space):
+                _ensure_allocator(x)
             configs = [triton.Config(c_.meta(), num_warps=c_.num_warps, num_stages=c_.num_stages)
-                       for c_ in autotune_configs(cls, arch, kind)]
+                       for c_ in space]
             _TUNERS[key] = triton.autotune(configs, key=_KEYS[kind], reset_to_zero=_RESET[kind],
                                            do_bench=_bench)(_KERNELS[kind])
         return _TUNERS[key]
@@ -416,12 +452,35 @@ def device_arch(x: torch.Tensor) -> int:
     return _interpreter_arch or 80
 
 
-def autotune_configs(cls: str, arch: int, kind: str = "fprop") -> tuple:
+def autotune_configs(cls: str, arch: int, kind: str = "fprop", tma: bool = True) -> tuple:
     """The autotune space of ``kind`` ("fprop" | "dgrad" | "wgrad") for an operand class on sm_``arch``:
     :data:`GPU_CONFIGS`, plus :data:`HOPPER_CONFIGS` for 16-bit operands on sm_90 (wgmma with 8 warps; sm_80's
-    mma.sync and 164 KB of shared memory gain nothing from them)."""
+    mma.sync and 164 KB of shared memory gain nothing from them); ``tma=False`` leaves out the tensor-descriptor
+    configs (a weight :func:`tma_ok` refuses)."""
     hopper = HOPPER_CONFIGS[kind] if (cls == "16bit" and arch // 10 == 9) else ()
-    return tuple(GPU_CONFIGS[cls]) + tuple(hopper)
+    return tuple(GPU_CONFIGS[cls]) + tuple(c_ for c_ in hopper if tma or not c_.w_desc)
+
+
+def tma_ok(wt: torch.Tensor) -> bool:
+    """Whether the packed fprop weight (R, S, C, K) can be read through a TMA tensor descriptor: contiguous,
+    16-byte aligned base, row stride K * itemsize a multiple of 16 bytes (K % 8 == 0 for 16-bit weights)."""
+    return wt.is_contiguous() and wt.data_ptr() % 16 == 0 and (wt.shape[-1] * wt.element_size()) % 16 == 0
+
+
+_allocator_set = False
+
+
+def _ensure_allocator(x: torch.Tensor) -> None:
+    """A kernel that builds a tensor descriptor on the device needs a global scratch buffer (128 B per program)
+    from Triton's allocator; set one (torch's caching allocator on x's device) once, on CUDA only (the
+    interpreter needs none). Note: it replaces an allocator the application set with ``triton.set_allocator``."""
+    global _allocator_set
+    if _allocator_set or not _compiled(x):
+        return
+    import triton
+
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=x.device))
+    _allocator_set = True
 
 
 @contextlib.contextmanager
@@ -470,6 +529,8 @@ def _launch(tuned, raw, grid, config: ConvConfig | None, *args, **flags):
         tuned[grid](*args, **flags)
     else:
         meta = config.meta()
+        if raw is not _fprop_kernel:  # a forced tma config: dgrad/wgrad read the weight without a descriptor
+            meta.pop("W_DESC", None)
         raw[lambda _m: grid(meta)](*args, **flags, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -548,7 +609,14 @@ def conv_fprop(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, dil
     prec = _precision(weight.dtype, precision)
     cls, int64 = operand_class(weight.dtype, prec), needs_int64(xl.numel(), y.numel())
     grid = lambda m: (triton.cdiv(N * P * Q, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),)  # noqa: E731
-    _launch(_tuned("fprop", cls, x), _fprop_kernel, grid, _choose(x, config, cls, int64),
+    tma = tma_ok(wt) and not int64  # the descriptor variants are compiled with int32 offsets only
+    cfg = _choose(x, config, cls, int64)
+    if cfg is not None and cfg.w_desc:
+        if tma:
+            _ensure_allocator(x)
+        else:  # a forced descriptor config on a weight TMA cannot read: the same tile with plain loads
+            cfg = replace(cfg, w_desc=False)
+    _launch(_tuned("fprop", cls, x, tma) if cfg is None else None, _fprop_kernel, grid, cfg,
             xl, wt, y, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
             PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64)
     return y
@@ -711,6 +779,8 @@ def aot_variants() -> list:
                                  **cfg.meta()}
                         if has_det:
                             const["DETERMINISTIC"] = det
+                        else:
+                            const.setdefault("W_DESC", False)
                         flags = ("bn" if flag else "plain") + (" i64" if i64 else "") + (" det" if det else "") \
                             + {relu: "", leaky: " leaky_relu", ident: " identity"}[act]
                         out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
@@ -727,8 +797,11 @@ def aot_variants() -> list:
                                      **cfg.meta()}
                             if has_det:
                                 const["DETERMINISTIC"] = False
+                            else:
+                                const.setdefault("W_DESC", False)
                             flags = ("bn" if flag else "plain") + (" leaky_relu" if act == leaky else "")
                             out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
                                                f"{flags} {cfg.label()} (sm_90)", tensor_cores=True,
-                                               divisible=("C", "K"), archs=(90,), single_k_loop=True))
+                                               divisible=("C", "K"), archs=(90,), single_k_loop=True,
+                                               tma=cfg.w_desc))
     return out
