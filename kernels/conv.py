@@ -79,14 +79,9 @@ class ConvConfig:
 # that no variant spills on sm_80/sm_90 with Triton 3.6's or 3.9's ptxas (bench/results/aot-compile-conv.md);
 # 128x64x32, 128x128x32 and 64x64x64 spill there. The first config of a class is the fixed one (INT64 and
 # deterministic variants).
-# 16-bit 64x64x32 runs 8 warps, not 4: at 4 warps Triton 3.6's sm_80 code spilled (wgrad with an fp32 x under
-# autocast, BN prologue: 128 registers + 8 B; dgrad fp16 BN leaky_relu epilogue: 168 + 24 B) because one thread
-# held a 32x32 share of the accumulator plus the prologue's fp32 operand tile and the epilogue's BN sums. 8 warps
-# halve each thread's share (3.6 sm_80: 74 and 103 registers; sm_90 still wgmma, two warpgroups on m64n32).
-# 64x64x16 at 4 warps and 4 stages also fit (112/179) but halve the work per K step (more loop overhead, and on
-# sm_90 one k16 wgmma per barrier).
+# dgrad and wgrad use BACKWARD_16BIT instead of the "16bit" list (:func:`gpu_configs`).
 GPU_CONFIGS = {
-    "16bit": (ConvConfig(64, 64, 32, 8, 8, 3), ConvConfig(64, 128, 32, 8, 8, 2)),
+    "16bit": (ConvConfig(64, 64, 32, 8, 4, 3), ConvConfig(64, 128, 32, 8, 8, 2)),
     "tf32": (ConvConfig(64, 64, 16, 8, 4, 3), ConvConfig(128, 64, 16, 8, 8, 3)),
     "ieee": (ConvConfig(32, 64, 16, 8, 4, 1), ConvConfig(64, 32, 16, 8, 4, 1)),
 }
@@ -109,6 +104,14 @@ HOPPER_CONFIGS = {
     "dgrad": (ConvConfig(128, 64, 64, 8, 8, 4),),
     "wgrad": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(256, 128, 64, 8, 8, 3)),
 }
+# dgrad/wgrad 16-bit: 64x64x32 with 8 warps, not 4. At 4 warps Triton 3.6's sm_80 code spilled (wgrad with an
+# fp32 x under autocast, BN prologue: 128 registers + 8 B; dgrad fp16 BN leaky_relu epilogue: 168 + 24 B): one
+# thread held a 32x32 share of the accumulator plus the prologue's fp32 operand tile or the epilogue's BN sums;
+# 8 warps halve that share (3.6 sm_80: 74 / 103 registers; sm_90 still wgmma, two warpgroups on m64n32). fprop
+# keeps 4 warps: at 8 warps Triton 3.6's ptxas spilled 8 B at 64 registers in its fp32-x BN variants (leaky_relu
+# at 3 stages, identity at 4), where 4 warps fit. 64x64x16 at 4 warps, 4 stages was tried for all three: 6
+# spills under 3.6 (fprop fp32-x i64/identity, dgrad fp32-x i64), so not taken.
+BACKWARD_16BIT = (ConvConfig(64, 64, 32, 8, 8, 3), ConvConfig(64, 128, 32, 8, 8, 2))
 INTERPRETER_CONFIG = ConvConfig(16, 16, 16, 1, 1, 1)
 INT32_LIMIT = 2**31  # a tensor with this many elements or more needs 64-bit offsets
 
@@ -458,7 +461,13 @@ def autotune_configs(cls: str, arch: int, kind: str = "fprop", tma: bool = True)
     mma.sync and 164 KB of shared memory gain nothing from them); ``tma=False`` leaves out the tensor-descriptor
     configs (a weight :func:`tma_ok` refuses)."""
     hopper = HOPPER_CONFIGS[kind] if (cls == "16bit" and arch // 10 == 9) else ()
-    return tuple(GPU_CONFIGS[cls]) + tuple(c_ for c_ in hopper if tma or not c_.w_desc)
+    return tuple(gpu_configs(cls, kind)) + tuple(c_ for c_ in hopper if tma or not c_.w_desc)
+
+
+def gpu_configs(cls: str, kind: str) -> tuple:
+    """The every-GPU configs of ``kind`` for an operand class: :data:`GPU_CONFIGS`, or :data:`BACKWARD_16BIT`
+    for 16-bit dgrad/wgrad; the first is the fixed one (INT64, deterministic)."""
+    return BACKWARD_16BIT if (cls == "16bit" and kind != "fprop") else GPU_CONFIGS[cls]
 
 
 def tma_ok(wt: torch.Tensor) -> bool:
@@ -509,16 +518,16 @@ def operand_class(dtype: torch.dtype, precision: str) -> str:
     return "16bit" if dtype != torch.float32 else precision
 
 
-def _choose(x: torch.Tensor, config: ConvConfig | None, cls: str, fixed: bool) -> ConvConfig | None:
+def _choose(x: torch.Tensor, config: ConvConfig | None, cls: str, fixed: bool, kind: str) -> ConvConfig | None:
     """The fixed config to launch, or None to autotune (compiled, nothing forced, not ``fixed``).
 
-    ``fixed``: the INT64 and deterministic variants run the first (default) config of their class: autotuning
+    ``fixed``: the INT64 and deterministic variants run the first (default) config of :func:`gpu_configs`: autotuning
     would make results depend on the timing-picked tile, and it keeps the number of compiled variants down."""
     config = config or _forced_config
     if config is not None:
         return config
     if fixed:
-        return GPU_CONFIGS[cls][0] if (_compiled(x) or _autotune_interpreted) else INTERPRETER_CONFIG
+        return gpu_configs(cls, kind)[0] if (_compiled(x) or _autotune_interpreted) else INTERPRETER_CONFIG
     if not _compiled(x) and not _autotune_interpreted:
         return INTERPRETER_CONFIG
     return None
@@ -610,7 +619,7 @@ def conv_fprop(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, dil
     cls, int64 = operand_class(weight.dtype, prec), needs_int64(xl.numel(), y.numel())
     grid = lambda m: (triton.cdiv(N * P * Q, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),)  # noqa: E731
     tma = tma_ok(wt) and not int64  # the descriptor variants are compiled with int32 offsets only
-    cfg = _choose(x, config, cls, int64)
+    cfg = _choose(x, config, cls, int64, "fprop")
     if cfg is not None and cfg.w_desc:
         if tma:
             _ensure_allocator(x)
@@ -659,7 +668,7 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: 
     det = (_deterministic if deterministic is None else deterministic) and bn is not None
     prec = _precision(weight.dtype, precision)
     cls, int64 = operand_class(weight.dtype, prec), needs_int64(dyl.numel(), g.numel())
-    cfg = _choose(x, config, cls, int64 or det)
+    cfg = _choose(x, config, cls, int64 or det, "dgrad")
     if det:  # partial sums per (phase, row tile), summed below in a fixed order
         rows = stride * stride * triton.cdiv(N * triton.cdiv(H, stride) * triton.cdiv(W, stride), cfg.block_m)
         sums = torch.zeros((2, rows, C), device=x.device, dtype=torch.float32)
@@ -711,7 +720,7 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, stri
     prec = _precision(dtype, precision)
     cls, int64 = operand_class(dtype, prec), needs_int64(dyl.numel(), xl.numel())
     grid = lambda m: (triton.cdiv(K, m["BLOCK_M"]) * triton.cdiv(C, m["BLOCK_N"]), R * S * splits)  # noqa: E731
-    _launch(_tuned("wgrad", cls, x), _wgrad_kernel, grid, _choose(x, config, cls, int64 or det),
+    _launch(_tuned("wgrad", cls, x), _wgrad_kernel, grid, _choose(x, config, cls, int64 or det, "wgrad"),
             dyl, xl, dw, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, splits, slope,
             PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
     if det:
@@ -767,13 +776,14 @@ def aot_variants() -> list:
                 for flag in (True, False):
                     # (config, INT64, DETERMINISTIC, ACT): every autotune config, then the fixed-config variants
                     relu, leaky, ident = ACTIVATIONS["relu"], ACTIVATIONS["leaky_relu"], ACTIVATIONS["identity"]
-                    plans = [(c_, False, False, relu) for c_ in GPU_CONFIGS[cls]]
-                    plans += [(GPU_CONFIGS[cls][0], True, False, relu)]
+                    kcfgs = gpu_configs(cls, name[len("conv_"):])
+                    plans = [(c_, False, False, relu) for c_ in kcfgs]
+                    plans += [(kcfgs[0], True, False, relu)]
                     if has_det and (flag or name == "conv_wgrad"):
-                        plans += [(GPU_CONFIGS[cls][0], i64, True, relu) for i64 in (False, True)]
+                        plans += [(kcfgs[0], i64, True, relu) for i64 in (False, True)]
                     if flag:
-                        plans += [(c_, False, False, leaky) for c_ in GPU_CONFIGS[cls]]
-                        plans += [(GPU_CONFIGS[cls][0], False, False, ident)]
+                        plans += [(c_, False, False, leaky) for c_ in kcfgs]
+                        plans += [(kcfgs[0], False, False, ident)]
                     for cfg, i64, det, act in plans:
                         const = {flag_name: flag, "ACT": act, "UPCAST": False, "PRECISION": prec, "INT64": i64,
                                  **cfg.meta()}

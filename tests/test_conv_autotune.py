@@ -43,7 +43,8 @@ def test_autotuned_launch_matches_torch_and_resets_accumulators(fresh_tuners, ar
 def test_hopper_space_only_on_sm90():
     for kind in ("fprop", "dgrad", "wgrad"):
         sm80, sm90 = kc.autotune_configs("16bit", 80, kind), kc.autotune_configs("16bit", 90, kind)
-        assert sm80 == kc.GPU_CONFIGS["16bit"]
+        assert sm80 == kc.gpu_configs("16bit", kind)
+        assert sm80 == (kc.GPU_CONFIGS["16bit"] if kind == "fprop" else kc.BACKWARD_16BIT)
         assert sm90[:len(sm80)] == sm80 and set(sm90[len(sm80):]) == set(kc.HOPPER_CONFIGS[kind])
         assert all(c.num_warps == 8 and c.block_m >= 128 for c in kc.HOPPER_CONFIGS[kind])
         assert kc.autotune_configs("ieee", 90, kind) == kc.GPU_CONFIGS["ieee"]  # fp32 keeps its small tiles
