@@ -60,7 +60,7 @@ class Variant:
     divisible: tuple = field(default=())  # extra integer args assumed divisible by 16 (pointers always are)
     archs: tuple = field(default=())  # compile only for these compute capabilities (empty: every --arch)
     single_k_loop: bool = False  # its MMAs must sit in one loop (sm_90: with one async-copy wait, a pipelined K loop)
-    tma: bool = False  # an operand comes through a TMA tensor descriptor: cp.async.bulk.tensor and one mbarrier wait
+    tma: int = 0  # how many MMA operands come through a TMA tensor descriptor (cp.async.bulk.tensor, mbarrier waits)
     # reductions: the loop that streams the tensor (plain ld.global) has no bar.sync (per-lane accumulation)
     barrier_free_loop: bool = False
     vector_loads: bool = False  # elementwise passes: data loads vectorised (ld.global.v2/.v4) when L % 16 == 0
@@ -199,12 +199,15 @@ def compile_variant(v: Variant, arch: int) -> dict:
     if v.single_k_loop and (wgmma or mma):
         if len(loops) != 1:
             row["problems"].append(f"{len(loops)} loops hold MMAs (one pipelined K loop expected)")
-        elif arch >= 90 and (loops[0]["cp.async.wait"], loops[0]["mbarrier.wait"]) != ((1, 1) if v.tma else (1, 0)):
+        elif arch >= 90 and (loops[0]["mbarrier.wait"] not in ((1, 2) if v.tma == 2 else (v.tma,))
+                             or loops[0]["cp.async.wait"] not in ((0, 1) if v.tma == 2 else (1,))):
             # sm_90 only: on sm_80 Triton's mma.sync pipeline waits once per operand stream (3 in our loops).
-            # One wait per pipeline per iteration: the cp.async operand(s), and the TMA operand's mbarrier if any
+            # Per iteration one cp.async wait for the cp.async-loaded operand and one mbarrier wait per TMA operand
+            # (nothing drains). Both operands by TMA: the copies share one barrier when both feed the MMA directly
+            # (plain), two when the activation goes through the BN prologue (plus the prologue vectors' cp.async)
             row["problems"].append(f"K loop with {loops[0]['cp.async.wait']} cp.async and "
                                    f"{loops[0]['mbarrier.wait']} mbarrier waits per iteration "
-                                   f"({'1 and 1' if v.tma else '1 and 0'} expected)")
+                                   f"({'0-1 and 1-2' if v.tma == 2 else f'1 and {v.tma}'} expected)")
     if v.tma and arch >= 90 and not re.search(r"\bcp\.async\.bulk\.tensor\b", ptx):
         row["problems"].append("TMA variant without cp.async.bulk.tensor in its PTX")
     if v.barrier_free_loop:

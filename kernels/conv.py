@@ -23,7 +23,8 @@ GPU fitness:
   config (:data:`INTERPRETER_CONFIG`, or the one given by ``config=`` / :func:`use_config`) runs, or the GPU's
   autotuner itself inside :func:`autotune_in_interpreter` (tests).
 - sm_90 fprop may read the weight operand through a TMA tensor descriptor (``ConvConfig.w_desc``, in the sm_90
-  autotune space where :func:`tma_ok`): one ``cp.async.bulk.tensor`` per K step (kernels/aot.py checks the PTX).
+  autotune space where :func:`tma_ok`): one ``cp.async.bulk.tensor`` per K step (kernels/aot.py checks the PTX);
+  for 1x1 stride-1 unpadded convs the activation too (``X_DENSE``).
 - One flat K loop per kernel: fprop and dgrad iterate over (filter tap, channel block) with the tap advanced as
   loop-carried scalars, so Triton software-pipelines a single loop that never drains at a tap boundary (sm_90 PTX:
   one loop holds the wgmmas, one ``cp.async.wait_group`` per iteration; kernels/aot.py checks it).
@@ -97,7 +98,9 @@ GPU_CONFIGS = {
 # BLOCK_K*BLOCK_N/256 cp.async per thread with their address and mask arithmetic (Triton 3.6/3.9 sm_90 BN bf16:
 # 158/168 registers at 128x128x64 s3). Both Triton versions lower tl.make_tensor_descriptor to TMA on sm_90
 # (block pointers are rewritten to plain loads since Triton 3.x, so they would not be TMA). Chosen only where the
-# descriptor is legal (:func:`tma_ok`: K * itemsize a multiple of 16 bytes, 16-byte aligned base).
+# descriptor is legal (:func:`tma_ok`: K * itemsize a multiple of 16 bytes, 16-byte aligned base). A 1x1, stride-1,
+# unpadded conv whose x rows are 16-byte multiples (``X_DENSE``) also reads the activation through a descriptor
+# (x is then the GEMM's dense A): both operands by TMA, the BN prologue applied to the copied tile.
 HOPPER_CONFIGS = {
     "fprop": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(128, 128, 64, 8, 8, 4), ConvConfig(128, 256, 64, 8, 8, 3),
               ConvConfig(128, 128, 64, 8, 8, 3, w_desc=True), ConvConfig(128, 256, 64, 8, 8, 3, w_desc=True)),
@@ -196,7 +199,7 @@ if HAS_TRITON:
         PROLOGUE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         INT64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        W_DESC: tl.constexpr = False,
+        W_DESC: tl.constexpr = False, X_DENSE: tl.constexpr = False,
     ):
         M = N * P * Q
         pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
@@ -219,6 +222,12 @@ if HAS_TRITON:
             # TMA needs (16-byte base and row stride: K * itemsize % 16 == 0).
             w_desc = tl.make_tensor_descriptor(w_ptr, shape=[R * S, C, K], strides=[C * K, K, 1],
                                                block_shape=[1, BLOCK_K, BLOCK_N])
+            if X_DENSE:
+                # 1x1, stride 1, no padding (the launcher's X_DENSE): x itself is the GEMM's dense A (M, C), so
+                # the activation tile is a TMA copy too; rows past M and channels past C arrive as zeros and the
+                # prologue's mask keeps act(bn(0)) out of them.
+                x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, C], strides=[C, 1],
+                                                   block_shape=[BLOCK_M, BLOCK_K])
         # One flat K loop over (tap, channel block): the software pipeline runs across tap boundaries instead of
         # draining at the end of every tap (a nested tap/channel loop is two loops to the pipeliner).
         # The tap (rs, its offsets dh/dw) and channel block c0 advance as loop-carried scalars, no division per step.
@@ -232,7 +241,10 @@ if HAS_TRITON:
             cs = c0 + tl.arange(0, BLOCK_K)
             c_ok = cs < C
             ok = pos_ok[:, None] & c_ok[None, :]
-            a = tl.load(x_ptr + base[:, None] + cs[None, :], mask=ok, other=0.0)
+            if W_DESC and X_DENSE:
+                a = x_desc.load([pid_m * BLOCK_M, c0])
+            else:
+                a = tl.load(x_ptr + base[:, None] + cs[None, :], mask=ok, other=0.0)
             if PROLOGUE:  # on the way to the MMA operand: act(bn(x)) exists only in registers
                 a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, slope, ACT).to(w_ptr.dtype.element_ty)
             else:
@@ -470,10 +482,11 @@ def gpu_configs(cls: str, kind: str) -> tuple:
     return BACKWARD_16BIT if (cls == "16bit" and kind != "fprop") else GPU_CONFIGS[cls]
 
 
-def tma_ok(wt: torch.Tensor) -> bool:
-    """Whether the packed fprop weight (R, S, C, K) can be read through a TMA tensor descriptor: contiguous,
-    16-byte aligned base, row stride K * itemsize a multiple of 16 bytes (K % 8 == 0 for 16-bit weights)."""
-    return wt.is_contiguous() and wt.data_ptr() % 16 == 0 and (wt.shape[-1] * wt.element_size()) % 16 == 0
+def tma_ok(t: torch.Tensor) -> bool:
+    """Whether ``t`` can be read through a TMA tensor descriptor over its dims (the packed fprop weight (R, S, C, K);
+    x as (N, H, W, C)): contiguous, 16-byte aligned base, rows (last dim) a multiple of 16 bytes (K % 8 == 0 for
+    16-bit weights)."""
+    return t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
 
 
 _allocator_set = False
@@ -619,6 +632,8 @@ def conv_fprop(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, dil
     cls, int64 = operand_class(weight.dtype, prec), needs_int64(xl.numel(), y.numel())
     grid = lambda m: (triton.cdiv(N * P * Q, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),)  # noqa: E731
     tma = tma_ok(wt) and not int64  # the descriptor variants are compiled with int32 offsets only
+    # x as the dense A of a 1x1 stride-1 unpadded conv, read through a descriptor by the tma configs
+    dense = tma and R == 1 and stride == 1 and pad == 0 and tma_ok(xl.permute(0, 2, 3, 1))
     cfg = _choose(x, config, cls, int64, "fprop")
     if cfg is not None and cfg.w_desc:
         if tma:
@@ -627,7 +642,8 @@ def conv_fprop(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, dil
             cfg = replace(cfg, w_desc=False)
     _launch(_tuned("fprop", cls, x, tma) if cfg is None else None, _fprop_kernel, grid, cfg,
             xl, wt, y, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
-            PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64)
+            PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64,
+            X_DENSE=dense)
     return y
 
 
@@ -791,6 +807,7 @@ def aot_variants() -> list:
                             const["DETERMINISTIC"] = det
                         else:
                             const.setdefault("W_DESC", False)
+                            const["X_DENSE"] = False  # no descriptor in these configs: X_DENSE changes nothing
                         flags = ("bn" if flag else "plain") + (" i64" if i64 else "") + (" det" if det else "") \
                             + {relu: "", leaky: " leaky_relu", ident: " identity"}[act]
                         out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
@@ -802,16 +819,19 @@ def aot_variants() -> list:
                         continue
                     acts = (relu, leaky) if (flag and xdt == odt == torch.bfloat16) else (relu,)
                     for cfg in HOPPER_CONFIGS[name[len("conv_"):]]:
-                        for act in acts:
+                        # tma configs also with X_DENSE (1x1 stride-1 unpadded: the activation by TMA too)
+                        for act, dense in [(a_, d_) for a_ in acts for d_ in ((False, True) if cfg.w_desc else (False,))]:
                             const = {flag_name: flag, "ACT": act, "UPCAST": False, "PRECISION": prec, "INT64": False,
                                      **cfg.meta()}
                             if has_det:
                                 const["DETERMINISTIC"] = False
                             else:
                                 const.setdefault("W_DESC", False)
-                            flags = ("bn" if flag else "plain") + (" leaky_relu" if act == leaky else "")
+                                const["X_DENSE"] = dense
+                            flags = ("bn" if flag else "plain") + (" leaky_relu" if act == leaky else "") \
+                                + (" 1x1" if dense else "")
                             out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
                                                f"{flags} {cfg.label()} (sm_90)", tensor_cores=True,
                                                divisible=("C", "K"), archs=(90,), single_k_loop=True,
-                                               tma=cfg.w_desc))
+                                               tma=(2 if dense else 1) if cfg.w_desc else 0))
     return out

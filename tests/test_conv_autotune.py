@@ -73,23 +73,27 @@ def test_tma_configs_only_in_the_sm90_fprop_space():
 
 
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
-@pytest.mark.parametrize("k, stride, dil, pad, K", [(3, 2, 1, 1, 24), (3, 1, 2, 2, 24), (1, 1, 1, 0, 24),
-                                                     (3, 1, 1, 1, 20)], ids=str)
-def test_tma_weight_descriptor_vs_torch(monkeypatch, dt, k, stride, dil, pad, K):
+@pytest.mark.parametrize("k, stride, dil, pad, C, K, xdt", [
+    (3, 2, 1, 1, 20, 24, "fp32"), (3, 1, 2, 2, 20, 24, "fp32"), (1, 1, 1, 0, 20, 24, "fp32"),
+    (1, 1, 1, 0, 24, 40, "bf16"), (1, 2, 1, 0, 24, 24, "bf16"), (3, 1, 1, 1, 20, 20, "fp32")], ids=str)
+def test_tma_weight_descriptor_vs_torch(monkeypatch, dt, k, stride, dil, pad, C, K, xdt):
     """fprop with the weight read through a tensor descriptor (``w_desc``; the TMA copy on sm_90) under the
     interpreter, with dgrad/wgrad (+ BN sums) after it, vs float64 torch: y fp32 1e-4 / bf16 1e-2, gradients and
     sums 1e-4 (tests/test_conv_kernels.py's tolerances). C=20 is not a multiple of BLOCK_K=16 (the descriptor's
-    zero fill past C, per tap); K=24 spans two column tiles. K=20 in bf16 (40-byte rows) cannot take a descriptor:
-    the launcher falls back to the same tile with plain loads (the W_DESC flag the kernel received is checked)."""
+    zero fill past C, per tap); K=24/40 span two/three column tiles; M = 2*5*6 = 60 rows is not a multiple of 16.
+    1x1 stride 1 unpadded with 16-byte x rows (fp32 x C=20, bf16 x C=24): x through a descriptor too (X_DENSE), not
+    for stride 2. K=20 in bf16 (40-byte rows) cannot take a descriptor: the launcher falls back to the same tile
+    with plain loads. The flags the kernel received are checked."""
     odt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
     seen = []
     real = kc._launch
-    monkeypatch.setattr(kc, "_launch", lambda tuned, raw, grid, cfg, *a, **f: seen.append((raw, cfg)) or
+    monkeypatch.setattr(kc, "_launch", lambda tuned, raw, grid, cfg, *a, **f: seen.append((raw, cfg, f)) or
                         real(tuned, raw, grid, cfg, *a, **f))
-    C = 20
-    x = torch.randn(2, C, 5, 6)
+    x = torch.randn(2, C, 5, 6).to({"fp32": torch.float32, "bf16": torch.bfloat16}[xdt])
     w = torch.randn(K, C, k, k) / (C * k * k) ** 0.5
     cfg = kc.ConvConfig(16, 16, 16, 1, 1, 1, w_desc=True)
     _check_launchers("cpu", x, w, _bn_vectors(C, "cpu"), stride, pad, dil, odt, config=cfg)
-    used = [c.w_desc for raw, c in seen if raw is kc._fprop_kernel]
-    assert used == [(K * w.to(odt).element_size()) % 16 == 0]
+    used = [(c.w_desc, f["X_DENSE"]) for raw, c, f in seen if raw is kc._fprop_kernel]
+    w_desc = (K * w.to(odt).element_size()) % 16 == 0
+    dense = w_desc and (k, stride, pad) == (1, 1, 0) and (C * x.element_size()) % 16 == 0
+    assert used == [(w_desc, dense)]

@@ -139,6 +139,8 @@ MUTANTS: list[Mutant] = [
        ["tests/test_conv_autotune.py", "-k", "autotuned"], "autotuning's benchmark runs accumulate into dW"),
     _m("conv-tma-weight-tile-column", CONV, "w_desc.load([rs, c0, pid_n * BLOCK_N])", "w_desc.load([rs, c0, 0])",
        ["tests/test_conv_autotune.py", "-k", "tma_weight"], "the TMA weight tile ignores its column block"),
+    _m("conv-tma-x-tile-row", CONV, "x_desc.load([pid_m * BLOCK_M, c0])", "x_desc.load([0, c0])",
+       ["tests/test_conv_autotune.py", "-k", "tma_weight"], "the 1x1 TMA activation tile ignores its row block"),
     _m("conv-grouped-pid-n", CONV, "pid_n = (pid % width) // size_m", "pid_n = (pid % width) % size_m",
        T_CONV + ["-k", "gpu_tiles"], "grouped tile order maps two programs to one tile"),
     _m("conv-dgrad-sums-no-xc", CONV,  # the 16-bit operands' branch (the gpu_tiles cases are mostly bf16/fp16)
