@@ -2,7 +2,8 @@
 
     eager          torch ops (BatchNorm2d, ReLU, cuDNN/oneDNN convs): what a user has without this library
     fused          ours: BN-ReLU recompute kernels with torch/cuDNN convolutions (``create_model(fused=True)``)
-    fused_igemm    ours: BN-ReLU prologue inside Triton implicit-GEMM convolutions (``bn_relu_conv(conv="triton")``)
+    fused_igemm    ours: BN-ReLU prologue inside Triton implicit-GEMM convolutions (``create_model(fused="triton",
+                   conv_impl="triton")``)
     checkpoint     eager with ``torch.utils.checkpoint`` on each residual unit (``set_grad_checkpointing``)
     compile        ``torch.compile`` of the eager model
     fused_compile  ``torch.compile`` of the fused model (may fail: the failure is a result)
@@ -16,15 +17,14 @@ The graphed rows step with SGD(fused=True) and a tensor lr (what ``--cuda-graphs
 reaches the captured step); the other rows with torch's default (foreach) SGD: the optimizer is ~1.5 of ~36 ms of
 an A1-s8 b4 step (bench/results/h100-2026-11-25-profile).
 
-``fused_igemm``: the model has no switch for implicit-GEMM convolutions, so :func:`build` replaces each
-PreActUnit's forward by the same computation through ``kernels.bn_relu_conv(..., conv="triton")`` (stages with
-dropout keep torch convolutions, as ``bn_relu_conv`` requires). Without CUDA it runs in the Triton interpreter:
-a correctness smoke only, never a timing.
+``fused_igemm``: the model's ``conv_impl="triton"``: every BN-ReLU-conv call through
+``kernels.bn_relu_conv(..., conv="triton")`` (stages with dropout keep torch convolutions, as ``bn_relu_conv``
+requires), the segmentation head's conv6a included (results before 2026-12-05 patched the units only, the head
+ran cuDNN). Without CUDA it runs in the Triton interpreter: a correctness smoke only, never a timing.
 """
 
 from __future__ import annotations
 
-import types
 
 import torch
 import torch.nn.functional as F
@@ -36,22 +36,6 @@ GRAPHED = ("eager_graphed", "fused_graphed")  # CUDA only: a whole-step torch.cu
 CUDA_ONLY = {"eager_graphed": "a CUDA graph needs CUDA", "fused_graphed": "a CUDA graph needs CUDA",
              "fused_cudagraphs": "reduce-overhead = CUDA graphs: needs CUDA (on CPU it would be fused_compile again)"}
 LABELS = {"A1": "ilsvrc-cls_rna-a1_cls1000", "A1-s8": "voc_rna-a1_cls21_s8"}
-
-
-def _igemm_unit_forward(unit, x: torch.Tensor) -> torch.Tensor:
-    from kernels import bn_relu_conv
-
-    shortcut = t = x
-    last = len(unit.stages) - 1
-    for i, stage in enumerate(unit.stages):
-        bn = getattr(unit, f"bn_{stage}")
-        p = unit.spec.dropout if (i == last and unit.training) else 0.0
-        outs = bn_relu_conv(t, bn, unit._stage_convs(i), dropout=p, backend="triton",
-                            conv="torch" if p else "triton")
-        t = outs[0]
-        if i == 0 and unit.spec.projection:
-            shortcut = outs[1]
-    return shortcut + t
 
 
 def build(impl: str, label: str, *, width: float = 1.0, device: str = "cpu", bn: str = "batch"):
@@ -67,15 +51,13 @@ def build(impl: str, label: str, *, width: float = 1.0, device: str = "cpu", bn:
         raise ValueError(f"bn must be 'batch' or 'frozen', got {bn!r}")
     fused = {"fused": True, "fused_compile": True, "fused_cudagraphs": True, "fused_igemm": "triton",
              "fused_graphed": True, "unit": True}.get(impl, False)
-    model = create_model(label, fused=fused, width=width, recompute="unit" if impl == "unit" else None)
+    model = create_model(label, fused=fused, width=width, recompute="unit" if impl == "unit" else None,
+                         conv_impl="triton" if impl == "fused_igemm" else "torch")
     model = model.to(device).train()
     if bn == "frozen":
         model.freeze_bn_stats()
     if device == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    if impl == "fused_igemm":
-        for unit in model.units():
-            unit.forward = types.MethodType(_igemm_unit_forward, unit)
     model.set_grad_checkpointing(impl == "checkpoint")
     if impl in COMPILED and device != "cuda":
         # Inductor turns CPU convolutions channels_last; oneDNN's convolution_backward then segfaults in the

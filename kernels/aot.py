@@ -173,10 +173,17 @@ def compile_variant(v: Variant, arch: int) -> dict:
     if v.single_k_loop and (wgmma or mma):
         if len(loops) != 1:
             row["problems"].append(f"{len(loops)} loops hold MMAs (one pipelined K loop expected)")
-        elif arch >= 90 and loops[0]["cp.async.wait"] + loops[0]["mbarrier.wait"] != 1:
-            # sm_90 only: on sm_80 Triton's mma.sync pipeline waits once per operand stream (3 in our loops)
+        elif arch >= 90 and (loops[0]["mbarrier.wait"] not in ((1, 2) if v.tma == 2 else (v.tma,))
+                             or loops[0]["cp.async.wait"] not in ((0, 1) if v.tma == 2 else (1,))):
+            # sm_90 only: on sm_80 Triton's mma.sync pipeline waits once per operand stream (3 in our loops).
+            # Per iteration one cp.async wait for the cp.async-loaded operand and one mbarrier wait per TMA operand
+            # (nothing drains). Both operands by TMA: the copies share one barrier when both feed the MMA directly
+            # (plain), two when the activation goes through the BN prologue (plus the prologue vectors' cp.async)
             row["problems"].append(f"K loop with {loops[0]['cp.async.wait']} cp.async and "
-                                   f"{loops[0]['mbarrier.wait']} mbarrier waits per iteration (1 expected)")
+                                   f"{loops[0]['mbarrier.wait']} mbarrier waits per iteration "
+                                   f"({'0-1 and 1-2' if v.tma == 2 else f'1 and {v.tma}'} expected)")
+    if v.tma and arch >= 90 and not re.search(r"\bcp\.async\.bulk\.tensor\b", ptx):
+        row["problems"].append("TMA variant without cp.async.bulk.tensor in its PTX")
     if v.barrier_free_loop:
         streams = streaming_loops(ptx)
         if not any(lp["barriers"] == 0 for lp in streams):
@@ -211,7 +218,7 @@ def compile_all(archs=(90, 80), jobs: int = 2, modules=MODULES, limit: int | Non
     """Compile every variant of ``modules`` for each arch (``jobs`` processes); rows in a fixed order.
 
     ``only``: comma-separated substrings; a variant is kept when its label ``"<kernel> <dtypes> <config>"``
-    (``"conv_dgrad x=bf16 op=bf16 bn 64x64x32 g8 w4 s3"``) or its function name contains one of them
+    (``"conv_dgrad x=bf16 op=bf16 bn 64x64x32 g8 w8 s3"``) or its function name contains one of them
     (``"conv"``: the convolutions only)."""
     global _VARIANTS
     _VARIANTS = collect_variants(modules)

@@ -22,6 +22,9 @@ GPU fitness:
   :data:`HOPPER_CONFIGS` (128-row tiles, 8 warps) for 16-bit operands on sm_90; under the interpreter one fixed
   config (:data:`INTERPRETER_CONFIG`, or the one given by ``config=`` / :func:`use_config`) runs, or the GPU's
   autotuner itself inside :func:`autotune_in_interpreter` (tests).
+- sm_90 fprop may read the weight operand through a TMA tensor descriptor (``ConvConfig.w_desc``, in the sm_90
+  autotune space where :func:`tma_ok`): one ``cp.async.bulk.tensor`` per K step (kernels/aot.py checks the PTX);
+  for 1x1 stride-1 unpadded convs the activation too (``X_DENSE``).
 - One flat K loop per kernel: fprop and dgrad iterate over (filter tap, channel block) with the tap advanced as
   loop-carried scalars, so Triton software-pipelines a single loop that never drains at a tap boundary (sm_90 PTX:
   one loop holds the wgmmas, one ``cp.async.wait_group`` per iteration; kernels/aot.py checks it).
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -59,19 +62,25 @@ class ConvConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    w_desc: bool = False  # fprop only: the weight operand through a tensor descriptor (TMA on sm_90)
 
     def meta(self) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
+        m = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
+        if self.w_desc:  # only then: the dgrad/wgrad kernels have no W_DESC (fprop's defaults to False)
+            m["W_DESC"] = True
+        return m
 
     def label(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
+        return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
+                + (" tma" if self.w_desc else ""))
 
 
 # Autotuned on a GPU, per operand class (tl.dot needs every block dim >= 16 with Triton 3.6; wgmma wants BLOCK_M a
 # multiple of 64 per 4 warps; fp32 "ieee" runs on FMA units, small tiles keep its registers in check). Chosen so
-# that no variant spills on sm_80/sm_90 with Triton 3.9's ptxas (bench/results/aot-compile.md); 128x64x32,
-# 128x128x32 and 64x64x64 spill there or with Triton 3.6. The first config of a class is the fixed one (INT64 and
+# that no variant spills on sm_80/sm_90 with Triton 3.6's or 3.9's ptxas (bench/results/aot-compile-conv.md);
+# 128x64x32, 128x128x32 and 64x64x64 spill there. The first config of a class is the fixed one (INT64 and
 # deterministic variants).
+# dgrad and wgrad use BACKWARD_16BIT instead of the "16bit" list (:func:`gpu_configs`).
 GPU_CONFIGS = {
     "16bit": (ConvConfig(64, 64, 32, 8, 4, 3), ConvConfig(64, 128, 32, 8, 8, 2)),
     "tf32": (ConvConfig(64, 64, 16, 8, 4, 3), ConvConfig(128, 64, 16, 8, 8, 3)),
@@ -84,11 +93,28 @@ GPU_CONFIGS = {
 # fprop 128x128x64 s3/s4 174/170 registers, 128x256x64 246; wgrad 128x128x64 142, 128x256x64 spills (255 + 88 B)
 # where 256x128x64 (the prologue on a 64x128 operand, not 64x256) takes 228; dgrad's epilogue (act' and the two BN
 # sums on the tile) spills at 128x128x64 (255 + 48 B) and fits at 128x64x64 (180).
+# fprop also with the weight operand through a TMA tensor descriptor (``w_desc``, " tma" in labels): the weight
+# tile is one cp.async.bulk.tensor copy per K step into shared memory, waited on by an mbarrier, instead of
+# BLOCK_K*BLOCK_N/256 cp.async per thread with their address and mask arithmetic (Triton 3.6/3.9 sm_90 BN bf16:
+# 158/168 registers at 128x128x64 s3). Both Triton versions lower tl.make_tensor_descriptor to TMA on sm_90
+# (block pointers are rewritten to plain loads since Triton 3.x, so they would not be TMA). Chosen only where the
+# descriptor is legal (:func:`tma_ok`: K * itemsize a multiple of 16 bytes, 16-byte aligned base). A 1x1, stride-1,
+# unpadded conv whose x rows are 16-byte multiples (``X_DENSE``) also reads the activation through a descriptor
+# (x is then the GEMM's dense A): both operands by TMA, the BN prologue applied to the copied tile.
 HOPPER_CONFIGS = {
-    "fprop": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(128, 128, 64, 8, 8, 4), ConvConfig(128, 256, 64, 8, 8, 3)),
+    "fprop": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(128, 128, 64, 8, 8, 4), ConvConfig(128, 256, 64, 8, 8, 3),
+              ConvConfig(128, 128, 64, 8, 8, 3, w_desc=True), ConvConfig(128, 256, 64, 8, 8, 3, w_desc=True)),
     "dgrad": (ConvConfig(128, 64, 64, 8, 8, 4),),
     "wgrad": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(256, 128, 64, 8, 8, 3)),
 }
+# dgrad/wgrad 16-bit: 64x64x32 with 8 warps, not 4. At 4 warps Triton 3.6's sm_80 code spilled (wgrad with an
+# fp32 x under autocast, BN prologue: 128 registers + 8 B; dgrad fp16 BN leaky_relu epilogue: 168 + 24 B): one
+# thread held a 32x32 share of the accumulator plus the prologue's fp32 operand tile or the epilogue's BN sums;
+# 8 warps halve that share (3.6 sm_80: 74 / 103 registers; sm_90 still wgmma, two warpgroups on m64n32). fprop
+# keeps 4 warps: at 8 warps Triton 3.6's ptxas spilled 8 B at 64 registers in its fp32-x BN variants (leaky_relu
+# at 3 stages, identity at 4), where 4 warps fit. 64x64x16 at 4 warps, 4 stages was tried for all three: 6
+# spills under 3.6 (fprop fp32-x i64/identity, dgrad fp32-x i64), so not taken.
+BACKWARD_16BIT = (ConvConfig(64, 64, 32, 8, 8, 3), ConvConfig(64, 128, 32, 8, 8, 2))
 INTERPRETER_CONFIG = ConvConfig(16, 16, 16, 1, 1, 1)
 INT32_LIMIT = 2**31  # a tensor with this many elements or more needs 64-bit offsets
 
@@ -154,8 +180,8 @@ if HAS_TRITON:
         af = a.to(tl.float32)
         mu = tl.load(mean_ptr + cs, mask=c_ok, other=0.0)
         sc = tl.load(scale_ptr + cs, mask=c_ok, other=0.0)
-        be = tl.load(beta_ptr + cs, mask=c_ok, other=0.0)
-        af = _act_fwd((af - mu[None, :]) * sc[None, :] + be[None, :], slope, ACT)
+        bt = tl.load(beta_ptr + cs, mask=c_ok, other=0.0)
+        af = _act_fwd((af - mu[None, :]) * sc[None, :] + bt[None, :], slope, ACT)
         return tl.where(ok, af, 0.0)
 
     @triton.jit
@@ -173,6 +199,7 @@ if HAS_TRITON:
         PROLOGUE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         INT64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        W_DESC: tl.constexpr = False, X_DENSE: tl.constexpr = False,
     ):
         M = N * P * Q
         pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
@@ -187,6 +214,20 @@ if HAS_TRITON:
         ks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ok = ks < K
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if W_DESC:
+            # The packed weight (R, S, C, K) as a 3-D tensor descriptor [R*S, C, K]: on sm_90 each (tap, channel
+            # block) tile is one TMA copy into shared memory (cp.async.bulk.tensor + mbarrier), no address or mask
+            # arithmetic in registers. 3-D, not [R*S*C, K]: channels past C are zero-filled by the copy (the
+            # descriptor's bounds), instead of reading the next tap's weights. The launcher checks the alignment
+            # TMA needs (16-byte base and row stride: K * itemsize % 16 == 0).
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[R * S, C, K], strides=[C * K, K, 1],
+                                               block_shape=[1, BLOCK_K, BLOCK_N])
+            if X_DENSE:
+                # 1x1, stride 1, no padding (the launcher's X_DENSE): x itself is the GEMM's dense A (M, C), so
+                # the activation tile is a TMA copy too; rows past M and channels past C arrive as zeros and the
+                # prologue's mask keeps act(bn(0)) out of them.
+                x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, C], strides=[C, 1],
+                                                   block_shape=[BLOCK_M, BLOCK_K])
         # One flat K loop over (tap, channel block): the software pipeline runs across tap boundaries instead of
         # draining at the end of every tap (a nested tap/channel loop is two loops to the pipeliner).
         # The tap (rs, its offsets dh/dw) and channel block c0 advance as loop-carried scalars, no division per step.
@@ -200,12 +241,18 @@ if HAS_TRITON:
             cs = c0 + tl.arange(0, BLOCK_K)
             c_ok = cs < C
             ok = pos_ok[:, None] & c_ok[None, :]
-            a = tl.load(x_ptr + base[:, None] + cs[None, :], mask=ok, other=0.0)
+            if W_DESC and X_DENSE:
+                a = x_desc.load([pid_m * BLOCK_M, c0])
+            else:
+                a = tl.load(x_ptr + base[:, None] + cs[None, :], mask=ok, other=0.0)
             if PROLOGUE:  # on the way to the MMA operand: act(bn(x)) exists only in registers
                 a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, slope, ACT).to(w_ptr.dtype.element_ty)
             else:
                 a = a.to(w_ptr.dtype.element_ty)
-            b = tl.load(w_ptr + (rs * C + cs)[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            if W_DESC:
+                b = w_desc.load([rs, c0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+            else:
+                b = tl.load(w_ptr + (rs * C + cs)[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, UPCAST, PRECISION)
             c0 += BLOCK_K
             next_tap = c0 >= C
@@ -392,13 +439,17 @@ if HAS_TRITON:
             return triton.testing.do_bench(kernel_call, quantiles=quantiles)
         return bench()(kernel_call, quantiles=quantiles)
 
-    def _tuned(kind: str, cls: str, x: torch.Tensor):
-        """The autotuned launcher of ``kind`` for operand class ``cls`` on x's device (its arch's config space)."""
+    def _tuned(kind: str, cls: str, x: torch.Tensor, tma: bool = False):
+        """The autotuned launcher of ``kind`` for operand class ``cls`` on x's device (its arch's config space;
+        ``tma``: with the tensor-descriptor configs, when the weight allows them)."""
         arch = device_arch(x)
-        key = (kind, cls, arch)
+        key = (kind, cls, arch, tma)
         if key not in _TUNERS:
+            space = autotune_configs(cls, arch, kind, tma)
+            if any(c_.w_desc for c_ in space):
+                _ensure_allocator(x)
             configs = [triton.Config(c_.meta(), num_warps=c_.num_warps, num_stages=c_.num_stages)
-                       for c_ in autotune_configs(cls, arch, kind)]
+                       for c_ in space]
             _TUNERS[key] = triton.autotune(configs, key=_KEYS[kind], reset_to_zero=_RESET[kind],
                                            do_bench=_bench)(_KERNELS[kind])
         return _TUNERS[key]
@@ -416,12 +467,51 @@ def device_arch(x: torch.Tensor) -> int:
     return _interpreter_arch or 80
 
 
-def autotune_configs(cls: str, arch: int, kind: str = "fprop") -> tuple:
+def autotune_configs(cls: str, arch: int, kind: str = "fprop", tma: bool = True) -> tuple:
     """The autotune space of ``kind`` ("fprop" | "dgrad" | "wgrad") for an operand class on sm_``arch``:
     :data:`GPU_CONFIGS`, plus :data:`HOPPER_CONFIGS` for 16-bit operands on sm_90 (wgmma with 8 warps; sm_80's
-    mma.sync and 164 KB of shared memory gain nothing from them)."""
+    mma.sync and 164 KB of shared memory gain nothing from them); ``tma=False`` leaves out the tensor-descriptor
+    configs (a weight :func:`tma_ok` refuses)."""
     hopper = HOPPER_CONFIGS[kind] if (cls == "16bit" and arch // 10 == 9) else ()
-    return tuple(GPU_CONFIGS[cls]) + tuple(hopper)
+    return tuple(gpu_configs(cls, kind)) + tuple(c_ for c_ in hopper if tma or not c_.w_desc)
+
+
+def gpu_configs(cls: str, kind: str) -> tuple:
+    """The every-GPU configs of ``kind`` for an operand class: :data:`GPU_CONFIGS`, or :data:`BACKWARD_16BIT`
+    for 16-bit dgrad/wgrad; the first is the fixed one (INT64, deterministic)."""
+    return BACKWARD_16BIT if (cls == "16bit" and kind != "fprop") else GPU_CONFIGS[cls]
+
+
+def tma_ok(t: torch.Tensor) -> bool:
+    """Whether ``t`` can be read through a TMA tensor descriptor over its dims (the packed fprop weight (R, S, C, K);
+    x as (N, H, W, C)): contiguous, 16-byte aligned base, rows (last dim) a multiple of 16 bytes (K % 8 == 0 for
+    16-bit weights)."""
+    return t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+
+
+
+
+def _scratch_alloc(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")  # the current device: where Triton launches
+
+
+def _ensure_allocator(x: torch.Tensor) -> None:
+    """A kernel that builds a tensor descriptor on the device needs a global scratch buffer (128 B per program)
+    from Triton's allocator. Triton keeps it in a ContextVar (per thread: autograd's backward threads and
+    recompute start without one), so check on every call, and set torch's caching allocator only where none
+    is set: an allocator the application set with ``triton.set_allocator`` is kept. CUDA only (the
+    interpreter needs none)."""
+    if not _compiled(x):
+        return
+    import triton
+
+    try:
+        from triton.runtime import _allocation
+        missing = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+    except (ImportError, AttributeError):  # another Triton layout: set ours (the previous behaviour)
+        missing = True
+    if missing:
+        triton.set_allocator(_scratch_alloc)
 
 
 @contextlib.contextmanager
@@ -450,16 +540,16 @@ def operand_class(dtype: torch.dtype, precision: str) -> str:
     return "16bit" if dtype != torch.float32 else precision
 
 
-def _choose(x: torch.Tensor, config: ConvConfig | None, cls: str, fixed: bool) -> ConvConfig | None:
+def _choose(x: torch.Tensor, config: ConvConfig | None, cls: str, fixed: bool, kind: str) -> ConvConfig | None:
     """The fixed config to launch, or None to autotune (compiled, nothing forced, not ``fixed``).
 
-    ``fixed``: the INT64 and deterministic variants run the first (default) config of their class: autotuning
+    ``fixed``: the INT64 and deterministic variants run the first (default) config of :func:`gpu_configs`: autotuning
     would make results depend on the timing-picked tile, and it keeps the number of compiled variants down."""
     config = config or _forced_config
     if config is not None:
         return config
     if fixed:
-        return GPU_CONFIGS[cls][0] if (_compiled(x) or _autotune_interpreted) else INTERPRETER_CONFIG
+        return gpu_configs(cls, kind)[0] if (_compiled(x) or _autotune_interpreted) else INTERPRETER_CONFIG
     if not _compiled(x) and not _autotune_interpreted:
         return INTERPRETER_CONFIG
     return None
@@ -470,6 +560,8 @@ def _launch(tuned, raw, grid, config: ConvConfig | None, *args, **flags):
         tuned[grid](*args, **flags)
     else:
         meta = config.meta()
+        if raw is not _fprop_kernel:  # a forced tma config: dgrad/wgrad read the weight without a descriptor
+            meta.pop("W_DESC", None)
         raw[lambda _m: grid(meta)](*args, **flags, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -548,9 +640,19 @@ def conv_fprop(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, dil
     prec = _precision(weight.dtype, precision)
     cls, int64 = operand_class(weight.dtype, prec), needs_int64(xl.numel(), y.numel())
     grid = lambda m: (triton.cdiv(N * P * Q, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]),)  # noqa: E731
-    _launch(_tuned("fprop", cls, x), _fprop_kernel, grid, _choose(x, config, cls, int64),
+    tma = tma_ok(wt) and not int64  # the descriptor variants are compiled with int32 offsets only
+    # x as the dense A of a 1x1 stride-1 unpadded conv, read through a descriptor by the tma configs
+    dense = tma and R == 1 and stride == 1 and pad == 0 and tma_ok(xl.permute(0, 2, 3, 1))
+    cfg = _choose(x, config, cls, int64, "fprop")
+    if cfg is not None and cfg.w_desc:
+        if tma:
+            _ensure_allocator(x)
+        else:  # a forced descriptor config on a weight TMA cannot read: the same tile with plain loads
+            cfg = replace(cfg, w_desc=False)
+    _launch(_tuned("fprop", cls, x, tma) if cfg is None else None, _fprop_kernel, grid, cfg,
             xl, wt, y, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
-            PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64)
+            PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64,
+            X_DENSE=dense)
     return y
 
 
@@ -591,7 +693,7 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: 
     det = (_deterministic if deterministic is None else deterministic) and bn is not None
     prec = _precision(weight.dtype, precision)
     cls, int64 = operand_class(weight.dtype, prec), needs_int64(dyl.numel(), g.numel())
-    cfg = _choose(x, config, cls, int64 or det)
+    cfg = _choose(x, config, cls, int64 or det, "dgrad")
     if det:  # partial sums per (phase, row tile), summed below in a fixed order
         rows = stride * stride * triton.cdiv(N * triton.cdiv(H, stride) * triton.cdiv(W, stride), cfg.block_m)
         sums = torch.zeros((2, rows, C), device=x.device, dtype=torch.float32)
@@ -643,7 +745,7 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, stri
     prec = _precision(dtype, precision)
     cls, int64 = operand_class(dtype, prec), needs_int64(dyl.numel(), xl.numel())
     grid = lambda m: (triton.cdiv(K, m["BLOCK_M"]) * triton.cdiv(C, m["BLOCK_N"]), R * S * splits)  # noqa: E731
-    _launch(_tuned("wgrad", cls, x), _wgrad_kernel, grid, _choose(x, config, cls, int64 or det),
+    _launch(_tuned("wgrad", cls, x), _wgrad_kernel, grid, _choose(x, config, cls, int64 or det, "wgrad"),
             dyl, xl, dw, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, splits, slope,
             PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
     if det:
@@ -699,18 +801,22 @@ def aot_variants() -> list:
                 for flag in (True, False):
                     # (config, INT64, DETERMINISTIC, ACT): every autotune config, then the fixed-config variants
                     relu, leaky, ident = ACTIVATIONS["relu"], ACTIVATIONS["leaky_relu"], ACTIVATIONS["identity"]
-                    plans = [(c_, False, False, relu) for c_ in GPU_CONFIGS[cls]]
-                    plans += [(GPU_CONFIGS[cls][0], True, False, relu)]
+                    kcfgs = gpu_configs(cls, name[len("conv_"):])
+                    plans = [(c_, False, False, relu) for c_ in kcfgs]
+                    plans += [(kcfgs[0], True, False, relu)]
                     if has_det and (flag or name == "conv_wgrad"):
-                        plans += [(GPU_CONFIGS[cls][0], i64, True, relu) for i64 in (False, True)]
+                        plans += [(kcfgs[0], i64, True, relu) for i64 in (False, True)]
                     if flag:
-                        plans += [(c_, False, False, leaky) for c_ in GPU_CONFIGS[cls]]
-                        plans += [(GPU_CONFIGS[cls][0], False, False, ident)]
+                        plans += [(c_, False, False, leaky) for c_ in kcfgs]
+                        plans += [(kcfgs[0], False, False, ident)]
                     for cfg, i64, det, act in plans:
                         const = {flag_name: flag, "ACT": act, "UPCAST": False, "PRECISION": prec, "INT64": i64,
                                  **cfg.meta()}
                         if has_det:
                             const["DETERMINISTIC"] = det
+                        else:
+                            const.setdefault("W_DESC", False)
+                            const["X_DENSE"] = False  # no descriptor in these configs: X_DENSE changes nothing
                         flags = ("bn" if flag else "plain") + (" i64" if i64 else "") + (" det" if det else "") \
                             + {relu: "", leaky: " leaky_relu", ident: " identity"}[act]
                         out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
@@ -722,13 +828,19 @@ def aot_variants() -> list:
                         continue
                     acts = (relu, leaky) if (flag and xdt == odt == torch.bfloat16) else (relu,)
                     for cfg in HOPPER_CONFIGS[name[len("conv_"):]]:
-                        for act in acts:
+                        # tma configs also with X_DENSE (1x1 stride-1 unpadded: the activation by TMA too)
+                        for act, dense in [(a_, d_) for a_ in acts for d_ in ((False, True) if cfg.w_desc else (False,))]:
                             const = {flag_name: flag, "ACT": act, "UPCAST": False, "PRECISION": prec, "INT64": False,
                                      **cfg.meta()}
                             if has_det:
                                 const["DETERMINISTIC"] = False
-                            flags = ("bn" if flag else "plain") + (" leaky_relu" if act == leaky else "")
+                            else:
+                                const.setdefault("W_DESC", False)
+                                const["X_DENSE"] = dense
+                            flags = ("bn" if flag else "plain") + (" leaky_relu" if act == leaky else "") \
+                                + (" 1x1" if dense else "")
                             out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
                                                f"{flags} {cfg.label()} (sm_90)", tensor_cores=True,
-                                               divisible=("C", "K"), archs=(90,), single_k_loop=True))
+                                               divisible=("C", "K"), archs=(90,), single_k_loop=True,
+                                               tma=(2 if dense else 1) if cfg.w_desc else 0))
     return out

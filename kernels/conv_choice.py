@@ -1,7 +1,8 @@
 """Per-layer choice between the implicit-GEMM convolution (:mod:`kernels.conv`, ``"triton"``) and BN-ReLU + cuDNN
 (``"torch"``): a table keyed by device and conv shape, shipped with the package, overridable.
 
-``bn_relu_conv(..., conv="auto")`` (and ``BNReLUConv2d(conv_impl="auto")``) asks :func:`choose`: a call runs the
+``bn_relu_conv(..., conv="auto")`` (and ``BNReLUConv2d(conv_impl="auto")``, ``create_model(..., fused="triton",
+conv_impl="auto")``: every BN-ReLU-conv layer of the model) asks :func:`choose`: a call runs the
 implicit GEMMs only when the table says ``"triton"`` for every conv that reads the activation (they share one
 recompute) on this device; a shape or device the table does not hold gets its ``default`` (``"torch"``: cuDNN is
 the measured winner on the shapes we have). On CPU (and under the Triton interpreter) "auto" is always "torch":
@@ -131,10 +132,25 @@ def lookup(key: tuple) -> str:
     return tables[0]["default"]
 
 
+_off_cuda = False  # tests only (:func:`lookup_off_cuda`)
+
+
+@contextlib.contextmanager
+def lookup_off_cuda():
+    """Tests: inside the block :func:`choose` looks CPU tensors up too (device ``"cpu"``), so that the per-layer
+    routing of ``conv="auto"`` can be checked under the interpreter (outside it CPU is always "torch")."""
+    global _off_cuda
+    old, _off_cuda = _off_cuda, True
+    try:
+        yield
+    finally:
+        _off_cuda = old
+
+
 def choose(x: torch.Tensor, convs, dtype: torch.dtype) -> str:
     """``"triton"`` when the table picks the implicit GEMM for every conv in ``convs`` on x's device, else ``"torch"``.
-    Never "triton" off CUDA or under the interpreter."""
-    if not x.is_cuda or _runtime.INTERPRET:
+    Never "triton" off CUDA or under the interpreter (except inside :func:`lookup_off_cuda`)."""
+    if not _off_cuda and (not x.is_cuda or _runtime.INTERPRET):
         return "torch"
     dev = device_name(x)
     return "triton" if all(lookup(shape_key(x, c, dtype, dev)) == "triton" for c in convs) else "torch"

@@ -169,6 +169,7 @@ class Variant:
     divisible: tuple = field(default=())  # extra integer args assumed divisible by 16 (pointers always are)
     archs: tuple = field(default=())  # compile only for these compute capabilities (empty: every --arch)
     single_k_loop: bool = False  # its MMAs must sit in one loop (sm_90: with one async-copy wait, a pipelined K loop)
+    tma: int = 0  # how many MMA operands come through a TMA tensor descriptor (cp.async.bulk.tensor, mbarrier waits)
     # reductions: the loop that streams the tensor (plain ld.global) has no bar.sync (per-lane accumulation)
     barrier_free_loop: bool = False
     vector_loads: bool = False  # elementwise passes: data loads vectorised (ld.global.v2/.v4) when L % 16 == 0

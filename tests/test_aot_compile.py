@@ -52,8 +52,14 @@ def test_every_variant_compiles_for_sm90_and_sm80(tmp_path):
     assert sm90_16 and all("wgmma" in r["mma"] for r in sm90_16)
     # one software-pipelined K loop per conv (kernels.aot.mma_loops): one loop holds the MMAs, one cp.async wait in it
     for r in sm90_16:
-        assert r["loops"].count("mma,") == 1 and r["loops"].split("mma, ")[1].startswith("1 cp.async.wait"), r
+        assert r["loops"].count("mma,") == 1, r
+        if " 1x1 " not in r["config"]:  # (both operands by TMA: at most the BN vectors' cp.async wait)
+            assert r["loops"].split("mma, ")[1].startswith("1 cp.async.wait"), r
     assert any("(sm_90)" in r["config"] for r in sm90_16), "the Hopper tiles were not compiled"
+    tma = [r for r in sm90_16 if " tma" in r["config"]]  # the weight through a TMA descriptor: one mbarrier wait
+    assert tma and all("1 cp.async.wait, 1 mbarrier.wait" in r["loops"] for r in tma if " 1x1 " not in r["config"])
+    assert all(("2 mbarrier.wait" if r["config"].startswith("bn") else "4 mma, 1 mbarrier.wait") in r["loops"]
+               for r in tma if " 1x1 " in r["config"])  # x by TMA too (plain: both copies on one barrier)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -99,3 +105,36 @@ def test_only_filter_compiles_a_subset(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "kernels.aot", "--only", "no_such_kernel"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "no variant matches --only" in bad.stderr
+
+
+_TMA_PROBE = """
+import dataclasses, json
+from kernels import conv
+from kernels.aot import compile_variant
+v = [v for v in conv.aot_variants() if v.tma and v.dtypes == "x=bf16 op=bf16" and v.config.startswith("bn 128x128x64")][0]
+d = [v for v in conv.aot_variants() if v.tma and v.dtypes == "x=bf16 op=bf16" and v.config.startswith("bn 1x1 128x128x64")][0]
+ok, dense = compile_variant(v, 90), compile_variant(d, 90)
+fake = compile_variant(dataclasses.replace(v, constexprs={**v.constexprs, "W_DESC": False}), 90)  # claims TMA, has none
+print(json.dumps([ok, dense, fake]))
+"""
+
+
+def test_tma_variant_uses_bulk_tensor_copies(tmp_path):
+    """The sm_90 fprop variant with the weight through a tensor descriptor compiles with TMA copies (the check
+    finds ``cp.async.bulk.tensor`` and one mbarrier wait in the K loop, no spill), the 1x1 one with two (x by TMA
+    too); the weight variant compiled
+    without the descriptor while still marked ``tma`` fails the check (seconds: two compiles)."""
+    if _version() < (3, 3):
+        pytest.skip("kernels.aot needs Triton >= 3.3")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+           "TRITON_DUMP_PTXAS_LOG": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _TMA_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok, dense, fake = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not ok["problems"] and ok["spills"] == 0 and "wgmma" in ok["mma"], ok
+    assert ok["loops"].startswith("4 mma, 1 cp.async.wait, 1 mbarrier.wait"), ok
+    # 1x1 stride 1: the activation by TMA too (two mbarrier waits; the cp.async left is the BN vectors')
+    assert not dense["problems"] and dense["spills"] == 0 and "2 mbarrier.wait" in dense["loops"], dense
+    assert any("cp.async.bulk.tensor" in p for p in fake["problems"]), fake
+    assert any("mbarrier waits per iteration" in p for p in fake["problems"]), fake

@@ -131,3 +131,50 @@ def test_table_from_conv_shapes_results_merges(tmp_path):
     t = cc.load_table(out)["entries"]
     assert t[(H100, "bf16", 4, 64, 128, 56, 56, 3, 2, 1, 1)] == "torch"
     assert t[tuple(other[f] for f in cc.KEY_FIELDS)] == "triton"
+
+
+def test_model_conv_impl_auto_follows_the_table_per_layer(monkeypatch):
+    """create_model(fused="triton", conv_impl="auto"): every BN-ReLU-conv call (a unit's stage, its projection
+    shortcut included, and the head's conv6a) runs the implicit GEMM exactly where the table says "triton" for all
+    of that call's convs, cuDNN/torch elsewhere; values and gradients equal the plain model (A1-s8 width 1/16 in
+    fp32 under the interpreter, tolerances of tests/test_fused_model.py: 1e-4 of each tensor's largest magnitude).
+    The table is keyed by shape, so layers of one shape (b5_1 and b5_2) go together."""
+    from widedeep.models import create_model
+
+    torch.manual_seed(0)
+    plain = create_model("voc_rna-a1_cls21_s8", dropout=None, width=0.0625).train()
+    auto = create_model("voc_rna-a1_cls21_s8", dropout=None, width=0.0625, fused="triton", conv_impl="auto").train()
+    auto.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 48, 48)
+    keys, hooks = {}, []  # conv module name -> its table key (input shape seen in the plain model)
+    for name, m in plain.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, inp, name=name: keys.__setitem__(name, cc.shape_key(inp[0], mod, torch.float32, "cpu"))))
+    y = plain(x)
+    for h in hooks:
+        h.remove()
+    want_triton = {"b2.conv_branch2a", "b5_1.conv_branch2a", "b7.conv_branch2a", "b7.conv_branch1", "head.conv6a"}
+    entries = [dict(zip(cc.KEY_FIELDS, keys[n]), impl="triton") for n in sorted(want_triton)]
+    # the calls: (stage convs) per unit stage, then the head; "triton" only where all of a call's convs are
+    calls = [[f"{un}.conv_{u.stages[i]}"] + ([f"{un}.conv_branch1"] if i == 0 and u.spec.projection else [])
+             for un, u in auto.named_children() if hasattr(u, "stages") for i in range(len(u.stages))]
+    calls.append(["head.conv6a"])
+    triton_keys = {keys[n] for n in want_triton}
+    expected = sorted(n for call in calls if all(keys[c] in triton_keys for c in call) for n in call)
+    assert "b2.conv_branch2a" not in expected  # its projection shortcut stays torch: the call stays torch
+    assert {"b5_2.conv_branch2a", "head.conv6a", "b7.conv_branch1"} <= set(expected)
+    names = {id(m.weight): n for n, m in auto.named_modules() if isinstance(m, nn.Conv2d)}
+    seen = []
+    real = kc.conv_fprop
+    monkeypatch.setattr(kc, "conv_fprop", lambda xx, w, *a, **k: seen.append(names[id(w)]) or real(xx, w, *a, **k))
+    with cc.use_table(_table(*entries)), cc.lookup_off_cuda():
+        ya = auto(x)
+    assert sorted(seen) == expected
+    torch.testing.assert_close(ya, y, rtol=1e-4, atol=1e-4 * y.abs().max().item())
+    y.logsumexp(1).sum().backward()
+    ya.logsumexp(1).sum().backward()
+    for (k, p), q in zip(plain.named_parameters(), auto.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item(), msg=k)
+    with pytest.raises(ValueError, match="conv_impl must be"):
+        auto.set_conv_impl("cudnn")

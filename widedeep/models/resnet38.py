@@ -38,7 +38,7 @@ from .scriptable import scriptable
 BN_EPS = 1.001e-5  # ademxapp's value since 2017-01 ("for compatibility with cudnn v5"); the weights expect it
 BN_MOMENTUM = 0.1  # MXNet momentum 0.9 in PyTorch's convention
 
-ACTIVATIONS = ("relu", "leaky_relu")  # leaky_relu: InPlace-ABN's default (slope 0.01), Mapillary's checkpoints
+MODEL_ACTIVATIONS = ("relu", "leaky_relu")  # the model's (kernels.ACTIVATIONS: every kernel activation); leaky_relu: InPlace-ABN's default (slope 0.01), Mapillary's checkpoints
 STEM_CHANNELS = 64
 
 # timm's global_pool names -> feature multiplier of the pooled vector ("" = no pooling, headless only)
@@ -180,8 +180,8 @@ def _bn(channels: int, eps: float = BN_EPS) -> nn.BatchNorm2d:
 
 
 def check_activation(activation: str, activation_param: float) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation not in MODEL_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {MODEL_ACTIVATIONS}, got {activation!r}")
     if not isinstance(activation_param, (int, float)) or not math.isfinite(activation_param):
         raise ValueError(f"activation_param (the leaky ReLU slope) must be a finite number, got {activation_param!r}")
 
@@ -234,6 +234,7 @@ class PreActUnit(_Activation, nn.Module):
         self.backend: str | None = None  # None: plain torch ops; else a kernels backend name
         self.recompute = False  # training: keep only the unit's input and re-run the unit in backward
         self.sync_bn = False  # fused path only: batch statistics all-gathered over torch.distributed
+        self.conv_impl = "torch"  # fused path only: kernels.bn_relu_conv's conv= ("torch", "triton", "auto")
 
     def _stage_convs(self, i: int) -> list[nn.Conv2d]:
         convs = [getattr(self, f"conv_{self.stages[i]}")]
@@ -256,7 +257,9 @@ class PreActUnit(_Activation, nn.Module):
             p = self.spec.dropout if (i == last and self.training) else 0.0
             if self.backend is not None and not (i == 0 and get_x_bn_relu):
                 outs = kernels.bn_relu_conv(t, bn, self._stage_convs(i), dropout=p, backend=self.backend,
-                                            sync=self.sync_bn, **self._act_kwargs())
+                                            sync=self.sync_bn,
+                                            conv="torch" if (p or self.sync_bn) else self.conv_impl,  # no igemm here
+                                            **self._act_kwargs())
             else:
                 if self.backend is not None:
                     a = kernels.bn_relu(t, bn, backend=self.backend, sync=self.sync_bn, **self._act_kwargs())
@@ -288,13 +291,13 @@ class TwoConvHead(nn.Module):
         return self.score(F.relu(self.conv6a(x)))
 
     def forward_from_bn(self, x: torch.Tensor, bn: nn.BatchNorm2d, backend: str, sync: bool = False,
-                        act_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+                        act_kwargs: dict[str, Any] | None = None, conv_impl: str = "torch") -> torch.Tensor:
         """``forward(act(bn(x)))`` with act(bn(x)) fused into conv6a: only x (bn7's input) is kept for
         backward, not the 4096-channel activation (the largest single tensor of the stride-8 nets).
         ``act_kwargs``: the trunk's activation keywords for the kernels (none: ReLU); the ReLU between the
         head's two convs is ademxapp's and stays a ReLU."""
         return self.score(F.relu(kernels.bn_relu_conv(x, bn, [self.conv6a], backend=backend, sync=sync,
-                                                      **(act_kwargs or {}))[0]))
+                                                      conv="torch" if sync else conv_impl, **(act_kwargs or {}))[0]))
 
 
 class ResNet38(_Activation, nn.Module):
@@ -312,6 +315,8 @@ class ResNet38(_Activation, nn.Module):
         dropout: rates before the last 1x1 of units 6a / 7a (ademxapp: (0.3, 0.5) for segmentation only).
         fused: ``False``, ``True``/``"auto"`` or a :mod:`kernels` backend name: run every BN-ReLU-conv
             through the recompute-in-backward kernels. Parameters and state_dict keys do not change.
+        conv_impl: the fused path's convolutions (:meth:`set_conv_impl`): ``"torch"`` (cuDNN), ``"triton"``
+            (implicit GEMMs with the BN-ReLU prologue) or ``"auto"`` (per layer from :mod:`kernels.conv_choice`).
         width: channel multiplier (1 = the published nets; e.g. 1/16 for CPU demos and tests).
         drop_rate: dropout before the classifier FC (timm's ``drop_rate``; classification only).
         global_pool: timm's pool type before the FC: ``"avg"`` (ademxapp), ``"max"``, ``"avgmax"``,
@@ -338,6 +343,7 @@ class ResNet38(_Activation, nn.Module):
         dropout: Sequence[float] | None = None,
         in_chans: int = 3,
         fused: bool | str = False,
+        conv_impl: str = "torch",
         width: float = 1.0,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
@@ -396,6 +402,7 @@ class ResNet38(_Activation, nn.Module):
                 self.fc = nn.Linear(features * GLOBAL_POOLS[global_pool], num_classes)
         self.reset_parameters()
         self.set_fused(fused)
+        self.set_conv_impl(conv_impl)
 
     def _record_feature(self, spec: UnitSpec, reduction: int) -> None:
         """feature_info: the output of each level's last unit (levels 2-5) and relu(bn7) at level 7."""
@@ -427,6 +434,17 @@ class ResNet38(_Activation, nn.Module):
         self._fused_backend = backend
         for unit in self.units():
             unit.backend = backend
+        return self
+
+    def set_conv_impl(self, conv_impl: str) -> "ResNet38":
+        """The fused path's convolutions, per BN-ReLU-conv call (``kernels.bn_relu_conv(conv=...)``): ``"torch"``,
+        ``"triton"`` (needs the triton backend) or ``"auto"`` (each layer as :mod:`kernels.conv_choice`'s table
+        says for its shape and device; cuDNN off CUDA). Stages with dropout or synchronised BN keep cuDNN."""
+        if conv_impl not in ("torch", "triton", "auto"):
+            raise ValueError(f"conv_impl must be 'torch', 'triton' or 'auto', got {conv_impl!r}")
+        self.conv_impl = conv_impl
+        for unit in self.units():
+            unit.conv_impl = conv_impl
         return self
 
     def set_recompute(self, plan: str | Sequence[str] | dict | None) -> "ResNet38":
@@ -664,7 +682,8 @@ class ResNet38(_Activation, nn.Module):
         if self.segmentation and self.head is not None and self._fused_backend is not None:
             # bn7-ReLU fused into the head's first conv: relu(bn7(x)) is never kept for backward
             x = self.forward_trunk(x, bn7=False)[0]
-            return self.head.forward_from_bn(x, self.bn7, self._fused_backend, self.sync_bn, self._act_kwargs())
+            return self.head.forward_from_bn(x, self.bn7, self._fused_backend, self.sync_bn, self._act_kwargs(),
+                                             self.conv_impl)
         return self.forward_head(self.forward_features(x))
 
     def forward_as_dict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
