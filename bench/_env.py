@@ -52,9 +52,18 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    env = dict(commit=commit, dirty=dirty, torch=torch.__version__, triton=triton_version, python=platform.python_version(),
-               cpu=platform.processor() or platform.machine(), cpu_model=cpu_model(), cpu_count=os.cpu_count(),
-               device="cpu", triton_interpret=os.environ.get("TRITON_INTERPRET"))
+    env = dict(
+        commit=commit,
+        dirty=dirty,
+        torch=torch.__version__,
+        triton=triton_version,
+        python=platform.python_version(),
+        cpu=platform.processor() or platform.machine(),
+        cpu_model=cpu_model(),
+        cpu_count=os.cpu_count(),
+        device="cpu",
+        triton_interpret=os.environ.get("TRITON_INTERPRET"),
+    )
     try:
         from importlib.metadata import version
 

@@ -50,8 +50,9 @@ class Section:
         self.parent.log(f"  skipped {what}: {why}")
 
     def __enter__(self):
-        self.parent.log(f"== {self.name} (budget {self.budget_s:.0f} s)" if self.budget_s != float("inf")
-                        else f"== {self.name}")
+        self.parent.log(
+            f"== {self.name} (budget {self.budget_s:.0f} s)" if self.budget_s != float("inf") else f"== {self.name}"
+        )
         return self
 
     def __exit__(self, exc_type, exc, tb):

@@ -37,8 +37,16 @@ def conv_shapes(label: str, size: int, batch: int, width: float = 1.0) -> list[d
 
     def hook(mod, args):
         x = args[0]
-        key = (x.shape[1], mod.out_channels, mod.kernel_size[0], mod.stride[0], mod.dilation[0], mod.padding[0],
-               x.shape[2], x.shape[3])
+        key = (
+            x.shape[1],
+            mod.out_channels,
+            mod.kernel_size[0],
+            mod.stride[0],
+            mod.dilation[0],
+            mod.padding[0],
+            x.shape[2],
+            x.shape[3],
+        )
         if key not in seen:
             seen.add(key)
             out.append(dict(zip(("C", "K", "k", "stride", "dil", "pad", "H", "W"), key), N=batch, model=label))
@@ -80,8 +88,10 @@ def bench_shape(s: dict) -> dict:
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     for impl, fn in impls.items():
+
         def step():
             fn().backward(dy)
+
         try:
             for _ in range(3):
                 step()

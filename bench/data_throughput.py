@@ -61,16 +61,36 @@ def _cpu_times() -> tuple[float, float]:
     return t.user + t.system, workers
 
 
-def run_once(dataset: str, root: Path, crop: int, backend: str, device: str, workers: int, batch: int, epochs: int,
-             recipe: dict, warmup: int = 2) -> dict:
+def run_once(
+    dataset: str,
+    root: Path,
+    crop: int,
+    backend: str,
+    device: str,
+    workers: int,
+    batch: int,
+    epochs: int,
+    recipe: dict,
+    warmup: int = 2,
+) -> dict:
     """One timed run on a fresh loader: steady-state images/s and CPU ms per image (this process, workers).
 
     The clock and the CPU counters start when batch ``warmup`` arrives and stop at the last batch.
     """
     from data_pipes import build_loader
 
-    ld = build_loader(dataset, root, "train", batch_size=batch, train=True, crop_size=crop, backend=backend,
-                      device=device, workers=workers, **recipe)
+    ld = build_loader(
+        dataset,
+        root,
+        "train",
+        batch_size=batch,
+        train=True,
+        crop_size=crop,
+        backend=backend,
+        device=device,
+        workers=workers,
+        **recipe,
+    )
     seen, timed, t0, cpu0 = 0, 0, None, None
     try:
         for _ in range(epochs):
@@ -89,9 +109,13 @@ def run_once(dataset: str, root: Path, crop: int, backend: str, device: str, wor
     gc.collect()
     if t0 is None or timed == 0:
         raise RuntimeError(f"run too short: {seen} batches, need more than warmup={warmup}")
-    return dict(images_per_s=timed / (t1 - t0), timed_images=timed, seconds=t1 - t0,
-                main_cpu_ms_per_image=1e3 * (cpu1[0] - cpu0[0]) / timed,
-                worker_cpu_ms_per_image=1e3 * (cpu1[1] - cpu0[1]) / timed)
+    return dict(
+        images_per_s=timed / (t1 - t0),
+        timed_images=timed,
+        seconds=t1 - t0,
+        main_cpu_ms_per_image=1e3 * (cpu1[0] - cpu0[0]) / timed,
+        worker_cpu_ms_per_image=1e3 * (cpu1[1] - cpu0[1]) / timed,
+    )
 
 
 def variants(dali: bool, cuda: bool) -> list[tuple[str, str]]:
@@ -101,8 +125,19 @@ def variants(dali: bool, cuda: bool) -> list[tuple[str, str]]:
     return out
 
 
-def measure(cases: list[str], workers: list[int], *, reps: int, images: int, batch: int, epochs: int, tmp: Path,
-            main_threads: int | None = None, section=None, log=print) -> tuple[list[dict], list[dict]]:
+def measure(
+    cases: list[str],
+    workers: list[int],
+    *,
+    reps: int,
+    images: int,
+    batch: int,
+    epochs: int,
+    tmp: Path,
+    main_threads: int | None = None,
+    section=None,
+    log=print,
+) -> tuple[list[dict], list[dict]]:
     """Interleaved, repeated runs. Returns (rows per case/backend/device/workers, DALI/torch ratio rows).
 
     ``main_threads``: torch intra-op threads of this (the consuming) process, where batches are finished (torch
@@ -112,8 +147,18 @@ def measure(cases: list[str], workers: list[int], *, reps: int, images: int, bat
     """
     threads = torch.get_num_threads()
     try:
-        return _measure(cases, workers, reps=reps, images=images, batch=batch, epochs=epochs, tmp=tmp,
-                        main_threads=main_threads, section=section, log=log)
+        return _measure(
+            cases,
+            workers,
+            reps=reps,
+            images=images,
+            batch=batch,
+            epochs=epochs,
+            tmp=tmp,
+            main_threads=main_threads,
+            section=section,
+            log=log,
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -123,8 +168,10 @@ def _measure(cases, workers, *, reps, images, batch, epochs, tmp, main_threads, 
     from data_pipes.synthetic import write_synthetic
 
     dali, cuda = dali_available(), torch.cuda.is_available()
-    roots = {case: write_synthetic(CASES[case][0], tmp / CASES[case][0], num_train=images, num_val=1,
-                                   size=(375, 500)) for case in cases}
+    roots = {
+        case: write_synthetic(CASES[case][0], tmp / CASES[case][0], num_train=images, num_val=1, size=(375, 500))
+        for case in cases
+    }
     runs: dict[tuple, list[dict]] = {}
     errors: dict[tuple, str] = {}
     for rep in range(reps):
@@ -150,26 +197,41 @@ def _measure(cases, workers, *, reps, images, batch, epochs, tmp, main_threads, 
                         continue
                     r["rep"] = rep
                     runs.setdefault(key, []).append(r)
-                    log(f"  data {case} {backend}/{device} workers {w} rep {rep + 1}: {r['images_per_s']:.1f} images/s "
+                    log(
+                        f"  data {case} {backend}/{device} workers {w} rep {rep + 1}: {r['images_per_s']:.1f} images/s "
                         f"(cpu ms/image: main {r['main_cpu_ms_per_image']:.1f}, workers "
-                        f"{r['worker_cpu_ms_per_image']:.1f})")
+                        f"{r['worker_cpu_ms_per_image']:.1f})"
+                    )
     rows = []
     for case in cases:
         for w in workers:
             for backend, device in variants(dali, cuda):
                 key = (case, backend, device, w)
-                row = dict(case=case, backend=backend, device=device, workers=w, batch=batch, crop=CASES[case][1],
-                           images=images, epochs=epochs,
-                           main_threads=main_threads or max(1, (os.cpu_count() or 1) - w))
+                row = dict(
+                    case=case,
+                    backend=backend,
+                    device=device,
+                    workers=w,
+                    batch=batch,
+                    crop=CASES[case][1],
+                    images=images,
+                    epochs=epochs,
+                    main_threads=main_threads or max(1, (os.cpu_count() or 1) - w),
+                )
                 if key in errors:
                     row["error"] = errors[key]
                 if key in runs:
                     ips = [r["images_per_s"] for r in runs[key]]
-                    row.update(images_per_s=round(statistics.median(ips), 1), min=round(min(ips), 1),
-                               max=round(max(ips), 1), reps=len(ips), runs=[round(x, 1) for x in ips],
-                               seconds_per_run=round(statistics.median(r["seconds"] for r in runs[key]), 2),
-                               main_cpu_ms_per_image=_med(runs[key], "main_cpu_ms_per_image"),
-                               worker_cpu_ms_per_image=_med(runs[key], "worker_cpu_ms_per_image"))
+                    row.update(
+                        images_per_s=round(statistics.median(ips), 1),
+                        min=round(min(ips), 1),
+                        max=round(max(ips), 1),
+                        reps=len(ips),
+                        runs=[round(x, 1) for x in ips],
+                        seconds_per_run=round(statistics.median(r["seconds"] for r in runs[key]), 2),
+                        main_cpu_ms_per_image=_med(runs[key], "main_cpu_ms_per_image"),
+                        worker_cpu_ms_per_image=_med(runs[key], "worker_cpu_ms_per_image"),
+                    )
                 if key in runs or key in errors:
                     rows.append(row)
     ratios = []
@@ -180,9 +242,19 @@ def _measure(cases, workers, *, reps, images, batch, epochs, tmp, main_threads, 
                 mine = {r["rep"]: r["images_per_s"] for r in runs.get((case, backend, device, w), [])}
                 paired = [mine[k] / base[k] for k in sorted(mine) if k in base]
                 if paired:
-                    ratios.append(dict(case=case, workers=w, vs="torch/cpu", backend=backend, device=device,
-                                       ratio=round(statistics.median(paired), 2), min=round(min(paired), 2),
-                                       max=round(max(paired), 2), reps=len(paired)))
+                    ratios.append(
+                        dict(
+                            case=case,
+                            workers=w,
+                            vs="torch/cpu",
+                            backend=backend,
+                            device=device,
+                            ratio=round(statistics.median(paired), 2),
+                            min=round(min(paired), 2),
+                            max=round(max(paired), 2),
+                            reps=len(paired),
+                        )
+                    )
     return rows, ratios
 
 
@@ -195,11 +267,21 @@ def scaling(rows: list[dict]) -> list[dict]:
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
         for be in dict.fromkeys((r["backend"], r["device"]) for r in rows if r["case"] == case):
-            mine = sorted((r["workers"], r["images_per_s"]) for r in rows
-                          if (r["case"], r["backend"], r["device"]) == (case, *be) and r.get("images_per_s"))
+            mine = sorted(
+                (r["workers"], r["images_per_s"])
+                for r in rows
+                if (r["case"], r["backend"], r["device"]) == (case, *be) and r.get("images_per_s")
+            )
             if len(mine) > 1:
-                out.append(dict(case=case, backend=be[0], device=be[1], workers=f"{mine[0][0]}->{mine[-1][0]}",
-                                speedup=round(mine[-1][1] / mine[0][1], 2)))
+                out.append(
+                    dict(
+                        case=case,
+                        backend=be[0],
+                        device=be[1],
+                        workers=f"{mine[0][0]}->{mine[-1][0]}",
+                        speedup=round(mine[-1][1] / mine[0][1], 2),
+                    )
+                )
     return out
 
 
@@ -221,8 +303,18 @@ def profile(case: str, root: Path, batch: int = 16, epochs: int = 2) -> dict:
     torch.set_num_threads(1)
     out: dict = {"case": case}
     try:
-        ld = build_loader(dataset, root, "train", batch_size=batch, train=True, crop_size=crop, backend="torch",
-                          device="cpu", workers=0, **recipe)
+        ld = build_loader(
+            dataset,
+            root,
+            "train",
+            batch_size=batch,
+            train=True,
+            crop_size=crop,
+            backend="torch",
+            device="cpu",
+            workers=0,
+            **recipe,
+        )
         n = epochs * len(ld.index)
         raws = [r for e in range(epochs) for r in ld.backend.iterate(e, ld.planner, batch)]  # warm the cache
         c = time.process_time()
@@ -232,11 +324,24 @@ def profile(case: str, root: Path, batch: int = 16, epochs: int = 2) -> dict:
         for r in raws:
             ld.finish(r)
         consumer = time.process_time() - c
-        out["torch"] = dict(worker=round(1e3 * worker / n, 2), consumer=round(1e3 * consumer / n, 2),
-                            total=round(1e3 * (worker + consumer) / n, 2))
+        out["torch"] = dict(
+            worker=round(1e3 * worker / n, 2),
+            consumer=round(1e3 * consumer / n, 2),
+            total=round(1e3 * (worker + consumer) / n, 2),
+        )
         if dali_available():
-            ld = build_loader(dataset, root, "train", batch_size=batch, train=True, crop_size=crop, backend="dali",
-                              device="cpu", workers=1, **recipe)
+            ld = build_loader(
+                dataset,
+                root,
+                "train",
+                batch_size=batch,
+                train=True,
+                crop_size=crop,
+                backend="dali",
+                device="cpu",
+                workers=1,
+                **recipe,
+            )
             ld.backend.py_workers = 0  # the feed in this process, so that process_time sees it
             list(ld)
             c = time.process_time()
@@ -245,15 +350,25 @@ def profile(case: str, root: Path, batch: int = 16, epochs: int = 2) -> dict:
             total = time.process_time() - c
             ld.close()
             idx = ld.index
-            feed = SampleFeed([s.image for s in idx.samples], [s.target for s in idx.samples], idx.label_space,
-                              ld.recipe, 0, ld.planner, batch)
+            feed = SampleFeed(
+                [s.image for s in idx.samples],
+                [s.target for s in idx.samples],
+                idx.label_space,
+                ld.recipe,
+                0,
+                ld.planner,
+                batch,
+            )
             c = time.process_time()
             for e in range(epochs):
                 for k in range(len(idx)):
                     feed(_Info(e, k))
             fed = time.process_time() - c
-            out["dali"] = dict(feed=round(1e3 * fed / n, 2), pipeline=round(1e3 * (total - fed) / n, 2),
-                               total=round(1e3 * total / n, 2))
+            out["dali"] = dict(
+                feed=round(1e3 * fed / n, 2),
+                pipeline=round(1e3 * (total - fed) / n, 2),
+                total=round(1e3 * total / n, 2),
+            )
             out["ratio"] = round(out["torch"]["total"] / out["dali"]["total"], 2)
             out["decode_only"] = _decode_costs([s.image for s in idx.samples])
     finally:
@@ -275,8 +390,10 @@ def _decode_costs(files: list[str]) -> dict:
 
     @pipeline_def(batch_size=16, num_threads=1, device_id=None, exec_dynamic=True)
     def pipe():
-        return fn.decoders.image(fn.external_source(source=lambda info: data[info.idx_in_epoch % len(data)],
-                                                    batch=False), output_type=types.RGB)
+        return fn.decoders.image(
+            fn.external_source(source=lambda info: data[info.idx_in_epoch % len(data)], batch=False),
+            output_type=types.RGB,
+        )
 
     p = pipe()
     p.build()
@@ -317,8 +434,19 @@ def alignment(device: str, tmp: Path, backend: str = "dali") -> dict:
     voc = write_synthetic("voc", tmp / "align-voc", num_train=12, num_val=1, size=(48, 80), num_classes=5)
     colours = torch.tensor(voc_palette()[:21].astype(np.float32))
     colours[0] = 40  # the synthetic background colour
-    ld = build_loader("voc", voc, "train", batch_size=4, train=True, crop_size=48, origin_size=64,
-                      scale_rate_range=(0.5, 1.5), backend=backend, device=device, workers=1)
+    ld = build_loader(
+        "voc",
+        voc,
+        "train",
+        batch_size=4,
+        train=True,
+        crop_size=48,
+        origin_size=64,
+        scale_rate_range=(0.5, 1.5),
+        backend=backend,
+        device=device,
+        workers=1,
+    )
     agree = mirrored = total = 0
     for b in ld:
         for img, y in zip(b["image"].float().cpu(), b["label"].cpu()):
@@ -330,10 +458,12 @@ def alignment(device: str, tmp: Path, backend: str = "dali") -> dict:
             total += valid.sum().item()
     ld.close()
     n_cls = 4
-    ilsvrc = write_synthetic("ilsvrc", tmp / "align-ilsvrc", num_train=n_cls, num_val=12, size=(48, 80),
-                             num_classes=n_cls)
-    ld = build_loader("ilsvrc", ilsvrc, "val", batch_size=4, train=False, crop_size=48, backend=backend,
-                      device=device, workers=1)
+    ilsvrc = write_synthetic(
+        "ilsvrc", tmp / "align-ilsvrc", num_train=n_cls, num_val=12, size=(48, 80), num_classes=n_cls
+    )
+    ld = build_loader(
+        "ilsvrc", ilsvrc, "val", batch_size=4, train=False, crop_size=48, backend=backend, device=device, workers=1
+    )
     cls_colours = torch.tensor(np.stack([cls_colour(c, n_cls) for c in range(n_cls)]))
     hits = count = 0
     for b in ld:
@@ -343,21 +473,35 @@ def alignment(device: str, tmp: Path, backend: str = "dali") -> dict:
         count += len(pred)
     ld.close()
     seg, mir, cls = agree / max(1, total), mirrored / max(1, total), hits / max(1, count)
-    return dict(backend=backend, device=device, seg_agree=round(seg, 4), seg_mirrored=round(mir, 4),
-                cls_acc=round(cls, 4), ok=bool(seg > 0.9 and mir < seg - 0.15 and cls > 0.9))
+    return dict(
+        backend=backend,
+        device=device,
+        seg_agree=round(seg, 4),
+        seg_mirrored=round(mir, 4),
+        cls_acc=round(cls, 4),
+        ok=bool(seg > 0.9 and mir < seg - 0.15 and cls > 0.9),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.data_throughput", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
-                    help="DALI threads (and feed processes) = DataLoader worker processes; several: scaling")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="DALI threads (and feed processes) = DataLoader worker processes; several: scaling",
+    )
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--images", type=int, default=256, help="images per epoch")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
-    ap.add_argument("--main-threads", type=int, help="torch threads of the consuming process (default: the CPUs "
-                                                      "the workers leave free, at least 1)")
+    ap.add_argument(
+        "--main-threads",
+        type=int,
+        help="torch threads of the consuming process (default: the CPUs the workers leave free, at least 1)",
+    )
     ap.add_argument("--no-profile", action="store_true", help="skip the single-threaded CPU profile per stage")
     ap.add_argument("--out", default="bench/results/data-cpu.json")
     a = ap.parse_args(argv)
@@ -366,16 +510,31 @@ def main(argv: list[str] | None = None) -> int:
 
     extra: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        rows, ratios = measure(a.cases, a.workers, reps=a.reps, images=a.images, batch=a.batch, epochs=a.epochs,
-                               tmp=Path(tmp), main_threads=a.main_threads)
+        rows, ratios = measure(
+            a.cases,
+            a.workers,
+            reps=a.reps,
+            images=a.images,
+            batch=a.batch,
+            epochs=a.epochs,
+            tmp=Path(tmp),
+            main_threads=a.main_threads,
+        )
         if dali_available():  # labels against pixels: DALI's mixed decode on a GPU, its CPU operators elsewhere
             extra["alignment"] = alignment("cuda" if torch.cuda.is_available() else "cpu", Path(tmp))
         if not a.no_profile:
             extra["profile"] = [profile(case, Path(tmp) / CASES[case][0], batch=a.batch) for case in a.cases]
     for r in ratios + scaling(rows) + [extra.get("alignment")] + extra.get("profile", []):
         print(json.dumps(r))
-    write_results(a.out, rows, ratios=ratios, scaling=scaling(rows), **extra,
-                  image_sides="375-500 px JPEG", method=__doc__.split("\n\n")[1].replace("\n", " "))
+    write_results(
+        a.out,
+        rows,
+        ratios=ratios,
+        scaling=scaling(rows),
+        **extra,
+        image_sides="375-500 px JPEG",
+        method=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
     return 0
 
 

@@ -54,9 +54,17 @@ def run(mode: str, label: str, batch: int, size: int, iters: int) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    return dict(mode=mode, label=label, batch=batch, size=size, dtype="bf16 autocast", layout="channels_last",
-                median_ms=round(med * 1e3, 2), img_per_s=round(batch / med, 1),
-                peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    return dict(
+        mode=mode,
+        label=label,
+        batch=batch,
+        size=size,
+        dtype="bf16 autocast",
+        layout="channels_last",
+        median_ms=round(med * 1e3, 2),
+        img_per_s=round(batch / med, 1),
+        peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    )
 
 
 def largest_batch(mode: str, label: str, size: int, batches: list[int]) -> int | None:

@@ -113,6 +113,7 @@ CHILD_ENV = "WIDEDEEP_BENCH_HOST_CHILD"
 # ---------------------------------------------------------------------------------------------------------------
 # patches and counters
 
+
 class _Props:
     """What ``torch.cuda.get_device_properties`` returns in the child: an H100 SXM's numbers."""
 
@@ -151,8 +152,13 @@ def cuda_lookalike():
     saved = []
     for owner, attr, value in _patches():
         # class attributes: only what the class itself defines (is_cuda lives on torch._C.TensorBase)
-        saved.append((owner, attr, owner.__dict__.get(attr, missing) if isinstance(owner, type)
-                      else getattr(owner, attr, missing)))
+        saved.append(
+            (
+                owner,
+                attr,
+                owner.__dict__.get(attr, missing) if isinstance(owner, type) else getattr(owner, attr, missing),
+            )
+        )
         setattr(owner, attr, value)
     try:
         yield
@@ -164,12 +170,37 @@ def cuda_lookalike():
                 setattr(owner, attr, old)
 
 
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
-            "unique_consecutive", "equal", "is_nonzero"}
+SYNC_OPS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "equal",
+    "is_nonzero",
+}
 # ops that neither launch device work nor sync: allocations are counted apart, the rest not at all
 ALLOC_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
-META_OPS = {"detach", "alias", "lift_fresh", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "size",
-            "stride", "is_same_size", "_has_same_storage_numel", "resize_", "set_", "_version", "is_contiguous"}
+META_OPS = {
+    "detach",
+    "alias",
+    "lift_fresh",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "sym_storage_offset",
+    "size",
+    "stride",
+    "is_same_size",
+    "_has_same_storage_numel",
+    "resize_",
+    "set_",
+    "_version",
+    "is_contiguous",
+}
 
 
 def _op_name(func) -> str:
@@ -215,6 +246,7 @@ class AtenCounter:
             def f(t, *a, **k):
                 counter.syncs[f"Tensor.{m}"] += 1
                 return originals[m](t, *a, **k)
+
             return f
 
         for m in originals:
@@ -229,6 +261,7 @@ class AtenCounter:
 
 # ---------------------------------------------------------------------------------------------------------------
 # the measured callables
+
 
 def _model(name: str, impl: str, mode: str):
     import torch
@@ -323,7 +356,7 @@ def _interleaved(fns: dict, iters: int) -> dict:
     gc.disable()
     try:
         for r in range(iters):
-            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
                 t0 = time.thread_time_ns()
                 fns[k]()
                 out[k].append((time.thread_time_ns() - t0) / 1e9)
@@ -368,6 +401,7 @@ def _triton_launch_floor(iters: int = 2000) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # the child: everything measured
 
+
 def _check(value, limit) -> str:
     return "PASS" if value <= limit else "FAIL"
 
@@ -387,8 +421,10 @@ def measure(cfg: dict, log=print) -> dict:
         import kernels
 
         if kernels.INTERPRET:
-            raise RuntimeError("kernels was imported with TRITON_INTERPRET=1: bench.host must run in a fresh process "
-                               "(python -m bench.host starts one)")
+            raise RuntimeError(
+                "kernels was imported with TRITON_INTERPRET=1: bench.host must run in a fresh process "
+                "(python -m bench.host starts one)"
+            )
         res["triton_launch"] = _triton_launch_floor()
         log(f"  Triton launch host cost (us): {res['triton_launch']}")
         for name in cfg["models"]:
@@ -413,41 +449,63 @@ def measure(cfg: dict, log=print) -> dict:
                     ac = AtenCounter()
                     with ac.active():
                         fn()
-                    rows[impl] = dict(model=name, label=c["label"], mode=mode, impl=impl, width=c["width"],
-                                      size=c["size"], batch=c["batch"], gpu_shape=c["gpu_shape"], bn_count=n_bn,
-                                      triton_launches=sum(launches.values()), launches_by_kernel=dict(launches),
-                                      aten_kernels=sum(ac.kernels.values()), aten_allocs=ac.allocs,
-                                      host_syncs=sum(ac.syncs.values()), syncs_by_op=dict(ac.syncs),
-                                      collectives=sum(ac.collectives.values()),
-                                      collectives_by_op=dict(ac.collectives),
-                                      aten_top=dict(ac.kernels.most_common(12)))
+                    rows[impl] = dict(
+                        model=name,
+                        label=c["label"],
+                        mode=mode,
+                        impl=impl,
+                        width=c["width"],
+                        size=c["size"],
+                        batch=c["batch"],
+                        gpu_shape=c["gpu_shape"],
+                        bn_count=n_bn,
+                        triton_launches=sum(launches.values()),
+                        launches_by_kernel=dict(launches),
+                        aten_kernels=sum(ac.kernels.values()),
+                        aten_allocs=ac.allocs,
+                        host_syncs=sum(ac.syncs.values()),
+                        syncs_by_op=dict(ac.syncs),
+                        collectives=sum(ac.collectives.values()),
+                        collectives_by_op=dict(ac.collectives),
+                        aten_top=dict(ac.kernels.most_common(12)),
+                    )
                 if rows["fused"]["triton_launches"] == 0:
-                    raise RuntimeError("the fused step made no Triton launch: the kernels no longer take the patched "
-                                       "tensors for CUDA tensors (bench.host patches torch.Tensor.is_cuda, not "
-                                       "x.device; the full list is in its docstring)")
+                    raise RuntimeError(
+                        "the fused step made no Triton launch: the kernels no longer take the patched "
+                        "tensors for CUDA tensors (bench.host patches torch.Tensor.is_cuda, not "
+                        "x.device; the full list is in its docstring)"
+                    )
                 times = _interleaved(steps, cfg["iters"])
                 for impl, ts in times.items():
                     r = rows[impl]
-                    r.update(host_ms=round(statistics.median(ts) * 1e3, 3), host_ms_min=round(min(ts) * 1e3, 3),
-                             host_ms_max=round(max(ts) * 1e3, 3), iters=len(ts))
+                    r.update(
+                        host_ms=round(statistics.median(ts) * 1e3, 3),
+                        host_ms_min=round(min(ts) * 1e3, 3),
+                        host_ms_max=round(max(ts) * 1e3, 3),
+                        iters=len(ts),
+                    )
                 for r in rows.values():  # everything a GPU would run: Triton launches + aten kernels
                     r["all_kernels"] = r["triton_launches"] + r["aten_kernels"]
                 f, e = rows["fused"], rows["eager"]
                 per_bn = f["triton_launches"] / n_bn
                 limit = TARGETS["launches_per_bn"][mode]
-                f.update(host_ratio=round(f["host_ms"] / e["host_ms"], 3),
-                         launches_per_bn=round(per_bn, 2), launch_target=limit * n_bn,
-                         check_host="-" if mode == "sync" else _check(f["host_ms"] / e["host_ms"],
-                                                                      TARGETS["step_ratio"]),
-                         check_launches=_check(f["triton_launches"], limit * n_bn),
-                         check_sync_free="PASS" if f["host_syncs"] == 0 else "FAIL",
-                         aten_ratio=round(f["aten_kernels"] / max(1, e["aten_kernels"]), 3),
-                         all_kernels_ratio=round(f["all_kernels"] / max(1, e["all_kernels"]), 3))
+                f.update(
+                    host_ratio=round(f["host_ms"] / e["host_ms"], 3),
+                    launches_per_bn=round(per_bn, 2),
+                    launch_target=limit * n_bn,
+                    check_host="-" if mode == "sync" else _check(f["host_ms"] / e["host_ms"], TARGETS["step_ratio"]),
+                    check_launches=_check(f["triton_launches"], limit * n_bn),
+                    check_sync_free="PASS" if f["host_syncs"] == 0 else "FAIL",
+                    aten_ratio=round(f["aten_kernels"] / max(1, e["aten_kernels"]), 3),
+                    all_kernels_ratio=round(f["all_kernels"] / max(1, e["all_kernels"]), 3),
+                )
                 res["models"] += [e, f]
-                log(f"  {name} {mode}: eager {e['host_ms']} ms, fused {f['host_ms']} ms ({f['host_ratio']}x, "
+                log(
+                    f"  {name} {mode}: eager {e['host_ms']} ms, fused {f['host_ms']} ms ({f['host_ratio']}x, "
                     f"{f['check_host']}); launches {f['triton_launches']} ({per_bn:.2f}/BN, target <= {limit}: "
                     f"{f['check_launches']}); aten kernels eager {e['aten_kernels']} fused {f['aten_kernels']}; "
-                    f"collectives {f['collectives']}; syncs {f['host_syncs']}; warm-up {warm_s:.1f} s")
+                    f"collectives {f['collectives']}; syncs {f['host_syncs']}; warm-up {warm_s:.1f} s"
+                )
         for mode in BN_MODES:
             fns = dict(zip(("eager", "fused"), _bn_fns(mode)))
             for fn in fns.values():
@@ -464,23 +522,34 @@ def measure(cfg: dict, log=print) -> dict:
                 counts[impl] = ac
             times = _interleaved(fns, cfg["bn_iters"])
             us = {k: statistics.median(v) * 1e6 for k, v in times.items()}
-            row = dict(shape=list(BN_SHAPE), layout="channels_last", dtype="float32", mode=mode,
-                       eager_us=round(us["eager"], 1), fused_us=round(us["fused"], 1),
-                       ratio=round(us["fused"] / us["eager"], 3), check=_check(us["fused"] / us["eager"],
-                                                                             TARGETS["bn_ratio"]),
-                       triton_launches=sum(launches.values()), launches_by_kernel=dict(launches),
-                       aten_kernels_eager=sum(counts["eager"].kernels.values()),
-                       aten_kernels_fused=sum(counts["fused"].kernels.values()),
-                       aten_allocs_eager=counts["eager"].allocs, aten_allocs_fused=counts["fused"].allocs,
-                       iters=cfg["bn_iters"])
+            row = dict(
+                shape=list(BN_SHAPE),
+                layout="channels_last",
+                dtype="float32",
+                mode=mode,
+                eager_us=round(us["eager"], 1),
+                fused_us=round(us["fused"], 1),
+                ratio=round(us["fused"] / us["eager"], 3),
+                check=_check(us["fused"] / us["eager"], TARGETS["bn_ratio"]),
+                triton_launches=sum(launches.values()),
+                launches_by_kernel=dict(launches),
+                aten_kernels_eager=sum(counts["eager"].kernels.values()),
+                aten_kernels_fused=sum(counts["fused"].kernels.values()),
+                aten_allocs_eager=counts["eager"].allocs,
+                aten_allocs_fused=counts["fused"].allocs,
+                iters=cfg["bn_iters"],
+            )
             res["bn_relu"].append(row)
-            log(f"  BN-ReLU fwd+bwd {mode}: eager {row['eager_us']} us, fused {row['fused_us']} us "
-                f"({row['ratio']}x, {row['check']}); {row['triton_launches']} launches")
+            log(
+                f"  BN-ReLU fwd+bwd {mode}: eager {row['eager_us']} us, fused {row['fused_us']} us "
+                f"({row['ratio']}x, {row['check']}); {row['triton_launches']} launches"
+            )
     return res
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # reporting
+
 
 def checks(res: dict) -> list[dict]:
     """Every target with its measured value and PASS/FAIL."""
@@ -489,28 +558,51 @@ def checks(res: dict) -> list[dict]:
         if r["impl"] != "fused":
             continue
         if r["check_host"] != "-":
-            out.append(dict(target=f"{r['model']} {r['mode']}: host time fused / eager <= {TARGETS['step_ratio']}",
-                            value=r["host_ratio"], result=r["check_host"]))
-        out.append(dict(target=f"{r['model']} {r['mode']}: Triton launches per step <= {r['launch_target']} "
-                               f"({TARGETS['launches_per_bn'][r['mode']]} per BN x {r['bn_count']}"
-                               f"{', plus collectives' if r['mode'] == 'sync' else ''})",
-                        value=r["triton_launches"], result=r["check_launches"]))
-        out.append(dict(target=f"{r['model']} {r['mode']}: no host sync in a fused step", value=r["host_syncs"],
-                        result=r["check_sync_free"]))
+            out.append(
+                dict(
+                    target=f"{r['model']} {r['mode']}: host time fused / eager <= {TARGETS['step_ratio']}",
+                    value=r["host_ratio"],
+                    result=r["check_host"],
+                )
+            )
+        out.append(
+            dict(
+                target=f"{r['model']} {r['mode']}: Triton launches per step <= {r['launch_target']} "
+                f"({TARGETS['launches_per_bn'][r['mode']]} per BN x {r['bn_count']}"
+                f"{', plus collectives' if r['mode'] == 'sync' else ''})",
+                value=r["triton_launches"],
+                result=r["check_launches"],
+            )
+        )
+        out.append(
+            dict(
+                target=f"{r['model']} {r['mode']}: no host sync in a fused step",
+                value=r["host_syncs"],
+                result=r["check_sync_free"],
+            )
+        )
     for r in res.get("bn_relu", []):
-        out.append(dict(target=f"BN-ReLU fwd+bwd {r['mode']}: fused / eager <= {TARGETS['bn_ratio']}",
-                        value=r["ratio"], result=r["check"]))
+        out.append(
+            dict(
+                target=f"BN-ReLU fwd+bwd {r['mode']}: fused / eager <= {TARGETS['bn_ratio']}",
+                value=r["ratio"],
+                result=r["check"],
+            )
+        )
     return out
 
 
 def markdown(res: dict, rel: str) -> str:
     env = res["environment"]
-    lines = [f"Latest: `{rel}` ({env.get('cpu_model')}, {env.get('cpu_count')} cores, torch {env['torch']}, "
-             f"triton {env['triton']}, commit {env['commit'][:10]}{' + local changes' if env.get('dirty') else ''}; "
-             f"CPU thread time, median of {res['config']['iters']} steps / {res['config']['bn_iters']} BN calls).",
-             "", "| model | BN mode | impl | host ms/step | x eager | Triton launches | per BN | aten kernels | "
-                 "all kernels (x eager) | allocs | collectives | host syncs | host <= 1.3x | launches | sync-free |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Latest: `{rel}` ({env.get('cpu_model')}, {env.get('cpu_count')} cores, torch {env['torch']}, "
+        f"triton {env['triton']}, commit {env['commit'][:10]}{' + local changes' if env.get('dirty') else ''}; "
+        f"CPU thread time, median of {res['config']['iters']} steps / {res['config']['bn_iters']} BN calls).",
+        "",
+        "| model | BN mode | impl | host ms/step | x eager | Triton launches | per BN | aten kernels | "
+        "all kernels (x eager) | allocs | collectives | host syncs | host <= 1.3x | launches | sync-free |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["models"]:
         fused = r["impl"] == "fused"
         impl = "eager (plain BN)" if r["mode"] == "sync" and not fused else r["impl"]
@@ -520,19 +612,30 @@ def markdown(res: dict, rel: str) -> str:
             f"{r['all_kernels']}{(' (' + str(r['all_kernels_ratio']) + ')') if fused else ''} | {r['aten_allocs']} | "
             f"{r['collectives']} | {r['host_syncs']} | {r['check_host'] if fused else ''} | "
             f"{(r['check_launches'] + ' (<= ' + str(r['launch_target']) + ')') if fused else ''} | "
-            f"{r['check_sync_free'] if fused else ''} |")
-    lines += ["", f"BN-ReLU forward + backward, {'x'.join(map(str, BN_SHAPE))} channels_last fp32:", "",
-              "| BN mode | eager us | fused us | x eager | <= 1.2x | Triton launches | aten kernels eager / fused | "
-              "allocs eager / fused |", "|---|---|---|---|---|---|---|---|"]
+            f"{r['check_sync_free'] if fused else ''} |"
+        )
+    lines += [
+        "",
+        f"BN-ReLU forward + backward, {'x'.join(map(str, BN_SHAPE))} channels_last fp32:",
+        "",
+        "| BN mode | eager us | fused us | x eager | <= 1.2x | Triton launches | aten kernels eager / fused | "
+        "allocs eager / fused |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["bn_relu"]:
-        lines.append(f"| {r['mode']} | {r['eager_us']} | {r['fused_us']} | {r['ratio']} | {r['check']} | "
-                     f"{r['triton_launches']} | {r['aten_kernels_eager']} / {r['aten_kernels_fused']} | "
-                     f"{r['aten_allocs_eager']} / {r['aten_allocs_fused']} |")
+        lines.append(
+            f"| {r['mode']} | {r['eager_us']} | {r['fused_us']} | {r['ratio']} | {r['check']} | "
+            f"{r['triton_launches']} | {r['aten_kernels_eager']} / {r['aten_kernels_fused']} | "
+            f"{r['aten_allocs_eager']} / {r['aten_allocs_fused']} |"
+        )
     tl = res.get("triton_launch", {})
     if tl:
-        lines += ["", f"One launch of a 12-argument kernel on the stand-in driver: `kernel[grid](...)` through "
-                      f"`JITFunction.run` {tl['jit_run_us']} us, the cached `CompiledKernel.run` called directly "
-                      f"{tl['compiled_run_us']} us."]
+        lines += [
+            "",
+            f"One launch of a 12-argument kernel on the stand-in driver: `kernel[grid](...)` through "
+            f"`JITFunction.run` {tl['jit_run_us']} us, the cached `CompiledKernel.run` called directly "
+            f"{tl['compiled_run_us']} us.",
+        ]
     return "\n".join(lines)
 
 
@@ -578,17 +681,24 @@ def run_child(args) -> int:
             CASES[name] = dict(CASES[name], width=args.width)
     stem = f"host-{_cpu_slug()}-{_dt.date.today().isoformat()}{'-smoke' if args.smoke else ''}"
     out = args.out or RESULTS / f"{stem}.json"
-    res: dict = dict(kind="bench.host", config=dict(cfg, cases={k: CASES[k] for k in cfg["models"]},
-                                                     bn_shape=list(BN_SHAPE), bn_modes=list(BN_MODES)),
-                     targets=TARGETS, supported_triton=list(SUPPORTED), environment=environment())
+    res: dict = dict(
+        kind="bench.host",
+        config=dict(cfg, cases={k: CASES[k] for k in cfg["models"]}, bn_shape=list(BN_SHAPE), bn_modes=list(BN_MODES)),
+        targets=TARGETS,
+        supported_triton=list(SUPPORTED),
+        environment=environment(),
+    )
     why = unsupported()
     if why:
         print(f"bench.host: skipped: {why}")
         res["skipped"] = why
     else:
         t0 = time.perf_counter()
-        print(f"bench.host: triton {res['environment']['triton']}, torch {res['environment']['torch']}, "
-              f"stand-in sm_90 driver; models {', '.join(cfg['models'])}", flush=True)
+        print(
+            f"bench.host: triton {res['environment']['triton']}, torch {res['environment']['torch']}, "
+            f"stand-in sm_90 driver; models {', '.join(cfg['models'])}",
+            flush=True,
+        )
         try:
             res.update(measure(cfg, log=lambda s: print(s, flush=True)))
         except RuntimeError as e:  # a launcher the stand-ins no longer fit: one line (traceback with --debug)
@@ -629,14 +739,18 @@ def _width(text: str) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.host",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--smoke", action="store_true", help="A1-s8 only, 3 steps: a CI check that the path runs")
     ap.add_argument("--models", help=f"comma list of {', '.join(CASES)}")
     ap.add_argument("--modes", help=f"comma list of step modes, of {', '.join(MODES)} (default: all)")
     ap.add_argument("--iters", type=int, help="timed steps per implementation and mode (median reported)")
-    ap.add_argument("--width", type=_width,
-                    help="channel multiplier of both models (default 1/64; e.g. 0.03125 or 1/32)")
+    ap.add_argument(
+        "--width", type=_width, help="channel multiplier of both models (default 1/64; e.g. 0.03125 or 1/32)"
+    )
     ap.add_argument("--out", type=Path, help="results JSON (default bench/results/host-<cpu>-<date>.json)")
     ap.add_argument("--update-readme", action="store_true", help="rewrite the host block of bench/README.md")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
@@ -655,10 +769,16 @@ def main(argv=None) -> int:
     if os.environ.get(CHILD_ENV) == "1":
         return run_child(args)
     # a fresh interpreter with the compiled-Triton setting fixed before `kernels` is imported
-    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1", **{CHILD_ENV: "1"},
-               PYTHONPATH=str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
-    return subprocess.run([sys.executable, "-m", "bench.host", *(argv if argv is not None else sys.argv[1:])],
-                          cwd=ROOT, env=env).returncode
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="0",
+        OMP_NUM_THREADS="1",
+        **{CHILD_ENV: "1"},
+        PYTHONPATH=str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "bench.host", *(argv if argv is not None else sys.argv[1:])], cwd=ROOT, env=env
+    ).returncode
 
 
 if __name__ == "__main__":

@@ -29,12 +29,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile", "fused_cudagraphs",
-         "eager_graphed", "fused_graphed", "unit")
+IMPLS = (
+    "eager",
+    "fused",
+    "fused_igemm",
+    "checkpoint",
+    "compile",
+    "fused_compile",
+    "fused_cudagraphs",
+    "eager_graphed",
+    "fused_graphed",
+    "unit",
+)
 COMPILED = ("compile", "fused_compile", "fused_cudagraphs")
 GRAPHED = ("eager_graphed", "fused_graphed")  # CUDA only: a whole-step torch.cuda.graph
-CUDA_ONLY = {"eager_graphed": "a CUDA graph needs CUDA", "fused_graphed": "a CUDA graph needs CUDA",
-             "fused_cudagraphs": "reduce-overhead = CUDA graphs: needs CUDA (on CPU it would be fused_compile again)"}
+CUDA_ONLY = {
+    "eager_graphed": "a CUDA graph needs CUDA",
+    "fused_graphed": "a CUDA graph needs CUDA",
+    "fused_cudagraphs": "reduce-overhead = CUDA graphs: needs CUDA (on CPU it would be fused_compile again)",
+}
 LABELS = {"A1": "ilsvrc-cls_rna-a1_cls1000", "A1-s8": "voc_rna-a1_cls21_s8"}
 
 
@@ -49,10 +62,21 @@ def build(impl: str, label: str, *, width: float = 1.0, device: str = "cpu", bn:
         raise ValueError(f"unknown implementation {impl!r}; one of {IMPLS}")
     if bn not in ("batch", "frozen"):
         raise ValueError(f"bn must be 'batch' or 'frozen', got {bn!r}")
-    fused = {"fused": True, "fused_compile": True, "fused_cudagraphs": True, "fused_igemm": "triton",
-             "fused_graphed": True, "unit": True}.get(impl, False)
-    model = create_model(label, fused=fused, width=width, recompute="unit" if impl == "unit" else None,
-                         conv_impl="triton" if impl == "fused_igemm" else "torch")
+    fused = {
+        "fused": True,
+        "fused_compile": True,
+        "fused_cudagraphs": True,
+        "fused_igemm": "triton",
+        "fused_graphed": True,
+        "unit": True,
+    }.get(impl, False)
+    model = create_model(
+        label,
+        fused=fused,
+        width=width,
+        recompute="unit" if impl == "unit" else None,
+        conv_impl="triton" if impl == "fused_igemm" else "torch",
+    )
     model = model.to(device).train()
     if bn == "frozen":
         model.freeze_bn_stats()
@@ -145,6 +169,7 @@ def saved_bytes(impl: str, model, fn, x) -> dict:
     unit_inputs: dict[int, int] = {}
     handles = []
     if impl == "checkpoint":
+
         def pre(_mod, args):
             s = args[0].untyped_storage()
             unit_inputs[s.data_ptr()] = s.nbytes()

@@ -75,10 +75,20 @@ def measure(spec: dict) -> dict:
         step()
         times.append(time.perf_counter() - t)
     ms = statistics.median(times) * 1e3
-    return dict(case=spec["case"], impl=impl, label=spec["label"], width=spec["width"], batch=spec["batch"],
-                size=list(spec["size"]), device=spec["device"], dtype="bf16 autocast" if cuda else "fp32",
-                ms=round(ms, 3), img_per_s=round(spec["batch"] * 1e3 / ms, 2), first_s=round(first_s, 2),
-                iters=spec["iters"])
+    return dict(
+        case=spec["case"],
+        impl=impl,
+        label=spec["label"],
+        width=spec["width"],
+        batch=spec["batch"],
+        size=list(spec["size"]),
+        device=spec["device"],
+        dtype="bf16 autocast" if cuda else "fp32",
+        ms=round(ms, 3),
+        img_per_s=round(spec["batch"] * 1e3 / ms, 2),
+        first_s=round(first_s, 2),
+        iters=spec["iters"],
+    )
 
 
 def run_worker(spec: dict, timeout: float) -> dict:
@@ -88,16 +98,21 @@ def run_worker(spec: dict, timeout: float) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        p = subprocess.run([sys.executable, "-m", "bench.inference", "--worker", json.dumps(spec)], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(
+            [sys.executable, "-m", "bench.inference", "--worker", json.dumps(spec)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return dict(base, error=f"timed out after {timeout:.0f} s (section budget)", timeout=True)
     for line in reversed(p.stdout.splitlines()):
         if line.startswith(PREFIX):
-            return json.loads(line[len(PREFIX):])
+            return json.loads(line[len(PREFIX) :])
     tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-    return dict(base, error=f"worker exit {p.returncode}: {tail}",
-                oom="out of memory" in (p.stderr or "").lower())
+    return dict(base, error=f"worker exit {p.returncode}: {tail}", oom="out of memory" in (p.stderr or "").lower())
 
 
 def specs(smoke: bool, cuda: bool, width: float | None = None, iters: int | None = None) -> list[dict]:
@@ -106,9 +121,20 @@ def specs(smoke: bool, cuda: bool, width: float | None = None, iters: int | None
     out = []
     for impl in IMPLS:  # every case's eager and fused first: the compile rows take the time that is left
         for case, c in cases.items():
-            out.append(dict(case=case, impl=impl, label=c["label"], size=tuple(c["size"]), batch=c["batch"], width=w,
-                            warmup=1 if smoke else 3, iters=iters or (2 if smoke else 10),
-                            device="cuda" if cuda else "cpu", threads=None if cuda else 2))
+            out.append(
+                dict(
+                    case=case,
+                    impl=impl,
+                    label=c["label"],
+                    size=tuple(c["size"]),
+                    batch=c["batch"],
+                    width=w,
+                    warmup=1 if smoke else 3,
+                    iters=iters or (2 if smoke else 10),
+                    device="cuda" if cuda else "cpu",
+                    threads=None if cuda else 2,
+                )
+            )
     return out
 
 

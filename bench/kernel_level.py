@@ -79,8 +79,12 @@ def copy_bandwidth(nbytes: int) -> dict:
     dev = "cuda" if CUDA else "cpu"
     x = torch.ones(nbytes // 4, device=dev, dtype=torch.float32)
     ms = time_ms(lambda: torch.empty_like(x).copy_(x), reps=10)
-    return dict(op="torch.empty_like(x).copy_(x)", bytes=2 * x.numel() * 4, ms=round(ms, 4),
-                GBps=round(2 * x.numel() * 4 / ms / 1e6, 1))
+    return dict(
+        op="torch.empty_like(x).copy_(x)",
+        bytes=2 * x.numel() * 4,
+        ms=round(ms, 4),
+        GBps=round(2 * x.numel() * 4 / ms / 1e6, 1),
+    )
 
 
 def matmul_peak(n: int, dtype: torch.dtype) -> dict:
@@ -88,15 +92,21 @@ def matmul_peak(n: int, dtype: torch.dtype) -> dict:
     a = torch.randn(n, n, device=dev).to(dtype)
     b = torch.randn(n, n, device=dev).to(dtype)
     ms = time_ms(lambda: torch.matmul(a, b), reps=5)
-    return dict(op="torch.matmul", n=n, dtype=str(dtype).replace("torch.", ""), ms=round(ms, 4),
-                TFLOPs=round(2 * n**3 / ms / 1e9, 3))
+    return dict(
+        op="torch.matmul",
+        n=n,
+        dtype=str(dtype).replace("torch.", ""),
+        ms=round(ms, 4),
+        TFLOPs=round(2 * n**3 / ms / 1e9, 3),
+    )
 
 
 def ceilings(quick: bool) -> dict:
     if CUDA:
         return dict(copy=copy_bandwidth(2**30), matmul_bf16=matmul_peak(8192, torch.bfloat16))
-    out = dict(copy=copy_bandwidth(2**26 if quick else 2**28), matmul_fp32=matmul_peak(512 if quick else 2048,
-                                                                                       torch.float32))
+    out = dict(
+        copy=copy_bandwidth(2**26 if quick else 2**28), matmul_fp32=matmul_peak(512 if quick else 2048, torch.float32)
+    )
     out["matmul_bf16"] = matmul_peak(256 if quick else 1024, torch.bfloat16)
     return out
 
@@ -123,8 +133,14 @@ def bn_relu_bandwidth(section, copy_GBps: float | None, smoke: bool, log=print) 
         if CUDA:
             impls["compile"] = torch.compile(lambda: F.relu(bn(x)))
         nbytes = x.numel() * x.element_size()
-        row = dict(shape=list(shape), dtype=str(dtype).replace("torch.", ""), layout="channels_last",
-                   fwd_bytes=3 * nbytes, bwd_bytes=5 * nbytes, timed=CUDA and not smoke)
+        row = dict(
+            shape=list(shape),
+            dtype=str(dtype).replace("torch.", ""),
+            layout="channels_last",
+            fwd_bytes=3 * nbytes,
+            bwd_bytes=5 * nbytes,
+            timed=CUDA and not smoke,
+        )
         dy = torch.randn(shape, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
         smoke_out = {}
         for name, f in impls.items():
@@ -141,9 +157,14 @@ def bn_relu_bandwidth(section, copy_GBps: float | None, smoke: bool, log=print) 
                 if not bwd > 0:
                     row[f"{name}_bwd_error"] = f"backward time {bwd} ms: not a measurement"
                     continue
-                row.update({f"{name}_fwd_ms": round(fwd, 4), f"{name}_bwd_ms": round(bwd, 4),
-                            f"{name}_fwd_GBps": round(3 * nbytes / fwd / 1e6, 1),
-                            f"{name}_bwd_GBps": round(5 * nbytes / bwd / 1e6, 1)})
+                row.update(
+                    {
+                        f"{name}_fwd_ms": round(fwd, 4),
+                        f"{name}_bwd_ms": round(bwd, 4),
+                        f"{name}_fwd_GBps": round(3 * nbytes / fwd / 1e6, 1),
+                        f"{name}_bwd_GBps": round(5 * nbytes / bwd / 1e6, 1),
+                    }
+                )
                 if copy_GBps:
                     row[f"{name}_fwd_pct_copy"] = round(100 * 3 * nbytes / fwd / 1e6 / copy_GBps, 1)
                     row[f"{name}_bwd_pct_copy"] = round(100 * 5 * nbytes / bwd / 1e6 / copy_GBps, 1)
@@ -152,10 +173,13 @@ def bn_relu_bandwidth(section, copy_GBps: float | None, smoke: bool, log=print) 
         if "ours" in smoke_out and "eager" in smoke_out:
             row["ours_ok"] = row["ours_ok"] and all(
                 torch.allclose(a, b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1e-3))
-                for a, b in zip(smoke_out["ours"], smoke_out["eager"]))
+                for a, b in zip(smoke_out["ours"], smoke_out["eager"])
+            )
         rows.append(row)
-        log(f"  bn_relu {shape}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k.endswith(("GBps", "ok",
-                                                                                                   "error"))))
+        log(
+            f"  bn_relu {shape}: "
+            + ", ".join(f"{k}={v}" for k, v in row.items() if k.endswith(("GBps", "ok", "error")))
+        )
     return rows
 
 
@@ -193,13 +217,22 @@ def bn_parts(section, copy_GBps: float | None, smoke: bool, log=print) -> list[d
         x = (torch.randn(shape, device=dev) + 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
         dy = torch.randn_like(x)
         nbytes = x.numel() * x.element_size()
-        row = dict(shape=list(shape), dtype=str(dtype).replace("torch.", ""), layout="channels_last", timed=timed,
-                   stats_bytes=nbytes, apply_bytes=2 * nbytes, backward_bytes=5 * nbytes)
+        row = dict(
+            shape=list(shape),
+            dtype=str(dtype).replace("torch.", ""),
+            layout="channels_last",
+            timed=timed,
+            stats_bytes=nbytes,
+            apply_bytes=2 * nbytes,
+            backward_bytes=5 * nbytes,
+        )
         try:
             p = kernels.bn_params(x, bn, backend="triton")
-            passes = {"stats": (lambda: kernels.channel_stats(x, backend="triton"), nbytes),
-                      "apply": (lambda: kernels.bn_relu_forward(x, p, backend="triton"), 2 * nbytes),
-                      "backward": (lambda: kernels.bn_relu_backward(x, dy, p, backend="triton"), 5 * nbytes)}
+            passes = {
+                "stats": (lambda: kernels.channel_stats(x, backend="triton"), nbytes),
+                "apply": (lambda: kernels.bn_relu_forward(x, p, backend="triton"), 2 * nbytes),
+                "backward": (lambda: kernels.bn_relu_backward(x, dy, p, backend="triton"), 5 * nbytes),
+            }
             if not timed:
                 row.update(_bn_parts_check(x, dy, p, passes, bn.eps))
             for name, (f, ideal) in passes.items():
@@ -213,8 +246,10 @@ def bn_parts(section, copy_GBps: float | None, smoke: bool, log=print) -> list[d
         except Exception as e:  # noqa: BLE001 - a failing pass is a result
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
-        log(f"  bn_parts {shape}: " + ", ".join(f"{k}={v}" for k, v in row.items()
-                                               if k.endswith(("GBps", "pct_copy", "_ok", "error"))))
+        log(
+            f"  bn_parts {shape}: "
+            + ", ".join(f"{k}={v}" for k, v in row.items() if k.endswith(("GBps", "pct_copy", "_ok", "error")))
+        )
     return rows
 
 
@@ -234,15 +269,20 @@ def _bn_parts_check(x, dy, p, passes, eps: float) -> dict:
     out["apply_ok"] = bool(torch.allclose(y.float(), ref_apply, atol=1e-4))
     dx, dgamma, dbeta = passes["backward"][0]()
     yr.backward(dy.float())
-    out["backward_ok"] = bool(torch.allclose(dx.float(), xr.grad, atol=1e-4) and torch.allclose(dgamma, w.grad, atol=1e-4)
-                              and torch.allclose(dbeta, b.grad, atol=1e-4))
+    out["backward_ok"] = bool(
+        torch.allclose(dx.float(), xr.grad, atol=1e-4)
+        and torch.allclose(dgamma, w.grad, atol=1e-4)
+        and torch.allclose(dbeta, b.grad, atol=1e-4)
+    )
     return out
 
 
 # ------------------------------------------------------------------------------------------------ conv passes
-SMOKE_CONV_SHAPES = [dict(C=16, K=16, k=3, stride=1, dil=1, pad=1, H=6, W=6, N=1, model="smoke"),
-                     dict(C=16, K=32, k=1, stride=2, dil=1, pad=0, H=6, W=6, N=1, model="smoke"),
-                     dict(C=16, K=16, k=3, stride=1, dil=2, pad=2, H=6, W=6, N=1, model="smoke")]
+SMOKE_CONV_SHAPES = [
+    dict(C=16, K=16, k=3, stride=1, dil=1, pad=1, H=6, W=6, N=1, model="smoke"),
+    dict(C=16, K=32, k=1, stride=2, dil=1, pad=0, H=6, W=6, N=1, model="smoke"),
+    dict(C=16, K=16, k=3, stride=1, dil=2, pad=2, H=6, W=6, N=1, model="smoke"),
+]
 
 
 def _out(n, k, s, p, d):
@@ -287,20 +327,34 @@ def conv_passes(s: dict, timed: bool, compile_: bool) -> dict:
         return cb(dy_, torch.relu(z).to(dt), w_, [False, True, False])[1]
 
     impls = {
-        "ours": dict(fprop=lambda: kconv.conv_fprop(x, w, st, pad, dil, vec),
-                     dgrad=lambda: kconv.conv_dgrad(dy, w, x, st, pad, dil, vec),
-                     wgrad=lambda: kconv.conv_wgrad(dy, x, w.shape, st, pad, dil, vec, dtype=dt)),
-        "cudnn": dict(fprop=lambda: F.conv2d(a, w, None, st, pad, dil),
-                      dgrad=lambda: cb(dy, a, w, [True, False, False])[0],
-                      wgrad=lambda: cb(dy, a, w, [False, True, False])[1]),
+        "ours": dict(
+            fprop=lambda: kconv.conv_fprop(x, w, st, pad, dil, vec),
+            dgrad=lambda: kconv.conv_dgrad(dy, w, x, st, pad, dil, vec),
+            wgrad=lambda: kconv.conv_wgrad(dy, x, w.shape, st, pad, dil, vec, dtype=dt),
+        ),
+        "cudnn": dict(
+            fprop=lambda: F.conv2d(a, w, None, st, pad, dil),
+            dgrad=lambda: cb(dy, a, w, [True, False, False])[0],
+            wgrad=lambda: cb(dy, a, w, [False, True, False])[1],
+        ),
     }
     if compile_:
         cf, cd, cw = (torch.compile(f, dynamic=False) for f in (c_fprop, c_dgrad, c_wgrad))
         impls["compile"] = dict(fprop=lambda: cf(x, w), dgrad=lambda: cd(dy, w, x), wgrad=lambda: cw(dy, x, w))
-    row = dict(s, P=P, Q=Q, dtype=str(dt).replace("torch.", ""), layout="channels_last",
-               gflop_per_pass=round(flops / 1e9, 3), timed=timed)
-    ref = dict(fprop=c_fprop(x, w).float(), dgrad=c_dgrad(dy, w, x)[0].float(),
-               wgrad=c_wgrad(dy, x, w).float()) if not timed else {}
+    row = dict(
+        s,
+        P=P,
+        Q=Q,
+        dtype=str(dt).replace("torch.", ""),
+        layout="channels_last",
+        gflop_per_pass=round(flops / 1e9, 3),
+        timed=timed,
+    )
+    ref = (
+        dict(fprop=c_fprop(x, w).float(), dgrad=c_dgrad(dy, w, x)[0].float(), wgrad=c_wgrad(dy, x, w).float())
+        if not timed
+        else {}
+    )
     for name, passes in impls.items():
         for pname, f in passes.items():
             try:
@@ -324,8 +378,10 @@ def distinct_conv_shapes(width: float, a1_size: int, a1_batch: int, s8_size: int
     from bench.conv_shapes import conv_shapes
 
     shapes = []
-    for model, (label, size, batch) in {"A1": ("ilsvrc-cls_rna-a1_cls1000", a1_size, a1_batch),
-                                        "A1-s8": ("voc_rna-a1_cls21_s8", s8_size, s8_batch)}.items():
+    for model, (label, size, batch) in {
+        "A1": ("ilsvrc-cls_rna-a1_cls1000", a1_size, a1_batch),
+        "A1-s8": ("voc_rna-a1_cls21_s8", s8_size, s8_batch),
+    }.items():
         for s in conv_shapes(label, size, batch, width=width):
             s = dict(s, model=model)
             P = _out(s["H"], s["k"], s["stride"], s["pad"], s["dil"])
@@ -350,8 +406,9 @@ def conv_section(section, cfg: dict, peak_TFLOPs: float | None, log=print) -> di
         note += f"; torch.compile on the {n_compile} largest shapes only (its compile time would crowd out the rest)"
     for i, s in enumerate(shapes):
         if not section.has(8 if timed else 2):
-            section.skip(f"conv {s['model']} C{s['C']} K{s['K']} k{s['k']} s{s['stride']} d{s['dil']} "
-                         f"{s['H']}x{s['W']}")
+            section.skip(
+                f"conv {s['model']} C{s['C']} K{s['K']} k{s['k']} s{s['stride']} d{s['dil']} {s['H']}x{s['W']}"
+            )
             continue
         row = conv_passes(s, timed, compile_ and i < n_compile)
         if timed and peak_TFLOPs:

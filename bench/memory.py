@@ -25,16 +25,27 @@ def measure(label: str, batch: int, size: int) -> dict:
     model = create_model(label).train()
     x = torch.randn(batch, 3, size, size)
     rows = {}
-    for mode, setup in (("unfused", lambda: model.set_fused(False)), ("fused", lambda: model.set_fused(True)),
-                        ("unit", lambda: model.set_recompute("unit"))):
+    for mode, setup in (
+        ("unfused", lambda: model.set_fused(False)),
+        ("fused", lambda: model.set_fused(True)),
+        ("unit", lambda: model.set_recompute("unit")),
+    ):
         setup()
         t = time.perf_counter()
         rows[mode] = saved_tensor_bytes(lambda: model(x).float().sum(), model.parameters())
         rows[mode + "_seconds"] = round(time.perf_counter() - t, 2)
-    return dict(label=label, batch=batch, size=size, dtype="float32", layout="NCHW",
-                unfused_MiB=round(rows["unfused"] / 2**20, 1), fused_MiB=round(rows["fused"] / 2**20, 1),
-                unit_MiB=round(rows["unit"] / 2**20, 1), ratio=round(rows["fused"] / rows["unfused"], 4),
-                unit_ratio=round(rows["unit"] / rows["unfused"], 4))
+    return dict(
+        label=label,
+        batch=batch,
+        size=size,
+        dtype="float32",
+        layout="NCHW",
+        unfused_MiB=round(rows["unfused"] / 2**20, 1),
+        fused_MiB=round(rows["fused"] / 2**20, 1),
+        unit_MiB=round(rows["unit"] / 2**20, 1),
+        ratio=round(rows["fused"] / rows["unfused"], 4),
+        unit_ratio=round(rows["unit"] / rows["unfused"], 4),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     for label in LABELS:
         r = measure(label, args.batch, args.size)
         results.append(r)
-        print(f"{label:28s} unfused {r['unfused_MiB']:9.1f} MiB  fused {r['fused_MiB']:9.1f} MiB ({r['ratio']:.3f}x)  "
-              f"unit {r['unit_MiB']:9.1f} MiB ({r['unit_ratio']:.3f}x)")
+        print(
+            f"{label:28s} unfused {r['unfused_MiB']:9.1f} MiB  fused {r['fused_MiB']:9.1f} MiB ({r['ratio']:.3f}x)  "
+            f"unit {r['unit_MiB']:9.1f} MiB ({r['unit_ratio']:.3f}x)"
+        )
     if args.out:
         write_results(args.out, results)
         print(f"wrote {args.out}")

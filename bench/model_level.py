@@ -19,20 +19,27 @@ def run_worker(spec: dict, timeout: float, log=print) -> dict:
     """Run one spec in ``python -m bench.worker``; a timeout or crash becomes a row with ``error``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    base = dict(impl=spec["impl"], model=spec.get("model"), batch=spec["batch"], size=spec["size"],
-                width=spec.get("width", 1.0))
+    base = dict(
+        impl=spec["impl"], model=spec.get("model"), batch=spec["batch"], size=spec["size"], width=spec.get("width", 1.0)
+    )
     if timeout < 3:
         return dict(base, skipped="no time left in the section budget")
     t = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "bench.worker", json.dumps(spec)],
-                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        p = subprocess.run(
+            [sys.executable, "-X", "faulthandler", "-m", "bench.worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         return dict(base, error=f"timed out after {timeout:.0f} s (section budget)", timeout=True)
     wall = round(time.perf_counter() - t, 1)
     for line in reversed(p.stdout.splitlines()):
         if line.startswith(PREFIX):
-            row = json.loads(line[len(PREFIX):])
+            row = json.loads(line[len(PREFIX) :])
             row["process_s"] = wall
             return row
     tail = (p.stderr or p.stdout).strip().splitlines()[-4:]
@@ -53,15 +60,30 @@ def run_worker_multi(specs: list[dict], timeout: float, log=print) -> list[dict]
     spec, in order: measured, or why not (the process timed out or crashed before reaching it)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    bases = [dict(impl=s["impl"], model=s.get("model"), batch=s["batch"], size=s["size"], width=s.get("width", 1.0),
-                  bn=s.get("bn", "batch")) for s in specs]
+    bases = [
+        dict(
+            impl=s["impl"],
+            model=s.get("model"),
+            batch=s["batch"],
+            size=s["size"],
+            width=s.get("width", 1.0),
+            bn=s.get("bn", "batch"),
+        )
+        for s in specs
+    ]
     if timeout < 3:
         return [dict(b, skipped="no time left in the section budget") for b in bases]
     t = time.perf_counter()
     why = None
     try:
-        p = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "bench.worker", json.dumps({"configs": specs})],
-                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        p = subprocess.run(
+            [sys.executable, "-X", "faulthandler", "-m", "bench.worker", json.dumps({"configs": specs})],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            env=env,
+        )
         out, err = p.stdout, p.stderr
         if p.returncode != 0:
             why = f"worker exit {p.returncode}: {(err or out).strip().splitlines()[-3:]}"
@@ -70,12 +92,14 @@ def run_worker_multi(specs: list[dict], timeout: float, log=print) -> list[dict]
         err = ""
         why = f"timed out after {timeout:.0f} s (section budget)"
     wall = round(time.perf_counter() - t, 1)
-    rows = [json.loads(ln[len(PREFIX):]) for ln in out.splitlines() if ln.startswith(PREFIX)]
+    rows = [json.loads(ln[len(PREFIX) :]) for ln in out.splitlines() if ln.startswith(PREFIX)]
     for r in rows:
         r["process_s"] = wall
         r["shared_process"] = len(specs)
-    for b in bases[len(rows):]:
-        rows.append(dict(b, error=why or "the worker printed no row for it", timeout=why is not None and "timed out" in why))
+    for b in bases[len(rows) :]:
+        rows.append(
+            dict(b, error=why or "the worker printed no row for it", timeout=why is not None and "timed out" in why)
+        )
     return rows
 
 
@@ -87,8 +111,10 @@ def _log_row(row: dict, log) -> None:
     else:
         t = f"{row['step_ms']:9.1f} ms {row['img_per_s']:8.1f} img/s" if row.get("timed") else f"{'not timed':>27s}"
         s = f" saved {row['saved_MiB']:.1f} MiB" if "saved_MiB" in row else ""
-        log(f"  {row['model']:6s} {row['impl']:14s} b{row['batch']:<4d}{t}  peak {row['peak_MiB']:8.1f} MiB{s}"
-            f"  ({row.get('process_s', '?')} s)")
+        log(
+            f"  {row['model']:6s} {row['impl']:14s} b{row['batch']:<4d}{t}  peak {row['peak_MiB']:8.1f} MiB{s}"
+            f"  ({row.get('process_s', '?')} s)"
+        )
 
 
 def largest_batch(base: dict, section, start: int, cap: int, log=print, backstop: float = 60) -> dict:
@@ -100,8 +126,10 @@ def largest_batch(base: dict, section, start: int, cap: int, log=print, backstop
     spec = dict(base, search=True, start=start, cap=cap, budget_s=budget, batch=start)
     row = run_worker(spec, budget + backstop, log)
     if "largest_batch" in row:
-        log(f"  {row['model']:6s} {row['impl']:14s} largest batch {row['largest_batch']} "
-            f"(first failure {row['first_failure']}, complete={row['complete']}, {row.get('process_s')} s)")
+        log(
+            f"  {row['model']:6s} {row['impl']:14s} largest batch {row['largest_batch']} "
+            f"(first failure {row['first_failure']}, complete={row['complete']}, {row.get('process_s')} s)"
+        )
     else:
         log(f"  {base.get('model')} {base['impl']} largest batch: {row.get('error') or row.get('skipped')}")
     return row

@@ -3,6 +3,7 @@
 ``PYTHONPATH=. python -m bench.profile_step --model A1-s8 --batch 4 --size 504 --impls eager,fused --out DIR``
 writes ``profile-<model>-<impl>.txt`` (kernel table sorted by CUDA time) and prints the totals. CUDA only.
 """
+
 from __future__ import annotations
 
 import argparse

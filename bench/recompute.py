@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(name: str, **extra) -> dict:
         saved = saved_tensor_bytes(lambda: model(x), params)
-        return dict(impl=name, saved_MiB=round(saved / 2**20, 2), step_s=round(_step_seconds(model, x, args.steps), 4),
-                    **extra)
+        return dict(
+            impl=name, saved_MiB=round(saved / 2**20, 2), step_s=round(_step_seconds(model, x, args.steps), 4), **extra
+        )
 
     _step_seconds(model, x, 2)  # process warm-up (allocator, oneDNN primitives): else the first row pays for it
     rows = [measure("eager")]
@@ -92,14 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["saved_ratio"] = round(r["saved_MiB"] / rows[0]["saved_MiB"], 4)
         r["step_ratio"] = round(r["step_s"] / rows[0]["step_s"], 3)
-    print(f"{args.label} width {args.width} {args.batch}x3x{args.size}x{args.size} on {dev} "
-          f"(saved bytes exact; step = forward+backward, median of {args.steps})")
+    print(
+        f"{args.label} width {args.width} {args.batch}x3x{args.size}x{args.size} on {dev} "
+        f"(saved bytes exact; step = forward+backward, median of {args.steps})"
+    )
     print(f"{'implementation':22s} {'saved MiB':>10s} {'x eager':>8s} {'step s':>8s} {'x eager':>8s}")
     for r in rows:
-        print(f"{r['impl']:22s} {r['saved_MiB']:10.1f} {r['saved_ratio']:8.3f} {r['step_s']:8.3f} {r['step_ratio']:8.3f}")
+        print(
+            f"{r['impl']:22s} {r['saved_MiB']:10.1f} {r['saved_ratio']:8.3f} {r['step_s']:8.3f} {r['step_ratio']:8.3f}"
+        )
     if args.out:
-        write_results(args.out, rows, label=args.label, width=args.width, size=args.size, batch=args.batch,
-                      note="saved bytes exact; step time forward+backward, ratio to eager in the same run")
+        write_results(
+            args.out,
+            rows,
+            label=args.label,
+            width=args.width,
+            size=args.size,
+            batch=args.batch,
+            note="saved bytes exact; step time forward+backward, ratio to eager in the same run",
+        )
         print(f"wrote {args.out}")
     if args.plot:
         _plot(rows, args.plot, f"{args.label} {args.batch}x{args.size}px on {dev}")

@@ -46,78 +46,201 @@ A1, S8 = "ilsvrc-cls_rna-a1_cls1000", "voc_rna-a1_cls21_s8"
 # including interpreter start-up and the kernel tests; the sum stays under TOTAL with a margin.
 CONFIGS = {
     "quick": dict(
-        total_s=285, threads=2,
-        models={"A1": dict(label=A1, width=0.0625, size=224, batch=2, sweep=[1, 4]),
-                "A1-s8": dict(label=S8, width=0.0625, size=168, batch=1, sweep=[])},
+        total_s=285,
+        threads=2,
+        models={
+            "A1": dict(label=A1, width=0.0625, size=224, batch=2, sweep=[1, 4]),
+            "A1-s8": dict(label=S8, width=0.0625, size=168, batch=1, sweep=[]),
+        },
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile"],
-        compile_models=["A1"], warmup=2, iters=5, compile_last=True, host_iters=21,
+        compile_models=["A1"],
+        warmup=2,
+        iters=5,
+        compile_last=True,
+        host_iters=21,
         budgets=dict(ceilings=8, bn_relu=5, conv=12, model=75, sweep=60, compile=None, data=20, host=60, inference=25),
         inference=dict(smoke=True),
         data=dict(images=32, batch=8, epochs=1, workers=[2], reps=2, cases=["cls-train"]),
     ),
     "full": dict(
-        total_s=None, threads=None,
-        models={"A1": dict(label=A1, width=1.0, size=224, batch=64, sweep=[16, 32, 128]),
-                "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, sweep=[1, 2, 8])},
+        total_s=None,
+        threads=None,
+        models={
+            "A1": dict(label=A1, width=1.0, size=224, batch=64, sweep=[16, 32, 128]),
+            "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, sweep=[1, 2, 8]),
+        },
         impls=["eager", "fused", "fused_igemm", "checkpoint", "compile", "fused_compile", "fused_cudagraphs"],
-        compile_models=["A1", "A1-s8"], warmup=3, iters=10,
-        budgets={}, inference=dict(smoke=False), largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
+        compile_models=["A1", "A1-s8"],
+        warmup=3,
+        iters=10,
+        budgets={},
+        inference=dict(smoke=False),
+        largest_cap=4096,
+        conv_a1_batch=64,
+        conv_s8_batch=4,
         # the published CPU numbers: 5 interleaved repetitions, 1 -> 2 workers, per-image CPU profile
-        data=dict(images=256, batch=16, epochs=2, workers=[1, 2], reps=5, cases=["cls-train", "seg-train"],
-                  profile=True, alignment=True),
+        data=dict(
+            images=256,
+            batch=16,
+            epochs=2,
+            workers=[1, 2],
+            reps=5,
+            cases=["cls-train", "seg-train"],
+            profile=True,
+            alignment=True,
+        ),
     ),
     "campaign": dict(
-        total_s=525, threads=None,
+        total_s=525,
+        threads=None,
         # issue 20: A1/64, A1-s8/4 with batch statistics and frozen BN (the seed's segmentation setting), A1-s8/16
-        models={"A1": dict(label=A1, width=1.0, size=224, batch=64, bn="batch", sweep=[]),
-                "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, bn="batch", sweep=[]),
-                "A1-s8-frozen": dict(label=S8, width=1.0, size=504, batch=4, bn="frozen", sweep=[]),
-                "A1-s8-b16": dict(label=S8, width=1.0, size=504, batch=16, bn="batch", sweep=[])},
+        models={
+            "A1": dict(label=A1, width=1.0, size=224, batch=64, bn="batch", sweep=[]),
+            "A1-s8": dict(label=S8, width=1.0, size=504, batch=4, bn="batch", sweep=[]),
+            "A1-s8-frozen": dict(label=S8, width=1.0, size=504, batch=4, bn="frozen", sweep=[]),
+            "A1-s8-b16": dict(label=S8, width=1.0, size=504, batch=16, bn="batch", sweep=[]),
+        },
         impls=["eager", "fused", "fused_graphed", "eager_graphed", "compile", "fused_compile", "fused_cudagraphs"],
         # the order the goals need them (a budget cut drops the tail): A1-s8/4 both BN modes, A1/64, then A1-s8/16
         model_order=["A1-s8-frozen", "A1-s8", "A1", "A1-s8-b16"],
         compile_models=["A1", "A1-s8-frozen", "A1-s8", "A1-s8-b16"],
         # one process per compiled row (a cold torch.compile of A1 took 30-100 s on the H100 2026-11-25)
-        compile_order=[("compile", "A1"), ("fused_cudagraphs", "A1-s8-frozen"), ("fused_compile", "A1"),
-                       ("compile", "A1-s8-frozen"), ("fused_cudagraphs", "A1"), ("fused_compile", "A1-s8-frozen"),
-                       ("compile", "A1-s8"), ("fused_cudagraphs", "A1-s8"), ("fused_compile", "A1-s8"),
-                       ("compile", "A1-s8-b16"), ("fused_cudagraphs", "A1-s8-b16"), ("fused_compile", "A1-s8-b16")],
-        compile_row_s=110, warmup=3, iters=8, largest=False,
+        compile_order=[
+            ("compile", "A1"),
+            ("fused_cudagraphs", "A1-s8-frozen"),
+            ("fused_compile", "A1"),
+            ("compile", "A1-s8-frozen"),
+            ("fused_cudagraphs", "A1"),
+            ("fused_compile", "A1-s8-frozen"),
+            ("compile", "A1-s8"),
+            ("fused_cudagraphs", "A1-s8"),
+            ("fused_compile", "A1-s8"),
+            ("compile", "A1-s8-b16"),
+            ("fused_cudagraphs", "A1-s8-b16"),
+            ("fused_compile", "A1-s8-b16"),
+        ],
+        compile_row_s=110,
+        warmup=3,
+        iters=8,
+        largest=False,
         # 2026-11-25 on an H100: the tests took 28-38 s (+ interpreter start); one model process ~13 s for one
         # configuration (start-up ~5 s); 525 s in all, under the 9-minute window with the runner's own start-up
         # tests: ~30 s for the kernel tests on 2026-11-25 plus ~25 s for the CUDA-graph tests (6 capture checks and
         # one --cuda-graphs trainer run)
-        budgets=dict(tests=70, model=130, compile=100, fullres=70, ceilings=8, bn_relu=12, bn_parts=20, conv=30,
-                     data=10, host=30, inference=35),
+        budgets=dict(
+            tests=70,
+            model=130,
+            compile=100,
+            fullres=70,
+            ceilings=8,
+            bn_relu=12,
+            bn_parts=20,
+            conv=30,
+            data=10,
+            host=30,
+            inference=35,
+        ),
         inference=dict(smoke=False, iters=10),
         host_iters=21,
-        order=["tests", "model", "inference", "compile", "fullres", "ceilings", "bn_relu", "bn_parts", "conv", "data", "host"],
-        fullres=dict(model="A1-s8-fullres", label=S8, width=1.0, size=[1024, 2048], bn="frozen",
-                     # starts from the 2026-11-25 H100 peaks at 504 px (eager ~0.7 GB per image, fused ~half)
-                     impls=["eager", "fused", "unit"], start={"eager": 8, "fused": 16, "unit": 16}, cap=64),
-        largest_cap=4096, conv_a1_batch=64, conv_s8_batch=4,
+        order=[
+            "tests",
+            "model",
+            "inference",
+            "compile",
+            "fullres",
+            "ceilings",
+            "bn_relu",
+            "bn_parts",
+            "conv",
+            "data",
+            "host",
+        ],
+        fullres=dict(
+            model="A1-s8-fullres",
+            label=S8,
+            width=1.0,
+            size=[1024, 2048],
+            bn="frozen",
+            # starts from the 2026-11-25 H100 peaks at 504 px (eager ~0.7 GB per image, fused ~half)
+            impls=["eager", "fused", "unit"],
+            start={"eager": 8, "fused": 16, "unit": 16},
+            cap=64,
+        ),
+        largest_cap=4096,
+        conv_a1_batch=64,
+        conv_s8_batch=4,
         # mixed decode measured and its labels checked against the pixels (alignment first: it is the must-have)
-        data=dict(images=96, batch=16, epochs=1, workers=[8], reps=2, cases=["cls-train", "seg-train"],
-                  alignment=True),
+        data=dict(images=96, batch=16, epochs=1, workers=[8], reps=2, cases=["cls-train", "seg-train"], alignment=True),
     ),
     "smoke": dict(
-        total_s=200, threads=2,
-        models={"A1": dict(label=A1, width=0.0625, size=32, batch=2, bn="batch", sweep=[]),
-                "A1-s8": dict(label=S8, width=0.0625, size=48, batch=1, bn="batch", sweep=[]),
-                # the new configurations without checkpoint/igemm rows (the smoke's time is the suite's)
-                "A1-s8-frozen": dict(label=S8, width=0.0625, size=48, batch=1, bn="frozen", sweep=[],
-                                     impls=["eager", "fused", "eager_graphed", "fused_graphed"]),
-                "A1-s8-b16": dict(label=S8, width=0.0625, size=48, batch=2, bn="batch", sweep=[],
-                                  impls=["eager", "fused", "eager_graphed", "fused_graphed"])},
-        impls=["eager", "fused", "fused_igemm", "checkpoint", "eager_graphed", "fused_graphed", "compile",
-               "fused_compile", "fused_cudagraphs"], compile_models=[],
+        total_s=200,
+        threads=2,
+        models={
+            "A1": dict(label=A1, width=0.0625, size=32, batch=2, bn="batch", sweep=[]),
+            "A1-s8": dict(label=S8, width=0.0625, size=48, batch=1, bn="batch", sweep=[]),
+            # the new configurations without checkpoint/igemm rows (the smoke's time is the suite's)
+            "A1-s8-frozen": dict(
+                label=S8,
+                width=0.0625,
+                size=48,
+                batch=1,
+                bn="frozen",
+                sweep=[],
+                impls=["eager", "fused", "eager_graphed", "fused_graphed"],
+            ),
+            "A1-s8-b16": dict(
+                label=S8,
+                width=0.0625,
+                size=48,
+                batch=2,
+                bn="batch",
+                sweep=[],
+                impls=["eager", "fused", "eager_graphed", "fused_graphed"],
+            ),
+        },
+        impls=[
+            "eager",
+            "fused",
+            "fused_igemm",
+            "checkpoint",
+            "eager_graphed",
+            "fused_graphed",
+            "compile",
+            "fused_compile",
+            "fused_cudagraphs",
+        ],
+        compile_models=[],
         model_order=["A1", "A1-s8", "A1-s8-frozen", "A1-s8-b16"],
-        warmup=1, iters=1, largest=False,
-        budgets=dict(tests=40, ceilings=5, model=100, bn_relu=5, bn_parts=5, conv=10, data=15, fullres=5, host=30, inference=15),
+        warmup=1,
+        iters=1,
+        largest=False,
+        budgets=dict(
+            tests=40, ceilings=5, model=100, bn_relu=5, bn_parts=5, conv=10, data=15, fullres=5, host=30, inference=15
+        ),
         inference=dict(smoke=True, iters=1),
-        order=["tests", "model", "inference", "compile", "fullres", "ceilings", "bn_relu", "bn_parts", "conv", "data", "host"],
-        fullres=dict(model="A1-s8-fullres", label=S8, width=0.0625, size=[64, 128], bn="frozen",
-                     impls=["eager", "fused", "unit"], start=1, cap=4),
+        order=[
+            "tests",
+            "model",
+            "inference",
+            "compile",
+            "fullres",
+            "ceilings",
+            "bn_relu",
+            "bn_parts",
+            "conv",
+            "data",
+            "host",
+        ],
+        fullres=dict(
+            model="A1-s8-fullres",
+            label=S8,
+            width=0.0625,
+            size=[64, 128],
+            bn="frozen",
+            impls=["eager", "fused", "unit"],
+            start=1,
+            cap=4,
+        ),
         data=dict(images=16, batch=4, epochs=1, workers=[1], reps=1, cases=["cls-train"], alignment=True),
     ),
 }
@@ -143,8 +266,10 @@ def gate_result(returncode: int | None, stdout: str) -> dict:
 
     lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
     summary = lines[-1] if lines else ""
-    counts = {k.rstrip("s") if k.startswith("error") else k: int(n) for n, k in
-              re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)", summary)}
+    counts = {
+        k.rstrip("s") if k.startswith("error") else k: int(n)
+        for n, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)", summary)
+    }
     ran = sum(counts.get(k, 0) for k in ("passed", "failed", "error", "xfailed", "xpassed"))
     passed = returncode == 0 and counts.get("passed", 0) > 0
     why = None
@@ -154,8 +279,9 @@ def gate_result(returncode: int | None, stdout: str) -> dict:
         why = "no test ran (every selected test skipped)"
     elif returncode not in (0, None):
         why = f"pytest exit {returncode}"
-    return dict(returncode=returncode, passed=passed, counts=counts, ran=ran, summary=summary,
-                **({"why": why} if why else {}))
+    return dict(
+        returncode=returncode, passed=passed, counts=counts, ran=ran, summary=summary, **({"why": why} if why else {})
+    )
 
 
 def run_tests(section, out_dir: Path | None, log, cuda: bool | None = None) -> dict:
@@ -167,19 +293,34 @@ def run_tests(section, out_dir: Path | None, log, cuda: bool | None = None) -> d
 
         cuda = torch.cuda.is_available()
     if not cuda:
-        return dict(cmd=" ".join(cmd[1:]), returncode=None, passed=None, no_gpu=True, ran=0, seconds=0.0,
-                    summary="no GPU: the compiled-kernel tests (pytest -m gpu) need CUDA; not run")
+        return dict(
+            cmd=" ".join(cmd[1:]),
+            returncode=None,
+            passed=None,
+            no_gpu=True,
+            ran=0,
+            seconds=0.0,
+            summary="no GPU: the compiled-kernel tests (pytest -m gpu) need CUDA; not run",
+        )
     log("  $ " + " ".join(cmd[1:]))
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"]
-                                                   if os.environ.get("PYTHONPATH") else ""))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
+    )
     t = time.perf_counter()
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(5, section.timeout()), env=env)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         log(out[-3000:])
-        return dict(cmd=" ".join(cmd[1:]), returncode=None, passed=None, timed_out=True,
-                    seconds=round(time.perf_counter() - t, 1), summary=f"timed out after {section.budget_s:.0f} s")
+        return dict(
+            cmd=" ".join(cmd[1:]),
+            returncode=None,
+            passed=None,
+            timed_out=True,
+            seconds=round(time.perf_counter() - t, 1),
+            summary=f"timed out after {section.budget_s:.0f} s",
+        )
     for ln in p.stdout.strip().splitlines()[-60:]:
         log("  | " + ln)
     if p.stderr.strip():
@@ -192,9 +333,21 @@ def run_tests(section, out_dir: Path | None, log, cuda: bool | None = None) -> d
 
 
 def _spec(cfg, name, m, impl, batch, cuda, saved=True):
-    return dict(impl=impl, model=name, label=m["label"], width=m["width"], size=m["size"], batch=batch,
-                bn=m.get("bn", "batch"), warmup=cfg["warmup"], iters=cfg["iters"], saved=saved,
-                threads=cfg.get("threads"), device="cuda" if cuda else "cpu", smoke=False)
+    return dict(
+        impl=impl,
+        model=name,
+        label=m["label"],
+        width=m["width"],
+        size=m["size"],
+        batch=batch,
+        bn=m.get("bn", "batch"),
+        warmup=cfg["warmup"],
+        iters=cfg["iters"],
+        saved=saved,
+        threads=cfg.get("threads"),
+        device="cuda" if cuda else "cpu",
+        smoke=False,
+    )
 
 
 def _cuda_only_row(impl: str, name: str, m: dict, sec) -> dict | None:
@@ -204,8 +357,9 @@ def _cuda_only_row(impl: str, name: str, m: dict, sec) -> dict | None:
     if impl not in CUDA_ONLY:
         return None
     sec.skip(f"{name} {impl}", f"needs CUDA: {CUDA_ONLY[impl]}")
-    return dict(impl=impl, model=name, batch=m["batch"], bn=m.get("bn", "batch"),
-                skipped=f"needs CUDA: {CUDA_ONLY[impl]}")
+    return dict(
+        impl=impl, model=name, batch=m["batch"], bn=m.get("bn", "batch"), skipped=f"needs CUDA: {CUDA_ONLY[impl]}"
+    )
 
 
 def model_section(cfg, budget, res, log, cuda: bool, smoke: bool) -> None:
@@ -239,18 +393,37 @@ def model_section(cfg, budget, res, log, cuda: bool, smoke: bool) -> None:
                 if not sec.has(8):
                     for name in mine:
                         sec.skip(f"{name} {impl}")
-                        fixed.append(dict(impl=impl, model=name, batch=cfg["models"][name]["batch"],
-                                          skipped="section time budget spent"))
+                        fixed.append(
+                            dict(
+                                impl=impl,
+                                model=name,
+                                batch=cfg["models"][name]["batch"],
+                                skipped="section time budget spent",
+                            )
+                        )
                     continue
                 # what is left, shared by the processes still to run
                 share = sec.timeout() / (len(runnable) - runnable.index(impl))
-                rows = run_worker_multi([spec(n, cfg["models"][n], impl, cfg["models"][n]["batch"],
-                                              saved=impl not in ("eager_graphed", "fused_graphed"))
-                                         for n in mine], share, log)
+                rows = run_worker_multi(
+                    [
+                        spec(
+                            n,
+                            cfg["models"][n],
+                            impl,
+                            cfg["models"][n]["batch"],
+                            saved=impl not in ("eager_graphed", "fused_graphed"),
+                        )
+                        for n in mine
+                    ],
+                    share,
+                    log,
+                )
                 for j, row in enumerate(rows):
                     if not cuda and j and "peak_bytes" in row:
-                        row["note"] = ("CPU peak RSS is a process high-water mark: this process measured "
-                                       f"{j} configuration(s) before this one")
+                        row["note"] = (
+                            "CPU peak RSS is a process high-water mark: this process measured "
+                            f"{j} configuration(s) before this one"
+                        )
                     fixed.append(row)
                     _log_row(row, log)
             names = []  # measured above
@@ -261,9 +434,18 @@ def model_section(cfg, budget, res, log, cuda: bool, smoke: bool) -> None:
                     fixed.append(row)
                     continue
                 if impl == "fused_igemm" and not cuda:
-                    fixed.append(dict(impl=impl, model=name, batch=m["batch"], skipped=(
-                        "needs CUDA: in the Triton interpreter one step of a width-1/16 A1 at 32 px takes ~150 s; "
-                        "its kernels are smoke-tested in the conv section")))
+                    fixed.append(
+                        dict(
+                            impl=impl,
+                            model=name,
+                            batch=m["batch"],
+                            skipped=(
+                                "needs CUDA: in the Triton interpreter one step of a width-1/16 A1 at 32 px "
+                                "takes ~150 s; "
+                                "its kernels are smoke-tested in the conv section"
+                            ),
+                        )
+                    )
                     sec.skip(f"{name} fused_igemm", "needs CUDA (Triton interpreter on CPU: smoke in the conv section)")
                     continue
                 if not sec.has(5):
@@ -286,16 +468,18 @@ def model_section(cfg, budget, res, log, cuda: bool, smoke: bool) -> None:
                         row = run_worker(spec(name, m, impl, b, saved=False), sec.timeout(1800), log)
                         sweep.append(row)
                         _log_row(row, log)
-        res["notes"].append("largest batch: CUDA only (on CPU the limit is host RAM and swapping, not a "
-                            "meaningful number)")
+        res["notes"].append(
+            "largest batch: CUDA only (on CPU the limit is host RAM and swapping, not a meaningful number)"
+        )
     if not cfg.get("compile_last") and not cfg.get("order"):
         compile_section(cfg, budget, res, log, cuda)
     if not cuda or not cfg.get("largest", True):
         return
     with budget.section("largest", cfg["budgets"].get("largest")) as sec:
         first = ("eager", "fused", "checkpoint")  # the goal's ratio (fused/eager) first
-        order = [(n, i) for n in cfg["models"] for i in first] + \
-                [(n, i) for n in cfg["models"] for i in cfg["impls"] if i not in first]
+        order = [(n, i) for n in cfg["models"] for i in first] + [
+            (n, i) for n in cfg["models"] for i in cfg["impls"] if i not in first
+        ]
         order.sort(key=lambda t: (t[1] not in first, list(cfg["models"]).index(t[0])))
         for k, (name, impl) in enumerate(order):
             m = cfg["models"][name]
@@ -336,8 +520,9 @@ def compile_section(cfg, budget, res, log, cuda: bool) -> None:
                 sec.skip(f"{name} {impl} b{m['batch']}")
                 fixed.append(dict(impl=impl, model=name, batch=m["batch"], skipped="section time budget spent"))
                 continue
-            row = run_worker(_spec(cfg, name, m, impl, m["batch"], cuda),
-                             sec.timeout(cfg.get("compile_row_s", 1800)), log)
+            row = run_worker(
+                _spec(cfg, name, m, impl, m["batch"], cuda), sec.timeout(cfg.get("compile_row_s", 1800)), log
+            )
             fixed.append(row)
             _log_row(row, log)
 
@@ -351,8 +536,15 @@ def fullres_section(cfg, budget, res, log, cuda: bool) -> None:
     rows = res["model"].setdefault("fullres", [])
     with budget.section("fullres", cfg["budgets"].get("fullres")) as sec:
         for k, impl in enumerate(f["impls"]):
-            base = dict(impl=impl, model=f["model"], label=f["label"], width=f["width"], size=f["size"],
-                        bn=f["bn"], device="cuda")
+            base = dict(
+                impl=impl,
+                model=f["model"],
+                label=f["label"],
+                width=f["width"],
+                size=f["size"],
+                bn=f["bn"],
+                device="cuda",
+            )
             if not cuda:
                 why = "needs CUDA: the limit on a CPU is host RAM and swap, not a meaningful number"
                 sec.skip(f"{f['model']} {impl} largest batch", why)
@@ -401,15 +593,26 @@ def data_section(cfg, budget, res, log, cuda: bool) -> None:
                 except Exception as e:  # noqa: BLE001 - a broken pipeline is a result
                     res["data_alignment"] = dict(ok=False, error=f"{type(e).__name__}: {e}"[:300])
                 log(f"  data alignment: {res['data_alignment']}")
-            rows, ratios = measure(d["cases"], d["workers"], reps=d["reps"], images=d["images"], batch=d["batch"],
-                                   epochs=d["epochs"], tmp=Path(tmp), main_threads=d.get("main_threads"),
-                                   section=sec, log=log)
+            rows, ratios = measure(
+                d["cases"],
+                d["workers"],
+                reps=d["reps"],
+                images=d["images"],
+                batch=d["batch"],
+                epochs=d["epochs"],
+                tmp=Path(tmp),
+                main_threads=d.get("main_threads"),
+                section=sec,
+                log=log,
+            )
             res["data"].extend(rows)
             res["data_ratios"], res["data_scaling"] = ratios, scaling(rows)
             for r in ratios:
-                res["notes"].append(f"data: DALI {r['device']} / torch images/s, {r['case']}, {r['workers']} workers: "
-                                    f"{r['ratio']}x (median of {r['reps']} interleaved pairs, range {r['min']}-"
-                                    f"{r['max']})")
+                res["notes"].append(
+                    f"data: DALI {r['device']} / torch images/s, {r['case']}, {r['workers']} workers: "
+                    f"{r['ratio']}x (median of {r['reps']} interleaved pairs, range {r['min']}-"
+                    f"{r['max']})"
+                )
                 log("  " + res["notes"][-1])
             if d.get("profile"):
                 res["data_profile"] = []
@@ -432,13 +635,17 @@ def host_section(cfg, budget, res, log, smoke: bool) -> None:
             out = Path(tmp) / "host.json"
             # smoke: one model, 3 steps; quick and campaign: both models, 21 steps (each side, interleaved)
             cmd = [sys.executable, "-m", "bench.host", "--out", str(out)] + (
-                ["--smoke"] if smoke else ["--iters", str(cfg.get("host_iters", 31))])
+                ["--smoke"] if smoke else ["--iters", str(cfg.get("host_iters", 31))]
+            )
             log("  $ " + " ".join(cmd[1:]))
-            env = dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"]
-                                                           if os.environ.get("PYTHONPATH") else ""))
+            env = dict(
+                os.environ,
+                PYTHONPATH=str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
+            )
             try:
-                p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(5, sec.timeout()),
-                                   env=env)
+                p = subprocess.run(
+                    cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(5, sec.timeout()), env=env
+                )
             except subprocess.TimeoutExpired:
                 sec.skip("host", f"timed out after {sec.budget_s:.0f} s")
                 res["host"] = dict(error=f"timed out after {sec.budget_s:.0f} s")
@@ -456,23 +663,36 @@ def host_section(cfg, budget, res, log, smoke: bool) -> None:
             sec.skip("host", host["skipped"])
         else:
             fails = [c["target"] for c in host.get("checks", []) if c["result"] == "FAIL"]
-            res["notes"].append(f"host (bench.host, CPU thread time, stand-in sm_90 driver): "
-                                f"{len(host['checks']) - len(fails)} targets pass, {len(fails)} fail"
-                                + (f" ({'; '.join(fails)})" if fails else ""))
+            res["notes"].append(
+                f"host (bench.host, CPU thread time, stand-in sm_90 driver): "
+                f"{len(host['checks']) - len(fails)} targets pass, {len(fails)} fail"
+                + (f" ({'; '.join(fails)})" if fails else "")
+            )
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 2)[2])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     ap.add_argument("--quick", action="store_true", help="CPU quick mode: narrow models, small sizes, < 5 min")
     ap.add_argument("--gpu-campaign", action="store_true", help="tests first, then everything, budgeted to < 9 min")
     ap.add_argument("--smoke", action="store_true", help="with --gpu-campaign: shrink it to a CPU smoke run")
-    ap.add_argument("--out", type=Path, help="campaign: the folder for everything (results.json, log, plots); "
-                                             "other modes: the JSON path (default bench/results/<device>-<date>.json)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="campaign: the folder for everything (results.json, log, plots); "
+        "other modes: the JSON path (default bench/results/<device>-<date>.json)",
+    )
     ap.add_argument("--sections", help="comma list to run only some of: model,kernels,host,data,inference")
-    ap.add_argument("--budget-scale", type=float, default=1.0,
-                    help="multiply every time budget (e.g. 2 on a machine shared with other jobs); recorded")
+    ap.add_argument(
+        "--budget-scale",
+        type=float,
+        default=1.0,
+        help="multiply every time budget (e.g. 2 on a machine shared with other jobs); recorded",
+    )
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--update-readme", action="store_true", help="rewrite the latest-results block of bench/README.md")
     args = ap.parse_args(argv)
@@ -515,21 +735,36 @@ def main(argv=None) -> int:
         log("WARNING: full mode on CPU builds the published widths at 224/504: expect a long run (try --quick)")
     budget = Budget(cfg["total_s"], log)
     env = environment()
-    log(f"python -m bench: mode {mode}, device {env['device']} ({env.get('cpu_model')}), torch {env['torch']}, "
-        f"triton {env['triton']}, commit {env['commit'][:10]}{' (dirty)' if env['dirty'] else ''}")
+    log(
+        f"python -m bench: mode {mode}, device {env['device']} ({env.get('cpu_model')}), torch {env['torch']}, "
+        f"triton {env['triton']}, commit {env['commit'][:10]}{' (dirty)' if env['dirty'] else ''}"
+    )
     if not cuda:
         log("CPU run: fp32, NCHW; the Triton kernels only run interpreted here (correctness smoke, never timed).")
-    res: dict = dict(mode=mode, device_slug=slug, date=date, config={k: v for k, v in cfg.items()},
-                     model=dict(fixed=[], sweep=[], largest=[]), kernels={}, data=[], notes=[], sections={})
-    res["model"]["note"] = ("bf16 autocast, channels_last, SGD step included; peak = torch.cuda.max_memory_allocated"
-                            if cuda else "fp32, NCHW, SGD step included; peak = peak RSS delta of a fresh "
-                            "subprocess (ru_maxrss minus its value after imports and a runtime warm-up)") + \
-        "; saved = saved-for-backward bytes (kernels.profiling.saved_tensor_bytes)"
+    res: dict = dict(
+        mode=mode,
+        device_slug=slug,
+        date=date,
+        config={k: v for k, v in cfg.items()},
+        model=dict(fixed=[], sweep=[], largest=[]),
+        kernels={},
+        data=[],
+        notes=[],
+        sections={},
+    )
+    res["model"]["note"] = (
+        "bf16 autocast, channels_last, SGD step included; peak = torch.cuda.max_memory_allocated"
+        if cuda
+        else "fp32, NCHW, SGD step included; peak = peak RSS delta of a fresh "
+        "subprocess (ru_maxrss minus its value after imports and a runtime warm-up)"
+    ) + "; saved = saved-for-backward bytes (kernels.profiling.saved_tensor_bytes)"
     budget.sections = res["sections"]
     if not cuda:
-        res["notes"].append("torch.compile on CPU runs with torch._inductor.config.layout_optimization = False: "
-                            "with Inductor's channels_last layouts oneDNN's convolution_backward segfaults in the "
-                            "compiled backward (torch 2.13 CPU, width-1/16 A1 at 224)")
+        res["notes"].append(
+            "torch.compile on CPU runs with torch._inductor.config.layout_optimization = False: "
+            "with Inductor's channels_last layouts oneDNN's convolution_backward segfaults in the "
+            "compiled backward (torch 2.13 CPU, width-1/16 A1 at 224)"
+        )
     wanted = set((args.sections or "model,kernels,host,data,inference").split(","))
     unknown = wanted - {"model", "kernels", "host", "data", "inference"}
     if unknown:
@@ -549,9 +784,18 @@ def main(argv=None) -> int:
         if not res.get("stopped") and cfg.get("order"):
             # the campaign: the configured order (model level first: subprocesses with timeouts, the headline
             # numbers; host last: its stand-in Triton driver must not precede a GPU section)
-            group = {"model": "model", "compile": "model", "fullres": "model", "ceilings": "kernels",
-                     "bn_relu": "kernels", "bn_parts": "kernels", "conv": "kernels", "data": "data", "host": "host",
-                     "inference": "inference"}
+            group = {
+                "model": "model",
+                "compile": "model",
+                "fullres": "model",
+                "ceilings": "kernels",
+                "bn_relu": "kernels",
+                "bn_parts": "kernels",
+                "conv": "kernels",
+                "data": "data",
+                "host": "host",
+                "inference": "inference",
+            }
             if not args.sections:
                 wanted.add("host")
             done_kernels = False

@@ -30,8 +30,15 @@ import types
 SUPPORTED = ("3.6", "3.9")
 
 # An H100 SXM5 (sm_90): what kernel loading and the launchers' callers ask of the device.
-H100_PROPERTIES = dict(max_shared_mem=232448, multiprocessor_count=132, max_num_regs=65536, warpSize=32,
-                       sm_clock_rate=1980000, mem_clock_rate=2619000, mem_bus_width=5120)
+H100_PROPERTIES = dict(
+    max_shared_mem=232448,
+    multiprocessor_count=132,
+    max_num_regs=65536,
+    warpSize=32,
+    sm_clock_rate=1980000,
+    mem_clock_rate=2619000,
+    mem_bus_width=5120,
+)
 TARGET_ARCH, WARP_SIZE = 90, 32
 
 
@@ -49,8 +56,10 @@ def unsupported() -> str | None:
     if v is None:
         return "triton is not installed (bench.host stubs Triton's CUDA driver)"
     if ".".join(v.split(".")[:2]) not in SUPPORTED:
-        return (f"triton {v} is not supported by bench.host's stand-in driver (supported: "
-                f"{', '.join(SUPPORTED)}): the launcher internals it stubs differ between versions")
+        return (
+            f"triton {v} is not supported by bench.host's stand-in driver (supported: "
+            f"{', '.join(SUPPORTED)}): the launcher internals it stubs differ between versions"
+        )
     try:
         from triton.backends.nvidia import driver as _nv  # noqa: F401
     except ImportError as e:
@@ -140,11 +149,18 @@ def _checked_launch(launch, n_args: int, version: str):
         if version == "3.6":
             ok = grid_ok and len(a) == 13 + n_args and isinstance(a[9], tuple) and len(a[9]) == 3
         else:
-            ok = grid_ok and len(a) == 16 and isinstance(a[7], tuple) and isinstance(a[15], tuple) \
+            ok = (
+                grid_ok
+                and len(a) == 16
+                and isinstance(a[7], tuple)
+                and isinstance(a[15], tuple)
                 and len(a[15]) == n_args
+            )
         if not ok:
-            raise TypeError(f"C launch called with an argument layout Triton {version} does not take: "
-                            f"{len(a)} arguments for a {n_args}-argument kernel")
+            raise TypeError(
+                f"C launch called with an argument layout Triton {version} does not take: "
+                f"{len(a)} arguments for a {n_args}-argument kernel"
+            )
         return launch(*a)
 
     return checked
@@ -177,7 +193,9 @@ def _launcher_cls():
             self.num_ctas = getattr(metadata, "num_ctas", 1)
             self.launch = _checked_launch(
                 nv.wrap_handle_tensordesc(triton.runtime.driver.active.utils.launch, signature, tensordesc_meta),
-                len(signature), version)
+                len(signature),
+                version,
+            )
             self.global_scratch_size = metadata.global_scratch_size
             self.global_scratch_align = metadata.global_scratch_align
             self.profile_scratch_size = metadata.profile_scratch_size

@@ -58,10 +58,18 @@ def measure(spec: dict) -> dict:
     device = spec.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     _warm_runtime(device)
     impl = spec["impl"]
-    row = dict(impl=impl, model=spec.get("model"), label=spec["label"], width=spec.get("width", 1.0),
-               size=spec["size"], batch=spec["batch"], bn=spec.get("bn", "batch"), device=device,
-               dtype="bf16 autocast" if device == "cuda" else "float32",
-               layout="channels_last" if device == "cuda" else "NCHW")
+    row = dict(
+        impl=impl,
+        model=spec.get("model"),
+        label=spec["label"],
+        width=spec.get("width", 1.0),
+        size=spec["size"],
+        batch=spec["batch"],
+        bn=spec.get("bn", "batch"),
+        device=device,
+        dtype="bf16 autocast" if device == "cuda" else "float32",
+        layout="channels_last" if device == "cuda" else "NCHW",
+    )
     torch.manual_seed(0)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -84,7 +92,8 @@ def measure(spec: dict) -> dict:
         if spec.get("smoke"):
             row["timed"] = False
             row["note"] = "smoke: one step run, not timed" + (
-                " (Triton interpreter)" if impl == "fused_igemm" and device != "cuda" else "")
+                " (Triton interpreter)" if impl == "fused_igemm" and device != "cuda" else ""
+            )
         else:
             t = time.perf_counter()
             for _ in range(max(0, spec.get("warmup", 2) - 1, setup_calls - 1)):
@@ -100,18 +109,26 @@ def measure(spec: dict) -> dict:
                 sync()
                 times.append(time.perf_counter() - t)
             med = statistics.median(times)
-            row.update(timed=True, iters=len(times), step_ms=round(med * 1e3, 2),
-                       step_ms_min=round(min(times) * 1e3, 2), img_per_s=round(spec["batch"] / med, 2))
+            row.update(
+                timed=True,
+                iters=len(times),
+                step_ms=round(med * 1e3, 2),
+                step_ms_min=round(min(times) * 1e3, 2),
+                img_per_s=round(spec["batch"] / med, 2),
+            )
         if device == "cuda":
             row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
             row["peak_method"] = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
         else:
             row["peak_bytes"] = _rss_bytes() - base
-            row["peak_method"] = ("peak RSS (ru_maxrss) minus ru_maxrss after imports and runtime warm-up, "
-                                  "same subprocess")
+            row["peak_method"] = (
+                "peak RSS (ru_maxrss) minus ru_maxrss after imports and runtime warm-up, same subprocess"
+            )
             if impl in COMPILED:
-                row["note"] = ("CPU peak RSS not comparable: torch.compile compiles in this process and its workers, "
-                               "and Inductor's CPU memory planning differs")
+                row["note"] = (
+                    "CPU peak RSS not comparable: torch.compile compiles in this process and its workers, "
+                    "and Inductor's CPU memory planning differs"
+                )
         row["peak_MiB"] = round(row["peak_bytes"] / 2**20, 1)
     except torch.OutOfMemoryError:
         row.update(oom=True)
@@ -141,8 +158,9 @@ def search(spec: dict) -> dict:
     from bench.impls import build, inputs, make_step
 
     device = "cuda"
-    model, fn = build(spec["impl"], spec["label"], width=spec.get("width", 1.0), device=device,
-                      bn=spec.get("bn", "batch"))
+    model, fn = build(
+        spec["impl"], spec["label"], width=spec.get("width", 1.0), device=device, bn=spec.get("bn", "batch")
+    )
     deadline = time.monotonic() + spec.get("budget_s", 1e9)
     tries: list[dict] = []
     last = {"b": 0, "s": 0.0}  # the last try: batch and seconds, to predict the next one's cost
@@ -171,9 +189,14 @@ def search(spec: dict) -> dict:
                 torch.cuda.synchronize()
                 times.append((time.perf_counter() - t) * 1e3)
             ms = statistics.median(times)
-            row.update(fits=True, step_ms=round(ms, 2), step_ms_min=round(min(times), 2), timed_steps=len(times),
-                       img_per_s=round(b / ms * 1e3, 2),
-                       peak_MiB=round(torch.cuda.max_memory_allocated() / 2**20, 1))
+            row.update(
+                fits=True,
+                step_ms=round(ms, 2),
+                step_ms_min=round(min(times), 2),
+                timed_steps=len(times),
+                img_per_s=round(b / ms * 1e3, 2),
+                peak_MiB=round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            )
             ok = True
         except torch.OutOfMemoryError:
             row.update(fits=False)
@@ -206,11 +229,19 @@ def search(spec: dict) -> dict:
             complete = False
             break
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return dict(impl=spec["impl"], model=spec.get("model"), label=spec["label"], size=spec["size"],
-                bn=spec.get("bn", "batch"),
-                largest_batch=lo or None, first_failure=hi, complete=complete, tries=tries,
-                method="doubling from start, then bisection to ~6%; one process, full cleanup between tries",
-                cap_reached=hi is None and lo >= cap)
+    return dict(
+        impl=spec["impl"],
+        model=spec.get("model"),
+        label=spec["label"],
+        size=spec["size"],
+        bn=spec.get("bn", "batch"),
+        largest_batch=lo or None,
+        first_failure=hi,
+        complete=complete,
+        tries=tries,
+        method="doubling from start, then bisection to ~6%; one process, full cleanup between tries",
+        cap_reached=hi is None and lo >= cap,
+    )
 
 
 def _one(spec: dict) -> dict:
@@ -218,8 +249,13 @@ def _one(spec: dict) -> dict:
         return search(spec) if spec.get("search") else measure(spec)
     except Exception as e:  # noqa: BLE001 - the runner records why an implementation failed
         tb = traceback.format_exc().strip().splitlines()
-        row = dict(impl=spec.get("impl"), model=spec.get("model"), batch=spec.get("batch"),
-                   error=f"{type(e).__name__}: {str(e)[:400]}", where=tb[-3:] if len(tb) > 3 else tb)
+        row = dict(
+            impl=spec.get("impl"),
+            model=spec.get("model"),
+            batch=spec.get("batch"),
+            error=f"{type(e).__name__}: {str(e)[:400]}",
+            where=tb[-3:] if len(tb) > 3 else tb,
+        )
         if type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e):
             row["oom"] = True
         return row

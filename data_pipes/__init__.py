@@ -6,8 +6,24 @@ from .layouts import DATASETS, SPLITS, DatasetError, DatasetIndex, Sample, disco
 from .recipes import MEAN, STD, ClsTrain, ClsVal, SegTrain, SegVal
 
 __all__ = [
-    "BadSampleError", "ClsTrain", "ClsVal", "DATASETS", "DatasetError", "DatasetIndex", "IGNORE", "LABEL_SPACES",
-    "LabelSpace", "Loader", "MEAN", "SPLITS", "STD", "Sample", "SegTrain", "SegVal", "build_loader", "discover",
+    "BadSampleError",
+    "ClsTrain",
+    "ClsVal",
+    "DATASETS",
+    "DatasetError",
+    "DatasetIndex",
+    "IGNORE",
+    "LABEL_SPACES",
+    "LabelSpace",
+    "Loader",
+    "MEAN",
+    "SPLITS",
+    "STD",
+    "Sample",
+    "SegTrain",
+    "SegVal",
+    "build_loader",
+    "discover",
     "make_recipe",
 ]
 

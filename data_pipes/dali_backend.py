@@ -77,16 +77,27 @@ def _graph(recipe, nodes: dict, gpu: bool) -> dict:
     out = {}
     if isinstance(recipe, ClsTrain):
         # ROI decode: only the random-resized-crop window is decoded (libjpeg-turbo / nvJPEG skip the rest)
-        img = fn.decoders.image_slice(nodes["encoded"], start=nodes["anchor"], shape=nodes["shape"], axes=[0, 1],
-                                      device=decoder, output_type=types.RGB, **_STORED_GRID)
+        img = fn.decoders.image_slice(
+            nodes["encoded"],
+            start=nodes["anchor"],
+            shape=nodes["shape"],
+            axes=[0, 1],
+            device=decoder,
+            output_type=types.RGB,
+            **_STORED_GRID,
+        )
         img = fn.resize(img, size=[recipe.crop, recipe.crop], **adaptive)
         out["image"] = fn.flip(img, horizontal=nodes["flip"])
         out["label"], out["photometric"] = nodes["label"], nodes["photometric"]
     elif isinstance(recipe, ClsVal):
         img = fn.decoders.image(nodes["encoded"], device=decoder, output_type=types.RGB, **_STORED_GRID)
         img = fn.resize(img, size=nodes["size"], interp_type=types.INTERP_CUBIC, antialias=True)  # seed: bicubic
-        crops = [fn.crop_mirror_normalize(fn.slice(img, start=nodes[f"start{k}"], shape=[recipe.scale] * 2,
-                                                   axes=[0, 1]), **norm) for k in range(recipe.crops)]
+        crops = [
+            fn.crop_mirror_normalize(
+                fn.slice(img, start=nodes[f"start{k}"], shape=[recipe.scale] * 2, axes=[0, 1]), **norm
+            )
+            for k in range(recipe.crops)
+        ]
         out["image"] = crops[0] if recipe.crops == 1 else fn.stack(*crops, axis_name="F")
         out["label"] = nodes["label"]
     elif isinstance(recipe, SegTrain):
@@ -95,8 +106,12 @@ def _graph(recipe, nodes: dict, gpu: bool) -> dict:
         fill = [float(round(c)) for c in MEAN_RGB_255]  # normalises to ~0, as the torch backend's canvas
         window = dict(start=nodes["anchor"], shape=nodes["shape"], axes=[0, 1], out_of_bounds_policy="pad")
         img = fn.resize(fn.slice(img, fill_values=fill, **window), size=[recipe.crop] * 2, **adaptive)
-        mask = fn.resize(fn.slice(mask, fill_values=255, **window), size=[recipe.crop] * 2,
-                         interp_type=types.INTERP_NN, antialias=False)
+        mask = fn.resize(
+            fn.slice(mask, fill_values=255, **window),
+            size=[recipe.crop] * 2,
+            interp_type=types.INTERP_NN,
+            antialias=False,
+        )
         out["image"] = fn.crop_mirror_normalize(img, mirror=nodes["flip"], **norm)
         out["label"] = fn.flip(mask, horizontal=nodes["flip"])
     else:
@@ -108,8 +123,18 @@ def _graph(recipe, nodes: dict, gpu: bool) -> dict:
     return out
 
 
-def make_pipeline(feed: SampleFeed, recipe, *, batch_size: int, threads: int, py_workers: int, device: str,
-                  device_id: int | None, start_method: str = "fork", prefetch: int = 2):
+def make_pipeline(
+    feed: SampleFeed,
+    recipe,
+    *,
+    batch_size: int,
+    threads: int,
+    py_workers: int,
+    device: str,
+    device_id: int | None,
+    start_method: str = "fork",
+    prefetch: int = 2,
+):
     """An unbuilt DALI pipeline over ``feed`` (the outputs of :func:`contract`, in that order).
 
     ``py_workers`` feed processes (0: the feed runs in the main thread); ``device`` ``gpu`` puts decoding on
@@ -123,17 +148,29 @@ def make_pipeline(feed: SampleFeed, recipe, *, batch_size: int, threads: int, py
     want = contract(recipe, gpu)
     declared: dict[str, tuple[int, str, str]] = {}
 
-    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, exec_dynamic=True,
-                  prefetch_queue_depth=prefetch, py_num_workers=py_workers, py_start_method=start_method,
-                  output_dtype=[getattr(types, d) for _, d, _, _ in want.values()],
-                  output_ndim=[n for _, _, n, _ in want.values()])
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=threads,
+        device_id=device_id,
+        exec_dynamic=True,
+        prefetch_queue_depth=prefetch,
+        py_num_workers=py_workers,
+        py_start_method=start_method,
+        output_dtype=[getattr(types, d) for _, d, _, _ in want.values()],
+        output_ndim=[n for _, _, n, _ in want.values()],
+    )
     def pipe():
         # dtype/ndim/layout declared: DALI checks each sample the workers return against them
         parallel = dict(parallel=True, prefetch_queue_depth=prefetch) if py_workers > 0 else {}
-        nodes = fn.external_source(source=feed, num_outputs=len(spec), batch=False, **parallel,
-                                   dtype=[getattr(types, _DTYPE_NAMES[t]) for _, t, _, _ in spec],
-                                   ndim=[n for _, _, n, _ in spec],
-                                   layout=[lay for *_, lay in spec])
+        nodes = fn.external_source(
+            source=feed,
+            num_outputs=len(spec),
+            batch=False,
+            **parallel,
+            dtype=[getattr(types, _DTYPE_NAMES[t]) for _, t, _, _ in spec],
+            ndim=[n for _, _, n, _ in spec],
+            layout=[lay for *_, lay in spec],
+        )
         declared.update({node.name: (ndim, _DTYPE_NAMES[t], lay) for node, (_, t, ndim, lay) in zip(nodes, spec)})
         out = _graph(recipe, dict(zip([name for name, *_ in spec], nodes)), gpu)
         return tuple(out[k] for k in want)
@@ -167,8 +204,11 @@ def check_graph(pipe, want: dict[str, tuple[str, str, int, str]] | None = None) 
         pipe.serialize()
     except RuntimeError as e:
         return {"ops": [], "outputs": [], "problems": [f"DALI rejected the graph: {_first_line(e)}"]}
-    registry = {"cpu": set(b.RegisteredCPUOps(True)), "gpu": set(b.RegisteredGPUOps(True)),
-                "mixed": set(b.RegisteredMixedOps(True))}
+    registry = {
+        "cpu": set(b.RegisteredCPUOps(True)),
+        "gpu": set(b.RegisteredGPUOps(True)),
+        "mixed": set(b.RegisteredMixedOps(True)),
+    }
     sources = getattr(pipe, "feed_metadata", {})
     meta: dict[str, tuple] = {}
     problems: list[str] = []
@@ -210,8 +250,10 @@ def check_graph(pipe, want: dict[str, tuple[str, str, int, str]] | None = None) 
         outs.append((node.device, ndim, None if dtype is None else dtype.name, layout))
     for (name, (dev, dtype, ndim, layout)), got in zip((want or {}).items(), outs):
         if got != (dev, ndim, dtype, layout):
-            problems.append(f"output {name}: inferred (device, ndim, dtype, layout) {got}, "
-                            f"the contract says {(dev, ndim, dtype, layout)}")
+            problems.append(
+                f"output {name}: inferred (device, ndim, dtype, layout) {got}, "
+                f"the contract says {(dev, ndim, dtype, layout)}"
+            )
     return {"ops": ops, "outputs": outs, "problems": problems}
 
 
@@ -225,6 +267,7 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor | list[torch.Tensor]:
             out = torch.empty(t.shape(), dtype=dtype, device=device)
             feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
             return out
+
         return one(tl.as_tensor()) if tl.is_dense_tensor() else [one(tl[i]) for i in range(len(tl))]
     # zero-copy: with exec_dynamic DALI never recycles an output buffer that is still referenced (the numpy view
     # keeps DALI's tensor alive), so a batch stays valid while the training step holds it
@@ -256,10 +299,22 @@ class DaliBackend:
 
     name = "dali"
 
-    def __init__(self, index: DatasetIndex, recipe, *, seed: int, batch_size: int, threads: int, device: str,
-                 skip_bad: bool, py_workers: int | None = None):
+    def __init__(
+        self,
+        index: DatasetIndex,
+        recipe,
+        *,
+        seed: int,
+        batch_size: int,
+        threads: int,
+        device: str,
+        skip_bad: bool,
+        py_workers: int | None = None,
+    ):
         if not available():
-            raise RuntimeError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda120 (Linux x86-64/aarch64)")
+            raise RuntimeError(
+                "backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda120 (Linux x86-64/aarch64)"
+            )
         self.index, self.recipe, self.seed, self.skip_bad = index, recipe, seed, skip_bad
         self.batch_size, self.threads, self.device = batch_size, max(1, threads), device
         self.py_workers = self.threads if py_workers is None else py_workers
@@ -274,11 +329,28 @@ class DaliBackend:
     def pipeline(self, plan: EpochPlan, epoch: int = 0, start_batch: int = 0, device_id: int | None = None):
         """The unbuilt pipeline for ``epoch`` from ``start_batch`` on (see :func:`make_pipeline`)."""
         samples = self.index.samples
-        feed = SampleFeed([s.image for s in samples], [s.target for s in samples], self.index.label_space,
-                          self.recipe, self.seed, plan, self.batch_size, epoch, start_batch, frozenset(self.bad))
-        return make_pipeline(feed, self.recipe, batch_size=self.batch_size, threads=self.threads,
-                             py_workers=self.py_workers, device=self.device, device_id=device_id,
-                             start_method=self.start_method())
+        feed = SampleFeed(
+            [s.image for s in samples],
+            [s.target for s in samples],
+            self.index.label_space,
+            self.recipe,
+            self.seed,
+            plan,
+            self.batch_size,
+            epoch,
+            start_batch,
+            frozenset(self.bad),
+        )
+        return make_pipeline(
+            feed,
+            self.recipe,
+            batch_size=self.batch_size,
+            threads=self.threads,
+            py_workers=self.py_workers,
+            device=self.device,
+            device_id=device_id,
+            start_method=self.start_method(),
+        )
 
     def check_graph(self, plan: EpochPlan) -> dict:
         """:func:`check_graph` of this backend's pipeline (for ``device='gpu'`` too: no GPU needed)."""
@@ -319,12 +391,15 @@ class DaliBackend:
                     continue
                 if found:
                     raise BadSampleError(next(iter(found.values()))) from e
-                files = [self.index.samples[int(i)].image for i in plan(epoch)[0][b * batch_size:(b + 1) * batch_size]]
+                files = [
+                    self.index.samples[int(i)].image for i in plan(epoch)[0][b * batch_size : (b + 1) * batch_size]
+                ]
                 raise BadSampleError(f"DALI failed on a batch with files {files}: {_first_line(e)}") from e
             outs = dict(zip(names, outs))
             error = outs.pop("error")
-            batch = {k: _to_torch(v, out_device if k in ("image", "label") else torch.device("cpu"))
-                     for k, v in outs.items()}
+            batch = {
+                k: _to_torch(v, out_device if k in ("image", "label") else torch.device("cpu")) for k, v in outs.items()
+            }
             errors = [bytes(np.asarray(error[i])).decode("utf-8", "replace") for i in range(len(error))]
             errors = [m for m in errors if m]
             if errors and not self.skip_bad:
@@ -353,7 +428,6 @@ class DaliBackend:
         return found
 
 
-
 def _first_line(e: BaseException) -> str:
     """The line of a DALI error that says what failed (DALI puts it after the operator's traceback)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -361,4 +435,3 @@ def _first_line(e: BaseException) -> str:
         if ln == "encountered:":
             return lines[k + 1]
     return lines[0] if lines else type(e).__name__
-

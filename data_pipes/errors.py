@@ -39,8 +39,9 @@ def check_complete(path: str, data: bytes) -> None:
     window's last row), i.e. on the epoch. FFD9 cannot occur inside entropy-coded data (0xFF is stuffed), and an
     EXIF thumbnail's own EOI comes before the main image's scans."""
     if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
-        raise BadSampleError(f"{path}: cannot decode image (truncated JPEG: no end-of-image marker after its "
-                             "last scan)")
+        raise BadSampleError(
+            f"{path}: cannot decode image (truncated JPEG: no end-of-image marker after its last scan)"
+        )
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -80,7 +81,9 @@ def load_mask(path: str, space: LabelSpace, size: tuple[int, int], image_path: s
     except Exception as e:
         raise BadSampleError(f"{path}: cannot decode mask ({e})") from None
     if (raw.shape[1], raw.shape[0]) != tuple(size):
-        raise BadSampleError(f"{path}: mask is {raw.shape[1]}x{raw.shape[0]} but image {image_path} is {size[0]}x{size[1]}")
+        raise BadSampleError(
+            f"{path}: mask is {raw.shape[1]}x{raw.shape[0]} but image {image_path} is {size[0]}x{size[1]}"
+        )
     try:
         return space.encode(raw)
     except ValueError as e:

@@ -37,8 +37,13 @@ def outputs(recipe) -> list[tuple[str, type, int, str]]:
         # colour jitter + PCA lighting parameters: applied by the loader in torch, on the batch's device
         return _HEAD + _WINDOW + [("photometric", np.float32, 1, "")] + _LABEL + _TAIL
     if isinstance(recipe, ClsVal):
-        return _HEAD + [("size", np.float32, 1, "")] + [(f"start{k}", np.int32, 1, "") for k in range(recipe.crops)] \
-            + _LABEL + _TAIL
+        return (
+            _HEAD
+            + [("size", np.float32, 1, "")]
+            + [(f"start{k}", np.int32, 1, "") for k in range(recipe.crops)]
+            + _LABEL
+            + _TAIL
+        )
     if isinstance(recipe, SegTrain):
         return _HEAD + _MASK + _WINDOW + _TAIL
     return _HEAD + _MASK + [("size", np.float32, 1, "")] + _TAIL
@@ -56,8 +61,15 @@ class EpochPlan:
     even: bool = False
 
     def __call__(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        return epoch_indices(self.n, epoch=epoch, seed=self.seed, shuffle=self.shuffle, shard_id=self.shard_id,
-                             num_shards=self.num_shards, even=self.even)
+        return epoch_indices(
+            self.n,
+            epoch=epoch,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+            even=self.even,
+        )
 
 
 _PLACEHOLDER: bytes | None = None
@@ -85,9 +97,19 @@ class SampleFeed:
     per-sample mode. Returns the arrays of :func:`outputs` (recipe) for one sample.
     """
 
-    def __init__(self, images: list[str], targets: list, label_space: LabelSpace | None, recipe, seed: int,
-                 plan: EpochPlan, batch_size: int, base_epoch: int = 0, start_batch: int = 0,
-                 bad: frozenset[int] = frozenset()):
+    def __init__(
+        self,
+        images: list[str],
+        targets: list,
+        label_space: LabelSpace | None,
+        recipe,
+        seed: int,
+        plan: EpochPlan,
+        batch_size: int,
+        base_epoch: int = 0,
+        start_batch: int = 0,
+        bad: frozenset[int] = frozenset(),
+    ):
         self.images, self.targets, self.label_space = images, targets, label_space
         self.recipe, self.seed, self.plan, self.batch_size = recipe, seed, plan, batch_size
         self.base_epoch, self.start_batch, self.bad = base_epoch, start_batch, frozenset(bad)
@@ -143,16 +165,23 @@ class SampleFeed:
             mask = load_mask(target, self.label_space, size, path) if isinstance(target, str) else None
         w, h = size
         p = r.draw(sample_rng(self.seed, epoch, max(i, 0)), w, h)
-        out = {"encoded": np.frombuffer(data, np.uint8), "index": np.array(i, np.int64),
-               "real": np.array(real, np.bool_), "error": np.zeros(0, np.uint8)}
+        out = {
+            "encoded": np.frombuffer(data, np.uint8),
+            "index": np.array(i, np.int64),
+            "real": np.array(real, np.bool_),
+            "error": np.zeros(0, np.uint8),
+        }
         if isinstance(r, (ClsTrain, ClsVal)):
             out["label"] = np.array(target, np.int64)
         else:
             out["mask"] = mask[:, :, None]
         if isinstance(r, (ClsTrain, SegTrain)):
             x0, y0, cw, ch = p["window"]
-            out.update(anchor=np.array([y0, x0], np.int32), shape=np.array([ch, cw], np.int32),
-                       flip=np.array(int(p["flip"]), np.int32))
+            out.update(
+                anchor=np.array([y0, x0], np.int32),
+                shape=np.array([ch, cw], np.int32),
+                flip=np.array(int(p["flip"]), np.int32),
+            )
             if isinstance(r, ClsTrain):
                 out["photometric"] = p["photometric"]
         else:

@@ -102,8 +102,29 @@ def _voc() -> LabelSpace:
     lut = np.full(256, INVALID, np.int16)
     lut[:21] = np.arange(21)
     lut[IGNORE] = IGNORE
-    names = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-             "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+    names = (
+        "background",
+        "aeroplane",
+        "bicycle",
+        "bird",
+        "boat",
+        "bottle",
+        "bus",
+        "car",
+        "cat",
+        "chair",
+        "cow",
+        "diningtable",
+        "dog",
+        "horse",
+        "motorbike",
+        "person",
+        "pottedplant",
+        "sheep",
+        "sofa",
+        "train",
+        "tvmonitor",
+    )
     return LabelSpace(21, lut, np.arange(21, dtype=np.uint8), voc_palette(), names)
 
 

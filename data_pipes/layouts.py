@@ -21,8 +21,12 @@ from pathlib import Path
 from .labels import LABEL_SPACES, LabelSpace
 
 DATASETS = ("ilsvrc", "voc", "cityscapes", "ade20k")
-SPLITS = {"ilsvrc": ("train", "val"), "voc": ("train", "train+", "val"),
-          "cityscapes": ("train", "train+", "val"), "ade20k": ("train", "val")}
+SPLITS = {
+    "ilsvrc": ("train", "val"),
+    "voc": ("train", "train+", "val"),
+    "cityscapes": ("train", "train+", "val"),
+    "ade20k": ("train", "val"),
+}
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
@@ -122,7 +126,9 @@ def _voc(root: Path, split: str) -> DatasetIndex:
     samples = []
     for n, fields in enumerate(_read_list(sets / name), 1):
         if len(fields) == 1:
-            samples.append(Sample(str(voc / "JPEGImages" / f"{fields[0]}.jpg"), str(voc / mask_dir / f"{fields[0]}.png")))
+            samples.append(
+                Sample(str(voc / "JPEGImages" / f"{fields[0]}.jpg"), str(voc / mask_dir / f"{fields[0]}.png"))
+            )
         elif len(fields) == 2:  # DeepLab style: /JPEGImages/x.jpg /SegmentationClassAug/x.png
             samples.append(Sample(str(voc / fields[0].lstrip("/")), str(voc / fields[1].lstrip("/"))))
         else:

@@ -47,8 +47,20 @@ class Loader:
     :meth:`iter_epoch` restore a position (resume).
     """
 
-    def __init__(self, index: DatasetIndex, recipe, backend, *, batch_size: int, shuffle: bool, seed: int,
-                 shard_id: int, num_shards: int, even: bool, device: torch.device):
+    def __init__(
+        self,
+        index: DatasetIndex,
+        recipe,
+        backend,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        shard_id: int,
+        num_shards: int,
+        even: bool,
+        device: torch.device,
+    ):
         self.index, self.recipe, self.backend = index, recipe, backend
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.shard_id, self.num_shards, self.even, self.device = shard_id, num_shards, even, device
@@ -88,7 +100,9 @@ class Loader:
         for raw in self.backend.iterate(epoch, self.planner, self.batch_size, start_batch):
             if raw.get("skipped"):
                 self.skipped += raw["skipped"]
-                log.warning("%d bad sample(s) skipped so far in %s %s", self.skipped, self.index.dataset, self.index.split)
+                log.warning(
+                    "%d bad sample(s) skipped so far in %s %s", self.skipped, self.index.dataset, self.index.split
+                )
             if "image" in raw:
                 keep = raw["index"] >= 0  # DALI placeholders for all-bad batches have index -1
                 if not keep.all():
@@ -164,11 +178,25 @@ def _chw(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(-1, -3).contiguous().float().div_(255)
 
 
-def build_loader(dataset: str, data_root: str | os.PathLike, split: str, *, batch_size: int, train: bool,
-                 crop_size: int | None = None, device: str | torch.device = "auto", backend: str = "auto",
-                 shard_id: int = 0, num_shards: int = 1, seed: int = 0, workers: int | None = None,
-                 skip_bad: bool = False, even: bool | None = None, val_list: str | None = None,
-                 **recipe: Any) -> Loader:
+def build_loader(
+    dataset: str,
+    data_root: str | os.PathLike,
+    split: str,
+    *,
+    batch_size: int,
+    train: bool,
+    crop_size: int | None = None,
+    device: str | torch.device = "auto",
+    backend: str = "auto",
+    shard_id: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    even: bool | None = None,
+    val_list: str | None = None,
+    **recipe: Any,
+) -> Loader:
     """Loader for ``split`` of ``dataset`` in the seed's layout under ``data_root``.
 
     Args:
@@ -193,12 +221,29 @@ def build_loader(dataset: str, data_root: str | os.PathLike, split: str, *, batc
         backend = "dali" if dali_backend.available() else "torch"
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     if backend == "dali":
-        impl = dali_backend.DaliBackend(index, rec, seed=seed, batch_size=batch_size, threads=max(1, workers),
-                                        device="gpu" if dev.type == "cuda" else "cpu", skip_bad=skip_bad)
+        impl = dali_backend.DaliBackend(
+            index,
+            rec,
+            seed=seed,
+            batch_size=batch_size,
+            threads=max(1, workers),
+            device="gpu" if dev.type == "cuda" else "cpu",
+            skip_bad=skip_bad,
+        )
     elif backend == "torch":
         impl = TorchBackend(index, rec, seed=seed, workers=workers, skip_bad=skip_bad)
     else:
         raise ValueError(f"backend must be 'dali', 'torch' or 'auto', got {backend!r}")
     even = (train and num_shards > 1) if even is None else even
-    return Loader(index, rec, impl, batch_size=batch_size, shuffle=train, seed=seed, shard_id=shard_id,
-                  num_shards=num_shards, even=even, device=dev)
+    return Loader(
+        index,
+        rec,
+        impl,
+        batch_size=batch_size,
+        shuffle=train,
+        seed=seed,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        even=even,
+        device=dev,
+    )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def epoch_indices(n: int, *, epoch: int, seed: int, shuffle: bool, shard_id: int = 0, num_shards: int = 1,
-                  even: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def epoch_indices(
+    n: int, *, epoch: int, seed: int, shuffle: bool, shard_id: int = 0, num_shards: int = 1, even: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Dataset indices this shard visits in ``epoch`` and a bool mask of which are real (not padding).
 
     Shards take every ``num_shards``-th element of one global permutation, so together they cover each sample

@@ -30,8 +30,11 @@ def color_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         f = factors.gather(1, op[:, None]).view(-1, 1, 1, 1)
         gray = _gray(x)
         contrast = gray.mean(dim=(1, 2, 3), keepdim=True).expand_as(gray)
-        target = torch.where((op == 0).view(-1, 1, 1, 1), torch.zeros_like(gray),
-                             torch.where((op == 1).view(-1, 1, 1, 1), contrast, gray))
+        target = torch.where(
+            (op == 0).view(-1, 1, 1, 1),
+            torch.zeros_like(gray),
+            torch.where((op == 1).view(-1, 1, 1, 1), contrast, gray),
+        )
         x = x * f + target * (1 - f)
     return x
 
@@ -41,7 +44,10 @@ def lighting(x: torch.Tensor, params: torch.Tensor, std: float) -> torch.Tensor:
     if std <= 0:
         return x
     alpha = params[:, 6:9].to(x)
-    vec, val = torch.tensor(EIGVEC, dtype=x.dtype, device=x.device), torch.tensor(EIGVAL, dtype=x.dtype, device=x.device)
+    vec, val = (
+        torch.tensor(EIGVEC, dtype=x.dtype, device=x.device),
+        torch.tensor(EIGVAL, dtype=x.dtype, device=x.device),
+    )
     rgb = (alpha * val) @ vec.T  # (N, 3): sum_j eigvec[i, j] * alpha_j * eigval_j
     return (x + rgb.view(-1, 3, 1, 1)) / (1 + std)
 

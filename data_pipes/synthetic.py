@@ -48,7 +48,9 @@ def _size(rng: np.random.Generator, size: tuple[int, int], aspect: float | None)
 
 def _save_rgb(rgb: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path, quality=92) if path.suffix.lower() in (".jpg", ".jpeg") else Image.fromarray(rgb).save(path)
+    Image.fromarray(rgb).save(path, quality=92) if path.suffix.lower() in (".jpg", ".jpeg") else Image.fromarray(
+        rgb
+    ).save(path)
 
 
 def _voc(root: Path, rng, counts, size, classes) -> None:
@@ -95,7 +97,7 @@ def _cityscapes(root: Path, rng, counts, size, classes) -> None:
             lab_train = _scene(rng, w, h, train_ids, train_ids[0], int(rng.integers(2, 5)))
             label_ids = np.vectorize(lambda t: by_train[t][0])(lab_train).astype(np.uint8)
             if rng.random() < 0.7:  # some void (ego vehicle) at the bottom, as in the real data
-                label_ids[-max(1, h // 10):] = 1
+                label_ids[-max(1, h // 10) :] = 1
             inst = label_ids.astype(np.uint16)
             for c in np.unique(label_ids):
                 t = LABEL_SPACES["cityscapes"].to_train[c]
@@ -152,8 +154,16 @@ _WRITERS = {"voc": _voc, "cityscapes": _cityscapes, "ade20k": _ade20k, "ilsvrc":
 _DEFAULT_CLASSES = {"voc": 21, "cityscapes": 19, "ade20k": 150, "ilsvrc": 10}
 
 
-def write_synthetic(dataset: str, root: str | os.PathLike, *, num_train: int = 24, num_val: int = 8,
-                    size: tuple[int, int] = (64, 112), num_classes: int | None = None, seed: int = 0) -> Path:
+def write_synthetic(
+    dataset: str,
+    root: str | os.PathLike,
+    *,
+    num_train: int = 24,
+    num_val: int = 8,
+    size: tuple[int, int] = (64, 112),
+    num_classes: int | None = None,
+    seed: int = 0,
+) -> Path:
     """Write (or reuse, when the same parameters are already there) a synthetic ``dataset`` under ``root``.
 
     ``size``: min/max image side in pixels (Cityscapes uses the max as height... width = 2 x height).
@@ -163,8 +173,15 @@ def write_synthetic(dataset: str, root: str | os.PathLike, *, num_train: int = 2
         raise ValueError(f"unknown dataset {dataset!r}: expected one of {sorted(_WRITERS)}")
     root = Path(root)
     n_cls = num_classes or _DEFAULT_CLASSES[dataset]
-    params = {"dataset": dataset, "num_train": num_train, "num_val": num_val, "size": list(size),
-              "num_classes": n_cls, "seed": seed, "version": 1}
+    params = {
+        "dataset": dataset,
+        "num_train": num_train,
+        "num_val": num_val,
+        "size": list(size),
+        "num_classes": n_cls,
+        "seed": seed,
+        "version": 1,
+    }
     mark = root / _MARK
     if mark.is_file() and json.loads(mark.read_text()) == params:
         return root
@@ -187,8 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-classes", type=int)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    print(write_synthetic(a.dataset, a.root, num_train=a.num_train, num_val=a.num_val, num_classes=a.num_classes,
-                          seed=a.seed))
+    print(
+        write_synthetic(
+            a.dataset, a.root, num_train=a.num_train, num_val=a.num_val, num_classes=a.num_classes, seed=a.seed
+        )
+    )
 
 
 if __name__ == "__main__":

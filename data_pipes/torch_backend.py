@@ -42,7 +42,7 @@ def process(index: DatasetIndex, recipe, seed: int, epoch: int, i: int) -> dict:
     elif isinstance(recipe, ClsVal):
         img = np.asarray(img.resize(p["resize"][::-1], Image.BICUBIC))
         s = recipe.scale
-        crops = [img[y:y + s, x:x + s] for y, x in p["starts"]]
+        crops = [img[y : y + s, x : x + s] for y, x in p["starts"]]
         out.update(image=crops[0] if recipe.crops == 1 else np.stack(crops), label=sample.target)
     else:
         mask = load_mask(sample.target, index.label_space, (w, h), sample.image)
@@ -113,10 +113,14 @@ class TorchBackend:
         """Batches of ``epoch``; ``plan_fn(epoch) -> (indices, real)``."""
         indices, real = plan_fn(epoch)
         keys = [(epoch, int(i), bool(r)) for i, r in zip(indices, real)]
-        batches = [keys[b:b + batch_size] for b in range(start_batch * batch_size, len(keys), batch_size)]
+        batches = [keys[b : b + batch_size] for b in range(start_batch * batch_size, len(keys), batch_size)]
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.workers,
-            persistent_workers=False, prefetch_factor=2 if self.workers else None,
+            self.dataset,
+            batch_sampler=batches,
+            collate_fn=collate,
+            num_workers=self.workers,
+            persistent_workers=False,
+            prefetch_factor=2 if self.workers else None,
             generator=torch.Generator().manual_seed(epoch),  # never draw from the global RNG (exact resume)
         )
         yield from loader

@@ -56,8 +56,11 @@ def _full_signature(v: Variant) -> tuple[dict, dict]:
     if missing:
         raise ValueError(f"{v.name}: no type or value for {missing}")
     sig = {n: (v.signature[n] if n in v.signature else "constexpr") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n in v.signature and (v.signature[n].startswith("*") or n in v.divisible)}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, n in enumerate(names)
+        if n in v.signature and (v.signature[n].startswith("*") or n in v.divisible)
+    }
     return sig, attrs
 
 
@@ -77,17 +80,22 @@ def _run_ptxas(ptx: str, arch: int) -> str:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        r = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.o")],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.o")], capture_output=True, text=True
+        )
         return r.stdout + r.stderr
 
 
 _LABEL = re.compile(r"^(\$L__BB\d+_\d+):", re.M)
 _BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
 _MMA = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)\b")
-_WAITS = {"cp.async.wait": r"\bcp\.async\.wait_(?:group|all)\b", "bulk.wait": r"\bcp\.async\.bulk\.wait_group\b",
-          "mbarrier.wait": r"\bmbarrier\.(?:try_)?wait", "wgmma.wait": r"\bwgmma\.wait_group\b",
-          "bar.sync": r"\bbar\.sync\b"}
+_WAITS = {
+    "cp.async.wait": r"\bcp\.async\.wait_(?:group|all)\b",
+    "bulk.wait": r"\bcp\.async\.bulk\.wait_group\b",
+    "mbarrier.wait": r"\bmbarrier\.(?:try_)?wait",
+    "wgmma.wait": r"\bwgmma\.wait_group\b",
+    "bar.sync": r"\bbar\.sync\b",
+}
 
 
 def _loop_bodies(ptx: str):
@@ -96,7 +104,7 @@ def _loop_bodies(ptx: str):
     for m in _BRANCH.finditer(ptx):
         start = labels.get(m.group(1))
         if start is not None and start <= m.start():
-            yield m.group(1), ptx[start:m.end()]
+            yield m.group(1), ptx[start : m.end()]
 
 
 def mma_loops(ptx: str) -> list[dict]:
@@ -110,8 +118,7 @@ def mma_loops(ptx: str) -> list[dict]:
     for label, body in _loop_bodies(ptx):
         n_mma = len(_MMA.findall(body))
         if n_mma:
-            out.append(dict(label=label, mma=n_mma,
-                            **{k: len(re.findall(rx, body)) for k, rx in _WAITS.items()}))
+            out.append(dict(label=label, mma=n_mma, **{k: len(re.findall(rx, body)) for k, rx in _WAITS.items()}))
     return out
 
 
@@ -132,16 +139,29 @@ def compile_variant(v: Variant, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    row = dict(kernel=v.kernel or v.name, fn=v.name, dtypes=v.dtypes, config=v.config, arch=arch,
-               regs=None, spills=None, shared=None, mma=None, loops=None, seconds=None, problems=[])
+    row = dict(
+        kernel=v.kernel or v.name,
+        fn=v.name,
+        dtypes=v.dtypes,
+        config=v.config,
+        arch=arch,
+        regs=None,
+        spills=None,
+        shared=None,
+        mma=None,
+        loops=None,
+        seconds=None,
+        problems=[],
+    )
     t0 = time.time()
     try:
         sig, attrs = _full_signature(v)
         src = ASTSource(fn=v.fn, signature=sig, constexprs=dict(v.constexprs), attrs=attrs)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):  # TRITON_DUMP_PTXAS_LOG=1 prints `ptxas -v` here
-            ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+            ck = triton.compile(
+                src, target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps, "num_stages": v.num_stages}
+            )
     except Exception as e:  # noqa: BLE001 - every compile failure is a finding for the table
         msg = " ".join(str(e).split())
         row["problems"].append(f"compile error: {type(e).__name__}: {msg[:300]}")
@@ -168,20 +188,25 @@ def compile_variant(v: Variant, arch: int) -> dict:
     if v.tensor_cores and arch < 90 and not mma:
         row["problems"].append(f"sm_{arch} tensor-core kernel without mma.sync in its PTX")
     loops = mma_loops(ptx)
-    row["loops"] = "; ".join(f"{lp['mma']} mma, " + ", ".join(f"{lp[k]} {k}" for k in _WAITS if lp[k])
-                             for lp in loops) or "none"
+    row["loops"] = (
+        "; ".join(f"{lp['mma']} mma, " + ", ".join(f"{lp[k]} {k}" for k in _WAITS if lp[k]) for lp in loops) or "none"
+    )
     if v.single_k_loop and (wgmma or mma):
         if len(loops) != 1:
             row["problems"].append(f"{len(loops)} loops hold MMAs (one pipelined K loop expected)")
-        elif arch >= 90 and (loops[0]["mbarrier.wait"] not in ((1, 2) if v.tma == 2 else (v.tma,))
-                             or loops[0]["cp.async.wait"] not in ((0, 1) if v.tma == 2 else (1,))):
+        elif arch >= 90 and (
+            loops[0]["mbarrier.wait"] not in ((1, 2) if v.tma == 2 else (v.tma,))
+            or loops[0]["cp.async.wait"] not in ((0, 1) if v.tma == 2 else (1,))
+        ):
             # sm_90 only: on sm_80 Triton's mma.sync pipeline waits once per operand stream (3 in our loops).
             # Per iteration one cp.async wait for the cp.async-loaded operand and one mbarrier wait per TMA operand
             # (nothing drains). Both operands by TMA: the copies share one barrier when both feed the MMA directly
             # (plain), two when the activation goes through the BN prologue (plus the prologue vectors' cp.async)
-            row["problems"].append(f"K loop with {loops[0]['cp.async.wait']} cp.async and "
-                                   f"{loops[0]['mbarrier.wait']} mbarrier waits per iteration "
-                                   f"({'0-1 and 1-2' if v.tma == 2 else f'1 and {v.tma}'} expected)")
+            row["problems"].append(
+                f"K loop with {loops[0]['cp.async.wait']} cp.async and "
+                f"{loops[0]['mbarrier.wait']} mbarrier waits per iteration "
+                f"({'0-1 and 1-2' if v.tma == 2 else f'1 and {v.tma}'} expected)"
+            )
     if v.tma and arch >= 90 and not re.search(r"\bcp\.async\.bulk\.tensor\b", ptx):
         row["problems"].append("TMA variant without cp.async.bulk.tensor in its PTX")
     if v.barrier_free_loop:
@@ -213,8 +238,9 @@ def _work(job: tuple[int, int]) -> dict:
     return compile_variant(_VARIANTS[i], arch)
 
 
-def compile_all(archs=(90, 80), jobs: int = 2, modules=MODULES, limit: int | None = None,
-                only: str | None = None) -> list[dict]:
+def compile_all(
+    archs=(90, 80), jobs: int = 2, modules=MODULES, limit: int | None = None, only: str | None = None
+) -> list[dict]:
     """Compile every variant of ``modules`` for each arch (``jobs`` processes); rows in a fixed order.
 
     ``only``: comma-separated substrings; a variant is kept when its label ``"<kernel> <dtypes> <config>"``
@@ -224,8 +250,7 @@ def compile_all(archs=(90, 80), jobs: int = 2, modules=MODULES, limit: int | Non
     _VARIANTS = collect_variants(modules)
     if only:
         keys = [k for k in only.split(",") if k]
-        _VARIANTS = [v for v in _VARIANTS if any(k in f"{v.kernel} {v.dtypes} {v.config}" or k in v.name
-                                                 for k in keys)]
+        _VARIANTS = [v for v in _VARIANTS if any(k in f"{v.kernel} {v.dtypes} {v.config}" or k in v.name for k in keys)]
     if limit:
         _VARIANTS = _VARIANTS[:limit]
     work = [(i, a) for a in archs for i in range(len(_VARIANTS)) if not _VARIANTS[i].archs or a in _VARIANTS[i].archs]
@@ -239,13 +264,17 @@ def compile_all(archs=(90, 80), jobs: int = 2, modules=MODULES, limit: int | Non
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| arch | kernel | dtypes | config | regs | spills | shared B | tensor-core instrs | "
-            "loops with MMA: per-iteration MMAs and waits | status |")
+    head = (
+        "| arch | kernel | dtypes | config | regs | spills | shared B | tensor-core instrs | "
+        "loops with MMA: per-iteration MMAs and waits | status |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         status = "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
-        lines.append(f"| sm_{r['arch']} | {r['kernel']} | {r['dtypes']} | {r['config']} | {r['regs']} | "
-                     f"{r['spills']} | {r['shared']} | {r['mma']} | {r.get('loops') or ''} | {status} |")
+        lines.append(
+            f"| sm_{r['arch']} | {r['kernel']} | {r['dtypes']} | {r['config']} | {r['regs']} | "
+            f"{r['spills']} | {r['shared']} | {r['mma']} | {r.get('loops') or ''} | {status} |"
+        )
     return "\n".join(lines)
 
 
@@ -261,8 +290,10 @@ def summary(rows: list[dict]) -> str:
     parts = ", ".join(f"sm_{a}: {ok}/{n} ok" for a, (n, ok) in sorted(per_arch.items(), reverse=True))
     shared = max((r["shared"] or 0) for r in rows) if rows else 0
     regs = max((r["regs"] or 0) for r in rows) if rows else 0
-    return (f"Triton {triton.__version__}: {len(rows)} compiles ({parts}); {len(failed)} failed; "
-            f"max registers {regs}, max shared memory {shared} B")
+    return (
+        f"Triton {triton.__version__}: {len(rows)} compiles ({parts}); {len(failed)} failed; "
+        f"max registers {regs}, max shared memory {shared} B"
+    )
 
 
 def main(argv=None) -> int:
@@ -271,9 +302,12 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--modules", default=",".join(MODULES))
     ap.add_argument("--limit", type=int, default=None, help="only the first N variants (debugging)")
-    ap.add_argument("--only", default=None,
-                    help="comma-separated substrings of '<kernel> <dtypes> <config>' to keep (e.g. conv, conv_dgrad, "
-                         "'conv_fprop x=bf16 op=bf16 bn')")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated substrings of '<kernel> <dtypes> <config>' to keep (e.g. conv, conv_dgrad, "
+        "'conv_fprop x=bf16 op=bf16 bn')",
+    )
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     ap.add_argument("--md", default=None, help="write the markdown table here")
     args = ap.parse_args(argv)
@@ -281,12 +315,16 @@ def main(argv=None) -> int:
         print("kernels.aot: run with TRITON_INTERPRET=0 (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
     if triton_version() < MIN_TRITON:
-        print(f"kernels.aot: needs Triton >= {'.'.join(map(str, MIN_TRITON))} (ASTSource with name-keyed "
-              f"constexprs); this is {'.'.join(map(str, triton_version()))}", file=sys.stderr)
+        print(
+            f"kernels.aot: needs Triton >= {'.'.join(map(str, MIN_TRITON))} (ASTSource with name-keyed "
+            f"constexprs); this is {'.'.join(map(str, triton_version()))}",
+            file=sys.stderr,
+        )
         return 3
     t0 = time.time()
-    rows = compile_all(tuple(int(a) for a in args.arch.split(",")), args.jobs, tuple(args.modules.split(",")),
-                       args.limit, args.only)
+    rows = compile_all(
+        tuple(int(a) for a in args.arch.split(",")), args.jobs, tuple(args.modules.split(",")), args.limit, args.only
+    )
     if not rows:
         print(f"kernels.aot: no variant matches --only {args.only!r}", file=sys.stderr)
         return 2
@@ -298,11 +336,13 @@ def main(argv=None) -> int:
     if args.md:
         os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
         with open(args.md, "w") as f:
-            f.write("# Ahead-of-time compile check (no GPU)\n\n"
-                    "Generated by `tests/test_aot_compile.py` (`python -m kernels.aot`): every kernel variant the "
-                    "CUDA launchers can choose, compiled for sm_90 and sm_80 on CPU; registers and spills from "
-                    "`ptxas -v`, shared memory from the compiled metadata, tensor-core instructions counted in the "
-                    "PTX.\n\n" + text)
+            f.write(
+                "# Ahead-of-time compile check (no GPU)\n\n"
+                "Generated by `tests/test_aot_compile.py` (`python -m kernels.aot`): every kernel variant the "
+                "CUDA launchers can choose, compiled for sm_90 and sm_80 on CPU; registers and spills from "
+                "`ptxas -v`, shared memory from the compiled metadata, tensor-core instructions counted in the "
+                "PTX.\n\n" + text
+            )
     return 1 if any(r["problems"] for r in rows) else 0
 
 

@@ -18,13 +18,19 @@ import torch.nn as nn
 from . import _runtime, ops
 from . import plain as _plain  # export/trace in inference: plain aten ops
 from .bn_relu import _BNReLUFunction, activation_code, bn_params, compute_dtype
-from .bn_relu_conv import (_BNReLUConvFunction, _IGemmBNReLUConvFunction, _dropout_mask, _geometry,
-                           _igemm_supported)
+from .bn_relu_conv import _BNReLUConvFunction, _IGemmBNReLUConvFunction, _dropout_mask, _geometry, _igemm_supported
 
 
-def bn_relu(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, backend: str = "auto",
-            sync: bool = False, process_group=None, activation: str = "relu",
-            activation_param: float = 0.01) -> torch.Tensor:
+def bn_relu(
+    x: torch.Tensor,
+    bn: torch.nn.modules.batchnorm._BatchNorm,
+    *,
+    backend: str = "auto",
+    sync: bool = False,
+    process_group=None,
+    activation: str = "relu",
+    activation_param: float = 0.01,
+) -> torch.Tensor:
     """act(bn(x)) for an nn.BatchNorm2d ``bn`` (its mode, statistics and parameters), storing only x for backward.
 
     x: (N, C, H, W) NCHW or channels_last, fp32/fp16/bf16. Output: x's layout, autocast dtype if autocast is on.
@@ -36,11 +42,16 @@ def bn_relu(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, backe
     resolved = _runtime.resolve_backend(backend, x)
     if torch.compiler.is_compiling() and not sync:  # one opaque custom op per step for Dynamo (kernels/ops.py)
         return ops.bn_relu_via_ops(x, bn, resolved, compute_dtype(x), activation, activation_param)
-    p = bn_params(x, bn, backend=resolved, sync=sync, process_group=process_group, activation=activation,
-                  activation_param=activation_param)
+    p = bn_params(
+        x,
+        bn,
+        backend=resolved,
+        sync=sync,
+        process_group=process_group,
+        activation=activation,
+        activation_param=activation_param,
+    )
     return _BNReLUFunction.apply(x, bn.weight, bn.bias, p, resolved, compute_dtype(x), sync, process_group)
-
-
 
 
 def bn_relu_conv(
@@ -76,8 +87,15 @@ def bn_relu_conv(
     if conv == "auto":  # per layer, from the shipped/overridden table (kernels/conv_choice.py); never off CUDA
         from .conv_choice import choose  # here, not at the top: `python -m kernels.conv_choice` stays clean
 
-        conv = "triton" if (resolved == "triton" and _igemm_supported(convs, dropout, sync) is None
-                            and choose(x, convs, compute_dtype(x)) == "triton") else "torch"
+        conv = (
+            "triton"
+            if (
+                resolved == "triton"
+                and _igemm_supported(convs, dropout, sync) is None
+                and choose(x, convs, compute_dtype(x)) == "triton"
+            )
+            else "torch"
+        )
     if conv == "triton":
         why = "it needs backend='triton'" if resolved != "triton" else _igemm_supported(convs, dropout, sync)
         if why:
@@ -88,10 +106,18 @@ def bn_relu_conv(
         return _plain.bn_act_conv_plain(x, bn, convs, dropout, activation, activation_param)  # (plain.py)
     if torch.compiler.is_compiling() and not sync:  # opaque custom ops for Dynamo (kernels/ops.py)
         mask, keep = _dropout_mask(x, dropout)
-        return ops.bn_relu_conv_via_ops(x, bn, convs, geometry, resolved, cdtype, mask, keep, conv, activation,
-                                    activation_param)
-    p = bn_params(x, bn, backend=resolved, sync=sync, process_group=process_group, activation=activation,
-                  activation_param=activation_param)
+        return ops.bn_relu_conv_via_ops(
+            x, bn, convs, geometry, resolved, cdtype, mask, keep, conv, activation, activation_param
+        )
+    p = bn_params(
+        x,
+        bn,
+        backend=resolved,
+        sync=sync,
+        process_group=process_group,
+        activation=activation,
+        activation_param=activation_param,
+    )
     if conv == "triton":
         params_ = [t for c in convs for t in (c.weight, c.bias)]
         return list(_IGemmBNReLUConvFunction.apply(x, bn.weight, bn.bias, p, cdtype, geometry, *params_))
@@ -99,6 +125,7 @@ def bn_relu_conv(
     params: list[torch.Tensor | None] = []
     for conv in convs:
         params += [conv.weight, conv.bias]
-    outs = _BNReLUConvFunction.apply(x, bn.weight, bn.bias, p, resolved, cdtype, mask, keep, sync, process_group,
-                                     geometry, *params)
+    outs = _BNReLUConvFunction.apply(
+        x, bn.weight, bn.bias, p, resolved, cdtype, mask, keep, sync, process_group, geometry, *params
+    )
     return list(outs)

@@ -36,14 +36,34 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (ACTIVATIONS, TRITON_DTYPES, activation_code, as_nchw_or_nhwc, cdiv,  # noqa: F401 (re-exported)
-                      needs_int64)
+from ._common import (
+    ACTIVATIONS,
+    TRITON_DTYPES,
+    activation_code,
+    as_nchw_or_nhwc,
+    cdiv,  # noqa: F401 (re-exported)
+)
 from ._runtime import HAS_TRITON
-from .bn_stats import (ROW, STAT_ROWS, _aligned, _dist_active, channel_stats, finalize_stats, gather_stats,
-                       launch_stats, scratch)
+from .bn_stats import (
+    ROW,
+    STAT_ROWS,
+    _aligned,
+    _dist_active,
+    channel_stats,
+    finalize_stats,
+    gather_stats,
+    launch_stats,
+    scratch,
+)
 from .launch import Kernel, Slot
-from .tiles import (ELEMENTWISE_TILE, ELEMENTWISE_WARPS, NCHW_BLOCK_L, NHWC_BLOCK_L, STATS_WARPS,  # noqa: F401
-                    Variant, bn_variant_tiles, elementwise_tiling, geometry, merge_k)
+from .tiles import (
+    ELEMENTWISE_WARPS,
+    STATS_WARPS,  # noqa: F401
+    Variant,
+    bn_variant_tiles,
+    geometry,
+    merge_k,
+)
 
 if HAS_TRITON:
     import triton
@@ -87,8 +107,7 @@ if HAS_TRITON:
         return out
 
     @triton.jit
-    def _tile(R, L, C, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr,
-              BLOCK_L: tl.constexpr):
+    def _tile(R, L, C, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
         """channel vector, element offsets (row * L + col) and mask of this program's (BLOCK_R, BLOCK_L) tile.
 
         Grid axis 0 (up to 2**31 - 1 programs) takes the long side: row blocks in channels_last (positions),
@@ -114,27 +133,65 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=_PARAM_FLAGS, do_not_specialize_on_alignment=_VECTORS[:5])
     def _bn_act_fwd_kernel(
-        x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, R, L, C, slope, running, has_affine,
-        ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr,
+        x_ptr,
+        y_ptr,
+        stats_ptr,
+        w_ptr,
+        b_ptr,
+        rmean_ptr,
+        rvar_ptr,
+        eps,
+        R,
+        L,
+        C,
+        slope,
+        running,
+        has_affine,
+        ACT: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr,
+        INT64: tl.constexpr,
+        BLOCK_R: tl.constexpr,
         BLOCK_L: tl.constexpr,
     ):
         """y = act((x - mean[c]) * scale[c] + beta[c]) over one tile of the (R, L) view of x."""
         ch, offs, mask = _tile(R, L, C, CHANNELS_LAST, INT64, BLOCK_R, BLOCK_L)
         # (x - mean) * scale + beta, not x * scale + (beta - mean * scale): no cancellation when |mean| >> std,
         # and the same z (so the same activation mask) as the backward and implicit-GEMM recomputations
-        mean, scale, beta, _rstd = _channel_params(ch, C, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps,
-                                                   running, has_affine)
+        mean, scale, beta, _rstd = _channel_params(
+            ch, C, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, running, has_affine
+        )
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         z = (x - _bcast(mean, CHANNELS_LAST)) * _bcast(scale, CHANNELS_LAST) + _bcast(beta, CHANNELS_LAST)
         tl.store(y_ptr + offs, _act_fwd(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit(do_not_specialize=["has_affine", "update", "cumulative"],
-                do_not_specialize_on_alignment=["g_ptr", "stats_ptr", "w_ptr", "b_ptr", "rmean_ptr", "rvar_ptr",
-                                                "nbt_ptr"])
+    @triton.jit(
+        do_not_specialize=["has_affine", "update", "cumulative"],
+        do_not_specialize_on_alignment=["g_ptr", "stats_ptr", "w_ptr", "b_ptr", "rmean_ptr", "rvar_ptr", "nbt_ptr"],
+    )
     def _bn_act_fwd_gathered_kernel(
-        x_ptr, y_ptr, g_ptr, K, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, nbt_ptr, eps, momentum, R, L, C, slope,
-        has_affine, update, cumulative,
-        ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr,
+        x_ptr,
+        y_ptr,
+        g_ptr,
+        K,
+        stats_ptr,
+        w_ptr,
+        b_ptr,
+        rmean_ptr,
+        rvar_ptr,
+        nbt_ptr,
+        eps,
+        momentum,
+        R,
+        L,
+        C,
+        slope,
+        has_affine,
+        update,
+        cumulative,
+        ACT: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr,
+        INT64: tl.constexpr,
+        BLOCK_R: tl.constexpr,
         BLOCK_L: tl.constexpr,
     ):
         """Sync BN's forward with the finalize folded in: each program Chan-merges the K ranks' (count, mean, M2)
@@ -164,18 +221,56 @@ if HAS_TRITON:
         else:
             own = cm & first & ((tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)) < C)
         nbt_old = tl.load(nbt_ptr) - 1
-        _write_rows(mean, m2, count, var, rstd, scale, ch, own, C, stats_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum,
-                    update, cumulative)
+        _write_rows(
+            mean,
+            m2,
+            count,
+            var,
+            rstd,
+            scale,
+            ch,
+            own,
+            C,
+            stats_ptr,
+            rmean_ptr,
+            rvar_ptr,
+            nbt_old,
+            momentum,
+            update,
+            cumulative,
+        )
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         z = (x - _bcast(mean, CHANNELS_LAST)) * _bcast(scale, CHANNELS_LAST) + _bcast(beta, CHANNELS_LAST)
         tl.store(y_ptr + offs, _act_fwd(z, slope, ACT).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=_PARAM_FLAGS + ["write_dx"], do_not_specialize_on_alignment=_VECTORS)
     def _bn_act_grad_sums_kernel(
-        x_ptr, dy_ptr, dx_ptr, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, part_ptr, tick_ptr, red_ptr,
-        M, C, HW, m_per_prog, slope, running, has_affine, write_dx,
-        ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_C: tl.constexpr, MERGE_K: tl.constexpr,
+        x_ptr,
+        dy_ptr,
+        dx_ptr,
+        stats_ptr,
+        w_ptr,
+        b_ptr,
+        rmean_ptr,
+        rvar_ptr,
+        eps,
+        part_ptr,
+        tick_ptr,
+        red_ptr,
+        M,
+        C,
+        HW,
+        m_per_prog,
+        slope,
+        running,
+        has_affine,
+        write_dx,
+        ACT: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr,
+        INT64: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        MERGE_K: tl.constexpr,
     ):
         """Per-channel sum(g) and sum(g * (x - mean)), g = dy * act'(z) with z recomputed from x; grid (channel
         blocks, splits). Each program accumulates per lane and reduces once; the last program of a channel block
@@ -186,8 +281,9 @@ if HAS_TRITON:
         n_splits = tl.num_programs(1)
         cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
-        mean, scale, beta, rstd = _channel_params(cs, C, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, running,
-                                                  has_affine)
+        mean, scale, beta, rstd = _channel_params(
+            cs, C, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, running, has_affine
+        )
         m_start = pid_m * m_per_prog
         m_end = tl.minimum(m_start + m_per_prog, M)
         acc_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
@@ -219,19 +315,39 @@ if HAS_TRITON:
                 kmask = (ks < n_splits)[:, None] & cmask[None, :]
                 offs = ks[:, None] * C + cs[None, :]
                 sum_g += tl.sum(tl.load(part_ptr + offs, mask=kmask, other=0.0, cache_modifier=".cg"), axis=0)
-                sum_gx += tl.sum(tl.load(part_ptr + n_splits * C + offs, mask=kmask, other=0.0,
-                                         cache_modifier=".cg"), axis=0)
+                sum_gx += tl.sum(
+                    tl.load(part_ptr + n_splits * C + offs, mask=kmask, other=0.0, cache_modifier=".cg"), axis=0
+                )
             tl.store(red_ptr + cs, sum_g, mask=cmask)
             tl.store(red_ptr + C + cs, sum_gx, mask=cmask)
             tl.store(red_ptr + 2 * C + cs, sum_gx * rstd, mask=cmask)
             tl.store(red_ptr + 3 * C + cs, sum_g, mask=cmask)
 
-    @triton.jit(do_not_specialize=_PARAM_FLAGS + ["batch_stats"],
-                do_not_specialize_on_alignment=_VECTORS[:5] + ["red_ptr"])
+    @triton.jit(
+        do_not_specialize=_PARAM_FLAGS + ["batch_stats"], do_not_specialize_on_alignment=_VECTORS[:5] + ["red_ptr"]
+    )
     def _bn_act_bwd_kernel(
-        x_ptr, dy_ptr, dx_ptr, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, red_ptr, R, L, C, slope, running,
-        has_affine, batch_stats,
-        ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr,
+        x_ptr,
+        dy_ptr,
+        dx_ptr,
+        stats_ptr,
+        w_ptr,
+        b_ptr,
+        rmean_ptr,
+        rvar_ptr,
+        eps,
+        red_ptr,
+        R,
+        L,
+        C,
+        slope,
+        running,
+        has_affine,
+        batch_stats,
+        ACT: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr,
+        INT64: tl.constexpr,
+        BLOCK_R: tl.constexpr,
         BLOCK_L: tl.constexpr,
     ):
         """dx = scale * g [- scale / count * (sum_g + (x - mean) * rstd^2 * sum_gx)], g = dy * act'(z).
@@ -240,8 +356,9 @@ if HAS_TRITON:
         ch, offs, mask = _tile(R, L, C, CHANNELS_LAST, INT64, BLOCK_R, BLOCK_L)
         # per-channel coefficients on the channel vector, broadcast afterwards:
         # z = (x - mean) * scale + beta,  dx = scale * g + a * (x - mean) + b
-        mean, scale, beta, rstd = _channel_params(ch, C, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, running,
-                                                  has_affine)
+        mean, scale, beta, rstd = _channel_params(
+            ch, C, stats_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, running, has_affine
+        )
         a = tl.zeros_like(scale)
         b = tl.zeros_like(scale)
         if batch_stats != 0:
@@ -282,11 +399,36 @@ class BNParams:
     statistics came from (all ranks when synced): an int, or a 0-dim fp32 device tensor (no host sync).
     ``activation``: "relu" | "leaky_relu" | "identity"; ``activation_param``: the leaky negative slope."""
 
-    __slots__ = ("_mean", "_rstd", "_scale", "_count", "weight", "bias", "batch_stats", "stats", "running",
-                 "activation", "activation_param", "act", "slope", "_kp", "gathered")
+    __slots__ = (
+        "_mean",
+        "_rstd",
+        "_scale",
+        "_count",
+        "weight",
+        "bias",
+        "batch_stats",
+        "stats",
+        "running",
+        "activation",
+        "activation_param",
+        "act",
+        "slope",
+        "_kp",
+        "gathered",
+    )
 
-    def __init__(self, mean, rstd, weight, bias, count, batch_stats: bool, cached_scale=None,
-                 activation: str = "relu", activation_param: float = 0.01):
+    def __init__(
+        self,
+        mean,
+        rstd,
+        weight,
+        bias,
+        count,
+        batch_stats: bool,
+        cached_scale=None,
+        activation: str = "relu",
+        activation_param: float = 0.01,
+    ):
         self._mean, self._rstd, self._scale, self._count = mean, rstd, cached_scale, count
         self.weight, self.bias, self.batch_stats = weight, bias, batch_stats
         self.stats = self.running = self._kp = self.gathered = None
@@ -296,15 +438,32 @@ class BNParams:
         self.slope = float(activation_param) if activation == "leaky_relu" else 0.0
 
     @classmethod
-    def from_stats(cls, stats: torch.Tensor, weight, bias, batch_stats: bool = True, activation: str = "relu",
-                   activation_param: float = 0.01, count=None) -> "BNParams":
+    def from_stats(
+        cls,
+        stats: torch.Tensor,
+        weight,
+        bias,
+        batch_stats: bool = True,
+        activation: str = "relu",
+        activation_param: float = 0.01,
+        count=None,
+    ) -> "BNParams":
         p = cls(None, None, weight, bias, count, batch_stats, None, activation, activation_param)
         p.stats = stats
         return p
 
     @classmethod
-    def from_running(cls, running_mean, running_var, eps: float, weight, bias, count: int,
-                     activation: str = "relu", activation_param: float = 0.01) -> "BNParams":
+    def from_running(
+        cls,
+        running_mean,
+        running_var,
+        eps: float,
+        weight,
+        bias,
+        count: int,
+        activation: str = "relu",
+        activation_param: float = 0.01,
+    ) -> "BNParams":
         p = cls(None, None, weight, bias, count, False, None, activation, activation_param)
         p.running = (running_mean, running_var, float(eps))
         return p
@@ -318,8 +477,11 @@ class BNParams:
     @property
     def rstd(self) -> torch.Tensor:
         if self._rstd is None:
-            self._rstd = self.stats[ROW["rstd"]] if self.stats is not None else \
-                torch.rsqrt(self.running[1].float() + self.running[2])
+            self._rstd = (
+                self.stats[ROW["rstd"]]
+                if self.stats is not None
+                else torch.rsqrt(self.running[1].float() + self.running[2])
+            )
         return self._rstd
 
     @property
@@ -350,17 +512,32 @@ class BNParams:
         if self.stats is None:
             C = self.mean.shape[0]
             count = self.count
-            count = count.float().expand(C) if isinstance(count, torch.Tensor) else \
-                self.mean.new_full((C,), float(count), dtype=torch.float32)
-            f = [self.mean.float(), torch.zeros_like(self.mean, dtype=torch.float32), self.rstd.float(),
-                 self.scale.float(), count]
+            count = (
+                count.float().expand(C)
+                if isinstance(count, torch.Tensor)
+                else self.mean.new_full((C,), float(count), dtype=torch.float32)
+            )
+            f = [
+                self.mean.float(),
+                torch.zeros_like(self.mean, dtype=torch.float32),
+                self.rstd.float(),
+                self.scale.float(),
+                count,
+            ]
             self.stats = torch.stack(f)
         return self.stats
 
 
-def bn_params(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, backend: str,
-              sync: bool = False, process_group=None, activation: str = "relu",
-              activation_param: float = 0.01) -> BNParams:
+def bn_params(
+    x: torch.Tensor,
+    bn: torch.nn.modules.batchnorm._BatchNorm,
+    *,
+    backend: str,
+    sync: bool = False,
+    process_group=None,
+    activation: str = "relu",
+    activation_param: float = 0.01,
+) -> BNParams:
     """Statistics for ``bn`` applied to ``x`` following nn.BatchNorm2d's rules; updates running stats in training.
 
     Triton backend: batch statistics are one launch (statistics finalised in-kernel, running statistics and
@@ -380,8 +557,15 @@ def bn_params(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, *, bac
     weight = bn.weight.detach().to(dt) if bn.weight is not None else x.new_ones(C, dtype=dt)
     bias = bn.bias.detach().to(dt) if bn.bias is not None else x.new_zeros(C, dtype=dt)
     if not use_batch:
-        return BNParams(bn.running_mean.to(dt), torch.rsqrt(bn.running_var.to(dt) + bn.eps), weight, bias,
-                        x.numel() // C, False, **act)
+        return BNParams(
+            bn.running_mean.to(dt),
+            torch.rsqrt(bn.running_var.to(dt) + bn.eps),
+            weight,
+            bias,
+            x.numel() // C,
+            False,
+            **act,
+        )
     with torch.no_grad():  # the backward formula accounts for the statistics; no graph through them
         mean, var, count = channel_stats(x, backend=backend, sync=sync, process_group=process_group)
     mean, var = mean.to(dt), var.to(dt)
@@ -399,7 +583,9 @@ def update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, count: int |
             factor = bn.momentum
         else:  # 1 / num_batches_tracked as a tensor: no host sync
             factor = bn.num_batches_tracked.to(bn.running_mean.dtype).reciprocal()
-        unbiased = var * (count / (count - 1).clamp_min(1) if isinstance(count, torch.Tensor) else count / max(count - 1, 1))
+        unbiased = var * (
+            count / (count - 1).clamp_min(1) if isinstance(count, torch.Tensor) else count / max(count - 1, 1)
+        )
         bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
         bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
 
@@ -413,8 +599,13 @@ def _module_state(bn) -> tuple:
     parameter and buffer dicts (``nn.Module.__getattr__`` costs ~0.4 us per name on this hot path)."""
     p, b = getattr(bn, "_parameters", ()), getattr(bn, "_buffers", ())  # any object with the attributes works
     get = lambda d, k: d[k] if k in d else getattr(bn, k, None)  # noqa: E731 (subclasses may use properties)
-    return (get(b, "running_mean"), get(b, "running_var"), get(p, "weight"), get(p, "bias"),
-            get(b, "num_batches_tracked"))
+    return (
+        get(b, "running_mean"),
+        get(b, "running_var"),
+        get(p, "weight"),
+        get(p, "bias"),
+        get(b, "num_batches_tracked"),
+    )
 
 
 def _bn_params_triton(x, bn, sync: bool, process_group, activation: str, slope: float) -> BNParams:
@@ -431,19 +622,35 @@ def _bn_params_triton(x, bn, sync: bool, process_group, activation: str, slope: 
         # sync BN: this rank's (count, mean, M2) all-gathered; the merge, the STAT_ROWS and the running update
         # happen in the forward's apply launch (bn_relu_forward: p.gathered), one launch less than finalize_stats
         rows = gather_stats(x, process_group=process_group, num_batches_tracked=nbt if in_kernel else None)
-        p = BNParams.from_stats(torch.empty((len(STAT_ROWS), C), device=x.device, dtype=torch.float32), weight,
-                                bias, True, **act)
+        p = BNParams.from_stats(
+            torch.empty((len(STAT_ROWS), C), device=x.device, dtype=torch.float32), weight, bias, True, **act
+        )
         p.gathered = (rows, (rm, rv, nbt) if in_kernel else None, bn.momentum, bn.eps)
         return p
     if _dist_active(sync):
-        stats = finalize_stats(x, weight=weight, eps=bn.eps, sync=True, process_group=process_group,
-                               running=(rm, rv) if in_kernel else None,
-                               momentum=bn.momentum, num_batches_tracked=nbt)
+        stats = finalize_stats(
+            x,
+            weight=weight,
+            eps=bn.eps,
+            sync=True,
+            process_group=process_group,
+            running=(rm, rv) if in_kernel else None,
+            momentum=bn.momentum,
+            num_batches_tracked=nbt,
+        )
     else:
         x, channels_last = as_nchw_or_nhwc(x)
         stats = torch.empty((len(STAT_ROWS), C), device=x.device, dtype=torch.float32)
-        launch_stats(x, channels_last, stats, weight=weight, running=(rm, rv) if in_kernel else None,
-                     momentum=bn.momentum, eps=bn.eps, num_batches_tracked=nbt)
+        launch_stats(
+            x,
+            channels_last,
+            stats,
+            weight=weight,
+            running=(rm, rv) if in_kernel else None,
+            momentum=bn.momentum,
+            eps=bn.eps,
+            num_batches_tracked=nbt,
+        )
     p = BNParams.from_stats(stats, weight, bias, True, **act)
     if track and not in_kernel:  # running statistics kept in another dtype: plain torch update
         update_running_stats(bn, p.mean, stats[ROW["var"]], p.count)
@@ -472,7 +679,16 @@ def _kernel_params_of(p: BNParams) -> tuple:
     if (w is None) != (b is None):  # one of the two: both as vectors
         w, b = p.gamma, p.beta
     affine = w is not None
-    return stats, (w if affine else stats), (b if affine else stats), rm, rv, eps, int(p.running is not None), int(affine)
+    return (
+        stats,
+        (w if affine else stats),
+        (b if affine else stats),
+        rm,
+        rv,
+        eps,
+        int(p.running is not None),
+        int(affine),
+    )
 
 
 def _slot(geo, key, kernel, grid, warps) -> Slot:
@@ -483,7 +699,9 @@ def _slot(geo, key, kernel, grid, warps) -> Slot:
     return slot
 
 
-def bn_relu_forward(x: torch.Tensor, p: BNParams, *, backend: str, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def bn_relu_forward(
+    x: torch.Tensor, p: BNParams, *, backend: str, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """act(bn(x)) with known statistics (activation from ``p``); same layout as x, dtype ``out_dtype``
     (default x.dtype)."""
     out_dtype = out_dtype or x.dtype
@@ -499,10 +717,34 @@ def bn_relu_forward(x: torch.Tensor, p: BNParams, *, backend: str, out_dtype: to
         return y
     stats, w, b, rm, rv, eps, running, affine = _kernel_params(p)
     act = p.act
-    slot = _slot(geo, ("apply", x.dtype, out_dtype, w.dtype, b.dtype, act, x.data_ptr() & 15 == 0), APPLY,
-                 geo.ew_grid, ELEMENTWISE_WARPS)
-    slot(x, y, stats, w, b, rm, rv, eps, geo.R, geo.L, x.shape[1], p.slope, running, affine,
-         act, channels_last, geo.int64, geo.block_r, geo.block_l)
+    slot = _slot(
+        geo,
+        ("apply", x.dtype, out_dtype, w.dtype, b.dtype, act, x.data_ptr() & 15 == 0),
+        APPLY,
+        geo.ew_grid,
+        ELEMENTWISE_WARPS,
+    )
+    slot(
+        x,
+        y,
+        stats,
+        w,
+        b,
+        rm,
+        rv,
+        eps,
+        geo.R,
+        geo.L,
+        x.shape[1],
+        p.slope,
+        running,
+        affine,
+        act,
+        channels_last,
+        geo.int64,
+        geo.block_r,
+        geo.block_l,
+    )
     return y
 
 
@@ -518,11 +760,39 @@ def _apply_gathered(x, y, p: BNParams, geo, channels_last: bool) -> None:
     w, b = (w, b) if affine else (stats, stats)
     rm, rv, nbt = running if running is not None else (stats, stats, scratch(x.device, 0)[2])
     update = running is not None
-    slot = _slot(geo, ("apply_gathered", x.dtype, y.dtype, w.dtype, b.dtype, p.act, x.data_ptr() & 15 == 0),
-                 APPLY_GATHERED, geo.ew_grid, ELEMENTWISE_WARPS)
-    slot(x, y, rows, rows.shape[0], stats, w, b, rm, rv, nbt, float(eps), 0.0 if momentum is None else float(momentum),
-         geo.R, geo.L, x.shape[1], p.slope, int(affine), int(update), int(update and momentum is None),
-         p.act, channels_last, geo.int64, geo.block_r, geo.block_l)
+    slot = _slot(
+        geo,
+        ("apply_gathered", x.dtype, y.dtype, w.dtype, b.dtype, p.act, x.data_ptr() & 15 == 0),
+        APPLY_GATHERED,
+        geo.ew_grid,
+        ELEMENTWISE_WARPS,
+    )
+    slot(
+        x,
+        y,
+        rows,
+        rows.shape[0],
+        stats,
+        w,
+        b,
+        rm,
+        rv,
+        nbt,
+        float(eps),
+        0.0 if momentum is None else float(momentum),
+        geo.R,
+        geo.L,
+        x.shape[1],
+        p.slope,
+        int(affine),
+        int(update),
+        int(update and momentum is None),
+        p.act,
+        channels_last,
+        geo.int64,
+        geo.block_r,
+        geo.block_l,
+    )
 
 
 def _act_torch(z: torch.Tensor, p: BNParams) -> torch.Tensor:
@@ -559,10 +829,41 @@ def _backward_triton(x, dy, p: BNParams, need_dx: bool, do_sync: bool, process_g
         g = geo.red
         part, tick, _ = scratch(x.device, 2 * g.splits * C)
         dx_arg = dx if write_dx else x
-        slot = _slot(geo, ("sums", x.dtype, dy.dtype, w.dtype, b.dtype, act, _aligned(x, dy, dx_arg)), GRAD_SUMS,
-                     g.grid, STATS_WARPS)
-        slot(x, dy, dx_arg, stats, w, b, rm, rv, eps, part, tick, red, g.M, C, g.HW, g.m_per_prog, p.slope, running,
-             affine, int(write_dx), act, channels_last, g.int64, g.block_m, g.block_c, g.merge_k)
+        slot = _slot(
+            geo,
+            ("sums", x.dtype, dy.dtype, w.dtype, b.dtype, act, _aligned(x, dy, dx_arg)),
+            GRAD_SUMS,
+            g.grid,
+            STATS_WARPS,
+        )
+        slot(
+            x,
+            dy,
+            dx_arg,
+            stats,
+            w,
+            b,
+            rm,
+            rv,
+            eps,
+            part,
+            tick,
+            red,
+            g.M,
+            C,
+            g.HW,
+            g.m_per_prog,
+            p.slope,
+            running,
+            affine,
+            int(write_dx),
+            act,
+            channels_last,
+            g.int64,
+            g.block_m,
+            g.block_c,
+            g.merge_k,
+        )
         if write_dx or not need_dx:
             return dx, red[2], red[3]
     else:  # (sum g, sum g*(x-mean)) from elsewhere (the implicit-GEMM dgrad epilogue), (C,) or (K, C) partials
@@ -572,16 +873,46 @@ def _backward_triton(x, dy, p: BNParams, need_dx: bool, do_sync: bool, process_g
             return None, red[2], red[3]
     if do_sync:  # parameter gradients (rows 2, 3) stay local (DDP averages them); dx uses the group-wide sums
         torch.distributed.all_reduce(red[:2], group=process_group)
-    slot = _slot(geo, ("dx", x.dtype, dy.dtype, w.dtype, b.dtype, act, _aligned(x, dy)), DX, geo.ew_grid,
-                 ELEMENTWISE_WARPS)  # dx: a fresh allocation
-    slot(x, dy, dx, stats, w, b, rm, rv, eps, red, geo.R, geo.L, C, p.slope, running, affine, int(p.batch_stats),
-         act, channels_last, geo.int64, geo.block_r, geo.block_l)
+    slot = _slot(
+        geo, ("dx", x.dtype, dy.dtype, w.dtype, b.dtype, act, _aligned(x, dy)), DX, geo.ew_grid, ELEMENTWISE_WARPS
+    )  # dx: a fresh allocation
+    slot(
+        x,
+        dy,
+        dx,
+        stats,
+        w,
+        b,
+        rm,
+        rv,
+        eps,
+        red,
+        geo.R,
+        geo.L,
+        C,
+        p.slope,
+        running,
+        affine,
+        int(p.batch_stats),
+        act,
+        channels_last,
+        geo.int64,
+        geo.block_r,
+        geo.block_l,
+    )
     return dx, red[2], red[3]
 
 
 def bn_relu_backward(
-    x: torch.Tensor, dy: torch.Tensor, p: BNParams, *, backend: str, need_dx: bool = True,
-    sync: bool = False, process_group=None, sums: tuple[torch.Tensor, torch.Tensor] | None = None,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    p: BNParams,
+    *,
+    backend: str,
+    need_dx: bool = True,
+    sync: bool = False,
+    process_group=None,
+    sums: tuple[torch.Tensor, torch.Tensor] | None = None,
     grad_wrt_z: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(dx, dgamma, dbeta) of y = act(bn(x)) given dy, recomputing the activation's mask from x
@@ -642,8 +973,9 @@ class _BNReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        dx, dgamma, dbeta = bn_relu_backward(x, dy, ctx.p, backend=ctx.backend, need_dx=ctx.needs_input_grad[0],
-                                             sync=ctx.sync, process_group=ctx.group)
+        dx, dgamma, dbeta = bn_relu_backward(
+            x, dy, ctx.p, backend=ctx.backend, need_dx=ctx.needs_input_grad[0], sync=ctx.sync, process_group=ctx.group
+        )
         dw = dgamma.to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
         db = dbeta.to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None, None
@@ -653,22 +985,36 @@ class _BNReLUFunction(torch.autograd.Function):
 # Ahead-of-time variants (kernels/aot.py compiles each for sm_80 and sm_90 in CI)
 
 # (x dtype, y / dy dtype): the same, or fp32 x feeding an fp16/bf16 autocast op (y and its gradient in that dtype)
-DTYPE_COMBOS = ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
-                (torch.float32, torch.float16), (torch.float32, torch.bfloat16))
+DTYPE_COMBOS = (
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+)
 _DTYPES = TRITON_DTYPES
 
 
 def _aot_acts(int64: bool) -> list[tuple[int, str]]:
     """(ACT, label suffix) compiled ahead of time for a variant: ReLU everywhere; leaky_relu and identity with
     int32 offsets only (the INT64 offset arithmetic does not depend on ACT, and it halves the added variants)."""
-    return [(code, "" if name == "relu" else f" {name}") for name, code in ACTIVATIONS.items()
-            if name == "relu" or not int64]
+    return [
+        (code, "" if name == "relu" else f" {name}")
+        for name, code in ACTIVATIONS.items()
+        if name == "relu" or not int64
+    ]
 
 
 # integer arguments real shapes make multiples of 16 (the runtime JIT specialises on it: vector loads)
 _EW_DIVISIBLE = ("L",)
-_PARAMS_SIG = {"stats_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32",
-               "eps": "fp32"}
+_PARAMS_SIG = {
+    "stats_ptr": "*fp32",
+    "w_ptr": "*fp32",
+    "b_ptr": "*fp32",
+    "rmean_ptr": "*fp32",
+    "rvar_ptr": "*fp32",
+    "eps": "fp32",
+}
 
 
 def aot_variants() -> list:
@@ -688,35 +1034,119 @@ def aot_variants() -> list:
             for act, act_label in _aot_acts(int64):
                 tile = dict(ACT=act, CHANNELS_LAST=cl, INT64=int64, BLOCK_R=block_r, BLOCK_L=block_l)
                 cfg = f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} {block_r}x{block_l}{act_label}"
-                sig = {"x_ptr": f"*{xs}", "y_ptr": f"*{ys}", **_PARAMS_SIG, **ew, "slope": "fp32",
-                       "running": "i32", "has_affine": "i32"}
-                out.append(Variant(_bn_act_fwd_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
-                                   kernel="bn_relu_forward", dtypes=f"x={xs} y={ys}", config=cfg,
-                                   divisible=_EW_DIVISIBLE, vector_loads=block_l >= 16))
-                sig = {"x_ptr": f"*{xs}", "y_ptr": f"*{ys}", "g_ptr": "*fp32", "K": "i32", "stats_ptr": "*fp32",
-                       "w_ptr": "*fp32", "b_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32",
-                       "nbt_ptr": "*i64", "eps": "fp32", "momentum": "fp32", **ew, "slope": "fp32",
-                       "has_affine": "i32", "update": "i32", "cumulative": "i32"}
-                out.append(Variant(_bn_act_fwd_gathered_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
-                                   kernel="bn_relu_forward_gathered", dtypes=f"x={xs} y={ys}", config=cfg,
-                                   divisible=_EW_DIVISIBLE, vector_loads=block_l >= 16))
-                sig = {"x_ptr": f"*{xs}", "dy_ptr": f"*{ys}", "dx_ptr": f"*{xs}", **_PARAMS_SIG,
-                       "red_ptr": "*fp32", **ew, "slope": "fp32", "running": "i32", "has_affine": "i32",
-                       "batch_stats": "i32"}
-                out.append(Variant(_bn_act_bwd_kernel, sig, tile, num_warps=ELEMENTWISE_WARPS,
-                                   kernel="bn_relu_backward", dtypes=f"x={xs} dy={ys}", config=cfg,
-                                   divisible=_EW_DIVISIBLE, vector_loads=block_l >= 16))
+                sig = {
+                    "x_ptr": f"*{xs}",
+                    "y_ptr": f"*{ys}",
+                    **_PARAMS_SIG,
+                    **ew,
+                    "slope": "fp32",
+                    "running": "i32",
+                    "has_affine": "i32",
+                }
+                out.append(
+                    Variant(
+                        _bn_act_fwd_kernel,
+                        sig,
+                        tile,
+                        num_warps=ELEMENTWISE_WARPS,
+                        kernel="bn_relu_forward",
+                        dtypes=f"x={xs} y={ys}",
+                        config=cfg,
+                        divisible=_EW_DIVISIBLE,
+                        vector_loads=block_l >= 16,
+                    )
+                )
+                sig = {
+                    "x_ptr": f"*{xs}",
+                    "y_ptr": f"*{ys}",
+                    "g_ptr": "*fp32",
+                    "K": "i32",
+                    "stats_ptr": "*fp32",
+                    "w_ptr": "*fp32",
+                    "b_ptr": "*fp32",
+                    "rmean_ptr": "*fp32",
+                    "rvar_ptr": "*fp32",
+                    "nbt_ptr": "*i64",
+                    "eps": "fp32",
+                    "momentum": "fp32",
+                    **ew,
+                    "slope": "fp32",
+                    "has_affine": "i32",
+                    "update": "i32",
+                    "cumulative": "i32",
+                }
+                out.append(
+                    Variant(
+                        _bn_act_fwd_gathered_kernel,
+                        sig,
+                        tile,
+                        num_warps=ELEMENTWISE_WARPS,
+                        kernel="bn_relu_forward_gathered",
+                        dtypes=f"x={xs} y={ys}",
+                        config=cfg,
+                        divisible=_EW_DIVISIBLE,
+                        vector_loads=block_l >= 16,
+                    )
+                )
+                sig = {
+                    "x_ptr": f"*{xs}",
+                    "dy_ptr": f"*{ys}",
+                    "dx_ptr": f"*{xs}",
+                    **_PARAMS_SIG,
+                    "red_ptr": "*fp32",
+                    **ew,
+                    "slope": "fp32",
+                    "running": "i32",
+                    "has_affine": "i32",
+                    "batch_stats": "i32",
+                }
+                out.append(
+                    Variant(
+                        _bn_act_bwd_kernel,
+                        sig,
+                        tile,
+                        num_warps=ELEMENTWISE_WARPS,
+                        kernel="bn_relu_backward",
+                        dtypes=f"x={xs} dy={ys}",
+                        config=cfg,
+                        divisible=_EW_DIVISIBLE,
+                        vector_loads=block_l >= 16,
+                    )
+                )
         for cl, int64, block_m, block_c in tiles["reduction"]:
             for act, act_label in _aot_acts(int64):
-                sig = {"x_ptr": f"*{xs}", "dy_ptr": f"*{ys}", "dx_ptr": f"*{xs}", **_PARAMS_SIG,
-                       "part_ptr": "*fp32", "tick_ptr": "*i32", "red_ptr": "*fp32",
-                       **{s: "i32" for s in ("M", "C", "HW", "m_per_prog")}, "slope": "fp32",
-                       "running": "i32", "has_affine": "i32", "write_dx": "i32"}
-                out.append(Variant(_bn_act_grad_sums_kernel, sig,
-                                   dict(ACT=act, CHANNELS_LAST=cl, INT64=int64, BLOCK_M=block_m,
-                                        BLOCK_C=block_c, MERGE_K=merge_k(block_c)),
-                                   num_warps=STATS_WARPS, kernel="bn_relu_grad_sums", barrier_free_loop=True,
-                                   dtypes=f"x={xs} dy={ys}", divisible=("C", "HW", "m_per_prog"),
-                                   config=f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} "
-                                          f"{block_m}x{block_c}{act_label}"))
+                sig = {
+                    "x_ptr": f"*{xs}",
+                    "dy_ptr": f"*{ys}",
+                    "dx_ptr": f"*{xs}",
+                    **_PARAMS_SIG,
+                    "part_ptr": "*fp32",
+                    "tick_ptr": "*i32",
+                    "red_ptr": "*fp32",
+                    **{s: "i32" for s in ("M", "C", "HW", "m_per_prog")},
+                    "slope": "fp32",
+                    "running": "i32",
+                    "has_affine": "i32",
+                    "write_dx": "i32",
+                }
+                out.append(
+                    Variant(
+                        _bn_act_grad_sums_kernel,
+                        sig,
+                        dict(
+                            ACT=act,
+                            CHANNELS_LAST=cl,
+                            INT64=int64,
+                            BLOCK_M=block_m,
+                            BLOCK_C=block_c,
+                            MERGE_K=merge_k(block_c),
+                        ),
+                        num_warps=STATS_WARPS,
+                        kernel="bn_relu_grad_sums",
+                        barrier_free_loop=True,
+                        dtypes=f"x={xs} dy={ys}",
+                        divisible=("C", "HW", "m_per_prog"),
+                        config=f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} {block_m}x{block_c}{act_label}",
+                    )
+                )
     return out

@@ -41,12 +41,30 @@ def conv_forward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weight
     Every operand is in ``cdtype`` (the autocast dtype when autocast is on), so autocast, if enabled, has
     nothing to cast. Shared by the autograd Function (eager) and the custom op (:mod:`kernels.ops`)."""
     a = _activation(x, p, backend, cdtype, mask, keep)
-    return tuple(F.conv2d(a, _as(w, cdtype), None if b is None else _as(b, cdtype), *geo)
-                 for w, b, geo in zip(weights, biases, geometry))
+    return tuple(
+        F.conv2d(a, _as(w, cdtype), None if b is None else _as(b, cdtype), *geo)
+        for w, b, geo in zip(weights, biases, geometry)
+    )
 
 
-def conv_backward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weights, has_bias, geometry, grad_outs,
-                  need_dx: bool, need_w, need_b, sync: bool = False, group=None, param_dtypes=None):
+def conv_backward(
+    x,
+    p: BNParams,
+    backend: str,
+    cdtype,
+    mask,
+    keep: float,
+    weights,
+    has_bias,
+    geometry,
+    grad_outs,
+    need_dx: bool,
+    need_w,
+    need_b,
+    sync: bool = False,
+    group=None,
+    param_dtypes=None,
+):
     """Backward of :func:`conv_forward`: (dx, dgamma, dbeta, [dW_i, db_i, ...]) recomputing act(bn(x)) once.
 
     ``weights`` may already be in ``cdtype`` (the forward's cast, kept: no second cast per step); ``param_dtypes``
@@ -63,8 +81,17 @@ def conv_backward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weigh
             continue
         stride, padding, dilation, groups = geo
         gi, gw, gb = torch.ops.aten.convolution_backward(
-            _as(gy, cdtype), a, _as(w, cdtype), [w.shape[0]] if has_b else None,
-            list(stride), list(padding), list(dilation), False, [0, 0], groups, [True, nw, nb],
+            _as(gy, cdtype),
+            a,
+            _as(w, cdtype),
+            [w.shape[0]] if has_b else None,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0, 0],
+            groups,
+            [True, nw, nb],
         )
         grad_a = gi if grad_a is None else grad_a.add_(gi)
         param_grads += [_as(gw, pdt) if nw else None, _as(gb, pdt) if nb else None]
@@ -73,8 +100,7 @@ def conv_backward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weigh
         return None, None, None, param_grads
     if mask is not None:
         grad_a = grad_a.mul_(mask).mul_(1.0 / keep)
-    dx, dgamma, dbeta = bn_relu_backward(x, grad_a, p, backend=backend, need_dx=need_dx, sync=sync,
-                                         process_group=group)
+    dx, dgamma, dbeta = bn_relu_backward(x, grad_a, p, backend=backend, need_dx=need_dx, sync=sync, process_group=group)
     return dx, dgamma, dbeta, param_grads
 
 
@@ -90,8 +116,9 @@ def _fixed_inputs(fn_cls) -> int:
 
 class _BNReLUConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gamma, beta, p: BNParams, backend: str, cdtype, mask, keep: float, sync, group,
-                geometry: tuple, *params):
+    def forward(
+        ctx, x, gamma, beta, p: BNParams, backend: str, cdtype, mask, keep: float, sync, group, geometry: tuple, *params
+    ):
         # params: for each conv, (weight, bias-or-None); geometry: for each conv (stride, padding, dilation, groups)
         weights, biases = params[0::2], params[1::2]
         ctx.weight_dtypes = [w.dtype for w in weights]
@@ -111,12 +138,32 @@ class _BNReLUConvFunction(torch.autograd.Function):
         n_fixed = _fixed_inputs(_BNReLUConvFunction)
         need = ctx.needs_input_grad
         dx, dgamma, dbeta, param_grads = conv_backward(
-            x, ctx.p, ctx.backend, ctx.cdtype, mask, ctx.keep, weights, ctx.has_bias, ctx.geometry, grad_outs,
-            need[0], need[n_fixed::2], need[n_fixed + 1::2], ctx.sync, ctx.group, ctx.weight_dtypes)
+            x,
+            ctx.p,
+            ctx.backend,
+            ctx.cdtype,
+            mask,
+            ctx.keep,
+            weights,
+            ctx.has_bias,
+            ctx.geometry,
+            grad_outs,
+            need[0],
+            need[n_fixed::2],
+            need[n_fixed + 1 :: 2],
+            ctx.sync,
+            ctx.group,
+            ctx.weight_dtypes,
+        )
         if dgamma is None:
             return (None,) * (n_fixed + len(param_grads))
-        return (dx, _as(dgamma, ctx.param_dtype) if need[1] else None,
-                _as(dbeta, ctx.param_dtype) if need[2] else None, *([None] * (n_fixed - 3)), *param_grads)
+        return (
+            dx,
+            _as(dgamma, ctx.param_dtype) if need[1] else None,
+            _as(dbeta, ctx.param_dtype) if need[2] else None,
+            *([None] * (n_fixed - 3)),
+            *param_grads,
+        )
 
 
 def igemm_forward(x, p: BNParams, cdtype, weights, biases, geometry) -> tuple:
@@ -166,8 +213,9 @@ class _IGemmBNReLUConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outs):
         x, *weights = ctx.saved_tensors
-        dx, dgamma, dbeta, param_grads = igemm_backward(x, ctx.p, ctx.cdtype, weights, ctx.has_bias, ctx.geometry,
-                                                        grad_outs)
+        dx, dgamma, dbeta, param_grads = igemm_backward(
+            x, ctx.p, ctx.cdtype, weights, ctx.has_bias, ctx.geometry, grad_outs
+        )
         n_fixed = _fixed_inputs(_IGemmBNReLUConvFunction)
         if dgamma is None:
             return (None,) * (n_fixed + len(param_grads))
@@ -190,13 +238,22 @@ def _igemm_supported(convs: Sequence[nn.Conv2d], dropout: float, sync: bool) -> 
     if dropout > 0 or sync:
         return "dropout and synchronised statistics use the cuDNN path"
     for c in convs:
-        if c.groups != 1 or len(set(c.kernel_size)) != 1 or len(set(c.stride)) != 1 or len(set(c.dilation)) != 1 \
-                or isinstance(c.padding, str) or len(set(c.padding)) != 1 or c.padding_mode != "zeros":
+        if (
+            c.groups != 1
+            or len(set(c.kernel_size)) != 1
+            or len(set(c.stride)) != 1
+            or len(set(c.dilation)) != 1
+            or isinstance(c.padding, str)
+            or len(set(c.padding)) != 1
+            or c.padding_mode != "zeros"
+        ):
             return f"{c} is not a square, ungrouped, zero-padded convolution"
     return None
 
 
 def _geometry(conv: nn.Conv2d) -> tuple:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise ValueError(f"bn_relu_conv supports zero padding given as numbers, not {conv.padding!r}/{conv.padding_mode!r}")
+        raise ValueError(
+            f"bn_relu_conv supports zero padding given as numbers, not {conv.padding!r}/{conv.padding_mode!r}"
+        )
     return (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)

@@ -1,9 +1,9 @@
 """Per-channel batch statistics of an (N, C, H, W) tensor, NCHW or channels_last, fp32/fp16/bf16 in, in ONE launch.
 
 ``_stats_kernel``: each program runs Welford updates per lane over its slice of the N*H*W positions (fp32, no
-barrier or shuffle inside the loop; values shifted by a per-channel pivot, the channel's first element), merges its lanes once with Chan's formula (:func:`_chan_combine`, the one
-merge every kernel uses), and writes a partial (mean, M2) per channel. Then it takes a ticket for its channel
-block (an atomic counter); the program that takes the last ticket merges all the block's partials *in index
+barrier or shuffle inside the loop; values shifted by a per-channel pivot, the channel's first element), merges
+its lanes once with Chan's formula (:func:`_chan_combine`, the one merge every kernel uses), and writes a
+partial (mean, M2) per channel. Then it takes a ticket for its channel block (an atomic counter); the program that takes the last ticket merges all the block's partials *in index
 order* (so the result does not depend on which program finished last: runs are bitwise repeatable) and
 finalises: the (len(STAT_ROWS), C) rows mean, var, rstd, scale = gamma * rstd, count; the running statistics
 (momentum, or the cumulative average with momentum=None); and num_batches_tracked (by the last finaliser of
@@ -29,8 +29,17 @@ from . import _runtime  # noqa: F401 (first: sets TRITON_INTERPRET before triton
 from ._common import TRITON_DTYPES, as_nchw_or_nhwc, cdiv
 from ._runtime import HAS_TRITON
 from .launch import Kernel, Slot
-from .tiles import (FINALIZE_BLOCK_C, FINALIZE_BLOCK_K, STATS_WARPS, TICKETS, Geometry, Variant, bn_variant_tiles,
-                    geometry, merge_k)
+from .tiles import (
+    FINALIZE_BLOCK_C,
+    FINALIZE_BLOCK_K,
+    STATS_WARPS,
+    TICKETS,
+    Geometry,
+    Variant,
+    bn_variant_tiles,
+    geometry,
+    merge_k,
+)
 
 # Rows of the (len(STAT_ROWS), C) fp32 statistics buffer: the one packing used by kernels, launchers and ops.
 STAT_ROWS = ("mean", "var", "rstd", "scale", "count")
@@ -52,12 +61,28 @@ if HAS_TRITON:
         m_first = tl.zeros([1], dtype=tl.int32)
         if INT64:
             m_first = m_first.to(tl.int64)
-        return tl.sum(tl.load(x_ptr + _element_offsets(m_first, cs, C, HW, CHANNELS_LAST), mask=cmask[None, :],
-                              other=0.0).to(tl.float32), axis=0)
+        return tl.sum(
+            tl.load(x_ptr + _element_offsets(m_first, cs, C, HW, CHANNELS_LAST), mask=cmask[None, :], other=0.0).to(
+                tl.float32
+            ),
+            axis=0,
+        )
 
     @triton.jit
-    def _welford_lanes(x_ptr, pivot, cs, cmask, C, HW, m_start, m_end, CHANNELS_LAST: tl.constexpr,
-                       INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _welford_lanes(
+        x_ptr,
+        pivot,
+        cs,
+        cmask,
+        C,
+        HW,
+        m_start,
+        m_end,
+        CHANNELS_LAST: tl.constexpr,
+        INT64: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         """(mean - pivot, M2, count) per channel of positions [m_start, m_end): Welford per lane (no barrier or
         shuffle in the loop), one Chan merge across lanes at the end."""
         mean = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
@@ -107,8 +132,24 @@ if HAS_TRITON:
         return var, rstd, scale
 
     @triton.jit
-    def _write_rows(mean, m2, count, var, rstd, scale, cs, cmask, C, out_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum,
-                    update, cumulative):
+    def _write_rows(
+        mean,
+        m2,
+        count,
+        var,
+        rstd,
+        scale,
+        cs,
+        cmask,
+        C,
+        out_ptr,
+        rmean_ptr,
+        rvar_ptr,
+        nbt_old,
+        momentum,
+        update,
+        cumulative,
+    ):
         """Store the STAT_ROWS of channels ``cs``; with ``update``, the running statistics (unbiased variance) move
         by ``momentum`` or, ``cumulative``, by 1 / (num_batches_tracked before this step + 1). Flags are runtime
         ints: this code runs once per channel block, never in a hot loop."""
@@ -128,12 +169,44 @@ if HAS_TRITON:
             tl.store(rvar_ptr + cs, rv + factor * (unbiased - rv), mask=cmask)
 
     @triton.jit
-    def _finalize(mean, m2, count, cs, cmask, C, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum, eps,
-                  has_affine, update, cumulative):
+    def _finalize(
+        mean,
+        m2,
+        count,
+        cs,
+        cmask,
+        C,
+        out_ptr,
+        w_ptr,
+        rmean_ptr,
+        rvar_ptr,
+        nbt_old,
+        momentum,
+        eps,
+        has_affine,
+        update,
+        cumulative,
+    ):
         """:func:`_derive` then :func:`_write_rows` for channels ``cs``."""
         var, rstd, scale = _derive(m2, count, cs, cmask, w_ptr, eps, has_affine)
-        _write_rows(mean, m2, count, var, rstd, scale, cs, cmask, C, out_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum,
-                    update, cumulative)
+        _write_rows(
+            mean,
+            m2,
+            count,
+            var,
+            rstd,
+            scale,
+            cs,
+            cmask,
+            C,
+            out_ptr,
+            rmean_ptr,
+            rvar_ptr,
+            nbt_old,
+            momentum,
+            update,
+            cumulative,
+        )
 
     @triton.jit
     def _bump_batches(tick_ptr, n_blocks, nbt_ptr, nbt_old):
@@ -152,9 +225,28 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=_FLAGS, do_not_specialize_on_alignment=_VECTORS)
     def _stats_kernel(
-        x_ptr, part_ptr, tick_ptr, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_ptr, M, C, HW, m_per_prog, momentum, eps,
-        triple, has_affine, update, cumulative,
-        CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        x_ptr,
+        part_ptr,
+        tick_ptr,
+        out_ptr,
+        w_ptr,
+        rmean_ptr,
+        rvar_ptr,
+        nbt_ptr,
+        M,
+        C,
+        HW,
+        m_per_prog,
+        momentum,
+        eps,
+        triple,
+        has_affine,
+        update,
+        cumulative,
+        CHANNELS_LAST: tl.constexpr,
+        INT64: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
         MERGE_K: tl.constexpr,
     ):
         """Grid (channel blocks, splits). Partials of channels [pid_c*BLOCK_C, +BLOCK_C) over positions
@@ -171,8 +263,9 @@ if HAS_TRITON:
         m_start = pid_m * m_per_prog
         m_end = tl.minimum(m_start + m_per_prog, M)
         pivot = _pivot(x_ptr, cs, cmask, C, HW, CHANNELS_LAST, INT64)
-        mean, m2, _n = _welford_lanes(x_ptr, pivot, cs, cmask, C, HW, m_start, m_end, CHANNELS_LAST, INT64, BLOCK_M,
-                                      BLOCK_C)
+        mean, m2, _n = _welford_lanes(
+            x_ptr, pivot, cs, cmask, C, HW, m_start, m_end, CHANNELS_LAST, INT64, BLOCK_M, BLOCK_C
+        )
         tl.store(part_ptr + pid_m * C + cs, mean, mask=cmask)
         tl.store(part_ptr + (n_splits + pid_m) * C + cs, m2, mask=cmask)
         tl.debug_barrier()  # every thread's partial is stored before the ticket releases them
@@ -189,15 +282,47 @@ if HAS_TRITON:
                     _bump_batches(tick_ptr, tl.num_programs(0), nbt_ptr, tl.load(nbt_ptr))
             else:
                 nbt_old = tl.load(nbt_ptr)
-                _finalize(mean, m2, count, cs, cmask, C, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum, eps,
-                          has_affine, update, cumulative)
+                _finalize(
+                    mean,
+                    m2,
+                    count,
+                    cs,
+                    cmask,
+                    C,
+                    out_ptr,
+                    w_ptr,
+                    rmean_ptr,
+                    rvar_ptr,
+                    nbt_old,
+                    momentum,
+                    eps,
+                    has_affine,
+                    update,
+                    cumulative,
+                )
                 if update != 0:
                     _bump_batches(tick_ptr, tl.num_programs(0), nbt_ptr, nbt_old)
 
     @triton.jit(do_not_specialize=["source", "has_affine", "update", "cumulative"])
     def _gathered_finalize_kernel(
-        g_ptr, K, M, C, tick_ptr, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum, eps,
-        source, has_affine, update, cumulative, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+        g_ptr,
+        K,
+        M,
+        C,
+        tick_ptr,
+        out_ptr,
+        w_ptr,
+        rmean_ptr,
+        rvar_ptr,
+        nbt_ptr,
+        momentum,
+        eps,
+        source,
+        has_affine,
+        update,
+        cumulative,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
         """``source`` SRC_GATHERED: Chan-merge K ranks' (count, mean, M2) rows (g_ptr (K, 3, C)) and finalise like
         the statistics kernel. SRC_RUNNING: the STAT_ROWS of the running statistics (count M), no update."""
@@ -208,8 +333,24 @@ if HAS_TRITON:
             mean = tl.load(rmean_ptr + cs, mask=cmask, other=0.0)
             var = tl.load(rvar_ptr + cs, mask=cmask, other=1.0)
             count = tl.zeros([BLOCK_C], dtype=tl.float32) + tl.maximum(M, 1)  # M2 = var * count: var back
-            _finalize(mean, var * count, count, cs, cmask, C, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum,
-                      eps, has_affine, 0, 0)
+            _finalize(
+                mean,
+                var * count,
+                count,
+                cs,
+                cmask,
+                C,
+                out_ptr,
+                w_ptr,
+                rmean_ptr,
+                rvar_ptr,
+                nbt_old,
+                momentum,
+                eps,
+                has_affine,
+                0,
+                0,
+            )
         else:
             mean = tl.zeros([BLOCK_C], dtype=tl.float32)
             m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -223,8 +364,24 @@ if HAS_TRITON:
                 q = tl.load(g_ptr + 2 * C + offs, mask=mask, other=0.0)
                 t_mean, t_m2, t_n = tl.reduce((mu, q, n), 0, _chan_combine)
                 mean, m2, count = _chan_combine(mean, m2, count, t_mean, t_m2, t_n)
-            _finalize(mean, m2, count, cs, cmask, C, out_ptr, w_ptr, rmean_ptr, rvar_ptr, nbt_old, momentum, eps,
-                      has_affine, update, cumulative)
+            _finalize(
+                mean,
+                m2,
+                count,
+                cs,
+                cmask,
+                C,
+                out_ptr,
+                w_ptr,
+                rmean_ptr,
+                rvar_ptr,
+                nbt_old,
+                momentum,
+                eps,
+                has_affine,
+                update,
+                cumulative,
+            )
             if update != 0:
                 _bump_batches(tick_ptr, tl.num_programs(0), nbt_ptr, nbt_old)
 
@@ -246,13 +403,21 @@ def scratch(device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tenso
     buf = _scratch.get(key)
     if buf is None or buf[0].numel() < numel:
         part = torch.empty(max(numel, 1 << 16), device=device, dtype=torch.float32)
-        rest = buf[1:] if buf is not None else (torch.zeros(TICKETS, device=device, dtype=torch.int32),
-                                                torch.zeros((), device=device, dtype=torch.int64))
+        rest = (
+            buf[1:]
+            if buf is not None
+            else (
+                torch.zeros(TICKETS, device=device, dtype=torch.int32),
+                torch.zeros((), device=device, dtype=torch.int64),
+            )
+        )
         buf = _scratch[key] = (part, *rest)
     return buf
 
 
-def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def merge_partials(
+    count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chan's parallel merge of K partial statistics (the torch twin of :func:`_chan_combine`): (K,) or (K, C)
     counts, (K, C) means and M2 -> (count, mean, M2)."""
     if count.dim() == 1:
@@ -284,9 +449,19 @@ def _aligned(*ts) -> bool:
     return acc & 15 == 0
 
 
-def launch_stats(x: torch.Tensor, channels_last: bool, out: torch.Tensor, *, weight=None, running=None,
-                 momentum: float | None = 0.1, eps: float = 1e-5, num_batches_tracked=None, triple: bool = False,
-                 geo: Geometry | None = None) -> None:
+def launch_stats(
+    x: torch.Tensor,
+    channels_last: bool,
+    out: torch.Tensor,
+    *,
+    weight=None,
+    running=None,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked=None,
+    triple: bool = False,
+    geo: Geometry | None = None,
+) -> None:
     """One ``_stats_kernel`` launch: x's statistics into ``out`` (STAT_ROWS, or (count, mean, M2) with ``triple``).
 
     ``running``: (running_mean, running_var) fp32, updated in place (with ``num_batches_tracked`` += 1); with
@@ -303,15 +478,44 @@ def launch_stats(x: torch.Tensor, channels_last: bool, out: torch.Tensor, *, wei
     slot = geo.slots.get(key)
     if slot is None:
         slot = geo.slots[key] = Slot(STATS, g.grid, STATS_WARPS)
-    slot(x, part, tick, out, w, rm, rv, num_batches_tracked if update else zero64, g.M, g.C, g.HW, g.m_per_prog,
-         0.0 if momentum is None else float(momentum), float(eps), int(triple), int(has_affine), int(update),
-         int(update and momentum is None), channels_last, g.int64, g.block_m, g.block_c, g.merge_k)
+    slot(
+        x,
+        part,
+        tick,
+        out,
+        w,
+        rm,
+        rv,
+        num_batches_tracked if update else zero64,
+        g.M,
+        g.C,
+        g.HW,
+        g.m_per_prog,
+        0.0 if momentum is None else float(momentum),
+        float(eps),
+        int(triple),
+        int(has_affine),
+        int(update),
+        int(update and momentum is None),
+        channels_last,
+        g.int64,
+        g.block_m,
+        g.block_c,
+        g.merge_k,
+    )
 
 
 def finalize_stats(
-    x: torch.Tensor, *, weight: torch.Tensor | None = None, eps: float = 1e-5, sync: bool = False,
-    process_group=None, running: tuple[torch.Tensor, torch.Tensor] | None = None, momentum: float | None = 0.1,
-    num_batches_tracked: torch.Tensor | None = None, use_running: bool = False,
+    x: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    sync: bool = False,
+    process_group=None,
+    running: tuple[torch.Tensor, torch.Tensor] | None = None,
+    momentum: float | None = 0.1,
+    num_batches_tracked: torch.Tensor | None = None,
+    use_running: bool = False,
 ) -> torch.Tensor:
     """Triton statistics of x as one (5, C) fp32 tensor, rows :data:`STAT_ROWS` (mean, var, rstd, scale, count).
 
@@ -331,8 +535,16 @@ def finalize_stats(
     if update and num_batches_tracked is None:
         raise ValueError("updating running statistics needs num_batches_tracked")
     if not (use_running or _dist_active(sync)):
-        launch_stats(x, channels_last, out, weight=weight, running=running if update else None, momentum=momentum,
-                     eps=eps, num_batches_tracked=num_batches_tracked)
+        launch_stats(
+            x,
+            channels_last,
+            out,
+            weight=weight,
+            running=running if update else None,
+            momentum=momentum,
+            eps=eps,
+            num_batches_tracked=num_batches_tracked,
+        )
         return out
     if use_running:
         rows, K, src = out, 0, SRC_RUNNING
@@ -344,10 +556,28 @@ def finalize_stats(
     rm, rv = running if running is not None else (out, out)
     _, tick, zero64 = scratch(dev, 0)
     grid = (cdiv(C, FINALIZE_BLOCK_C), 1, 1)
-    GATHERED_FINALIZE(None, grid, rows, K, x.numel() // max(C, 1), C, tick, out, out if weight is None else weight,
-                      rm, rv, num_batches_tracked if update else zero64, 0.0 if momentum is None else float(momentum),
-                      float(eps), src, int(weight is not None), int(update), int(update and momentum is None),
-                      FINALIZE_BLOCK_K, FINALIZE_BLOCK_C)
+    GATHERED_FINALIZE(
+        None,
+        grid,
+        rows,
+        K,
+        x.numel() // max(C, 1),
+        C,
+        tick,
+        out,
+        out if weight is None else weight,
+        rm,
+        rv,
+        num_batches_tracked if update else zero64,
+        0.0 if momentum is None else float(momentum),
+        float(eps),
+        src,
+        int(weight is not None),
+        int(update),
+        int(update and momentum is None),
+        FINALIZE_BLOCK_K,
+        FINALIZE_BLOCK_C,
+    )
     return out
 
 
@@ -359,8 +589,14 @@ def gather_stats(x: torch.Tensor, *, process_group=None, num_batches_tracked=Non
     x, channels_last = as_nchw_or_nhwc(x)
     local = torch.empty((3, x.shape[1]), device=x.device, dtype=torch.float32)
     track = num_batches_tracked is not None
-    launch_stats(x, channels_last, local, triple=True, running=(local, local) if track else None,
-                 num_batches_tracked=num_batches_tracked)
+    launch_stats(
+        x,
+        channels_last,
+        local,
+        triple=True,
+        running=(local, local) if track else None,
+        num_batches_tracked=num_batches_tracked,
+    )
     return _all_gather_rows(local, process_group)
 
 
@@ -408,6 +644,7 @@ def _sync(mean: torch.Tensor, m2: torch.Tensor, count: int, group) -> tuple[torc
 # ----------------------------------------------------------------------------------------------------------------
 # Ahead-of-time variants (kernels/aot.py compiles each for sm_80 and sm_90 in CI)
 
+
 def aot_variants() -> list:
     """Every (kernel, dtypes, layout, tile) the CUDA launchers of this module can choose, as kernels.aot.Variant.
 
@@ -419,18 +656,58 @@ def aot_variants() -> list:
     flags = {"triple": "i32", "has_affine": "i32", "update": "i32", "cumulative": "i32"}
     for xs in TRITON_DTYPES.values():
         for cl, int64, block_m, block_c in bn_variant_tiles()["reduction"]:
-            sig = {"x_ptr": f"*{xs}", "part_ptr": "*fp32", "tick_ptr": "*i32", "out_ptr": "*fp32",
-                   "w_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32", "nbt_ptr": "*i64",
-                   **{s: "i32" for s in ("M", "C", "HW", "m_per_prog")}, "momentum": "fp32", "eps": "fp32",
-                   **flags}
-            const = dict(CHANNELS_LAST=cl, INT64=int64, BLOCK_M=block_m, BLOCK_C=block_c,
-                         MERGE_K=merge_k(block_c))
-            out.append(Variant(_stats_kernel, sig, const, num_warps=STATS_WARPS, kernel="channel_stats",
-                               dtypes=f"x={xs}", divisible=("C", "HW", "m_per_prog"), barrier_free_loop=True,
-                               config=f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} {block_m}x{block_c}"))
-    sig = {"g_ptr": "*fp32", "K": "i32", "M": "i32", "C": "i32", "tick_ptr": "*i32", "out_ptr": "*fp32",
-           "w_ptr": "*fp32", "rmean_ptr": "*fp32", "rvar_ptr": "*fp32", "nbt_ptr": "*i64", "momentum": "fp32",
-           "eps": "fp32", "source": "i32", **{k: "i32" for k in ("has_affine", "update", "cumulative")}}
-    out.append(Variant(_gathered_finalize_kernel, sig, dict(BLOCK_K=FINALIZE_BLOCK_K, BLOCK_C=FINALIZE_BLOCK_C),
-                       kernel="stats_finalize", dtypes="fp32", config="gathered/running"))
+            sig = {
+                "x_ptr": f"*{xs}",
+                "part_ptr": "*fp32",
+                "tick_ptr": "*i32",
+                "out_ptr": "*fp32",
+                "w_ptr": "*fp32",
+                "rmean_ptr": "*fp32",
+                "rvar_ptr": "*fp32",
+                "nbt_ptr": "*i64",
+                **{s: "i32" for s in ("M", "C", "HW", "m_per_prog")},
+                "momentum": "fp32",
+                "eps": "fp32",
+                **flags,
+            }
+            const = dict(CHANNELS_LAST=cl, INT64=int64, BLOCK_M=block_m, BLOCK_C=block_c, MERGE_K=merge_k(block_c))
+            out.append(
+                Variant(
+                    _stats_kernel,
+                    sig,
+                    const,
+                    num_warps=STATS_WARPS,
+                    kernel="channel_stats",
+                    dtypes=f"x={xs}",
+                    divisible=("C", "HW", "m_per_prog"),
+                    barrier_free_loop=True,
+                    config=f"{'nhwc' if cl else 'nchw'}{' i64' if int64 else ''} {block_m}x{block_c}",
+                )
+            )
+    sig = {
+        "g_ptr": "*fp32",
+        "K": "i32",
+        "M": "i32",
+        "C": "i32",
+        "tick_ptr": "*i32",
+        "out_ptr": "*fp32",
+        "w_ptr": "*fp32",
+        "rmean_ptr": "*fp32",
+        "rvar_ptr": "*fp32",
+        "nbt_ptr": "*i64",
+        "momentum": "fp32",
+        "eps": "fp32",
+        "source": "i32",
+        **{k: "i32" for k in ("has_affine", "update", "cumulative")},
+    }
+    out.append(
+        Variant(
+            _gathered_finalize_kernel,
+            sig,
+            dict(BLOCK_K=FINALIZE_BLOCK_K, BLOCK_C=FINALIZE_BLOCK_C),
+            kernel="stats_finalize",
+            dtypes="fp32",
+            config="gathered/running",
+        )
+    )
     return out

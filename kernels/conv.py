@@ -71,8 +71,9 @@ class ConvConfig:
         return m
 
     def label(self) -> str:
-        return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
-                + (" tma" if self.w_desc else ""))
+        return f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}" + (
+            " tma" if self.w_desc else ""
+        )
 
 
 # Autotuned on a GPU, per operand class (tl.dot needs every block dim >= 16 with Triton 3.6; wgmma wants BLOCK_M a
@@ -102,8 +103,13 @@ GPU_CONFIGS = {
 # unpadded conv whose x rows are 16-byte multiples (``X_DENSE``) also reads the activation through a descriptor
 # (x is then the GEMM's dense A): both operands by TMA, the BN prologue applied to the copied tile.
 HOPPER_CONFIGS = {
-    "fprop": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(128, 128, 64, 8, 8, 4), ConvConfig(128, 256, 64, 8, 8, 3),
-              ConvConfig(128, 128, 64, 8, 8, 3, w_desc=True), ConvConfig(128, 256, 64, 8, 8, 3, w_desc=True)),
+    "fprop": (
+        ConvConfig(128, 128, 64, 8, 8, 3),
+        ConvConfig(128, 128, 64, 8, 8, 4),
+        ConvConfig(128, 256, 64, 8, 8, 3),
+        ConvConfig(128, 128, 64, 8, 8, 3, w_desc=True),
+        ConvConfig(128, 256, 64, 8, 8, 3, w_desc=True),
+    ),
     "dgrad": (ConvConfig(128, 64, 64, 8, 8, 4),),
     "wgrad": (ConvConfig(128, 128, 64, 8, 8, 3), ConvConfig(256, 128, 64, 8, 8, 3)),
 }
@@ -194,12 +200,36 @@ if HAS_TRITON:
 
     @triton.jit
     def _fprop_kernel(
-        x_ptr, w_ptr, y_ptr, mean_ptr, scale_ptr, beta_ptr,
-        N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
-        PROLOGUE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        x_ptr,
+        w_ptr,
+        y_ptr,
+        mean_ptr,
+        scale_ptr,
+        beta_ptr,
+        N,
+        H,
+        W,
+        C,
+        P,
+        Q,
+        K,
+        R,
+        S,
+        stride,
+        pad,
+        dil,
+        slope,
+        PROLOGUE: tl.constexpr,
+        ACT: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
         INT64: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        W_DESC: tl.constexpr = False, X_DENSE: tl.constexpr = False,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        W_DESC: tl.constexpr = False,
+        X_DENSE: tl.constexpr = False,
     ):
         M = N * P * Q
         pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
@@ -220,14 +250,14 @@ if HAS_TRITON:
             # arithmetic in registers. 3-D, not [R*S*C, K]: channels past C are zero-filled by the copy (the
             # descriptor's bounds), instead of reading the next tap's weights. The launcher checks the alignment
             # TMA needs (16-byte base and row stride: K * itemsize % 16 == 0).
-            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[R * S, C, K], strides=[C * K, K, 1],
-                                               block_shape=[1, BLOCK_K, BLOCK_N])
+            w_desc = tl.make_tensor_descriptor(
+                w_ptr, shape=[R * S, C, K], strides=[C * K, K, 1], block_shape=[1, BLOCK_K, BLOCK_N]
+            )
             if X_DENSE:
                 # 1x1, stride 1, no padding (the launcher's X_DENSE): x itself is the GEMM's dense A (M, C), so
                 # the activation tile is a TMA copy too; rows past M and channels past C arrive as zeros and the
                 # prologue's mask keeps act(bn(0)) out of them.
-                x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, C], strides=[C, 1],
-                                                   block_shape=[BLOCK_M, BLOCK_K])
+                x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, C], strides=[C, 1], block_shape=[BLOCK_M, BLOCK_K])
         # One flat K loop over (tap, channel block): the software pipeline runs across tap boundaries instead of
         # draining at the end of every tap (a nested tap/channel loop is two loops to the pipeliner).
         # The tap (rs, its offsets dh/dw) and channel block c0 advance as loop-carried scalars, no division per step.
@@ -252,7 +282,9 @@ if HAS_TRITON:
             if W_DESC:
                 b = w_desc.load([rs, c0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
             else:
-                b = tl.load(w_ptr + (rs * C + cs)[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(
+                    w_ptr + (rs * C + cs)[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0
+                )
             acc = _mma(a, b, acc, UPCAST, PRECISION)
             c0 += BLOCK_K
             next_tap = c0 >= C
@@ -262,7 +294,11 @@ if HAS_TRITON:
             next_row = dw >= S * dil
             dw = tl.where(next_row, 0, dw)
             dh = tl.where(next_row, dh + dil, dh)
-        tl.store(y_ptr + _idx(ms, INT64)[:, None] * K + ks[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+        tl.store(
+            y_ptr + _idx(ms, INT64)[:, None] * K + ks[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & k_ok[None, :],
+        )
 
     @triton.jit
     def _phase_taps(e, R, stride, dil, G, INV):
@@ -277,11 +313,39 @@ if HAS_TRITON:
 
     @triton.jit
     def _dgrad_kernel(
-        dy_ptr, w_ptr, g_ptr, x_ptr, mean_ptr, scale_ptr, beta_ptr, sums_ptr,
-        N, H, W, C, P, Q, K, R, S, stride, pad, dil, G, INV, slope,
-        EPILOGUE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-        INT64: tl.constexpr, DETERMINISTIC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        dy_ptr,
+        w_ptr,
+        g_ptr,
+        x_ptr,
+        mean_ptr,
+        scale_ptr,
+        beta_ptr,
+        sums_ptr,
+        N,
+        H,
+        W,
+        C,
+        P,
+        Q,
+        K,
+        R,
+        S,
+        stride,
+        pad,
+        dil,
+        G,
+        INV,
+        slope,
+        EPILOGUE: tl.constexpr,
+        ACT: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        INT64: tl.constexpr,
+        DETERMINISTIC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
     ):
         # By phases: program_id(1) = (ah, aw), the input positions h = ah + stride*i, w = aw + stride*j. Such a
         # position meets only the taps with (ah + pad - r*dil) % stride == 0 (same for every i), each at
@@ -326,7 +390,9 @@ if HAS_TRITON:
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             a = tl.load(dy_ptr + base[:, None] + ks[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + ((r * S + s) * K + ks)[:, None] * C + cs[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(
+                w_ptr + ((r * S + s) * K + ks)[:, None] * C + cs[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0
+            )
             acc = _mma(a.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
             k0 += BLOCK_K
             next_tap = k0 >= K
@@ -342,8 +408,14 @@ if HAS_TRITON:
         rows = (n * H + ah + stride * i) * W + aw + stride * j
         offs = _idx(rows, INT64)[:, None] * C + cs[None, :]
         if EPILOGUE:  # act'(z) recomputed from x, plus the per-channel sums of the BN backward
-            xc = tl.load(x_ptr + offs, mask=out_ok, other=0.0).to(tl.float32) - tl.load(mean_ptr + cs, mask=c_ok, other=0.0)[None, :]
-            z = xc * tl.load(scale_ptr + cs, mask=c_ok, other=0.0)[None, :] + tl.load(beta_ptr + cs, mask=c_ok, other=0.0)[None, :]
+            xc = (
+                tl.load(x_ptr + offs, mask=out_ok, other=0.0).to(tl.float32)
+                - tl.load(mean_ptr + cs, mask=c_ok, other=0.0)[None, :]
+            )
+            z = (
+                xc * tl.load(scale_ptr + cs, mask=c_ok, other=0.0)[None, :]
+                + tl.load(beta_ptr + cs, mask=c_ok, other=0.0)[None, :]
+            )
             acc = tl.where(out_ok, _act_bwd(z, acc, slope, ACT), 0.0)
             if DETERMINISTIC:
                 part = phase * num_m + pid_m
@@ -365,11 +437,36 @@ if HAS_TRITON:
 
     @triton.jit
     def _wgrad_kernel(
-        dy_ptr, x_ptr, dw_ptr, mean_ptr, scale_ptr, beta_ptr,
-        N, H, W, C, P, Q, K, R, S, stride, pad, dil, SPLITS, slope,
-        PROLOGUE: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-        INT64: tl.constexpr, DETERMINISTIC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        dy_ptr,
+        x_ptr,
+        dw_ptr,
+        mean_ptr,
+        scale_ptr,
+        beta_ptr,
+        N,
+        H,
+        W,
+        C,
+        P,
+        Q,
+        K,
+        R,
+        S,
+        stride,
+        pad,
+        dil,
+        SPLITS,
+        slope,
+        PROLOGUE: tl.constexpr,
+        ACT: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        INT64: tl.constexpr,
+        DETERMINISTIC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
     ):
         # Tile: BLOCK_M output channels k x BLOCK_N input channels c, reduced over BLOCK_K positions at a time.
         # dw_ptr: (R, S, K, C) fp32 (C contiguous: coalesced atomics), or (SPLITS, R, S, K, C) partials.
@@ -400,7 +497,9 @@ if HAS_TRITON:
                 a = _activate(a, cs, c_ok, ok, mean_ptr, scale_ptr, beta_ptr, slope, ACT).to(dy_ptr.dtype.element_ty)
             else:
                 a = a.to(dy_ptr.dtype.element_ty)
-            dyt = tl.load(dy_ptr + _idx(ms, INT64)[None, :] * K + ks[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+            dyt = tl.load(
+                dy_ptr + _idx(ms, INT64)[None, :] * K + ks[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0
+            )
             acc = _mma(dyt, a, acc, UPCAST, PRECISION)
         offs = (rs * K + ks[:, None]) * C + cs[None, :]
         out_ok = k_ok[:, None] & c_ok[None, :]
@@ -448,10 +547,10 @@ if HAS_TRITON:
             space = autotune_configs(cls, arch, kind, tma)
             if any(c_.w_desc for c_ in space):
                 _ensure_allocator(x)
-            configs = [triton.Config(c_.meta(), num_warps=c_.num_warps, num_stages=c_.num_stages)
-                       for c_ in space]
-            _TUNERS[key] = triton.autotune(configs, key=_KEYS[kind], reset_to_zero=_RESET[kind],
-                                           do_bench=_bench)(_KERNELS[kind])
+            configs = [triton.Config(c_.meta(), num_warps=c_.num_warps, num_stages=c_.num_stages) for c_ in space]
+            _TUNERS[key] = triton.autotune(configs, key=_KEYS[kind], reset_to_zero=_RESET[kind], do_bench=_bench)(
+                _KERNELS[kind]
+            )
         return _TUNERS[key]
 
 
@@ -489,8 +588,6 @@ def tma_ok(t: torch.Tensor) -> bool:
     return t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
 
 
-
-
 def _scratch_alloc(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")  # the current device: where Triton launches
 
@@ -507,6 +604,7 @@ def _ensure_allocator(x: torch.Tensor) -> None:
 
     try:
         from triton.runtime import _allocation
+
         missing = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
     except (ImportError, AttributeError):  # another Triton layout: set ours (the previous behaviour)
         missing = True
@@ -614,10 +712,20 @@ def pack_weight(weight: torch.Tensor, for_: str) -> torch.Tensor:
     return weight.permute(*order).contiguous()
 
 
-def conv_fprop(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, dil: int,
-               bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, *,
-               packed: torch.Tensor | None = None, config: ConvConfig | None = None,
-               precision: str | None = None, activation: str = "relu", activation_param: float = 0.01) -> torch.Tensor:
+def conv_fprop(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int,
+    pad: int,
+    dil: int,
+    bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    *,
+    packed: torch.Tensor | None = None,
+    config: ConvConfig | None = None,
+    precision: str | None = None,
+    activation: str = "relu",
+    activation_param: float = 0.01,
+) -> torch.Tensor:
     """conv2d(act(bn(x)), weight) (or conv2d(x, weight) when ``bn`` is None) -> (N, K, P, Q) channels_last.
 
     ``bn`` = per-channel fp32 (mean, scale = gamma*rstd, beta). x: (N, C, H, W) any layout (made channels_last).
@@ -630,7 +738,9 @@ def conv_fprop(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, dil
     N, C, H, W = x.shape
     K, C2, R, S = weight.shape
     if C2 != C or R != S:
-        raise ValueError(f"conv_fprop: weight {tuple(weight.shape)} does not fit input channels {C} (square kernels only)")
+        raise ValueError(
+            f"conv_fprop: weight {tuple(weight.shape)} does not fit input channels {C} (square kernels only)"
+        )
     P, Q = _out_size(H, R, stride, pad, dil), _out_size(W, S, stride, pad, dil)
     _check_positions(N * H * W, N * P * Q)
     xl = x.contiguous(memory_format=torch.channels_last)
@@ -649,10 +759,37 @@ def conv_fprop(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, dil
             _ensure_allocator(x)
         else:  # a forced descriptor config on a weight TMA cannot read: the same tile with plain loads
             cfg = replace(cfg, w_desc=False)
-    _launch(_tuned("fprop", cls, x, tma) if cfg is None else None, _fprop_kernel, grid, cfg,
-            xl, wt, y, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, slope,
-            PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64,
-            X_DENSE=dense)
+    _launch(
+        _tuned("fprop", cls, x, tma) if cfg is None else None,
+        _fprop_kernel,
+        grid,
+        cfg,
+        xl,
+        wt,
+        y,
+        mean,
+        scale,
+        beta,
+        N,
+        H,
+        W,
+        C,
+        P,
+        Q,
+        K,
+        R,
+        S,
+        stride,
+        pad,
+        dil,
+        slope,
+        PROLOGUE=bn is not None,
+        ACT=act,
+        UPCAST=_upcast(weight.dtype),
+        PRECISION=prec,
+        INT64=int64,
+        X_DENSE=dense,
+    )
     return y
 
 
@@ -669,11 +806,22 @@ def dgrad_phase_taps(H: int, R: int, stride: int, pad: int, dil: int) -> list[li
     return [[r for r in range(R) if (a + pad - r * dil) % stride == 0] for a in range(min(stride, H))]
 
 
-def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: int, pad: int, dil: int,
-               bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, *,
-               packed: torch.Tensor | None = None, config: ConvConfig | None = None,
-               precision: str | None = None, deterministic: bool | None = None, activation: str = "relu",
-               activation_param: float = 0.01):
+def conv_dgrad(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    stride: int,
+    pad: int,
+    dil: int,
+    bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    *,
+    packed: torch.Tensor | None = None,
+    config: ConvConfig | None = None,
+    precision: str | None = None,
+    deterministic: bool | None = None,
+    activation: str = "relu",
+    activation_param: float = 0.01,
+):
     """Gradient wrt the activated input, (N, C, H, W) channels_last fp32.
 
     With ``bn``: times the recomputed act'(z) (relu [z > 0], leaky_relu (z > 0 ? 1 : ``activation_param``),
@@ -701,11 +849,49 @@ def conv_dgrad(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: 
         sums = torch.zeros((2, C), device=x.device, dtype=torch.float32)
     mean, scale, beta = _vectors(bn, x)
     gcd, inv = phase_constants(stride, dil)
-    grid = lambda m: (triton.cdiv(N * triton.cdiv(H, stride) * triton.cdiv(W, stride), m["BLOCK_M"])  # noqa: E731
-                      * triton.cdiv(C, m["BLOCK_N"]), stride * stride)
-    _launch(_tuned("dgrad", cls, x), _dgrad_kernel, grid, cfg,
-            dyl, wt, g, xl, mean, scale, beta, sums, N, H, W, C, P, Q, K, R, S, stride, pad, dil, gcd, inv, slope,
-            EPILOGUE=bn is not None, ACT=act, UPCAST=_upcast(weight.dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
+
+    def grid(m):
+        return (
+            triton.cdiv(N * triton.cdiv(H, stride) * triton.cdiv(W, stride), m["BLOCK_M"])
+            * triton.cdiv(C, m["BLOCK_N"]),
+            stride * stride,
+        )
+
+    _launch(
+        _tuned("dgrad", cls, x),
+        _dgrad_kernel,
+        grid,
+        cfg,
+        dyl,
+        wt,
+        g,
+        xl,
+        mean,
+        scale,
+        beta,
+        sums,
+        N,
+        H,
+        W,
+        C,
+        P,
+        Q,
+        K,
+        R,
+        S,
+        stride,
+        pad,
+        dil,
+        gcd,
+        inv,
+        slope,
+        EPILOGUE=bn is not None,
+        ACT=act,
+        UPCAST=_upcast(weight.dtype),
+        PRECISION=prec,
+        INT64=int64,
+        DETERMINISTIC=det,
+    )
     if bn is None:
         return g, None, None
     if det:
@@ -719,11 +905,22 @@ def wgrad_splits(x: torch.Tensor, M: int, K: int, C: int) -> int:
     return max(1, min(triton.cdiv(M, 128), _runtime.num_programs_hint(x) // max(tiles, 1)))
 
 
-def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, stride: int, pad: int, dil: int,
-               bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-               dtype: torch.dtype | None = None, *, config: ConvConfig | None = None,
-               precision: str | None = None, deterministic: bool | None = None, activation: str = "relu",
-               activation_param: float = 0.01) -> torch.Tensor:
+def conv_wgrad(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight_shape: torch.Size,
+    stride: int,
+    pad: int,
+    dil: int,
+    bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    config: ConvConfig | None = None,
+    precision: str | None = None,
+    deterministic: bool | None = None,
+    activation: str = "relu",
+    activation_param: float = 0.01,
+) -> torch.Tensor:
     """Weight gradient (K, C, R, S) fp32, with act(bn(x)) recomputed on load when ``bn`` is given.
 
     Accumulated (R, S, K, C) so the split-M atomics are coalesced along C, then permuted. ``deterministic``:
@@ -745,9 +942,38 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, stri
     prec = _precision(dtype, precision)
     cls, int64 = operand_class(dtype, prec), needs_int64(dyl.numel(), xl.numel())
     grid = lambda m: (triton.cdiv(K, m["BLOCK_M"]) * triton.cdiv(C, m["BLOCK_N"]), R * S * splits)  # noqa: E731
-    _launch(_tuned("wgrad", cls, x), _wgrad_kernel, grid, _choose(x, config, cls, int64 or det, "wgrad"),
-            dyl, xl, dw, mean, scale, beta, N, H, W, C, P, Q, K, R, S, stride, pad, dil, splits, slope,
-            PROLOGUE=bn is not None, ACT=act, UPCAST=_upcast(dtype), PRECISION=prec, INT64=int64, DETERMINISTIC=det)
+    _launch(
+        _tuned("wgrad", cls, x),
+        _wgrad_kernel,
+        grid,
+        _choose(x, config, cls, int64 or det, "wgrad"),
+        dyl,
+        xl,
+        dw,
+        mean,
+        scale,
+        beta,
+        N,
+        H,
+        W,
+        C,
+        P,
+        Q,
+        K,
+        R,
+        S,
+        stride,
+        pad,
+        dil,
+        splits,
+        slope,
+        PROLOGUE=bn is not None,
+        ACT=act,
+        UPCAST=_upcast(dtype),
+        PRECISION=prec,
+        INT64=int64,
+        DETERMINISTIC=det,
+    )
     if det:
         dw = dw.sum(0)
     return dw.permute(2, 3, 0, 1).contiguous()
@@ -758,8 +984,13 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, stri
 
 _TNAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # (x dtype, operand dtype) the launchers see: same dtype, or an fp32 input under fp16/bf16 autocast
-DTYPE_COMBOS = ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
-                (torch.float32, torch.float16), (torch.float32, torch.bfloat16))
+DTYPE_COMBOS = (
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+)
 _SCALARS = ("N", "H", "W", "C", "P", "Q", "K", "R", "S", "stride", "pad", "dil")
 
 
@@ -783,25 +1014,37 @@ def aot_variants() -> list:
     out = []
     for xdt, odt in DTYPE_COMBOS:
         xs, os_ = _TNAME[xdt], _TNAME[odt]
-        for prec in (("ieee", "tf32") if odt == torch.float32 else ("tf32",)):
+        for prec in ("ieee", "tf32") if odt == torch.float32 else ("tf32",):
             cls = operand_class(odt, prec)
             tag = f"x={xs} op={os_}" + (f" {prec}" if odt == torch.float32 else "")
             sigs = {
                 "conv_fprop": (_fprop_kernel, "PROLOGUE", {"x_ptr": f"*{xs}", "w_ptr": f"*{os_}", "y_ptr": f"*{os_}"}),
-                "conv_dgrad": (_dgrad_kernel, "EPILOGUE", {"dy_ptr": f"*{os_}", "w_ptr": f"*{os_}", "g_ptr": "*fp32",
-                                                           "x_ptr": f"*{xs}", "sums_ptr": "*fp32", "G": "i32",
-                                                           "INV": "i32"}),
-                "conv_wgrad": (_wgrad_kernel, "PROLOGUE", {"dy_ptr": f"*{os_}", "x_ptr": f"*{xs}", "dw_ptr": "*fp32",
-                                                           "SPLITS": "i32"}),
+                "conv_dgrad": (
+                    _dgrad_kernel,
+                    "EPILOGUE",
+                    {
+                        "dy_ptr": f"*{os_}",
+                        "w_ptr": f"*{os_}",
+                        "g_ptr": "*fp32",
+                        "x_ptr": f"*{xs}",
+                        "sums_ptr": "*fp32",
+                        "G": "i32",
+                        "INV": "i32",
+                    },
+                ),
+                "conv_wgrad": (
+                    _wgrad_kernel,
+                    "PROLOGUE",
+                    {"dy_ptr": f"*{os_}", "x_ptr": f"*{xs}", "dw_ptr": "*fp32", "SPLITS": "i32"},
+                ),
             }
             for name, (fn, flag_name, ptrs) in sigs.items():
-                sig = {**ptrs, "mean_ptr": "*fp32", "scale_ptr": "*fp32", "beta_ptr": "*fp32", **ints,
-                       "slope": "fp32"}
+                sig = {**ptrs, "mean_ptr": "*fp32", "scale_ptr": "*fp32", "beta_ptr": "*fp32", **ints, "slope": "fp32"}
                 has_det = name != "conv_fprop"
                 for flag in (True, False):
                     # (config, INT64, DETERMINISTIC, ACT): every autotune config, then the fixed-config variants
                     relu, leaky, ident = ACTIVATIONS["relu"], ACTIVATIONS["leaky_relu"], ACTIVATIONS["identity"]
-                    kcfgs = gpu_configs(cls, name[len("conv_"):])
+                    kcfgs = gpu_configs(cls, name[len("conv_") :])
                     plans = [(c_, False, False, relu) for c_ in kcfgs]
                     plans += [(kcfgs[0], True, False, relu)]
                     if has_det and (flag or name == "conv_wgrad"):
@@ -810,37 +1053,83 @@ def aot_variants() -> list:
                         plans += [(c_, False, False, leaky) for c_ in kcfgs]
                         plans += [(kcfgs[0], False, False, ident)]
                     for cfg, i64, det, act in plans:
-                        const = {flag_name: flag, "ACT": act, "UPCAST": False, "PRECISION": prec, "INT64": i64,
-                                 **cfg.meta()}
+                        const = {
+                            flag_name: flag,
+                            "ACT": act,
+                            "UPCAST": False,
+                            "PRECISION": prec,
+                            "INT64": i64,
+                            **cfg.meta(),
+                        }
                         if has_det:
                             const["DETERMINISTIC"] = det
                         else:
                             const.setdefault("W_DESC", False)
                             const["X_DENSE"] = False  # no descriptor in these configs: X_DENSE changes nothing
-                        flags = ("bn" if flag else "plain") + (" i64" if i64 else "") + (" det" if det else "") \
+                        flags = (
+                            ("bn" if flag else "plain")
+                            + (" i64" if i64 else "")
+                            + (" det" if det else "")
                             + {relu: "", leaky: " leaky_relu", ident: " identity"}[act]
-                        out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
-                                           f"{flags} {cfg.label()}", tensor_cores=cls != "ieee",
-                                           divisible=("C", "K"), single_k_loop=cls != "ieee"))
+                        )
+                        out.append(
+                            Variant(
+                                fn,
+                                dict(sig),
+                                const,
+                                cfg.num_warps,
+                                cfg.num_stages,
+                                name,
+                                tag,
+                                f"{flags} {cfg.label()}",
+                                tensor_cores=cls != "ieee",
+                                divisible=("C", "K"),
+                                single_k_loop=cls != "ieee",
+                            )
+                        )
                     # sm_90's extra autotune configs (HOPPER_CONFIGS), budgeted: BN + ReLU (what the model
                     # launches) for every 16-bit combination, plain and leaky_relu for bf16 operands only
                     if cls != "16bit" or not (flag or odt == xdt == torch.bfloat16):
                         continue
                     acts = (relu, leaky) if (flag and xdt == odt == torch.bfloat16) else (relu,)
-                    for cfg in HOPPER_CONFIGS[name[len("conv_"):]]:
+                    for cfg in HOPPER_CONFIGS[name[len("conv_") :]]:
                         # tma configs also with X_DENSE (1x1 stride-1 unpadded: the activation by TMA too)
-                        for act, dense in [(a_, d_) for a_ in acts for d_ in ((False, True) if cfg.w_desc else (False,))]:
-                            const = {flag_name: flag, "ACT": act, "UPCAST": False, "PRECISION": prec, "INT64": False,
-                                     **cfg.meta()}
+                        for act, dense in [
+                            (a_, d_) for a_ in acts for d_ in ((False, True) if cfg.w_desc else (False,))
+                        ]:
+                            const = {
+                                flag_name: flag,
+                                "ACT": act,
+                                "UPCAST": False,
+                                "PRECISION": prec,
+                                "INT64": False,
+                                **cfg.meta(),
+                            }
                             if has_det:
                                 const["DETERMINISTIC"] = False
                             else:
                                 const.setdefault("W_DESC", False)
                                 const["X_DENSE"] = dense
-                            flags = ("bn" if flag else "plain") + (" leaky_relu" if act == leaky else "") \
+                            flags = (
+                                ("bn" if flag else "plain")
+                                + (" leaky_relu" if act == leaky else "")
                                 + (" 1x1" if dense else "")
-                            out.append(Variant(fn, dict(sig), const, cfg.num_warps, cfg.num_stages, name, tag,
-                                               f"{flags} {cfg.label()} (sm_90)", tensor_cores=True,
-                                               divisible=("C", "K"), archs=(90,), single_k_loop=True,
-                                               tma=(2 if dense else 1) if cfg.w_desc else 0))
+                            )
+                            out.append(
+                                Variant(
+                                    fn,
+                                    dict(sig),
+                                    const,
+                                    cfg.num_warps,
+                                    cfg.num_stages,
+                                    name,
+                                    tag,
+                                    f"{flags} {cfg.label()} (sm_90)",
+                                    tensor_cores=True,
+                                    divisible=("C", "K"),
+                                    archs=(90,),
+                                    single_k_loop=True,
+                                    tma=(2 if dense else 1) if cfg.w_desc else 0,
+                                )
+                            )
     return out

@@ -63,7 +63,7 @@ def parse_table(data, where: str) -> dict:
     """Validate a table (the decoded JSON) -> {"default": impl, "entries": {key tuple: impl}}; ``where`` names it
     in the one-line error."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{where}: not a conv choice table (expected a JSON object with \"format\": \"{FORMAT}\")")
+        raise ValueError(f'{where}: not a conv choice table (expected a JSON object with "format": "{FORMAT}")')
     if data.get("version") != 1:
         raise ValueError(f"{where}: unsupported version {data.get('version')!r} (expected 1)")
     default = data.get("default", "torch")
@@ -71,7 +71,7 @@ def parse_table(data, where: str) -> dict:
         raise ValueError(f"{where}: default must be one of {IMPLS}, got {default!r}")
     entries = data.get("entries", [])
     if not isinstance(entries, list):
-        raise ValueError(f"{where}: \"entries\" must be a list")
+        raise ValueError(f'{where}: "entries" must be a list')
     return {"default": default, "entries": {_entry_key(e, where): e["impl"] for e in entries}}
 
 
@@ -119,8 +119,19 @@ def device_name(x: torch.Tensor) -> str:
 def shape_key(x: torch.Tensor, conv, dtype: torch.dtype, device: str) -> tuple:
     """The table key of ``conv`` (an nn.Conv2d with square kernel/stride/dilation/padding) applied to ``x``."""
     N, C, H, W = x.shape
-    return (device, _DTYPES.get(dtype, str(dtype)), N, C, conv.out_channels, H, W, conv.kernel_size[0],
-            conv.stride[0], conv.padding[0], conv.dilation[0])
+    return (
+        device,
+        _DTYPES.get(dtype, str(dtype)),
+        N,
+        C,
+        conv.out_channels,
+        H,
+        W,
+        conv.kernel_size[0],
+        conv.stride[0],
+        conv.padding[0],
+        conv.dilation[0],
+    )
 
 
 def lookup(key: tuple) -> str:
@@ -172,9 +183,17 @@ def entries_from_rows(rows: list[dict], device: str, source: str = "") -> list[d
             what = "forward+backward step ms of the block (Triton BN-ReLU recompute + cuDNN)"
         else:
             continue
-        e = {"device": device, "dtype": dt.get(r.get("dtype"), r.get("dtype")), **{f: int(r[f]) for f in KEY_FIELDS[2:]}}
-        e.update(impl="triton" if ours < theirs else "torch", ours_ms=round(ours, 4), cudnn_ms=round(theirs, 4),
-                 compared=what)
+        e = {
+            "device": device,
+            "dtype": dt.get(r.get("dtype"), r.get("dtype")),
+            **{f: int(r[f]) for f in KEY_FIELDS[2:]},
+        }
+        e.update(
+            impl="triton" if ours < theirs else "torch",
+            ours_ms=round(ours, 4),
+            cudnn_ms=round(theirs, 4),
+            compared=what,
+        )
         if source:
             e["source"] = source
         out.append(e)

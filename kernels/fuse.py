@@ -55,9 +55,14 @@ class FusedSequential(nn.Sequential):
         while i < len(mods):
             if i in self.fused_starts:
                 bn, conv = mods[i], mods[i + 2]
-                x = bn_relu_conv(x, bn, [conv], backend=self.fused_backend,
-                                 sync=isinstance(bn, nn.SyncBatchNorm),
-                                 process_group=getattr(bn, "process_group", None))[0]
+                x = bn_relu_conv(
+                    x,
+                    bn,
+                    [conv],
+                    backend=self.fused_backend,
+                    sync=isinstance(bn, nn.SyncBatchNorm),
+                    process_group=getattr(bn, "process_group", None),
+                )[0]
                 i += 3
             else:
                 x = mods[i](x)
@@ -75,8 +80,16 @@ class _FusedChain(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         bn, convs = self._chain
-        return tuple(bn_relu_conv(x, bn, convs, backend=self.backend, sync=isinstance(bn, nn.SyncBatchNorm),
-                                  process_group=getattr(bn, "process_group", None)))
+        return tuple(
+            bn_relu_conv(
+                x,
+                bn,
+                convs,
+                backend=self.backend,
+                sync=isinstance(bn, nn.SyncBatchNorm),
+                process_group=getattr(bn, "process_group", None),
+            )
+        )
 
 
 def _is_relu(node: torch.fx.Node, modules: dict) -> bool:
@@ -133,9 +146,15 @@ def _rewrite(gm: torch.fx.GraphModule, module: nn.Module, backend: str, chains: 
         if not _is_relu(relu, modules) or relu.args[0] is not node or not relu.users:
             continue
         convs = list(relu.users)
-        if not all(c.op == "call_module" and type(modules.get(c.target)) is nn.Conv2d and len(c.args) == 1
-                   and not c.kwargs and modules[c.target].padding_mode == "zeros"
-                   and not isinstance(modules[c.target].padding, str) for c in convs):
+        if not all(
+            c.op == "call_module"
+            and type(modules.get(c.target)) is nn.Conv2d
+            and len(c.args) == 1
+            and not c.kwargs
+            and modules[c.target].padding_mode == "zeros"
+            and not isinstance(modules[c.target].padding, str)
+            for c in convs
+        ):
             continue
         key = (node.target, tuple(c.target for c in convs))
         if key not in chains:
@@ -243,8 +262,9 @@ def unfuse(model: nn.Module) -> int:
                 module.__dict__.pop(attr, None)
             changed += 1
         if "forward" in module.__dict__ and (
-                isinstance(module.__dict__["forward"], _PerMode)
-                or any(isinstance(c, _FusedChain) for c in module.children())):
+            isinstance(module.__dict__["forward"], _PerMode)
+            or any(isinstance(c, _FusedChain) for c in module.children())
+        ):
             del module.__dict__["forward"]
             for name in [n for n, c in module.named_children() if isinstance(c, _FusedChain)]:
                 delattr(module, name)

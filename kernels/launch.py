@@ -66,12 +66,16 @@ def _c_launch(ck):
     meta = ck.metadata
     if _VERSION not in C_LAUNCH_LAYOUTS or not hasattr(launcher, "launch"):
         return None
-    if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0) \
-            or getattr(launcher, "gsan_enabled", False):
+    if (
+        getattr(meta, "global_scratch_size", 0)
+        or getattr(meta, "profile_scratch_size", 0)
+        or getattr(launcher, "gsan_enabled", False)
+    ):
         return None
     c, fn, pm = launcher.launch, ck.function, ck.packed_metadata
     coop, pdl = launcher.launch_cooperative_grid, launcher.launch_pdl
     if _VERSION == "3.6":
+
         def direct(gx, gy, gz, stream, *args):
             c(gx, gy, gz, stream, fn, coop, pdl, None, None, pm, None, None, None, *args)
     else:
@@ -79,6 +83,7 @@ def _c_launch(ck):
 
         def direct(gx, gy, gz, stream, *args):
             c(gx, gy, gz, stream, fn, coop, pdl, pm, None, None, None, None, None, ann, sig, args)
+
     return direct
 
 
@@ -87,6 +92,7 @@ def _run_launch(ck):
 
     def direct(gx, gy, gz, stream, *args):
         run(gx, gy, gz, stream, fn, pm, None, None, None, *args)
+
     return direct
 
 
@@ -112,8 +118,13 @@ class Slot:
                 direct(g[0], g[1], g[2], driver.get_current_stream(device), *args)
                 return
         ck = k.fn[self.grid](*args, num_warps=self.num_warps)
-        if self.direct is None and ck is not None and not INTERPRET and _knobs is not None \
-                and all(hasattr(ck, a) for a in ("run", "function", "packed_metadata")):
+        if (
+            self.direct is None
+            and ck is not None
+            and not INTERPRET
+            and _knobs is not None
+            and all(hasattr(ck, a) for a in ("run", "function", "packed_metadata"))
+        ):
             self.direct = _c_launch(ck) or _run_launch(ck)
             self.device = triton.runtime.driver.active.get_current_device()
 

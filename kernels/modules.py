@@ -28,22 +28,45 @@ class BNReLU(nn.BatchNorm2d):
     ``activation``: "relu" (default), "leaky_relu" (negative slope ``activation_param``) or "identity".
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, *, backend: str = "auto", sync: bool = False,
-                 process_group=None, device=None, dtype=None, activation: str = "relu",
-                 activation_param: float = 0.01):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        backend: str = "auto",
+        sync: bool = False,
+        process_group=None,
+        device=None,
+        dtype=None,
+        activation: str = "relu",
+        activation_param: float = 0.01,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         activation_code(activation)
         self.backend, self.sync, self.process_group = backend, sync, process_group
         self.activation, self.activation_param = activation, activation_param
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bn_relu(x, self, backend=self.backend, sync=self.sync, process_group=self.process_group,
-                       activation=self.activation, activation_param=self.activation_param)
+        return bn_relu(
+            x,
+            self,
+            backend=self.backend,
+            sync=self.sync,
+            process_group=self.process_group,
+            activation=self.activation,
+            activation_param=self.activation_param,
+        )
 
     def extra_repr(self) -> str:
-        act = "" if self.activation == "relu" else f", activation={self.activation!r}" + (
-            f"[{self.activation_param}]" if self.activation == "leaky_relu" else "")
+        act = (
+            ""
+            if self.activation == "relu"
+            else f", activation={self.activation!r}"
+            + (f"[{self.activation_param}]" if self.activation == "leaky_relu" else "")
+        )
         return super().extra_repr() + act
 
 
@@ -65,28 +88,78 @@ class BNReLUConv2d(nn.Module):
     BN-ReLU fused and the convolution as nn.Conv2d, which then keeps the activation for backward.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
-                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
-                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = "zeros", device=None, dtype=None, *, eps: float = 1e-5,
-                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
-                 dropout: float = 0.0, backend: str = "auto", sync: bool = False, process_group=None,
-                 conv_impl: str = "torch", conv: str | None = None, activation: str = "relu",
-                 activation_param: float = 0.01):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        dropout: float = 0.0,
+        backend: str = "auto",
+        sync: bool = False,
+        process_group=None,
+        conv_impl: str = "torch",
+        conv: str | None = None,
+        activation: str = "relu",
+        activation_param: float = 0.01,
+    ):
         super().__init__()
         if conv is not None:
-            warnings.warn("BNReLUConv2d(conv=...) is deprecated (it shadowed the .conv attribute): use conv_impl=",
-                          DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                "BNReLUConv2d(conv=...) is deprecated (it shadowed the .conv attribute): use conv_impl=",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             conv_impl = conv
-        self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum, affine=affine,
-                                 track_running_stats=track_running_stats, device=device, dtype=dtype)
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                              padding_mode, device=device, dtype=dtype)
-        self._set_options(dropout, backend, sync, process_group, conv_impl, activation=activation,
-                          activation_param=activation_param)
+        self.bn = nn.BatchNorm2d(
+            in_channels,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            device=device,
+            dtype=dtype,
+        )
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        self._set_options(
+            dropout, backend, sync, process_group, conv_impl, activation=activation, activation_param=activation_param
+        )
 
-    def _set_options(self, dropout=0.0, backend="auto", sync=False, process_group=None, conv_impl="torch",
-                     conv=None, activation="relu", activation_param=0.01) -> None:
+    def _set_options(
+        self,
+        dropout=0.0,
+        backend="auto",
+        sync=False,
+        process_group=None,
+        conv_impl="torch",
+        conv=None,
+        activation="relu",
+        activation_param=0.01,
+    ) -> None:
         if conv is not None:
             warnings.warn("conv= is deprecated: use conv_impl=", DeprecationWarning, stacklevel=3)
             conv_impl = conv
@@ -107,18 +180,37 @@ class BNReLUConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         if isinstance(self.conv.padding, str) or self.conv.padding_mode != "zeros":
-            a = bn_relu(x, self.bn, backend=self.backend, sync=self.sync, process_group=self.process_group,
-                        activation=self.activation, activation_param=self.activation_param)
+            a = bn_relu(
+                x,
+                self.bn,
+                backend=self.backend,
+                sync=self.sync,
+                process_group=self.process_group,
+                activation=self.activation,
+                activation_param=self.activation_param,
+            )
             return self.conv(F.dropout(a, p, training=True) if p else a)
-        return bn_relu_conv(x, self.bn, [self.conv], dropout=p, backend=self.backend, sync=self.sync,
-                            process_group=self.process_group, conv=self.conv_impl, activation=self.activation,
-                            activation_param=self.activation_param)[0]
+        return bn_relu_conv(
+            x,
+            self.bn,
+            [self.conv],
+            dropout=p,
+            backend=self.backend,
+            sync=self.sync,
+            process_group=self.process_group,
+            conv=self.conv_impl,
+            activation=self.activation,
+            activation_param=self.activation_param,
+        )[0]
 
     def extra_repr(self) -> str:
-        act = "" if self.activation == "relu" else f", activation={self.activation!r}" + (
-            f"[{self.activation_param}]" if self.activation == "leaky_relu" else "")
-        return (f"backend={self.backend!r}, conv_impl={self.conv_impl!r}, dropout={self.dropout}, "
-                f"sync={self.sync}{act}")
+        act = (
+            ""
+            if self.activation == "relu"
+            else f", activation={self.activation!r}"
+            + (f"[{self.activation_param}]" if self.activation == "leaky_relu" else "")
+        )
+        return f"backend={self.backend!r}, conv_impl={self.conv_impl!r}, dropout={self.dropout}, sync={self.sync}{act}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,8 +237,17 @@ class _BNView:
     ``weight`` replaced by another tensor (InPlaceABN's |gamma| + eps). Buffers are the module's own tensors,
     so running statistics are updated in place as usual."""
 
-    __slots__ = ("training", "track_running_stats", "running_mean", "running_var", "num_batches_tracked",
-                 "momentum", "eps", "weight", "bias")
+    __slots__ = (
+        "training",
+        "track_running_stats",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+        "momentum",
+        "eps",
+        "weight",
+        "bias",
+    )
 
     def __init__(self, m: nn.Module, weight: Optional[torch.Tensor]):
         self.training, self.track_running_stats = m.training, m.track_running_stats
@@ -176,9 +277,18 @@ class ABN(nn.Module):
     _version = 2
     _abs_weight = False  # scale by |weight| + eps (InPlaceABN) instead of weight
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, activation: str = "leaky_relu", activation_param: float = 0.01,
-                 *, backend: str = "auto"):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        activation: str = "leaky_relu",
+        activation_param: float = 0.01,
+        *,
+        backend: str = "auto",
+    ):
         super().__init__()
         if activation == "elu":
             raise ValueError("activation='elu' is not implemented by the kernels (relu, leaky_relu, identity are)")
@@ -222,8 +332,10 @@ class ABN(nn.Module):
         if x.dim() < 2 or x.dim() > 5:
             raise ValueError(f"expected an (N, C, *spatial) input with 0 to 3 spatial dims, got {tuple(x.shape)}")
         if self.training and x.numel() // max(x.shape[1], 1) <= 1:
-            raise ValueError(f"{type(self).__name__} needs more than one value per channel to compute batch "
-                             f"statistics, got input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} needs more than one value per channel to compute batch "
+                f"statistics, got input of shape {tuple(x.shape)}"
+            )
         shape = x.shape
         if x.dim() != 4:  # the kernels take (N, C, H, W): fold the spatial dims (a view for contiguous x)
             x = x.reshape(shape[0], shape[1], -1, shape[-1] if x.dim() == 5 else 1)
@@ -231,22 +343,32 @@ class ABN(nn.Module):
         if self._abs_weight and weight is not None:
             # export/trace: plain ops (an autograd Function is opaque to jit.trace; kernels/plain.py)
             weight = weight.abs() + self.eps if _plain.exporting() else _AbsPlusEps.apply(weight, self.eps)
-        y = bn_relu(x, _BNView(self, weight), backend=self.backend, activation=self.activation,
-                    activation_param=self.activation_param, **self._sync_args())
+        y = bn_relu(
+            x,
+            _BNView(self, weight),
+            backend=self.backend,
+            activation=self.activation,
+            activation_param=self.activation_param,
+            **self._sync_args(),
+        )
         return y.reshape(shape) if y.shape != shape else y
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # checkpoints from before inplace_abn's version 2 have no num_batches_tracked: start it at 0, as it does
         key = prefix + "num_batches_tracked"
         if (local_metadata.get("version") or 0) < 2 and self.track_running_stats and key not in state_dict:
             state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
-        rep = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, " \
-              f"activation={self.activation}"
+        rep = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"activation={self.activation}"
+        )
         return rep + (f"[{self.activation_param}]" if self.activation == "leaky_relu" else "")
 
 
@@ -275,11 +397,22 @@ class InPlaceABNSync(InPlaceABN):
     an initialised process group it runs unsynchronised). Gradients of weight/bias stay local (DDP averages
     them); dx uses the group-wide sums, like SyncBatchNorm."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, activation: str = "leaky_relu", activation_param: float = 0.01,
-                 group: Optional[Any] = None, *, backend: str = "auto"):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, activation_param,
-                         backend=backend)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        activation: str = "leaky_relu",
+        activation_param: float = 0.01,
+        group: Optional[Any] = None,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, activation, activation_param, backend=backend
+        )
         self.group = group
 
     def set_group(self, group: Optional[Any]) -> None:

@@ -61,19 +61,38 @@ def _fmt(t: Tensor) -> torch.memory_format:
 # statistics
 
 
-@torch.library.custom_op(f"{NS}::bn_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked"), tags=_TAGS)
-def bn_stats(x: Tensor, weight: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
-             num_batches_tracked: Tensor, has_running: bool, momentum: float, cumulative: bool, eps: float,
-             training: bool, track_running_stats: bool, backend: str) -> Tensor:
+@torch.library.custom_op(
+    f"{NS}::bn_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked"), tags=_TAGS
+)
+def bn_stats(
+    x: Tensor,
+    weight: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    has_running: bool,
+    momentum: float,
+    cumulative: bool,
+    eps: float,
+    training: bool,
+    track_running_stats: bool,
+    backend: str,
+) -> Tensor:
     """The (5, C) STAT_ROWS ``[mean, var, rstd, scale = gamma * rstd, count]`` following nn.BatchNorm2d's rules
     (see module doc; the var row is not read by the ops).
 
     ``cumulative``: momentum=None (cumulative moving average); ``momentum`` is then ignored."""
     bn = SimpleNamespace(
-        training=training, track_running_stats=track_running_stats, weight=weight, bias=None, eps=eps,
-        momentum=None if cumulative else momentum, running_mean=running_mean if has_running else None,
+        training=training,
+        track_running_stats=track_running_stats,
+        weight=weight,
+        bias=None,
+        eps=eps,
+        momentum=None if cumulative else momentum,
+        running_mean=running_mean if has_running else None,
         running_var=running_var if has_running else None,
-        num_batches_tracked=num_batches_tracked if has_running else None)
+        num_batches_tracked=num_batches_tracked if has_running else None,
+    )
     p = bn_params(x, bn, backend=backend)
     if p.stats is not None:  # the triton statistics kernel's own (fresh) buffer
         return p.stats
@@ -85,28 +104,65 @@ def bn_stats(x: Tensor, weight: Optional[Tensor], running_mean: Tensor, running_
 
 
 @bn_stats.register_fake
-def _(x, weight, running_mean, running_var, num_batches_tracked, has_running, momentum, cumulative, eps, training,
-      track_running_stats, backend):
+def _(
+    x,
+    weight,
+    running_mean,
+    running_var,
+    num_batches_tracked,
+    has_running,
+    momentum,
+    cumulative,
+    eps,
+    training,
+    track_running_stats,
+    backend,
+):
     return x.new_empty((len(STAT_ROWS), x.shape[1]), dtype=_stats_dtype(x, backend))
 
 
-def unpack(stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], batch_stats: bool,
-           activation: str = "relu", activation_param: float = 0.01) -> BNParams:
+def unpack(
+    stats: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    batch_stats: bool,
+    activation: str = "relu",
+    activation_param: float = 0.01,
+) -> BNParams:
     """The BNParams of a packed (5, C) STAT_ROWS tensor and the BN's (gamma, beta) (detached)."""
-    return BNParams.from_stats(stats, None if weight is None else weight.detach(),
-                               None if bias is None else bias.detach(), batch_stats, activation, activation_param)
+    return BNParams.from_stats(
+        stats,
+        None if weight is None else weight.detach(),
+        None if bias is None else bias.detach(),
+        batch_stats,
+        activation,
+        activation_param,
+    )
 
 
 def stats_of(x: Tensor, bn, backend: str) -> Tensor:
     """Call :func:`bn_stats` for an nn.BatchNorm2d-like ``bn`` (its mode, buffers and momentum)."""
     has_running = bn.running_mean is not None
     empty = x.new_empty(0, dtype=torch.float32)
-    nbt = bn.num_batches_tracked if has_running and bn.num_batches_tracked is not None else \
-        x.new_zeros((), dtype=torch.long)
-    return bn_stats(x.detach(), bn.weight.detach() if bn.weight is not None else None,
-                    bn.running_mean if has_running else empty, bn.running_var if has_running else empty, nbt,
-                    has_running, 0.0 if bn.momentum is None else float(bn.momentum), bn.momentum is None,
-                    float(bn.eps), bool(bn.training), bool(bn.track_running_stats), backend)
+    nbt = (
+        bn.num_batches_tracked
+        if has_running and bn.num_batches_tracked is not None
+        else x.new_zeros((), dtype=torch.long)
+    )
+    return bn_stats(
+        x.detach(),
+        bn.weight.detach() if bn.weight is not None else None,
+        bn.running_mean if has_running else empty,
+        bn.running_var if has_running else empty,
+        nbt,
+        has_running,
+        0.0 if bn.momentum is None else float(bn.momentum),
+        bn.momentum is None,
+        float(bn.eps),
+        bool(bn.training),
+        bool(bn.track_running_stats),
+        backend,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,8 +170,17 @@ def stats_of(x: Tensor, bn, backend: str) -> Tensor:
 
 
 @torch.library.custom_op(f"{NS}::bn_act", mutates_args=(), tags=_TAGS)
-def bn_act(x: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], batch_stats: bool,
-           backend: str, out_dtype: torch.dtype, activation: str, activation_param: float) -> Tensor:
+def bn_act(
+    x: Tensor,
+    stats: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    batch_stats: bool,
+    backend: str,
+    out_dtype: torch.dtype,
+    activation: str,
+    activation_param: float,
+) -> Tensor:
     """act(bn(x)) in x's layout and ``out_dtype``."""
     p = unpack(stats, weight, bias, batch_stats, activation, activation_param)
     return bn_relu_forward(x, p, backend=backend, out_dtype=out_dtype).contiguous(memory_format=_fmt(x))
@@ -127,9 +192,17 @@ def _(x, stats, weight, bias, batch_stats, backend, out_dtype, activation, activ
 
 
 @torch.library.custom_op(f"{NS}::bn_act_backward", mutates_args=(), tags=_TAGS)
-def bn_act_backward(x: Tensor, dy: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                    batch_stats: bool, backend: str, activation: str, activation_param: float
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def bn_act_backward(
+    x: Tensor,
+    dy: Tensor,
+    stats: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    batch_stats: bool,
+    backend: str,
+    activation: str,
+    activation_param: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dx in x's dtype and layout, dgamma fp32 (C,), dbeta fp32 (C,))."""
     p = unpack(stats, weight, bias, batch_stats, activation, activation_param)
     dx, dgamma, dbeta = bn_relu_backward(x, dy, p, backend=backend)
@@ -140,8 +213,11 @@ def bn_act_backward(x: Tensor, dy: Tensor, stats: Tensor, weight: Optional[Tenso
 @bn_act_backward.register_fake
 def _(x, dy, stats, weight, bias, batch_stats, backend, activation, activation_param):
     C = x.shape[1]
-    return (x.new_empty(x.shape).contiguous(memory_format=_fmt(x)), x.new_empty(C, dtype=torch.float32),
-            x.new_empty(C, dtype=torch.float32))
+    return (
+        x.new_empty(x.shape).contiguous(memory_format=_fmt(x)),
+        x.new_empty(C, dtype=torch.float32),
+        x.new_empty(C, dtype=torch.float32),
+    )
 
 
 def _bn_act_setup(ctx, inputs, output):
@@ -153,8 +229,17 @@ def _bn_act_setup(ctx, inputs, output):
 def _bn_act_bwd(ctx, dy):
     x, stats, weight, bias = ctx.saved_tensors
     dx, dgamma, dbeta = bn_act_backward(x, dy, stats, weight, bias, *ctx.flags)
-    return (dx, None, None if weight is None else dgamma.to(weight.dtype),
-            None if bias is None else dbeta.to(bias.dtype), None, None, None, None, None)
+    return (
+        dx,
+        None,
+        None if weight is None else dgamma.to(weight.dtype),
+        None if bias is None else dbeta.to(bias.dtype),
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 bn_act.register_autograd(_bn_act_bwd, setup_context=_bn_act_setup)
@@ -165,8 +250,10 @@ bn_act.register_autograd(_bn_act_bwd, setup_context=_bn_act_setup)
 
 
 def _geometry(flat: Sequence[int]) -> list[tuple]:
-    return [((flat[i], flat[i + 1]), (flat[i + 2], flat[i + 3]), (flat[i + 4], flat[i + 5]), flat[i + 6])
-            for i in range(0, len(flat), 7)]
+    return [
+        ((flat[i], flat[i + 1]), (flat[i + 2], flat[i + 3]), (flat[i + 4], flat[i + 5]), flat[i + 6])
+        for i in range(0, len(flat), 7)
+    ]
 
 
 def _spread(present: Sequence[Tensor], has: Sequence[bool]) -> list[Optional[Tensor]]:
@@ -188,10 +275,24 @@ def _conv_out_shape(x: Tensor, w: Tensor, geo: tuple) -> tuple[int, ...]:
 
 
 @torch.library.custom_op(f"{NS}::bn_act_conv", mutates_args=(), tags=_TAGS)
-def bn_act_conv(x: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                conv_weights: Sequence[Tensor], conv_biases: Sequence[Tensor], has_bias: Sequence[bool],
-                geometry: Sequence[int], mask: Optional[Tensor], keep: float, batch_stats: bool, backend: str,
-                cdtype: torch.dtype, conv_impl: str, activation: str, activation_param: float) -> list[Tensor]:
+def bn_act_conv(
+    x: Tensor,
+    stats: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    conv_weights: Sequence[Tensor],
+    conv_biases: Sequence[Tensor],
+    has_bias: Sequence[bool],
+    geometry: Sequence[int],
+    mask: Optional[Tensor],
+    keep: float,
+    batch_stats: bool,
+    backend: str,
+    cdtype: torch.dtype,
+    conv_impl: str,
+    activation: str,
+    activation_param: float,
+) -> list[Tensor]:
     """Outputs (N, K_i, H_i, W_i) in ``cdtype``; channels_last if x is or with the implicit GEMMs, else NCHW.
 
     ``conv_biases`` holds only the biases that exist, ``has_bias`` says which convs have one (a list mixing
@@ -214,19 +315,50 @@ def _out_fmt(x: Tensor, conv_impl: str) -> torch.memory_format:
 
 
 @bn_act_conv.register_fake
-def _(x, stats, weight, bias, conv_weights, conv_biases, has_bias, geometry, mask, keep, batch_stats, backend,
-      cdtype, conv_impl, activation, activation_param):
+def _(
+    x,
+    stats,
+    weight,
+    bias,
+    conv_weights,
+    conv_biases,
+    has_bias,
+    geometry,
+    mask,
+    keep,
+    batch_stats,
+    backend,
+    cdtype,
+    conv_impl,
+    activation,
+    activation_param,
+):
     fmt = _out_fmt(x, conv_impl)
-    return [x.new_empty(_conv_out_shape(x, w, g), dtype=cdtype).contiguous(memory_format=fmt)
-            for w, g in zip(conv_weights, _geometry(geometry))]
+    return [
+        x.new_empty(_conv_out_shape(x, w, g), dtype=cdtype).contiguous(memory_format=fmt)
+        for w, g in zip(conv_weights, _geometry(geometry))
+    ]
 
 
 @torch.library.custom_op(f"{NS}::bn_act_conv_backward", mutates_args=(), tags=_TAGS)
-def bn_act_conv_backward(grads: Sequence[Tensor], x: Tensor, stats: Tensor, weight: Optional[Tensor],
-                         bias: Optional[Tensor], conv_weights: Sequence[Tensor], has_bias: Sequence[bool],
-                         geometry: Sequence[int], mask: Optional[Tensor], keep: float, batch_stats: bool,
-                         backend: str, cdtype: torch.dtype, conv_impl: str, activation: str,
-                         activation_param: float) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
+def bn_act_conv_backward(
+    grads: Sequence[Tensor],
+    x: Tensor,
+    stats: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    conv_weights: Sequence[Tensor],
+    has_bias: Sequence[bool],
+    geometry: Sequence[int],
+    mask: Optional[Tensor],
+    keep: float,
+    batch_stats: bool,
+    backend: str,
+    cdtype: torch.dtype,
+    conv_impl: str,
+    activation: str,
+    activation_param: float,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
     """(dx, dgamma fp32, dbeta fp32, [dW_i], [db_i of the convs that have a bias])."""
     p = unpack(stats, weight, bias, batch_stats, activation, activation_param)
     geo = _geometry(geometry)
@@ -234,28 +366,70 @@ def bn_act_conv_backward(grads: Sequence[Tensor], x: Tensor, stats: Tensor, weig
     if conv_impl == "triton":
         dx, dgamma, dbeta, pg = igemm_backward(x, p, cdtype, conv_weights, has_bias, geo, grads)
     else:
-        dx, dgamma, dbeta, pg = conv_backward(x, p, backend, cdtype, mask, keep, conv_weights, has_bias, geo, grads,
-                                              True, [True] * n, [True] * n)
+        dx, dgamma, dbeta, pg = conv_backward(
+            x, p, backend, cdtype, mask, keep, conv_weights, has_bias, geo, grads, True, [True] * n, [True] * n
+        )
     # dgamma/dbeta are rows of one buffer on the triton backend: outputs of an op must not alias each other.
     # dx takes x's layout, each dW its weight's (_fmt): what the fake implementation states.
     dws = [g.contiguous(memory_format=_fmt(w)) for g, w in zip(pg[0::2], conv_weights)]
-    return (dx.contiguous(memory_format=_fmt(x)), dgamma.float().clone(), dbeta.float().clone(), dws,
-            [g for g in pg[1::2] if g is not None])
+    return (
+        dx.contiguous(memory_format=_fmt(x)),
+        dgamma.float().clone(),
+        dbeta.float().clone(),
+        dws,
+        [g for g in pg[1::2] if g is not None],
+    )
 
 
 @bn_act_conv_backward.register_fake
-def _(grads, x, stats, weight, bias, conv_weights, has_bias, geometry, mask, keep, batch_stats, backend, cdtype,
-      conv_impl, activation, activation_param):
+def _(
+    grads,
+    x,
+    stats,
+    weight,
+    bias,
+    conv_weights,
+    has_bias,
+    geometry,
+    mask,
+    keep,
+    batch_stats,
+    backend,
+    cdtype,
+    conv_impl,
+    activation,
+    activation_param,
+):
     C = x.shape[1]
     dbs = [x.new_empty(w.shape[0], dtype=w.dtype) for w, hb in zip(conv_weights, has_bias) if hb]
-    return (x.new_empty(x.shape).contiguous(memory_format=_fmt(x)), x.new_empty(C, dtype=torch.float32),
-            x.new_empty(C, dtype=torch.float32),
-            [w.new_empty(w.shape).contiguous(memory_format=_fmt(w)) for w in conv_weights], dbs)
+    return (
+        x.new_empty(x.shape).contiguous(memory_format=_fmt(x)),
+        x.new_empty(C, dtype=torch.float32),
+        x.new_empty(C, dtype=torch.float32),
+        [w.new_empty(w.shape).contiguous(memory_format=_fmt(w)) for w in conv_weights],
+        dbs,
+    )
 
 
 def _bn_act_conv_setup(ctx, inputs, output):
-    (x, stats, weight, bias, conv_weights, _conv_biases, has_bias, geometry, mask, keep, batch_stats, backend,
-     cdtype, conv_impl, activation, activation_param) = inputs
+    (
+        x,
+        stats,
+        weight,
+        bias,
+        conv_weights,
+        _conv_biases,
+        has_bias,
+        geometry,
+        mask,
+        keep,
+        batch_stats,
+        backend,
+        cdtype,
+        conv_impl,
+        activation,
+        activation_param,
+    ) = inputs
     ctx.out_meta = [(o.shape, o.dtype, o.device) for o in output]
     ctx.has_bias = list(has_bias)
     ctx.save_for_backward(x, stats, weight, bias, mask, *conv_weights)
@@ -266,14 +440,45 @@ def _bn_act_conv_bwd(ctx, grads):
     x, stats, weight, bias, mask, *conv_weights = ctx.saved_tensors
     geometry, keep, batch_stats, backend, cdtype, conv_impl, activation, activation_param = ctx.flags
     # an output nobody used gets a zero gradient (the op needs one tensor per output)
-    grads = [torch.zeros(shape, dtype=dt, device=dev) if g is None else g
-             for g, (shape, dt, dev) in zip(grads, ctx.out_meta)]
+    grads = [
+        torch.zeros(shape, dtype=dt, device=dev) if g is None else g for g, (shape, dt, dev) in zip(grads, ctx.out_meta)
+    ]
     dx, dgamma, dbeta, dws, dbs = bn_act_conv_backward(
-        grads, x, stats, weight, bias, conv_weights, ctx.has_bias, geometry, mask, keep, batch_stats, backend,
-        cdtype, conv_impl, activation, activation_param)
-    return (dx, None, None if weight is None else dgamma.to(weight.dtype),
-            None if bias is None else dbeta.to(bias.dtype), list(dws), list(dbs), None, None, None, None, None,
-            None, None, None, None, None)
+        grads,
+        x,
+        stats,
+        weight,
+        bias,
+        conv_weights,
+        ctx.has_bias,
+        geometry,
+        mask,
+        keep,
+        batch_stats,
+        backend,
+        cdtype,
+        conv_impl,
+        activation,
+        activation_param,
+    )
+    return (
+        dx,
+        None,
+        None if weight is None else dgamma.to(weight.dtype),
+        None if bias is None else dbeta.to(bias.dtype),
+        list(dws),
+        list(dbs),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 bn_act_conv.register_autograd(_bn_act_conv_bwd, setup_context=_bn_act_conv_setup)
@@ -289,17 +494,42 @@ def _dense_with_stats(x: Tensor, bn, backend: str) -> tuple[Tensor, Tensor, bool
     return x, stats_of(x, bn, backend), bool(bn.training or bn.running_mean is None)
 
 
-def bn_relu_via_ops(x: Tensor, bn, backend: str, out_dtype: torch.dtype, activation: str = "relu",
-                    activation_param: float = 0.01) -> Tensor:
+def bn_relu_via_ops(
+    x: Tensor, bn, backend: str, out_dtype: torch.dtype, activation: str = "relu", activation_param: float = 0.01
+) -> Tensor:
     x, stats, batch_stats = _dense_with_stats(x, bn, backend)
     return bn_act(x, stats, bn.weight, bn.bias, batch_stats, backend, out_dtype, activation, activation_param)
 
 
-def bn_relu_conv_via_ops(x: Tensor, bn, convs, geometry: Sequence[tuple], backend: str, cdtype: torch.dtype, mask: Optional[Tensor],
-                         keep: float, conv_impl: str, activation: str = "relu",
-                         activation_param: float = 0.01) -> list[Tensor]:
+def bn_relu_conv_via_ops(
+    x: Tensor,
+    bn,
+    convs,
+    geometry: Sequence[tuple],
+    backend: str,
+    cdtype: torch.dtype,
+    mask: Optional[Tensor],
+    keep: float,
+    conv_impl: str,
+    activation: str = "relu",
+    activation_param: float = 0.01,
+) -> list[Tensor]:
     x, stats, batch_stats = _dense_with_stats(x, bn, backend)
-    return bn_act_conv(x, stats, bn.weight, bn.bias, [c.weight for c in convs],
-                       [c.bias for c in convs if c.bias is not None], [c.bias is not None for c in convs],
-                       flat_geometry(geometry), mask, keep, batch_stats, backend, cdtype, conv_impl, activation,
-                       activation_param)
+    return bn_act_conv(
+        x,
+        stats,
+        bn.weight,
+        bn.bias,
+        [c.weight for c in convs],
+        [c.bias for c in convs if c.bias is not None],
+        [c.bias is not None for c in convs],
+        flat_geometry(geometry),
+        mask,
+        keep,
+        batch_stats,
+        backend,
+        cdtype,
+        conv_impl,
+        activation,
+        activation_param,
+    )

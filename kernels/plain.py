@@ -46,7 +46,8 @@ def exporting() -> bool:
     if not _CHECKS:
         is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
         _CHECKS = tuple(f for f in (torch.jit.is_tracing, is_exporting) if f) + (
-            () if is_exporting else (torch.onnx.is_in_onnx_export,))
+            () if is_exporting else (torch.onnx.is_in_onnx_export,)
+        )
     for check in _CHECKS:
         if check():
             return True
@@ -78,8 +79,10 @@ def refuse_training_export(bn, what: str) -> None:
     if not uses_batch_stats(bn):
         return
     if torch.jit.is_tracing() or _onnx_exporting():
-        raise RuntimeError(f"{what}: a BatchNorm with batch statistics (training mode) cannot be traced or exported "
-                           "to ONNX as plain ops: call model.eval() (or freeze the BN statistics) first")
+        raise RuntimeError(
+            f"{what}: a BatchNorm with batch statistics (training mode) cannot be traced or exported "
+            "to ONNX as plain ops: call model.eval() (or freeze the BN statistics) first"
+        )
 
 
 def activation_plain(z: torch.Tensor, activation: str, activation_param: float) -> torch.Tensor:
@@ -92,8 +95,13 @@ def activation_plain(z: torch.Tensor, activation: str, activation_param: float) 
     raise ValueError(f"activation must be one of ('relu', 'leaky_relu', 'identity'), got {activation!r}")
 
 
-def bn_act_plain(x: torch.Tensor, bn, activation: str = "relu", activation_param: float = 0.01,
-                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def bn_act_plain(
+    x: torch.Tensor,
+    bn,
+    activation: str = "relu",
+    activation_param: float = 0.01,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
     """act(batch_norm(x)) with ``bn``'s running statistics, as aten ops (F.batch_norm, F.relu/leaky_relu).
 
     ``bn``: an nn.BatchNorm2d or any object with its attributes (``weight`` may be a computed tensor, e.g.
@@ -103,8 +111,14 @@ def bn_act_plain(x: torch.Tensor, bn, activation: str = "relu", activation_param
     return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
 
 
-def bn_act_conv_plain(x: torch.Tensor, bn, convs: Sequence[torch.nn.Conv2d], dropout: float = 0.0,
-                      activation: str = "relu", activation_param: float = 0.01) -> list[torch.Tensor]:
+def bn_act_conv_plain(
+    x: torch.Tensor,
+    bn,
+    convs: Sequence[torch.nn.Conv2d],
+    dropout: float = 0.0,
+    activation: str = "relu",
+    activation_param: float = 0.01,
+) -> list[torch.Tensor]:
     """``[conv(dropout(act(batch_norm(x)))) for conv in convs]`` as aten ops, sharing one activation.
 
     ``dropout`` (frozen statistics in training only) is F.dropout; the convolutions are the modules' own

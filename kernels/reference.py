@@ -13,8 +13,14 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def bn_relu(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
-            bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+def bn_relu(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
     """relu((x - mean) / sqrt(var + eps) * weight + bias) with per-channel vectors broadcast over C."""
     shape = (1, -1, 1, 1)
     y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
@@ -25,8 +31,15 @@ def bn_relu(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torc
     return torch.relu(y)
 
 
-def bn_relu_conv(x: torch.Tensor, bn: torch.nn.BatchNorm2d, conv: torch.nn.Conv2d, dropout_mask=None,
-                 p: float = 0.0, activation: str = "relu", activation_param: float = 0.01) -> torch.Tensor:
+def bn_relu_conv(
+    x: torch.Tensor,
+    bn: torch.nn.BatchNorm2d,
+    conv: torch.nn.Conv2d,
+    dropout_mask=None,
+    p: float = 0.0,
+    activation: str = "relu",
+    activation_param: float = 0.01,
+) -> torch.Tensor:
     """The unfused pre-activation step conv(act(bn(x))) with torch modules (updates bn's running stats)."""
     a = activation_fn(bn(x), activation, activation_param)
     if dropout_mask is not None:
@@ -45,16 +58,25 @@ def activation_fn(z: torch.Tensor, activation: str = "relu", activation_param: f
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def bn_act(x: torch.Tensor, bn: torch.nn.BatchNorm2d, activation: str = "relu",
-           activation_param: float = 0.01) -> torch.Tensor:
+def bn_act(
+    x: torch.Tensor, bn: torch.nn.BatchNorm2d, activation: str = "relu", activation_param: float = 0.01
+) -> torch.Tensor:
     """act(bn(x)) as F.batch_norm (the module's mode and running statistics, updated in training) + activation."""
     return activation_fn(bn(x), activation, activation_param)
 
 
-def inplace_abn(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool = True,
-                momentum: float = 0.1, eps: float = 1e-5, activation: str = "leaky_relu",
-                activation_param: float = 0.01) -> torch.Tensor:
+def inplace_abn(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "leaky_relu",
+    activation_param: float = 0.01,
+) -> torch.Tensor:
     """inplace_abn's documented formula (``inplace_abn.functions.inplace_abn``), in plain differentiable torch:
 
         x_hat = (x - mu) / sqrt(sigma^2 + eps)                     (batch statistics in training, else running)

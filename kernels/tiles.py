@@ -73,25 +73,28 @@ def elementwise_grid(R: int, L: int, block_r: int, block_l: int, channels_last: 
     rb, lb = cdiv(R, block_r), cdiv(L, block_l)
     grid = (rb, lb, 1) if channels_last else (lb, rb, 1)
     if grid[1] > 65535:
-        raise ValueError(f"BN-ReLU grid {grid[:2]} exceeds CUDA's 65535 programs on axis 1 "
-                         f"({'C' if channels_last else 'N*C'} too large)")
+        raise ValueError(
+            f"BN-ReLU grid {grid[:2]} exceeds CUDA's 65535 programs on axis 1 "
+            f"({'C' if channels_last else 'N*C'} too large)"
+        )
     return grid
 
 
 def bn_variant_tiles() -> dict:
     """Every tile the BN launchers can choose, per kernel family, for the AOT variants:
-    ``{"elementwise": [(channels_last, BLOCK_R, BLOCK_L)], "reduction": [(channels_last, int64, BLOCK_M, BLOCK_C)]}``."""
+    ``{"elementwise": [(channels_last, BLOCK_R, BLOCK_L)],
+    "reduction": [(channels_last, int64, BLOCK_M, BLOCK_C)]}``."""
     ew = [(cl, ELEMENTWISE_TILE // bl, bl) for cl in (False, True) for bl in (NHWC_BLOCK_L if cl else NCHW_BLOCK_L)]
-    red = sorted({(cl, i64, *tile_sizes(c, cl, i64)) for cl in (False, True) for i64 in (False, True)
-                  for c in (16, 17)})  # one channel count on each side of the C > 16 threshold
+    red = sorted(
+        {(cl, i64, *tile_sizes(c, cl, i64)) for cl in (False, True) for i64 in (False, True) for c in (16, 17)}
+    )  # one channel count on each side of the C > 16 threshold
     return {"elementwise": ew, "reduction": red}
 
 
 class ReductionGrid:
     """Geometry of a per-channel reduction over an (N, C, H, W) tensor (one per shape, layout and device hint)."""
 
-    __slots__ = ("M", "C", "HW", "block_m", "block_c", "merge_k", "c_blocks", "splits", "m_per_prog", "grid",
-                 "int64")
+    __slots__ = ("M", "C", "HW", "block_m", "block_c", "merge_k", "c_blocks", "splits", "m_per_prog", "grid", "int64")
 
     def __init__(self, shape, channels_last: bool, hint: int, int64: bool):
         N, C, H, W = shape
@@ -114,8 +117,20 @@ class Geometry:
     (``R``, ``L``, ``block_r``, ``block_l``, ``ew_grid``), the reduction grid (``red``, built on first use) and
     a dict of launch slots the launchers fill (``slots``: their keys add dtypes, activation and alignment)."""
 
-    __slots__ = ("shape", "channels_last", "int64", "device", "hint", "R", "L", "block_r", "block_l", "_ew_grid",
-                 "_red", "slots")
+    __slots__ = (
+        "shape",
+        "channels_last",
+        "int64",
+        "device",
+        "hint",
+        "R",
+        "L",
+        "block_r",
+        "block_l",
+        "_ew_grid",
+        "_red",
+        "slots",
+    )
 
     def __init__(self, shape, channels_last: bool, int64: bool, device: torch.device, hint: int):
         self.shape, self.channels_last, self.int64, self.device, self.hint = shape, channels_last, int64, device, hint
@@ -153,16 +168,17 @@ def geometry(x: torch.Tensor, channels_last: bool) -> Geometry:
 # ----------------------------------------------------------------------------------------------------------------
 # Ahead-of-time variants: each kernel module lists its own (``aot_variants()``) from the tables above
 
+
 @dataclass
 class Variant:
     """One compilable kernel variant: the launch a launcher makes on CUDA, minus the tensors."""
 
-    fn: Any                    # the @triton.jit function (a JITFunction: import with TRITON_INTERPRET=0)
-    signature: dict            # runtime argument name -> Triton type ("*bf16", "i32", "fp32", ...)
-    constexprs: dict           # constexpr argument name -> value
+    fn: Any  # the @triton.jit function (a JITFunction: import with TRITON_INTERPRET=0)
+    signature: dict  # runtime argument name -> Triton type ("*bf16", "i32", "fp32", ...)
+    constexprs: dict  # constexpr argument name -> value
     num_warps: int = 4
     num_stages: int = 3
-    kernel: str = ""           # launcher / kernel label for the table
+    kernel: str = ""  # launcher / kernel label for the table
     dtypes: str = ""
     config: str = ""
     tensor_cores: bool = False  # must use tensor-core MMA instructions (wgmma on sm_90, mma on sm_80)

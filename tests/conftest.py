@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def device() -> str:
-    """"cuda" (compiled kernels, no interpreter) when a GPU is present, else "cpu" (the Triton interpreter).
+    """ "cuda" (compiled kernels, no interpreter) when a GPU is present, else "cpu" (the Triton interpreter).
 
     On CUDA the torch references must be true fp32: cuDNN convolutions default to TF32 (10-bit mantissa), which
     alone differs from an IEEE fp32 kernel by ~1e-3 relative, far above the fp32 tolerances."""
@@ -51,8 +51,14 @@ def synthetic_root(tmp_path_factory):
 
     def get(dataset: str):
         if dataset not in made:
-            made[dataset] = write_synthetic(dataset, base / dataset, num_train=10, num_val=5, size=(48, 80),
-                                            num_classes={"ilsvrc": 4, "ade20k": 8}.get(dataset))
+            made[dataset] = write_synthetic(
+                dataset,
+                base / dataset,
+                num_train=10,
+                num_val=5,
+                size=(48, 80),
+                num_classes={"ilsvrc": 4, "ade20k": 8}.get(dataset),
+            )
         return made[dataset]
 
     return get

@@ -29,22 +29,49 @@ def _version():
 
 def test_every_variant_compiles_for_sm90_and_sm80(tmp_path):
     if _version() < (3, 3):
-        pytest.skip(f"kernels.aot needs Triton >= 3.3 (ASTSource with name-keyed constexprs); this is {triton.__version__}")
+        pytest.skip(
+            f"kernels.aot needs Triton >= 3.3 (ASTSource with name-keyed constexprs); this is {triton.__version__}"
+        )
     out_json = tmp_path / "aot.json"
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache"),
-           "TRITON_DUMP_PTXAS_LOG": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "0",
+        "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+        "TRITON_DUMP_PTXAS_LOG": "1",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     jobs = max(1, min(2, os.cpu_count() or 1))
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "90,80", "--jobs", str(jobs),
-                           "--json", str(out_json), "--md", str(RESULT)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kernels.aot",
+            "--arch",
+            "90,80",
+            "--jobs",
+            str(jobs),
+            "--json",
+            str(out_json),
+            "--md",
+            str(RESULT),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     print(proc.stdout)
     assert out_json.exists(), f"kernels.aot crashed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     rows = json.loads(out_json.read_text())
     kernels_seen = {r["kernel"] for r in rows}
     assert {"conv_fprop", "conv_dgrad", "conv_wgrad"} <= kernels_seen
     assert {r["arch"] for r in rows} == {90, 80}
-    failed = [f"sm_{r['arch']} {r['kernel']} {r['dtypes']} {r['config']}: {'; '.join(r['problems'])}"
-              for r in rows if r["problems"]]
+    failed = [
+        f"sm_{r['arch']} {r['kernel']} {r['dtypes']} {r['config']}: {'; '.join(r['problems'])}"
+        for r in rows
+        if r["problems"]
+    ]
     assert not failed, f"{len(failed)} of {len(rows)} variants failed:\n" + "\n".join(failed)
     for r in rows:  # the checks the table reports were really made
         assert r["regs"] is not None and r["spills"] == 0 and r["shared"] is not None
@@ -58,8 +85,11 @@ def test_every_variant_compiles_for_sm90_and_sm80(tmp_path):
     assert any("(sm_90)" in r["config"] for r in sm90_16), "the Hopper tiles were not compiled"
     tma = [r for r in sm90_16 if " tma" in r["config"]]  # the weight through a TMA descriptor: one mbarrier wait
     assert tma and all("1 cp.async.wait, 1 mbarrier.wait" in r["loops"] for r in tma if " 1x1 " not in r["config"])
-    assert all(("2 mbarrier.wait" if r["config"].startswith("bn") else "4 mma, 1 mbarrier.wait") in r["loops"]
-               for r in tma if " 1x1 " in r["config"])  # x by TMA too (plain: both copies on one barrier)
+    assert all(
+        ("2 mbarrier.wait" if r["config"].startswith("bn") else "4 mma, 1 mbarrier.wait") in r["loops"]
+        for r in tma
+        if " 1x1 " in r["config"]
+    )  # x by TMA too (plain: both copies on one barrier)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -89,21 +119,52 @@ def test_mma_loop_count_tells_nested_from_flat():
 
 
 def test_only_filter_compiles_a_subset(tmp_path):
-    """``--only 'conv_dgrad x=bf16 op=bf16 bn 64x64x32' --limit 1``: one conv variant, sm_90, with its loop report (seconds, not the full check)."""
+    """``--only 'conv_dgrad x=bf16 op=bf16 bn 64x64x32' --limit 1``: one conv variant, sm_90, with its loop report
+    (seconds, not the full check)."""
     if _version() < (3, 3):
         pytest.skip("kernels.aot needs Triton >= 3.3")
     out_json = tmp_path / "aot.json"
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache"),
-           "TRITON_DUMP_PTXAS_LOG": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "90", "--jobs", "1", "--only",
-                           "conv_dgrad x=bf16 op=bf16 bn 64x64x32", "--limit", "1", "--json", str(out_json)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "0",
+        "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+        "TRITON_DUMP_PTXAS_LOG": "1",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kernels.aot",
+            "--arch",
+            "90",
+            "--jobs",
+            "1",
+            "--only",
+            "conv_dgrad x=bf16 op=bf16 bn 64x64x32",
+            "--limit",
+            "1",
+            "--json",
+            str(out_json),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out_json.read_text())
     assert [r["kernel"] for r in rows] == ["conv_dgrad"] and rows[0]["arch"] == 90
     assert rows[0]["loops"].startswith("2 mma, 1 cp.async.wait") and not rows[0]["problems"]
-    bad = subprocess.run([sys.executable, "-m", "kernels.aot", "--only", "no_such_kernel"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        [sys.executable, "-m", "kernels.aot", "--only", "no_such_kernel"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode == 2 and "no variant matches --only" in bad.stderr
 
 
@@ -111,8 +172,9 @@ _TMA_PROBE = """
 import dataclasses, json
 from kernels import conv
 from kernels.aot import compile_variant
-v = [v for v in conv.aot_variants() if v.tma and v.dtypes == "x=bf16 op=bf16" and v.config.startswith("bn 128x128x64")][0]
-d = [v for v in conv.aot_variants() if v.tma and v.dtypes == "x=bf16 op=bf16" and v.config.startswith("bn 1x1 128x128x64")][0]
+tma = [v for v in conv.aot_variants() if v.tma and v.dtypes == "x=bf16 op=bf16"]
+v = [v for v in tma if v.config.startswith("bn 128x128x64")][0]
+d = [v for v in tma if v.config.startswith("bn 1x1 128x128x64")][0]
 ok, dense = compile_variant(v, 90), compile_variant(d, 90)
 fake = compile_variant(dataclasses.replace(v, constexprs={**v.constexprs, "W_DESC": False}), 90)  # claims TMA, has none
 print(json.dumps([ok, dense, fake]))
@@ -126,10 +188,16 @@ def test_tma_variant_uses_bulk_tensor_copies(tmp_path):
     without the descriptor while still marked ``tma`` fails the check (seconds: two compiles)."""
     if _version() < (3, 3):
         pytest.skip("kernels.aot needs Triton >= 3.3")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache"),
-           "TRITON_DUMP_PTXAS_LOG": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", _TMA_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "0",
+        "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+        "TRITON_DUMP_PTXAS_LOG": "1",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _TMA_PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ok, dense, fake = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not ok["problems"] and ok["spills"] == 0 and "wgmma" in ok["mma"], ok

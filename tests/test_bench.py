@@ -20,8 +20,14 @@ SECTIONS = ("environment", "mode", "config", "model", "kernels", "data", "summar
 def campaign(tmp_path_factory):
     out = tmp_path_factory.mktemp("campaign") / "tmp"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "bench", "--gpu-campaign", "--smoke", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=400, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "bench", "--gpu-campaign", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out, p.stdout
 
@@ -67,12 +73,17 @@ def test_campaign_smoke_json(campaign):
     else:  # on CUDA the gate must have run tests, and they passed
         assert tests["passed"] is True and tests["counts"]["passed"] > 0 and tests["ran"] > 0, tests
     # the smoke's correctness flags: every kernel row checked, every check true
-    flags = [(k, v) for row in res["kernels"]["bn_relu"] + res["kernels"]["conv"]["rows"]
-             for k, v in row.items() if k.endswith("_ok")]
+    flags = [
+        (k, v)
+        for row in res["kernels"]["bn_relu"] + res["kernels"]["conv"]["rows"]
+        for k, v in row.items()
+        if k.endswith("_ok")
+    ]
     assert {k for k, _ in flags} >= {"ours_ok", "eager_ok", "ours_fprop_ok", "ours_dgrad_ok", "ours_wgrad_ok"}, flags
     assert all(v is True for _, v in flags), [k for k, v in flags if v is not True]
-    assert not [k for row in res["kernels"]["bn_relu"] + res["kernels"]["conv"]["rows"] for k in row
-                if k.endswith("error")]
+    assert not [
+        k for row in res["kernels"]["bn_relu"] + res["kernels"]["conv"]["rows"] for k in row if k.endswith("error")
+    ]
     eager = [r for r in res["model"]["fixed"] if r["impl"] == "eager" and r["model"] == "A1"][0]
     assert eager.get("timed") and eager["saved_bytes"] > 0 and eager["peak_method"]
     fused = [r for r in res["model"]["fixed"] if r["impl"] == "fused" and r["model"] == "A1"][0]
@@ -86,13 +97,16 @@ def test_campaign_smoke_json(campaign):
     assert any(r.get("img_per_s", 0) > 0 and r["case"] == "A1" and r["impl"] == "eager" for r in inference)
 
 
-@pytest.mark.parametrize("rc, stdout, passed, why", [
-    (0, "....\n4 passed, 2 skipped in 3.1s", True, None),
-    (0, "sss\n3 skipped, 120 deselected in 2.0s", False, "skipped"),  # a CUDA machine where every gpu test skipped
-    (5, "\n120 deselected in 1.9s", False, "exit 5"),  # nothing selected
-    (1, "F.\n1 failed, 1 passed in 2.2s", False, "exit 1"),
-    (1, "E\n1 error in 0.5s", False, "exit 1"),
-])
+@pytest.mark.parametrize(
+    "rc, stdout, passed, why",
+    [
+        (0, "....\n4 passed, 2 skipped in 3.1s", True, None),
+        (0, "sss\n3 skipped, 120 deselected in 2.0s", False, "skipped"),  # a CUDA machine where every gpu test skipped
+        (5, "\n120 deselected in 1.9s", False, "exit 5"),  # nothing selected
+        (1, "F.\n1 failed, 1 passed in 2.2s", False, "exit 1"),
+        (1, "E\n1 error in 0.5s", False, "exit 1"),
+    ],
+)
 def test_gpu_gate_needs_tests_that_ran_and_passed(rc, stdout, passed, why):
     from bench.runner import gate_result
 
@@ -159,10 +173,18 @@ def test_campaign_budget_fits_nine_minutes():
     c = CONFIGS["campaign"]
     assert c["total_s"] <= 525 and sum(c["budgets"].values()) <= c["total_s"]
     assert set(c["order"]) <= set(c["budgets"]) and c["order"][-1] == "host"
-    assert set(c["impls"]) == {"eager", "eager_graphed", "compile", "fused", "fused_graphed", "fused_compile",
-                               "fused_cudagraphs"}
+    assert set(c["impls"]) == {
+        "eager",
+        "eager_graphed",
+        "compile",
+        "fused",
+        "fused_graphed",
+        "fused_compile",
+        "fused_cudagraphs",
+    }
     assert {("A1", 64, "batch"), ("A1-s8", 4, "batch"), ("A1-s8", 4, "frozen"), ("A1-s8", 16, "batch")} == {
-        ("A1" if m["label"].startswith("ilsvrc") else "A1-s8", m["batch"], m["bn"]) for m in c["models"].values()}
+        ("A1" if m["label"].startswith("ilsvrc") else "A1-s8", m["batch"], m["bn"]) for m in c["models"].values()
+    }
     assert c["fullres"]["size"] == [1024, 2048] and set(c["fullres"]["impls"]) == {"eager", "fused", "unit"}
     compiled = {(i, n) for i, n in c["compile_order"]}
     assert compiled == {(i, n) for i in ("compile", "fused_compile", "fused_cudagraphs") for n in c["models"]}

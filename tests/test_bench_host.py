@@ -21,8 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("host") / "host.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "bench.host", "--smoke", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "bench.host", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads(out.read_text())
     if res.get("skipped"):
@@ -48,8 +54,9 @@ def test_smoke_counts_launches_and_ops(smoke):
             assert r["host_syncs"] == 0, r["syncs_by_op"]  # the fused step is sync-free (capture-safe)
             assert r["launches_per_bn"] == pytest.approx(r["triton_launches"] / r["bn_count"], abs=0.01)
         # sync BN gathers the statistics forward and reduces the gradient sums backward: a collective each per BN
-        assert r["collectives"] == (2 * r["bn_count"] if (mode, impl) == ("sync", "fused") else 0), \
-            r["collectives_by_op"]
+        assert r["collectives"] == (2 * r["bn_count"] if (mode, impl) == ("sync", "fused") else 0), r[
+            "collectives_by_op"
+        ]
     # frozen BN skips the statistics pass: never more launches than with batch statistics
     assert rows["frozen", "fused"]["triton_launches"] < rows["batch", "fused"]["triton_launches"]
     for r in res["bn_relu"]:
@@ -132,6 +139,12 @@ def test_unsupported_triton_version_skips(monkeypatch):
 
 
 def test_bad_flag_is_one_line_error():
-    p = subprocess.run([sys.executable, "-m", "bench.host", "--models", "A2"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    p = subprocess.run(
+        [sys.executable, "-m", "bench.host", "--models", "A2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert p.returncode == 2 and "--models: unknown A2" in p.stderr and "Traceback" not in p.stderr

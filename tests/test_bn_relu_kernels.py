@@ -40,17 +40,26 @@ BACKENDS = ["triton", "torch"]
 def close(actual, expected, dtype, what):
     scale = max(expected.abs().max().item(), 1e-3)
     tol = TOL[dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.float(), expected.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def _cases(n, seed):
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        out.append(dict(N=rng.choice([1, 2, 3]), C=rng.choice([1, 3, 6, 17, 20]), H=rng.choice([1, 4, 7, 9]),
-                        W=rng.choice([1, 5, 6, 11]), channels_last=rng.random() < 0.5,
-                        dtype=rng.choice([torch.float32, torch.float32, torch.bfloat16, torch.float16]),
-                        mode=rng.choice(["train", "eval", "frozen"])))
+        out.append(
+            dict(
+                N=rng.choice([1, 2, 3]),
+                C=rng.choice([1, 3, 6, 17, 20]),
+                H=rng.choice([1, 4, 7, 9]),
+                W=rng.choice([1, 5, 6, 11]),
+                channels_last=rng.random() < 0.5,
+                dtype=rng.choice([torch.float32, torch.float32, torch.bfloat16, torch.float16]),
+                mode=rng.choice(["train", "eval", "frozen"]),
+            )
+        )
     return out
 
 
@@ -72,7 +81,8 @@ def _input(c, device="cpu", offset=0.0):
 
 
 def _check_against_torch(case, backend, device):
-    """bn_relu forward/backward vs F.relu(nn.BatchNorm2d) in fp32 on the same inputs: y, dx, dgamma, dbeta, running stats.
+    """bn_relu forward/backward vs F.relu(nn.BatchNorm2d) in fp32 on the same inputs: y, dx, dgamma, dbeta,
+    running stats.
 
     ``case["activation"]`` (default relu) / ``case["slope"]``: the same against ref.activation_fn (F.leaky_relu...)."""
     bn = _bn(case["C"], case["mode"], device, case.get("momentum", 0.1))
@@ -91,7 +101,9 @@ def _check_against_torch(case, backend, device):
     y.backward(dy.to(y.dtype))
     yr.backward(dy)
     dt = case["dtype"]
-    assert y.dtype == dt and y.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
+    assert y.dtype == dt and y.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(
+        memory_format=torch.channels_last
+    )
     close(y, yr, dt, "y")
     close(x.grad, xr.grad, dt, "dx")
     close(bn.weight.grad, bn_ref.weight.grad, dt, "dgamma")
@@ -102,7 +114,9 @@ def _check_against_torch(case, backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", _cases(24, seed=1), ids=lambda c: "{N}x{C}x{H}x{W}-{mode}-{dtype}-cl{channels_last}".format(**c))
+@pytest.mark.parametrize(
+    "case", _cases(24, seed=1), ids=lambda c: "{N}x{C}x{H}x{W}-{mode}-{dtype}-cl{channels_last}".format(**c)
+)
 def test_bn_relu_matches_batchnorm_relu(case, backend, device):
     if case["N"] * case["H"] * case["W"] == 1 and case["mode"] == "train":
         case = dict(case, H=2)  # BatchNorm2d refuses one value per channel in training
@@ -139,8 +153,9 @@ ACT_CASES = [dict(N=2, C=6, H=3, W=5, channels_last=False), dict(N=1, C=17, H=4,
 def test_bn_activation_matches_torch(activation, dtype, mode, backend, device):
     """bn_relu(activation=...) vs F.batch_norm + F.leaky_relu(0.2) / identity: y, dx, dgamma, dbeta, running stats."""
     for shape in ACT_CASES:
-        _check_against_torch(dict(shape, dtype=dtype, mode=mode, activation=activation, slope=0.2, offset=0.5),
-                             backend, device)
+        _check_against_torch(
+            dict(shape, dtype=dtype, mode=mode, activation=activation, slope=0.2, offset=0.5), backend, device
+        )
 
 
 def test_leaky_relu_gradient_uses_slope_where_z_is_not_positive(device):
@@ -162,10 +177,12 @@ def test_unknown_activation_is_refused():
     bn = nn.BatchNorm2d(3)
     x = torch.randn(2, 3, 4, 4)
     running = bn.running_mean.clone()
-    for call in (lambda: kernels.bn_relu(x, bn, activation="gelu"),
-                 lambda: kernels.bn_relu_conv(x, bn, [nn.Conv2d(3, 3, 1)], activation="elu"),
-                 lambda: kernels.BNReLU(3, activation="swish"),
-                 lambda: kernels.BNReLUConv2d(3, 3, 1, activation="tanh")):
+    for call in (
+        lambda: kernels.bn_relu(x, bn, activation="gelu"),
+        lambda: kernels.bn_relu_conv(x, bn, [nn.Conv2d(3, 3, 1)], activation="elu"),
+        lambda: kernels.BNReLU(3, activation="swish"),
+        lambda: kernels.BNReLUConv2d(3, 3, 1, activation="tanh"),
+    ):
         with pytest.raises(ValueError, match="activation must be one of"):
             call()
     assert torch.equal(bn.running_mean, running) and int(bn.num_batches_tracked) == 0  # refused before any update
@@ -256,8 +273,14 @@ def test_bn_without_affine_or_running_stats(device):
 
 CONV_CASES = [
     # (k, stride, dilation, N, C, O, H, W)
-    (1, 1, 1, 2, 6, 5, 7, 9), (1, 2, 1, 1, 3, 4, 9, 8), (3, 1, 1, 2, 5, 7, 6, 11), (3, 2, 1, 1, 6, 3, 9, 7),
-    (3, 1, 2, 2, 4, 5, 9, 10), (3, 1, 4, 1, 7, 3, 11, 9), (3, 1, 12, 1, 3, 4, 13, 14), (3, 2, 2, 3, 5, 6, 8, 9),
+    (1, 1, 1, 2, 6, 5, 7, 9),
+    (1, 2, 1, 1, 3, 4, 9, 8),
+    (3, 1, 1, 2, 5, 7, 6, 11),
+    (3, 2, 1, 1, 6, 3, 9, 7),
+    (3, 1, 2, 2, 4, 5, 9, 10),
+    (3, 1, 4, 1, 7, 3, 11, 9),
+    (3, 1, 12, 1, 3, 4, 13, 14),
+    (3, 2, 2, 3, 5, 6, 8, 9),
 ]
 
 
@@ -273,7 +296,8 @@ def test_bn_relu_conv_matches_modules(k, stride, dil, N, C, O, H, W, dtype, back
     bn.load_state_dict(block.bn.state_dict())
     conv.load_state_dict(block.conv.state_dict())
     x = (torch.randn(N, C, H, W, device=device) + 0.3).contiguous(
-        memory_format=torch.channels_last if k == 3 else torch.contiguous_format)
+        memory_format=torch.channels_last if k == 3 else torch.contiguous_format
+    )
     x = x.to(dtype).requires_grad_()
     xr = x.detach().float().requires_grad_()
     if dtype == torch.float32:
@@ -289,8 +313,12 @@ def test_bn_relu_conv_matches_modules(k, stride, dil, N, C, O, H, W, dtype, back
     yr.backward(dy)
     close(y, yr, dtype, "y")
     close(x.grad, xr.grad, dtype, "dx")
-    for name, a, b in [("dgamma", block.bn.weight.grad, bn.weight.grad), ("dbeta", block.bn.bias.grad, bn.bias.grad),
-                       ("dW", block.conv.weight.grad, conv.weight.grad), ("db", block.conv.bias.grad, conv.bias.grad)]:
+    for name, a, b in [
+        ("dgamma", block.bn.weight.grad, bn.weight.grad),
+        ("dbeta", block.bn.bias.grad, bn.bias.grad),
+        ("dW", block.conv.weight.grad, conv.weight.grad),
+        ("db", block.conv.bias.grad, conv.bias.grad),
+    ]:
         assert a.dtype == torch.float32
         close(a, b, dtype, name)
     close(block.bn.running_var, bn.running_var, dtype, "running_var")
@@ -304,8 +332,9 @@ def test_bn_act_conv_matches_modules(k, dil, mode, activation, dtype, backend, d
     """BNReLUConv2d(activation=...) with torch convs vs nn.BatchNorm2d + F.leaky_relu(0.2) / identity + nn.Conv2d:
     y, dx, dgamma, dbeta, dW; 1x1 and 3x3 dilated, train and eval (frozen statistics, trainable gamma/beta)."""
     C, O = 5, 4
-    block = kernels.BNReLUConv2d(C, O, k, 1, dil * (k // 2), dil, bias=False, backend=backend,
-                                 activation=activation, activation_param=0.2).to(device)
+    block = kernels.BNReLUConv2d(
+        C, O, k, 1, dil * (k // 2), dil, bias=False, backend=backend, activation=activation, activation_param=0.2
+    ).to(device)
     bn = _bn(C, mode, device)
     block.bn.load_state_dict(bn.state_dict())
     block.train(mode == "train")
@@ -323,8 +352,11 @@ def test_bn_act_conv_matches_modules(k, dil, mode, activation, dtype, backend, d
     yr.backward(dy)
     close(y, yr, dtype, "y")
     close(x.grad, xr.grad, dtype, "dx")
-    for name, a, b in [("dgamma", block.bn.weight.grad, bn.weight.grad), ("dbeta", block.bn.bias.grad, bn.bias.grad),
-                       ("dW", block.conv.weight.grad, conv.weight.grad)]:
+    for name, a, b in [
+        ("dgamma", block.bn.weight.grad, bn.weight.grad),
+        ("dbeta", block.bn.bias.grad, bn.bias.grad),
+        ("dW", block.conv.weight.grad, conv.weight.grad),
+    ]:
         close(a, b, dtype, name)
     close(block.bn.running_var, bn.running_var, dtype, "running_var")
 
@@ -344,8 +376,14 @@ def test_shared_activation_feeds_two_convs_like_a_projection_unit(backend, devic
     r1, r2 = c1_r(a), c2_r(a)
     (y1.square().sum() + y2.sum()).backward()
     (r1.square().sum() + r2.sum()).backward()
-    for got, want in [(y1, r1), (y2, r2), (x.grad, xr.grad), (bn.weight.grad, bn_r.weight.grad),
-                      (c1.weight.grad, c1_r.weight.grad), (c2.weight.grad, c2_r.weight.grad)]:
+    for got, want in [
+        (y1, r1),
+        (y2, r2),
+        (x.grad, xr.grad),
+        (bn.weight.grad, bn_r.weight.grad),
+        (c1.weight.grad, c1_r.weight.grad),
+        (c2.weight.grad, c2_r.weight.grad),
+    ]:
         close(got, want, torch.float32, "shared")
 
 
@@ -392,11 +430,39 @@ def test_backend_switch():
 # Launch budget, AOT variant list, synchronised statistics without host syncs
 
 # aten ops that allocate or alias without launching a kernel
-_NONCOMPUTE = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "view", "_unsafe_view",
-               "unbind", "select", "slice", "detach", "alias", "as_strided", "expand", "unsqueeze", "squeeze", "t",
-               "permute", "transpose", "_reshape_alias", "reshape", "lift_fresh", "is_same_size", "contiguous"}
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
-                 torch.int32: "i32"}
+_NONCOMPUTE = {
+    "empty",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "empty_like",
+    "view",
+    "_unsafe_view",
+    "unbind",
+    "select",
+    "slice",
+    "detach",
+    "alias",
+    "as_strided",
+    "expand",
+    "unsqueeze",
+    "squeeze",
+    "t",
+    "permute",
+    "transpose",
+    "_reshape_alias",
+    "reshape",
+    "lift_fresh",
+    "is_same_size",
+    "contiguous",
+}
+_TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+}
 
 
 @contextmanager
@@ -415,7 +481,9 @@ def recording():
     def run(self, *args, grid, warmup, **kw):
         if not warmup:
             named = dict(zip(self.arg_names, args), **kw)  # tensors as dtypes: no references kept
-            launches.append((self.__name__, {k: v.dtype if isinstance(v, torch.Tensor) else v for k, v in named.items()}))
+            launches.append(
+                (self.__name__, {k: v.dtype if isinstance(v, torch.Tensor) else v for k, v in named.items()})
+            )
         inside[0] += 1
         try:
             return orig(self, *args, grid=grid, warmup=warmup, **kw)
@@ -451,8 +519,11 @@ def test_launches_per_bn_relu_step(mode, channels_last, device):
     with recording() as (launches, ops):
         kernels.bn_relu(x, bn, backend="triton").backward(dy)
     names = [n for n, _ in launches]
-    expect = ["_stats_kernel", "_bn_act_fwd_kernel", "_bn_act_grad_sums_kernel", "_bn_act_bwd_kernel"] \
-        if mode == "train" else ["_bn_act_fwd_kernel", "_bn_act_grad_sums_kernel"]
+    expect = (
+        ["_stats_kernel", "_bn_act_fwd_kernel", "_bn_act_grad_sums_kernel", "_bn_act_bwd_kernel"]
+        if mode == "train"
+        else ["_bn_act_fwd_kernel", "_bn_act_grad_sums_kernel"]
+    )
     assert names == expect
     compute = [o for o in ops if o not in _NONCOMPUTE]
     assert compute == [], compute
@@ -475,8 +546,12 @@ def test_sync_launches_per_bn_relu_step(tmp_path, device):
             with recording() as (launches, _):
                 kernels.bn_relu(x, bn, backend="triton", sync=True).backward(dy)
             F.relu(ref(x.detach())).backward(dy)
-            assert [n for n, _ in launches] == ["_stats_kernel", "_bn_act_fwd_gathered_kernel",
-                                                "_bn_act_grad_sums_kernel", "_bn_act_bwd_kernel"], step
+            assert [n for n, _ in launches] == [
+                "_stats_kernel",
+                "_bn_act_fwd_gathered_kernel",
+                "_bn_act_grad_sums_kernel",
+                "_bn_act_bwd_kernel",
+            ], step
         assert int(bn.num_batches_tracked) == 2
         torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-5)
@@ -497,12 +572,21 @@ def test_every_launch_is_an_aot_variant(device):
         known.add(_variant_key(v.name, v.constexprs, ptrs))
         const_names[v.name] = set(v.constexprs)
     # the smallest tensors that make the launchers pick each tile (H*W or C <= / > 16)
-    shapes = [dict(N=1, C=3, H=2, W=3, channels_last=False), dict(N=1, C=2, H=3, W=6, channels_last=False),
-              dict(N=1, C=3, H=2, W=2, channels_last=True), dict(N=1, C=17, H=2, W=2, channels_last=True)]
+    shapes = [
+        dict(N=1, C=3, H=2, W=3, channels_last=False),
+        dict(N=1, C=2, H=3, W=6, channels_last=False),
+        dict(N=1, C=3, H=2, W=2, channels_last=True),
+        dict(N=1, C=17, H=2, W=2, channels_last=True),
+    ]
     with recording() as (launches, _):
         for shape in shapes:
-            for dtype, autocast in [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
-                                    (torch.float32, torch.bfloat16), (torch.float32, torch.float16)]:
+            for dtype, autocast in [
+                (torch.float32, None),
+                (torch.bfloat16, None),
+                (torch.float16, None),
+                (torch.float32, torch.bfloat16),
+                (torch.float32, torch.float16),
+            ]:
                 case = dict(shape, dtype=dtype, mode="train")
                 bn = _bn(shape["C"], "train", device, momentum=None if dtype == torch.float16 else 0.1)
                 x = _input(case, device).requires_grad_()
@@ -514,8 +598,12 @@ def test_every_launch_is_an_aot_variant(device):
             x = torch.randn(2, 6, 3, 3, device=device, requires_grad=True)
             kernels.bn_relu(x, bn.to(device), backend="triton").sum().backward()
         kernels.channel_stats(torch.randn(2, 6, 3, 3, device=device))
-    assert {(a["CHANNELS_LAST"], a["BLOCK_L"]) for n, a in launches if n == "_bn_act_fwd_kernel"} == \
-        {(False, 16), (False, 64), (True, 16), (True, 64)}
+    assert {(a["CHANNELS_LAST"], a["BLOCK_L"]) for n, a in launches if n == "_bn_act_fwd_kernel"} == {
+        (False, 16),
+        (False, 64),
+        (True, 16),
+        (True, 64),
+    }
     for name, args in launches:
         const = {k: v for k, v in args.items() if k in const_names[name]}
         ptrs = {k: "*" + _TRITON_TYPES[v] for k, v in args.items() if isinstance(v, torch.dtype)}
@@ -530,8 +618,12 @@ def test_activation_launches_are_aot_variants(activation, device):
     for v in bn_relu_mod.aot_variants() + bn_stats_mod.aot_variants():
         known.add(_variant_key(v.name, v.constexprs, {k: t for k, t in v.signature.items() if t.startswith("*")}))
         const_names[v.name] = set(v.constexprs)
-    shapes = [dict(N=1, C=3, H=2, W=3, channels_last=False), dict(N=1, C=2, H=3, W=6, channels_last=False),
-              dict(N=1, C=3, H=2, W=2, channels_last=True), dict(N=1, C=17, H=2, W=2, channels_last=True)]
+    shapes = [
+        dict(N=1, C=3, H=2, W=3, channels_last=False),
+        dict(N=1, C=2, H=3, W=6, channels_last=False),
+        dict(N=1, C=3, H=2, W=2, channels_last=True),
+        dict(N=1, C=17, H=2, W=2, channels_last=True),
+    ]
     with recording() as (launches, _):
         for shape in shapes:
             for dtype, autocast in [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.float16)]:
@@ -539,8 +631,9 @@ def test_activation_launches_are_aot_variants(activation, device):
                 x = _input(dict(shape, dtype=dtype), device).requires_grad_()
                 for mode in ("train", "eval"):
                     with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                        y = kernels.bn_relu(x, bn.train(mode == "train"), backend="triton", activation=activation,
-                                            activation_param=0.2)
+                        y = kernels.bn_relu(
+                            x, bn.train(mode == "train"), backend="triton", activation=activation, activation_param=0.2
+                        )
                     y.backward(torch.ones_like(y))
     acts = {a["ACT"] for n, a in launches if "ACT" in a}
     assert acts == {kernels.ACTIVATIONS[activation]}
@@ -577,25 +670,41 @@ def _sync_worker(rank, world, port, result):
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             dy = torch.randn(4, C, 5, 6)
-            xs = x[rank * 2:(rank + 1) * 2].clone().requires_grad_()
+            xs = x[rank * 2 : (rank + 1) * 2].clone().requires_grad_()
             Ops.seen = []
             with Ops():
                 y = kernels.bn_relu(xs, bn, backend=backend, sync=True)
-                y.backward(dy[rank * 2:(rank + 1) * 2])
+                y.backward(dy[rank * 2 : (rank + 1) * 2])
                 count = kernels.channel_stats(xs.detach(), backend=backend, sync=True)[2]
             host_syncs += Ops.seen.count("_local_scalar_dense")
         dist.all_reduce(bn.weight.grad)  # what DDP does to parameter gradients (sum here)
         dist.all_reduce(bn.bias.grad)
-        out[key] = (y.detach(), xs.grad, bn.weight.grad, bn.bias.grad, bn.running_mean.clone(),
-                    bn.running_var.clone(), int(bn.num_batches_tracked), isinstance(count, torch.Tensor),
-                    float(count), host_syncs)
+        out[key] = (
+            y.detach(),
+            xs.grad,
+            bn.weight.grad,
+            bn.bias.grad,
+            bn.running_mean.clone(),
+            bn.running_var.clone(),
+            int(bn.num_batches_tracked),
+            isinstance(count, torch.Tensor),
+            float(count),
+            host_syncs,
+        )
     result[rank] = out
     dist.destroy_process_group()
 
 
 # (backend, channels_last, momentum, C): C = 70 spans two finalize blocks (64) and two channels_last tiles
-SYNC_CONFIGS = {f"{b}-cl{int(cl)}-m{m}": (b, cl, m, C) for b, cl, m, C in [
-    ("triton", False, 0.1, 70), ("triton", True, None, 70), ("torch", False, None, 5), ("torch", True, 0.1, 5)]}
+SYNC_CONFIGS = {
+    f"{b}-cl{int(cl)}-m{m}": (b, cl, m, C)
+    for b, cl, m, C in [
+        ("triton", False, 0.1, 70),
+        ("triton", True, None, 70),
+        ("torch", False, None, 5),
+        ("torch", True, 0.1, 5),
+    ]
+}
 
 
 def test_sync_statistics_over_two_gloo_ranks_equal_one_big_batch_without_host_sync():
@@ -623,8 +732,8 @@ def test_sync_statistics_over_two_gloo_ranks_equal_one_big_batch_without_host_sy
             y.backward(dy)
         for r in (0, 1):
             yr, dxr, dgr, dbr, rm, rv, nbt, count_is_tensor, count, host_syncs = out[r][key]
-            torch.testing.assert_close(yr, y.detach()[r * 2:(r + 1) * 2], rtol=1e-5, atol=1e-5, msg=key)
-            torch.testing.assert_close(dxr, x.grad[r * 2:(r + 1) * 2], rtol=1e-4, atol=1e-5, msg=key)
+            torch.testing.assert_close(yr, y.detach()[r * 2 : (r + 1) * 2], rtol=1e-5, atol=1e-5, msg=key)
+            torch.testing.assert_close(dxr, x.grad[r * 2 : (r + 1) * 2], rtol=1e-4, atol=1e-5, msg=key)
             # two steps accumulate into .grad on both sides; the reference's second step used the full batch
             torch.testing.assert_close(dgr, bn.weight.grad, rtol=1e-4, atol=1e-4, msg=key)
             torch.testing.assert_close(dbr, bn.bias.grad, rtol=1e-4, atol=1e-4, msg=key)

@@ -27,7 +27,7 @@ def test_scores_equal_cityscapesscripts(synthetic_root, tmp_path):
         h, w = gt.shape
         for _ in range(4):  # wrong blocks, sometimes a void / ignored label
             y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
-            pred[y:y + rng.integers(4, h // 2), x:x + rng.integers(4, w // 2)] = rng.choice(valid_ids + [0, 9, 29])
+            pred[y : y + rng.integers(4, h // 2), x : x + rng.integers(4, w // 2)] = rng.choice(valid_ids + [0, 9, 29])
         path = tmp_path / f"{gt_path.name.replace('_gtFine_labelIds', '_pred')}"
         Image.fromarray(pred).save(path)
         preds.append(str(path))
@@ -37,10 +37,17 @@ def test_scores_equal_cityscapesscripts(synthetic_root, tmp_path):
     args.evalInstLevelScore = True
     ref = cs.evaluateImgLists(preds, [str(g) for g in gts], args)
     got = ours.scores()
-    for key in ("averageScoreClasses", "averageScoreInstClasses", "averageScoreCategories",
-                "averageScoreInstCategories"):
+    for key in (
+        "averageScoreClasses",
+        "averageScoreInstClasses",
+        "averageScoreCategories",
+        "averageScoreInstCategories",
+    ):
         assert got[key] == pytest.approx(ref[key], abs=1e-12), key
     for group in ("classScores", "classInstScores", "categoryScores", "categoryInstScores"):
         for name, v in ref[group].items():
-            assert (math.isnan(v) and math.isnan(got[group][name])) or got[group][name] == pytest.approx(v), (group, name)
+            assert (math.isnan(v) and math.isnan(got[group][name])) or got[group][name] == pytest.approx(v), (
+                group,
+                name,
+            )
     assert not math.isnan(got["averageScoreInstClasses"])  # the synthetic GT has instances

@@ -52,10 +52,20 @@ def test_opcheck_stats_and_bn_act(device, backend, mode):
     torch.library.opcheck(ops.bn_act, (x, stats, bn.weight, bn.bias, batch, backend, torch.float32, "relu", 0.01))
     has_running = bn.running_mean is not None
     empty = torch.empty(0, device=device)
-    args = (x.detach(), bn.weight.detach(), bn.running_mean.clone() if has_running else empty,
-            bn.running_var.clone() if has_running else empty,
-            bn.num_batches_tracked.clone() if has_running else torch.zeros((), dtype=torch.long, device=device),
-            has_running, 0.1, False, 1e-5, bn.training, bn.track_running_stats, backend)
+    args = (
+        x.detach(),
+        bn.weight.detach(),
+        bn.running_mean.clone() if has_running else empty,
+        bn.running_var.clone() if has_running else empty,
+        bn.num_batches_tracked.clone() if has_running else torch.zeros((), dtype=torch.long, device=device),
+        has_running,
+        0.1,
+        False,
+        1e-5,
+        bn.training,
+        bn.track_running_stats,
+        backend,
+    )
     torch.library.opcheck(ops.bn_stats, args)
 
 
@@ -69,9 +79,24 @@ def test_opcheck_bn_act_conv(device, backend, case):
     mask, keep = (torch.rand(x.shape, device=device) < 0.7, 0.7) if case == "dropout" else (None, 1.0)
     cdtype = torch.bfloat16 if case == "bf16" else torch.float32
     stats = ops.stats_of(x, bn, backend)
-    args = (x, stats, bn.weight, bn.bias, [c.weight for c in convs], [convs[0].bias], [True, False],
-            ops.flat_geometry([_geometry(c) for c in convs]), mask, keep, case != "eval", backend, cdtype, "torch",
-            case if case in ("leaky_relu", "identity") else "relu", 0.2)
+    args = (
+        x,
+        stats,
+        bn.weight,
+        bn.bias,
+        [c.weight for c in convs],
+        [convs[0].bias],
+        [True, False],
+        ops.flat_geometry([_geometry(c) for c in convs]),
+        mask,
+        keep,
+        case != "eval",
+        backend,
+        cdtype,
+        "torch",
+        case if case in ("leaky_relu", "identity") else "relu",
+        0.2,
+    )
     torch.library.opcheck(ops.bn_act_conv, args)
 
 
@@ -80,8 +105,24 @@ def test_opcheck_implicit_gemm(device):
     conv = nn.Conv2d(6, 5, 3, 1, 1, bias=False).to(device)
     x = torch.randn(1, 6, 4, 5, device=device, requires_grad=True)
     stats = ops.stats_of(x, bn, "triton")
-    args = (x, stats, bn.weight, bn.bias, [conv.weight], [], [False], ops.flat_geometry([_geometry(conv)]), None, 1.0, True,
-            "triton", torch.float32, "triton", "relu", 0.01)
+    args = (
+        x,
+        stats,
+        bn.weight,
+        bn.bias,
+        [conv.weight],
+        [],
+        [False],
+        ops.flat_geometry([_geometry(conv)]),
+        None,
+        1.0,
+        True,
+        "triton",
+        torch.float32,
+        "triton",
+        "relu",
+        0.01,
+    )
     torch.library.opcheck(ops.bn_act_conv, args)
 
 
@@ -91,11 +132,23 @@ def test_compile_module_keeps_custom_ops_and_matches_eager(device, backend, conv
     Dynamo backend: the graph holds our ops, no aten batch_norm; then Inductor's result equals eager.
     ``conv_impl="triton"``: the implicit-GEMM convolution with the BN-ReLU prologue."""
     torch.manual_seed(0)
-    block = nn.Sequential(kernels.BNReLUConv2d(6, 8, 3, padding=1, backend=backend, conv_impl=conv_impl),
-                          kernels.BNReLU(8, backend=backend), nn.Conv2d(8, 4, 1),
-                          kernels.BNReLUConv2d(4, 4, 3, padding=2, dilation=2, backend=backend,
-                                               conv_impl=conv_impl, activation="leaky_relu", activation_param=0.2),
-                          kernels.InPlaceABN(4, backend=backend)).to(device)
+    block = nn.Sequential(
+        kernels.BNReLUConv2d(6, 8, 3, padding=1, backend=backend, conv_impl=conv_impl),
+        kernels.BNReLU(8, backend=backend),
+        nn.Conv2d(8, 4, 1),
+        kernels.BNReLUConv2d(
+            4,
+            4,
+            3,
+            padding=2,
+            dilation=2,
+            backend=backend,
+            conv_impl=conv_impl,
+            activation="leaky_relu",
+            activation_param=0.2,
+        ),
+        kernels.InPlaceABN(4, backend=backend),
+    ).to(device)
     with torch.no_grad():
         block[4].weight.uniform_(-1.5, 1.5)  # negative gammas: InPlaceABN's |gamma| + eps and its gradient
     ref = copy.deepcopy(block)
@@ -146,8 +199,7 @@ def test_compile_with_mixed_layouts(device, case):
     elif case == "x_cl":
         m, x = kernels.BNReLUConv2d(4, 6, 3, padding=1, backend="torch").to(device), x.contiguous(memory_format=CL)
     elif case == "igemm_cl":
-        m = kernels.BNReLUConv2d(4, 6, 3, padding=1, backend="triton", conv_impl="triton").to(device,
-                                                                                              memory_format=CL)
+        m = kernels.BNReLUConv2d(4, 6, 3, padding=1, backend="triton", conv_impl="triton").to(device, memory_format=CL)
         x = x.contiguous(memory_format=CL)
     else:
         m, x = kernels.BNReLU(4, backend="triton").to(device), x.contiguous(memory_format=CL)[:, :, :, 1:]
@@ -188,18 +240,26 @@ def _compile_model_check(default_backend: str, fused: str) -> dict:
     kernels.set_default_backend(default_backend)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = create_model("ilsvrc-cls_rna-a1_cls1000", fused=True if fused == "auto" else fused, width=0.0625,
-                         num_classes=10).to(device).train()
+    model = (
+        create_model(
+            "ilsvrc-cls_rna-a1_cls1000", fused=True if fused == "auto" else fused, width=0.0625, num_classes=10
+        )
+        .to(device)
+        .train()
+    )
     ref = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32, device=device)
     seen = set()
-    originals = {n: getattr(kops, n) for n in ("bn_params", "bn_relu_forward", "bn_relu_backward", "conv_forward",
-                                              "conv_backward")}
+    originals = {
+        n: getattr(kops, n)
+        for n in ("bn_params", "bn_relu_forward", "bn_relu_backward", "conv_forward", "conv_backward")
+    }
 
     def recording(name, fn):
         def wrapped(*args, **kwargs):
             seen.add((name, kwargs["backend"] if "backend" in kwargs else args[2]))
             return fn(*args, **kwargs)
+
         return wrapped
 
     for n, fn in originals.items():
@@ -210,11 +270,17 @@ def _compile_model_check(default_backend: str, fused: str) -> dict:
         setattr(kops, n, fn)
     out_ref = ref(x)
     out_ref.square().sum().backward()
-    grads = [(p.grad - q.grad).abs().max().item() / max(q.grad.abs().max().item(), 1e-6)
-             for p, q in zip(model.parameters(), ref.parameters())]
+    grads = [
+        (p.grad - q.grad).abs().max().item() / max(q.grad.abs().max().item(), 1e-6)
+        for p, q in zip(model.parameters(), ref.parameters())
+    ]
     bufs = [(b.double() - c.double()).abs().max().item() for b, c in zip(model.buffers(), ref.buffers())]
-    return dict(out=(out - out_ref).abs().max().item() / out_ref.abs().max().item(), grad=max(grads),
-                buffers=max(bufs), seen=sorted(seen))
+    return dict(
+        out=(out - out_ref).abs().max().item() / out_ref.abs().max().item(),
+        grad=max(grads),
+        buffers=max(bufs),
+        seen=sorted(seen),
+    )
 
 
 @pytest.mark.parametrize("default_backend, fused", [("torch", "auto"), ("triton", "auto"), ("torch", "triton")])
@@ -222,8 +288,14 @@ def test_compiled_fused_resnet38_equals_eager(default_backend, fused):
     """``fused="triton"`` with the default backend left at torch: the explicit backend must win in the compiled
     graph (every kernel entry point sees "triton"), and "auto" must follow the default."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, __file__, default_backend, fused], capture_output=True, text=True, env=env,
-                       timeout=900, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, __file__, default_backend, fused],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["out"] < 1e-5 and res["grad"] < 1e-4 and res["buffers"] < 1e-6, res

@@ -1,4 +1,5 @@
-"""The GPU's autotune path of the conv launchers, run on CPU under the interpreter (kernels.conv.autotune_in_interpreter).
+"""The GPU's autotune path of the conv launchers, run on CPU under the interpreter
+(kernels.conv.autotune_in_interpreter).
 
 The launch goes through the same ``triton.autotune`` objects a GPU uses (``kernels.conv._tuned``: the arch's config
 space, ``reset_to_zero``, the per-shape choice); only the timer differs (wall clock instead of CUDA events). Every
@@ -45,13 +46,16 @@ def test_hopper_space_only_on_sm90():
         sm80, sm90 = kc.autotune_configs("16bit", 80, kind), kc.autotune_configs("16bit", 90, kind)
         assert sm80 == kc.gpu_configs("16bit", kind)
         assert sm80 == (kc.GPU_CONFIGS["16bit"] if kind == "fprop" else kc.BACKWARD_16BIT)
-        assert sm90[:len(sm80)] == sm80 and set(sm90[len(sm80):]) == set(kc.HOPPER_CONFIGS[kind])
+        assert sm90[: len(sm80)] == sm80 and set(sm90[len(sm80) :]) == set(kc.HOPPER_CONFIGS[kind])
         assert all(c.num_warps == 8 and c.block_m >= 128 for c in kc.HOPPER_CONFIGS[kind])
         assert kc.autotune_configs("ieee", 90, kind) == kc.GPU_CONFIGS["ieee"]  # fp32 keeps its small tiles
 
 
-@pytest.mark.parametrize("cfg", sorted({c for cs in kc.HOPPER_CONFIGS.values() for c in cs}, key=str),
-                         ids=lambda c: c.label().replace(" ", "-"))
+@pytest.mark.parametrize(
+    "cfg",
+    sorted({c for cs in kc.HOPPER_CONFIGS.values() for c in cs}, key=str),
+    ids=lambda c: c.label().replace(" ", "-"),
+)
 def test_hopper_tiles_forced_vs_torch(cfg):
     """Each Hopper tile on all three kernels (3x3 stride 2: phases; C=150, K=136 not multiples of the tile)."""
     C, K = 150, 136
@@ -65,17 +69,30 @@ def test_tma_configs_only_in_the_sm90_fprop_space():
     assert len(tma) == 2 and {c.block_n for c in tma} == {128, 256}
     assert not any(c.w_desc for c in kc.autotune_configs("16bit", 90, "fprop", tma=False))
     assert not any(c.w_desc for k in ("dgrad", "wgrad") for c in kc.autotune_configs("16bit", 90, k))
-    assert not any(c.w_desc for k in ("fprop", "dgrad", "wgrad") for cls in ("16bit", "tf32", "ieee")
-                   for c in kc.autotune_configs(cls, 80, k))
+    assert not any(
+        c.w_desc
+        for k in ("fprop", "dgrad", "wgrad")
+        for cls in ("16bit", "tf32", "ieee")
+        for c in kc.autotune_configs(cls, 80, k)
+    )
     assert kc.tma_ok(torch.empty(3, 3, 8, 136, dtype=torch.bfloat16))
     assert not kc.tma_ok(torch.empty(3, 3, 8, 20, dtype=torch.bfloat16))  # 40-byte rows
     assert not kc.tma_ok(torch.empty(3, 3, 8, 137, dtype=torch.float32)[..., 1:])  # not contiguous
 
 
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
-@pytest.mark.parametrize("k, stride, dil, pad, C, K, xdt", [
-    (3, 2, 1, 1, 20, 24, "fp32"), (3, 1, 2, 2, 20, 24, "fp32"), (1, 1, 1, 0, 20, 24, "fp32"),
-    (1, 1, 1, 0, 24, 40, "bf16"), (1, 2, 1, 0, 24, 24, "bf16"), (3, 1, 1, 1, 20, 20, "fp32")], ids=str)
+@pytest.mark.parametrize(
+    "k, stride, dil, pad, C, K, xdt",
+    [
+        (3, 2, 1, 1, 20, 24, "fp32"),
+        (3, 1, 2, 2, 20, 24, "fp32"),
+        (1, 1, 1, 0, 20, 24, "fp32"),
+        (1, 1, 1, 0, 24, 40, "bf16"),
+        (1, 2, 1, 0, 24, 24, "bf16"),
+        (3, 1, 1, 1, 20, 20, "fp32"),
+    ],
+    ids=str,
+)
 def test_tma_weight_descriptor_vs_torch(monkeypatch, dt, k, stride, dil, pad, C, K, xdt):
     """fprop with the weight read through a tensor descriptor (``w_desc``; the TMA copy on sm_90) under the
     interpreter, with dgrad/wgrad (+ BN sums) after it, vs float64 torch: y fp32 1e-4 / bf16 1e-2, gradients and
@@ -87,8 +104,11 @@ def test_tma_weight_descriptor_vs_torch(monkeypatch, dt, k, stride, dil, pad, C,
     odt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
     seen = []
     real = kc._launch
-    monkeypatch.setattr(kc, "_launch", lambda tuned, raw, grid, cfg, *a, **f: seen.append((raw, cfg, f)) or
-                        real(tuned, raw, grid, cfg, *a, **f))
+    monkeypatch.setattr(
+        kc,
+        "_launch",
+        lambda tuned, raw, grid, cfg, *a, **f: seen.append((raw, cfg, f)) or real(tuned, raw, grid, cfg, *a, **f),
+    )
     x = torch.randn(2, C, 5, 6).to({"fp32": torch.float32, "bf16": torch.bfloat16}[xdt])
     w = torch.randn(K, C, k, k) / (C * k * k) ** 0.5
     cfg = kc.ConvConfig(16, 16, 16, 1, 1, 1, w_desc=True)

@@ -29,8 +29,9 @@ def test_shipped_table_is_valid_and_keyed_by_device_and_shape():
     for key, impl in t["entries"].items():
         assert len(key) == len(cc.KEY_FIELDS) and impl in cc.IMPLS and key[0]  # a named device
     raw = json.loads(cc.SHIPPED.read_text())["entries"]
-    assert all("ours_ms" in e and "cudnn_ms" in e and (e["impl"] == "triton") == (e["ours_ms"] < e["cudnn_ms"])
-               for e in raw), "each entry states the measurement it was chosen from"
+    assert all(
+        "ours_ms" in e and "cudnn_ms" in e and (e["impl"] == "triton") == (e["ours_ms"] < e["cudnn_ms"]) for e in raw
+    ), "each entry states the measurement it was chosen from"
 
 
 def test_lookup_override_first_then_shipped_then_default(tmp_path):
@@ -51,13 +52,16 @@ def test_lookup_override_first_then_shipped_then_default(tmp_path):
         cc.set_table(None)
 
 
-@pytest.mark.parametrize("content, msg", [
-    ("{", "not valid JSON"),
-    ('{"format": "other"}', "not a conv choice table"),
-    (json.dumps(_table(_entry("cudnn"))), "impl must be one of"),
-    (json.dumps(_table({"device": H100, "impl": "torch"})), "lacks"),
-    (json.dumps(_table(_entry("torch", N="4"))), "must be an integer"),
-])
+@pytest.mark.parametrize(
+    "content, msg",
+    [
+        ("{", "not valid JSON"),
+        ('{"format": "other"}', "not a conv choice table"),
+        (json.dumps(_table(_entry("cudnn"))), "impl must be one of"),
+        (json.dumps(_table({"device": H100, "impl": "torch"})), "lacks"),
+        (json.dumps(_table(_entry("torch", N="4"))), "must be an integer"),
+    ],
+)
 def test_bad_table_file_names_the_file(tmp_path, content, msg):
     f = tmp_path / "bad.json"
     f.write_text(content)
@@ -100,12 +104,41 @@ def test_bn_relu_conv_auto_follows_the_choice(monkeypatch, pick):
 
 
 def test_table_from_campaign_rows_cli(tmp_path):
-    rows = [dict(C=64, K=128, k=3, stride=2, dil=1, pad=1, H=56, W=56, N=4, dtype="bfloat16",
-                 ours_fprop_ms=1.0, ours_dgrad_ms=1.0, ours_wgrad_ms=1.0,
-                 cudnn_fprop_ms=0.5, cudnn_dgrad_ms=0.5, cudnn_wgrad_ms=0.5),
-            dict(C=64, K=64, k=1, stride=1, dil=1, pad=0, H=56, W=56, N=4, dtype="bfloat16",
-                 igemm_ms=0.2, bnrelu_cudnn_ms=0.3),
-            dict(C=8, K=8, k=1, stride=1, dil=1, pad=0, H=7, W=7, N=4, dtype="bfloat16", timed=False)]
+    rows = [
+        dict(
+            C=64,
+            K=128,
+            k=3,
+            stride=2,
+            dil=1,
+            pad=1,
+            H=56,
+            W=56,
+            N=4,
+            dtype="bfloat16",
+            ours_fprop_ms=1.0,
+            ours_dgrad_ms=1.0,
+            ours_wgrad_ms=1.0,
+            cudnn_fprop_ms=0.5,
+            cudnn_dgrad_ms=0.5,
+            cudnn_wgrad_ms=0.5,
+        ),
+        dict(
+            C=64,
+            K=64,
+            k=1,
+            stride=1,
+            dil=1,
+            pad=0,
+            H=56,
+            W=56,
+            N=4,
+            dtype="bfloat16",
+            igemm_ms=0.2,
+            bnrelu_cudnn_ms=0.3,
+        ),
+        dict(C=8, K=8, k=1, stride=1, dil=1, pad=0, H=7, W=7, N=4, dtype="bfloat16", timed=False),
+    ]
     src = tmp_path / "campaign.json"
     src.write_text(json.dumps({"environment": {"device": H100}, "kernels": {"conv": {"rows": rows}}}))
     out = tmp_path / "table.json"
@@ -124,8 +157,9 @@ def test_table_from_conv_shapes_results_merges(tmp_path):
     other = _entry("triton", device="NVIDIA A100-SXM4-80GB")
     out.write_text(json.dumps(_table(other)))
     src = tmp_path / "shapes.json"
-    row = dict(C=64, K=128, k=3, stride=2, dil=1, pad=1, H=56, W=56, N=4, dtype="bf16", igemm_ms=2.0,
-               bnrelu_cudnn_ms=1.0)
+    row = dict(
+        C=64, K=128, k=3, stride=2, dil=1, pad=1, H=56, W=56, N=4, dtype="bf16", igemm_ms=2.0, bnrelu_cudnn_ms=1.0
+    )
     src.write_text(json.dumps({"environment": {"device": H100}, "results": [row]}))
     assert cc.main(["--from", str(src), "--out", str(out), "--merge"]) == 0
     t = cc.load_table(out)["entries"]
@@ -149,16 +183,23 @@ def test_model_conv_impl_auto_follows_the_table_per_layer(monkeypatch):
     keys, hooks = {}, []  # conv module name -> its table key (input shape seen in the plain model)
     for name, m in plain.named_modules():
         if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, inp, name=name: keys.__setitem__(name, cc.shape_key(inp[0], mod, torch.float32, "cpu"))))
+            hooks.append(
+                m.register_forward_pre_hook(
+                    lambda mod, inp, name=name: keys.__setitem__(name, cc.shape_key(inp[0], mod, torch.float32, "cpu"))
+                )
+            )
     y = plain(x)
     for h in hooks:
         h.remove()
     want_triton = {"b2.conv_branch2a", "b5_1.conv_branch2a", "b7.conv_branch2a", "b7.conv_branch1", "head.conv6a"}
     entries = [dict(zip(cc.KEY_FIELDS, keys[n]), impl="triton") for n in sorted(want_triton)]
     # the calls: (stage convs) per unit stage, then the head; "triton" only where all of a call's convs are
-    calls = [[f"{un}.conv_{u.stages[i]}"] + ([f"{un}.conv_branch1"] if i == 0 and u.spec.projection else [])
-             for un, u in auto.named_children() if hasattr(u, "stages") for i in range(len(u.stages))]
+    calls = [
+        [f"{un}.conv_{u.stages[i]}"] + ([f"{un}.conv_branch1"] if i == 0 and u.spec.projection else [])
+        for un, u in auto.named_children()
+        if hasattr(u, "stages")
+        for i in range(len(u.stages))
+    ]
     calls.append(["head.conv6a"])
     triton_keys = {keys[n] for n in want_triton}
     expected = sorted(n for call in calls if all(keys[c] in triton_keys for c in call) for n in call)

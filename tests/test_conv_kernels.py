@@ -29,7 +29,11 @@ from kernels import _runtime
 from kernels import conv as kc
 from kernels.conv import GPU_CONFIGS, ConvConfig, conv_dgrad, conv_fprop, conv_wgrad
 
-CASES = [(1, s, 1, 0) for s in (1, 2)] + [(3, s, d, d) for s in (1, 2) for d in (1, 2, 4, 12)] + [(3, 1, 1, 0), (3, 2, 2, 3)]
+CASES = (
+    [(1, s, 1, 0) for s in (1, 2)]
+    + [(3, s, d, d) for s in (1, 2) for d in (1, 2, 4, 12)]
+    + [(3, 1, 1, 0), (3, 2, 2, 3)]
+)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Y_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 GRAD_TOL = 1e-4
@@ -37,8 +41,9 @@ GRAD_TOL = 1e-4
 
 def _close(a, b, tol, what):
     scale = max(b.abs().max().item(), 1e-3)
-    torch.testing.assert_close(a.double().cpu(), b.double().cpu(), rtol=tol, atol=tol * scale,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        a.double().cpu(), b.double().cpu(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def _close_block(block, bn, conv, x, xr, y, yr, tol):
@@ -76,27 +81,59 @@ def _reference(x, w, dy, vec, stride, pad, dil, odt, activation="relu", slope=0.
     mean, scale, beta = (v.double().view(1, -1, 1, 1) for v in vec)
     xc = x.double() - mean
     z = (x.float() - mean.float()) * scale.float() + beta.float()  # fp32 as in the kernels
-    act_z = {"relu": torch.relu, "leaky_relu": lambda t: torch.where(t > 0, t, t * slope),
-             "identity": lambda t: t}[activation]((z.double()))
+    act_z = {"relu": torch.relu, "leaky_relu": lambda t: torch.where(t > 0, t, t * slope), "identity": lambda t: t}[
+        activation
+    ]((z.double()))
     a = _round(act_z, odt, x.device.type)
     w64, dy64 = w.to(odt).double(), dy.to(odt).double()
     y = F.conv2d(a, w64, None, stride, pad, dil)
-    dact = {"relu": (z > 0).double(), "leaky_relu": torch.where(z > 0, 1.0, slope).double(),
-            "identity": torch.ones_like(z, dtype=torch.float64)}[activation]
+    dact = {
+        "relu": (z > 0).double(),
+        "leaky_relu": torch.where(z > 0, 1.0, slope).double(),
+        "identity": torch.ones_like(z, dtype=torch.float64),
+    }[activation]
     g = torch.nn.grad.conv2d_input(x.shape, w64, dy64, stride, pad, dil) * dact
     dw = torch.nn.grad.conv2d_weight(a, w.shape, dy64, stride, pad, dil)
     return y, g, dw, g.sum((0, 2, 3)), (g * xc).sum((0, 2, 3))
 
 
-def _check_launchers(device, x, w, vec, stride, pad, dil, odt, config=None, precision=None, y_tol=None,
-                     grad_tol=GRAD_TOL, deterministic=None, activation="relu", slope=0.01):
+def _check_launchers(
+    device,
+    x,
+    w,
+    vec,
+    stride,
+    pad,
+    dil,
+    odt,
+    config=None,
+    precision=None,
+    y_tol=None,
+    grad_tol=GRAD_TOL,
+    deterministic=None,
+    activation="relu",
+    slope=0.01,
+):
     act = {} if activation == "relu" else dict(activation=activation, activation_param=slope)  # relu: the default
     y = conv_fprop(x, w.to(odt), stride, pad, dil, vec, config=config, precision=precision, **act)
     dy = torch.randn(y.shape, device=device)
-    g, sg, sgx = conv_dgrad(dy, w.to(odt), x, stride, pad, dil, vec, config=config, precision=precision,
-                            deterministic=deterministic, **act)
-    dw = conv_wgrad(dy, x, w.shape, stride, pad, dil, vec, dtype=odt, config=config, precision=precision,
-                    deterministic=deterministic, **act)
+    g, sg, sgx = conv_dgrad(
+        dy, w.to(odt), x, stride, pad, dil, vec, config=config, precision=precision, deterministic=deterministic, **act
+    )
+    dw = conv_wgrad(
+        dy,
+        x,
+        w.shape,
+        stride,
+        pad,
+        dil,
+        vec,
+        dtype=odt,
+        config=config,
+        precision=precision,
+        deterministic=deterministic,
+        **act,
+    )
     ry, rg, rdw, rsg, rsgx = _reference(x, w, dy, vec, stride, pad, dil, odt, activation, slope)
     assert y.dtype == odt and y.shape == ry.shape and y.is_contiguous(memory_format=torch.channels_last)
     assert dw.shape == w.shape and dw.dtype == torch.float32
@@ -116,8 +153,15 @@ def _class_of(odt, precision="ieee"):
 
 # (kernel, stride, dilation, pad, operand dtype, config index in its class): every stride/dilation of the model
 # family, each dtype on several; C=150, K=136 span 3 column tiles of 64 (neither a multiple), 5 K-steps of 32.
-GPU_TILE_CASES = [(3, 1, 1, 1, "bf16", 0), (3, 2, 1, 1, "fp16", 0), (3, 1, 2, 2, "fp16", 0), (3, 1, 4, 4, "bf16", 0),
-                  (3, 2, 12, 12, "fp16", 0), (1, 2, 1, 0, "fp32", 0), (1, 1, 1, 0, "bf16", 0)]
+GPU_TILE_CASES = [
+    (3, 1, 1, 1, "bf16", 0),
+    (3, 2, 1, 1, "fp16", 0),
+    (3, 1, 2, 2, "fp16", 0),
+    (3, 1, 4, 4, "bf16", 0),
+    (3, 2, 12, 12, "fp16", 0),
+    (1, 2, 1, 0, "fp32", 0),
+    (1, 1, 1, 0, "bf16", 0),
+]
 
 
 @pytest.mark.parametrize("k, stride, dil, pad, dt, ci", GPU_TILE_CASES, ids=lambda v: str(v))
@@ -133,19 +177,34 @@ def test_launchers_gpu_tiles_multi_tile_channels(device, k, stride, dil, pad, dt
     _check_launchers(device, x, w, _bn_vectors(C, device), stride, pad, dil, odt, config=cfg)
 
 
-@pytest.mark.parametrize("cls, cfg", [(c, cfg) for c, cfgs in GPU_CONFIGS.items() for cfg in cfgs],
-                         ids=lambda v: v.label().replace(" ", "-") if isinstance(v, ConvConfig) else v)
+@pytest.mark.parametrize(
+    "cls, cfg",
+    [(c, cfg) for c, cfgs in GPU_CONFIGS.items() for cfg in cfgs],
+    ids=lambda v: v.label().replace(" ", "-") if isinstance(v, ConvConfig) else v,
+)
 def test_every_autotune_config(device, cls, cfg):
     """Each config the GPU autotuner may pick gives the right result (forced here); 1x1 stride 2 keeps it quick."""
     odt = torch.float32 if cls in ("tf32", "ieee") else torch.bfloat16
     prec = cls if cls in ("tf32", "ieee") else None
     C, K = 150, 136
     x = torch.randn(2, C, 5, 7, device=device)  # fp32 input: the autocast combination for bf16 operands
-    w = torch.randn(K, C, 1, 1, device=device) / C ** 0.5
+    w = torch.randn(K, C, 1, 1, device=device) / C**0.5
     compiled = device == "cuda" and not _runtime.INTERPRET
     tol = 5e-3 if (cls == "tf32" and compiled) else None  # the interpreter computes tf32 as fp32
-    _check_launchers(device, x, w, _bn_vectors(C, device), 2, 0, 1, odt, config=cfg, precision=prec,
-                     y_tol=tol, grad_tol=tol or GRAD_TOL)
+    _check_launchers(
+        device,
+        x,
+        w,
+        _bn_vectors(C, device),
+        2,
+        0,
+        1,
+        odt,
+        config=cfg,
+        precision=prec,
+        y_tol=tol,
+        grad_tol=tol or GRAD_TOL,
+    )
 
 
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
@@ -208,7 +267,7 @@ def test_deterministic_mode_is_reproducible(device):
     same bits twice. Values match the float64 reference and the atomic path."""
     C, K = 16, 16
     x = torch.randn(1, C, 16, 17, device=device)  # 1x1 conv, 272 rows: 17 dgrad row tiles, 3 wgrad splits (interpreted)
-    w = torch.randn(K, C, 1, 1, device=device) / C ** 0.5
+    w = torch.randn(K, C, 1, 1, device=device) / C**0.5
     vec = _bn_vectors(C, device)
     _check_launchers(device, x, w, vec, 1, 0, 1, torch.float32, deterministic=True)
     dy = torch.randn(1, K, 16, 17, device=device)
@@ -309,9 +368,11 @@ def test_compiled_on_gpu_autotuned_bf16_and_tf32():
 
 # --- the module -------------------------------------------------------------------------------------------------
 
+
 def _pair(C, K, k, stride, pad, dil, device, **act):
-    block = kernels.BNReLUConv2d(C, K, k, stride, pad, dil, bias=True, backend="triton", conv_impl="triton",
-                                 **act).to(device)
+    block = kernels.BNReLUConv2d(C, K, k, stride, pad, dil, bias=True, backend="triton", conv_impl="triton", **act).to(
+        device
+    )
     with torch.no_grad():
         block.bn.weight.uniform_(0.5, 1.5)
         block.bn.bias.uniform_(-0.5, 0.5)
@@ -354,8 +415,10 @@ def test_igemm_block_eval_and_frozen_bn_gpu_tiles(device, mode, dt, k):
             p.requires_grad_(False)
     x = torch.randn(1, C, 5, 6, device=device, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
-    with kc.use_config(GPU_CONFIGS[_class_of(dtype)][0]), \
-            torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+    with (
+        kc.use_config(GPU_CONFIGS[_class_of(dtype)][0]),
+        torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32),
+    ):
         y = block(x)
     yr = conv(F.relu(bn(xr)))
     dy = torch.randn_like(yr)
@@ -405,8 +468,10 @@ def test_two_convs_share_one_activation_gpu_tiles(device):
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
     convs = [nn.Conv2d(C, 136, 3, 2, 1, bias=False).to(device), nn.Conv2d(C, 72, 1, 2, 0, bias=False).to(device)]
-    bnr, convsr = nn.BatchNorm2d(C).to(device), [nn.Conv2d(C, 136, 3, 2, 1, bias=False).to(device),
-                                                 nn.Conv2d(C, 72, 1, 2, 0, bias=False).to(device)]
+    bnr, convsr = (
+        nn.BatchNorm2d(C).to(device),
+        [nn.Conv2d(C, 136, 3, 2, 1, bias=False).to(device), nn.Conv2d(C, 72, 1, 2, 0, bias=False).to(device)],
+    )
     bnr.load_state_dict(bn.state_dict())
     for a, b in zip(convs, convsr):
         b.load_state_dict(a.state_dict())

@@ -34,8 +34,11 @@ def test_unknown_label_and_wrong_label_are_clear_errors(tmp_path, seg_params):
     src, _ = seg_params
     odd = tmp_path / "mystery.params"
     odd.write_bytes(src.read_bytes())
-    r = subprocess.run([sys.executable, "-m", "widedeep.convert", str(odd), str(tmp_path / "o.safetensors")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "widedeep.convert", str(odd), str(tmp_path / "o.safetensors")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "--label" in r.stderr
     with pytest.raises(ValueError, match="19 classes but the model has 21"):
         main([str(src), str(tmp_path / "o.safetensors"), "--label", "voc_rna-a1_cls21_s8"])

@@ -64,8 +64,9 @@ def test_feed_runs_in_worker_processes_and_the_data_do_not_depend_on_them(synthe
     assert not _children() - before  # closed, not left to the garbage collector
     ld = _dali("voc", root, py_workers=0, seed=5)
     _same(two, list(ld) + list(ld))
-    torch_order = build_loader("voc", root, "train", batch_size=3, train=True, crop_size=40, backend="torch",
-                               workers=0, seed=5)
+    torch_order = build_loader(
+        "voc", root, "train", batch_size=3, train=True, crop_size=40, backend="torch", workers=0, seed=5
+    )
     assert [b["index"].tolist() for b in torch_order] == [b["index"].tolist() for b in two[: len(torch_order)]]
 
 
@@ -126,8 +127,12 @@ def test_skip_bad_never_decodes_twice(synthetic_root, tmp_path):
         list(_dali("voc", root))  # without skip_bad: one error naming the file
 
 
-RECIPES = [("ilsvrc", "train", {}), ("ilsvrc", "val", {"crop_size": 32, "crops": 3}), ("voc", "train", {}),
-           ("voc", "val", {"scale": 64})]
+RECIPES = [
+    ("ilsvrc", "train", {}),
+    ("ilsvrc", "val", {"crop_size": 32, "crops": 3}),
+    ("voc", "train", {}),
+    ("voc", "val", {"scale": 64}),
+]
 
 
 @pytest.mark.parametrize("ds,split,kw", RECIPES, ids=[f"{d}-{s}" for d, s, _ in RECIPES])
@@ -138,8 +143,9 @@ def test_gpu_pipeline_graph_is_valid_without_a_gpu(synthetic_root, ds, split, kw
     from data_pipes.dali_backend import contract
 
     root = synthetic_root(ds)
-    gpu = build_loader(ds, root, split, batch_size=2, train=split == "train", device="cuda", backend="dali",
-                       workers=1, **kw)
+    gpu = build_loader(
+        ds, root, split, batch_size=2, train=split == "train", device="cuda", backend="dali", workers=1, **kw
+    )
     assert gpu.backend.device == "gpu" and gpu.backend.start_method() == "spawn"
     report = gpu.backend.check_graph(gpu.planner)
     assert report["problems"] == []
@@ -204,11 +210,44 @@ def test_trainer_logs_the_data_wait_fraction(tmp_path):
 
     voc = write_synthetic("voc", tmp_path / "voc", num_train=8, num_val=2, size=(48, 64), num_classes=3)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-m", "widedeep.train", "--data-root", str(voc), "--output",
-                        str(tmp_path / "out"), "--model", "voc_rna-a1_cls21_s8", "--width", "0.0625", "--crop-size",
-                        "48", "--origin-size", "64", "--bn-stats", "batch", "--backend", "dali", "--prefetch-threads",
-                        "1", "--batch-images", "4", "--to-epoch", "1", "--no-eval", "--log-interval", "1",
-                        "--save-every", "0"], capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "widedeep.train",
+            "--data-root",
+            str(voc),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            "voc_rna-a1_cls21_s8",
+            "--width",
+            "0.0625",
+            "--crop-size",
+            "48",
+            "--origin-size",
+            "64",
+            "--bn-stats",
+            "batch",
+            "--backend",
+            "dali",
+            "--prefetch-threads",
+            "1",
+            "--batch-images",
+            "4",
+            "--to-epoch",
+            "1",
+            "--no-eval",
+            "--log-interval",
+            "1",
+            "--save-every",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     waits = [float(x) for x in re.findall(r"data-wait (\d\.\d\d)", r.stdout)]
     assert len(waits) == 2 and all(0 <= w <= 1 for w in waits), r.stdout[-2000:]

@@ -27,7 +27,7 @@ def _scene(h: int, w: int) -> np.ndarray:
     """An asymmetric label map: a mirror, a 180-degree turn or a 90-degree turn all move its classes."""
     m = np.full((h, w), 3, np.uint8)
     m[:, : w * 5 // 16] = 1
-    m[: h // 3, w * 5 // 16:] = 2
+    m[: h // 3, w * 5 // 16 :] = 2
     return m
 
 
@@ -98,8 +98,11 @@ def exif_voc(tmp_path_factory):
 @pytest.mark.parametrize("train", [True, False])
 def test_exif_orientation_is_ignored_segmentation_labels_align(exif_voc, backend, train):
     """Orientation 1, 2, 3 and 6: labels align with the pixels (the stored grid) in both backends, train and eval."""
-    kw = dict(train=True, crop_size=48, scale_rate_range=(0.8, 1.2), origin_size=64) if train else \
-        dict(train=False, scale=None, batch_size=1)
+    kw = (
+        dict(train=True, crop_size=48, scale_rate_range=(0.8, 1.2), origin_size=64)
+        if train
+        else dict(train=False, scale=None, batch_size=1)
+    )
     ld = _loader("voc", exif_voc, "train" if train else "val", backend, **kw)
     per_file = {}
     for epoch in range(3 if train else 1):
@@ -169,8 +172,9 @@ def no_eoi(tmp_path_factory):
     rgb = (rng.random((96, 128, 3)) * 255).astype(np.uint8)
     data = _jpeg(rgb, quality=90)
     assert data[-2:] == b"\xff\xd9"
-    return _ilsvrc(tmp_path_factory.mktemp("eoi") / "ilsvrc", [("a.jpg", _jpeg(rgb[::-1].copy())),
-                                                               ("no_eoi.jpg", data[:-2])])
+    return _ilsvrc(
+        tmp_path_factory.mktemp("eoi") / "ilsvrc", [("a.jpg", _jpeg(rgb[::-1].copy())), ("no_eoi.jpg", data[:-2])]
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -237,8 +241,9 @@ def test_every_dali_decoder_keeps_the_stored_grid_on_gpu_too(exif_voc, exif_ilsv
     """The `mixed` (GPU) graph, checked without a GPU: each decoder operator has adjust_orientation=False."""
     root = exif_voc if ds == "voc" else exif_ilsvrc
     kw = {"crop_size": 32} if ds == "ilsvrc" or split == "train" else {"scale": 64}
-    ld = build_loader(ds, root, split, batch_size=2, train=split == "train", device="cuda", backend="dali",
-                      workers=1, **kw)
+    ld = build_loader(
+        ds, root, split, batch_size=2, train=split == "train", device="cuda", backend="dali", workers=1, **kw
+    )
     pipe = ld.backend.pipeline(ld.planner)
     pipe.serialize()  # builds the graph without a device
     decoders = [op for op in pipe._ops if op._op.schema.Name().startswith("decoders__")]

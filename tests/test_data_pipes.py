@@ -33,8 +33,12 @@ def loader(ds, root, split="train", backend="torch", **kw):
 
 
 def test_layouts_find_every_split(synthetic_root):
-    for ds, splits in {"voc": ["train", "train+", "val"], "cityscapes": ["train", "val"], "ade20k": ["train", "val"],
-                       "ilsvrc": ["train", "val"]}.items():
+    for ds, splits in {
+        "voc": ["train", "train+", "val"],
+        "cityscapes": ["train", "val"],
+        "ade20k": ["train", "val"],
+        "ilsvrc": ["train", "val"],
+    }.items():
         for split in splits:
             idx = discover(ds, synthetic_root(ds), split)
             assert len(idx) == (10 if split != "val" else 5), (ds, split)
@@ -64,8 +68,16 @@ def test_cityscapes_table_matches_cityscapesscripts():
     for lab in labels.labels:
         if lab.id < 0:
             continue
-        assert ours[lab.id] == (lab.name, lab.id, lab.trainId, lab.category, lab.categoryId, lab.hasInstances,
-                                lab.ignoreInEval, lab.color)
+        assert ours[lab.id] == (
+            lab.name,
+            lab.id,
+            lab.trainId,
+            lab.category,
+            lab.categoryId,
+            lab.hasInstances,
+            lab.ignoreInEval,
+            lab.color,
+        )
     lut = LABEL_SPACES["cityscapes"].to_train
     assert all(lut[lab.id] == lab.trainId for lab in labels.labels if lab.id >= 0)
 
@@ -88,12 +100,15 @@ def test_label_spaces_map_and_reject():
 @pytest.mark.parametrize("n,shards", [(10, 1), (10, 3), (7, 3), (2, 3)])
 def test_epoch_indices_cover_exactly(n, shards):
     for epoch in (0, 1):
-        parts = [epoch_indices(n, epoch=epoch, seed=5, shuffle=True, shard_id=s, num_shards=shards)[0]
-                 for s in range(shards)]
+        parts = [
+            epoch_indices(n, epoch=epoch, seed=5, shuffle=True, shard_id=s, num_shards=shards)[0] for s in range(shards)
+        ]
         allidx = np.concatenate(parts)
         assert sorted(allidx.tolist()) == list(range(n))  # complete and disjoint
-        even = [epoch_indices(n, epoch=epoch, seed=5, shuffle=True, shard_id=s, num_shards=shards, even=True)
-                for s in range(shards)]
+        even = [
+            epoch_indices(n, epoch=epoch, seed=5, shuffle=True, shard_id=s, num_shards=shards, even=True)
+            for s in range(shards)
+        ]
         assert len({len(i) for i, _ in even}) == 1  # same step count on every rank
         assert sorted(np.concatenate([i[r] for i, r in even]).tolist()) == list(range(n))
     a = epoch_indices(50, epoch=0, seed=1, shuffle=True)[0]
@@ -182,7 +197,10 @@ def test_seg_train_image_and_label_stay_aligned(synthetic_root, backend, ds):
             total += valid.sum().item()
             control += (pred.flip(-1)[valid] == y[valid]).sum().item()  # a label off by a mirror flip
     # noise and resampling at edges cost a few percent; a misaligned label loses far more (control)
-    assert total > 0 and agree / total > 0.9 and control / total < agree / total - 0.15, (agree / total, control / total)
+    assert total > 0 and agree / total > 0.9 and control / total < agree / total - 0.15, (
+        agree / total,
+        control / total,
+    )
     assert pad_total > 100 and pad_ignored / pad_total > 0.95  # the jitter range makes windows overhang
 
 
@@ -241,8 +259,14 @@ def test_cls_train_recipe_parameters():
 def test_photometric_matches_per_sample_formulas():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 5, 6, generator=g)
-    params = torch.tensor(np.stack([__import__("data_pipes.recipes", fromlist=["x"]).photometric_params(
-        np.random.default_rng(k), 0.4, 0.1) for k in range(4)]))
+    params = torch.tensor(
+        np.stack(
+            [
+                __import__("data_pipes.recipes", fromlist=["x"]).photometric_params(np.random.default_rng(k), 0.4, 0.1)
+                for k in range(4)
+            ]
+        )
+    )
     out = color_jitter(x, params)
     for n in range(4):
         y = x[n].clone()

@@ -18,8 +18,11 @@ LABEL = "voc_rna-a1_cls21_s8"
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def _port() -> int:
@@ -35,16 +38,71 @@ def ok(r):
 def test_two_gloo_processes_train_like_one(tmp_path):
     # masks with a 255 border and objects of varied size: the ranks' valid-pixel counts differ in every step
     voc = write_synthetic("voc", tmp_path / "voc", num_train=16, num_val=2, size=(48, 80), num_classes=5)
-    common = ["--data-root", voc, "--model", LABEL, "--width", "0.0625", "--crop-size", "48", "--origin-size", "64",
-              "--bn-stats", "frozen", "--backend", "torch", "--prefetch-threads", "0", "--log-interval", "1",
-              "--save-every", "0", "--no-eval", "--batch-images", "4", "--to-epoch", "1", "--base-lr", "0.01",
-              "--no-ohem", "--no-dropout", "--device", "cpu"]
+    common = [
+        "--data-root",
+        voc,
+        "--model",
+        LABEL,
+        "--width",
+        "0.0625",
+        "--crop-size",
+        "48",
+        "--origin-size",
+        "64",
+        "--bn-stats",
+        "frozen",
+        "--backend",
+        "torch",
+        "--prefetch-threads",
+        "0",
+        "--log-interval",
+        "1",
+        "--save-every",
+        "0",
+        "--no-eval",
+        "--batch-images",
+        "4",
+        "--to-epoch",
+        "1",
+        "--base-lr",
+        "0.01",
+        "--no-ohem",
+        "--no-dropout",
+        "--device",
+        "cpu",
+    ]
     common = list(map(str, common))
-    ok(subprocess.run([sys.executable, "-m", "widedeep.train", *common, "--output", str(tmp_path / "one")],
-                      capture_output=True, text=True, timeout=300, env=_env()))
-    ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                       str(_port()), "-m", "widedeep.train", *common, "--output", str(tmp_path / "two")],
-                      capture_output=True, text=True, timeout=300, env=_env()))
+    ok(
+        subprocess.run(
+            [sys.executable, "-m", "widedeep.train", *common, "--output", str(tmp_path / "one")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=_env(),
+        )
+    )
+    ok(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                str(_port()),
+                "-m",
+                "widedeep.train",
+                *common,
+                "--output",
+                str(tmp_path / "two"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=_env(),
+        )
+    )
     one = torch.load(tmp_path / "one" / LABEL / "last.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / LABEL / "last.pt", weights_only=True)
     assert one["global_step"] == two["global_step"] == 4

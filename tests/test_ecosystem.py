@@ -22,8 +22,10 @@ import kernels
 
 REPO = Path(__file__).resolve().parents[1]
 ECO_PYTHON = os.environ.get("WIDEDEEP_ECO_PYTHON", "/opt/widedeep-eco/bin/python")
-ECO_INSTALL = ("python3 -m venv /opt/widedeep-eco && /opt/widedeep-eco/bin/pip install torch==2.14.1 "
-               "torchvision==0.29.1 timm segmentation_models_pytorch numpy pillow safetensors tqdm")
+ECO_INSTALL = (
+    "python3 -m venv /opt/widedeep-eco && /opt/widedeep-eco/bin/pip install torch==2.14.1 "
+    "torchvision==0.29.1 timm segmentation_models_pytorch numpy pillow safetensors tqdm"
+)
 
 
 def run_eco(body: str, tmp_path: Path, timeout: int = 300) -> str:
@@ -36,8 +38,14 @@ def run_eco(body: str, tmp_path: Path, timeout: int = 300) -> str:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path}
     prologue = "import warnings, torch, widedeep\nwarnings.simplefilter('ignore', UserWarning)\ntorch.manual_seed(0)\n"
-    r = subprocess.run([ECO_PYTHON, "-c", prologue + textwrap.dedent(body)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [ECO_PYTHON, "-c", prologue + textwrap.dedent(body)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert r.returncode == 0, f"side-venv script failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return r.stdout
 
@@ -46,7 +54,8 @@ def test_timm_create_model_features_match_timm_conventions(tmp_path):
     """Every keyword timm passes (incl. cache_dir, pretrained_cfg*); features_only/out_indices give timm's wrapper
     with feature_info like timm's resnet (channels, reduction, module per index; negative indices);
     drop_rate/global_pool; pretrained_cfg describes the released file (no url); resnet38d is stride 8."""
-    run_eco("""
+    run_eco(
+        """
         import timm
         x = torch.randn(2, 3, 64, 64)
         ref = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3, 4))
@@ -82,12 +91,15 @@ def test_timm_create_model_features_match_timm_conventions(tmp_path):
             raise AssertionError("no file: must fail")
         except FileNotFoundError as e:
             assert "pretrained_cfg_overlay=dict(file=PATH)" in str(e)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
 
 
 def test_timm_forward_intermediates_and_prune(tmp_path):
     """timm's signature (same parameters and defaults as timm's resnet) and semantics; prune_intermediate_layers."""
-    run_eco("""
+    run_eco(
+        """
         import inspect, timm
         sig = lambda f: [(p.name, p.default) for p in list(inspect.signature(f).parameters.values())[1:]]
         m = timm.create_model("resnet38_a1", width=0.125).eval()
@@ -105,13 +117,16 @@ def test_timm_forward_intermediates_and_prune(tmp_path):
             kept = m.prune_intermediate_layers([1, 3])
             assert kept == [1, 3] and m.fc is None and m.bn7 is None and not hasattr(m, "b5")
             assert torch.equal(m.forward_intermediates(x, [1, 3], intermediates_only=True)[1], inter[3])
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
 
 
 def test_timm_pretrained_cfg_overlay_loads_our_files(tmp_path):
     """pretrained=True with pretrained_cfg_overlay=dict(file=...) loads .params/.pth/.safetensors through our
     readers, into the plain model and into features_only; another num_classes drops the classifier."""
-    run_eco("""
+    run_eco(
+        """
         import timm
         from widedeep.weights import save_weights
         src = timm.create_model("resnet38_a1", num_classes=10, width=0.125)
@@ -126,13 +141,16 @@ def test_timm_pretrained_cfg_overlay_loads_our_files(tmp_path):
         m = timm.create_model("resnet38_a1", pretrained=True, num_classes=3, width=0.125,
                               pretrained_cfg_overlay=dict(file="w.pth"))
         assert m.fc.out_features == 3 and torch.equal(m.conv1a.weight, src.conv1a.weight)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
 
 
 def test_smp_unet_and_deeplabv3plus_forward_backward(tmp_path):
     """smp's tu- encoders: Unet (stride 32) and DeepLabV3Plus at encoder_output_stride 8 (dilated A1), forward and
     backward, gradients reaching the stem; full width for Unet, width 1/8 for DeepLabV3Plus (time)."""
-    run_eco("""
+    run_eco(
+        """
         import segmentation_models_pytorch as smp
         x = torch.randn(2, 3, 64, 64)
         for net in (smp.Unet("tu-resnet38_a1", encoder_weights=None, classes=21),
@@ -143,12 +161,16 @@ def test_smp_unet_and_deeplabv3plus_forward_backward(tmp_path):
             y.square().mean().backward()
             assert net.encoder.model.model.conv1a.weight.grad.abs().sum() > 0
         assert net.encoder.model.feature_info.reduction() == [1, 2, 4, 8, 8, 8]
-    """, tmp_path, timeout=400)
+    """,
+        tmp_path,
+        timeout=400,
+    )
 
 
 def test_fuse_torchvision_densenet_and_saved_bytes(tmp_path):
     """kernels.fuse_bn_relu_conv on torchvision's DenseNet-121: same outputs and keys, fewer saved bytes."""
-    out = run_eco("""
+    out = run_eco(
+        """
         import copy, torchvision, kernels
         from kernels.profiling import saved_tensor_bytes
         model = torchvision.models.densenet121().train()
@@ -160,19 +182,24 @@ def test_fuse_torchvision_densenet_and_saved_bytes(tmp_path):
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
         assert list(fused.state_dict()) == list(model.state_dict())
         print(ours / plain)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert float(out.split()[-1]) < 0.7
 
 
 # ---------------------------------------------------------------------------------- BNReLUConv2d as nn.Conv2d
 
 
-@pytest.mark.parametrize("args, kw", [
-    ((6, 8, 3), dict(padding=1)),
-    ((6, 8, 3, 2, 2, 2, 2, False), {}),  # positional: stride, padding, dilation, groups, bias (nn.Conv2d's order)
-    ((6, 4, 1), dict(affine=False, track_running_stats=False)),
-    ((6, 8, 3), dict(padding="same", padding_mode="reflect")),  # conv runs unfused
-])
+@pytest.mark.parametrize(
+    "args, kw",
+    [
+        ((6, 8, 3), dict(padding=1)),
+        ((6, 8, 3, 2, 2, 2, 2, False), {}),  # positional: stride, padding, dilation, groups, bias (nn.Conv2d's order)
+        ((6, 4, 1), dict(affine=False, track_running_stats=False)),
+        ((6, 8, 3), dict(padding="same", padding_mode="reflect")),  # conv runs unfused
+    ],
+)
 def test_bnreluconv2d_is_a_conv2d_drop_in(args, kw):
     """Same values and gradients as nn.Sequential(BatchNorm2d, ReLU, Conv2d) built with the same arguments."""
     torch.manual_seed(0)

@@ -72,10 +72,13 @@ class TinyDenseNet(nn.Module):
     def __init__(self, classes: int = 5):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1, bias=False), _DenseLayer(8, 4), _DenseLayer(12, 4),
-            nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.Conv2d(16, 8, 1, bias=False),
-                          nn.AvgPool2d(2)),
-            nn.BatchNorm2d(8), nn.ReLU())
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            _DenseLayer(8, 4),
+            _DenseLayer(12, 4),
+            nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.Conv2d(16, 8, 1, bias=False), nn.AvgPool2d(2)),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
         self.classifier = nn.Linear(8, classes)
 
     def forward(self, x):
@@ -99,6 +102,7 @@ class TinyABNNet(nn.Module):
 
 def _abn_reference(net: TinyABNNet, x: torch.Tensor) -> torch.Tensor:
     """The inplace_abn formulas in plain torch: InPlaceABN scales by |gamma| + eps, ABN by gamma."""
+
     def abn(m, t, absw):
         w = m.weight.abs() + m.eps if absw else m.weight
         z = F.batch_norm(t, m.running_mean, m.running_var, w, m.bias, False, 0.0, m.eps)
@@ -171,8 +175,10 @@ def test_jit_trace_and_export_of_inplace_abn_and_blocks():
     ep = torch.export.export(net, (x,))
     assert _no_custom_ops(_targets(ep))
     torch.testing.assert_close(ep.module()(x), ref, rtol=0, atol=1e-6)
-    blocks = nn.Sequential(kernels.BNReLU(3, activation="leaky_relu", activation_param=0.2),
-                           kernels.BNReLUConv2d(3, 4, 3, padding=2, dilation=2))
+    blocks = nn.Sequential(
+        kernels.BNReLU(3, activation="leaky_relu", activation_param=0.2),
+        kernels.BNReLUConv2d(3, 4, 3, padding=2, dilation=2),
+    )
     _randomise_bn(blocks).eval()
     ep = torch.export.export(blocks, (x,))
     assert _no_custom_ops(_targets(ep))
@@ -244,16 +250,45 @@ def test_onnx_of_fused_torchvision_style_model_and_inplace_abn(tmp_path):
         torch.testing.assert_close(got, _abn_reference(net, x), rtol=1e-4, atol=1e-5)
 
 
-_STANDARD_ONNX = {"BatchNormalization", "Relu", "LeakyRelu", "Conv", "Add", "Abs", "Concat", "ReduceMean", "Gemm",
-                  "MatMul", "AveragePool", "Reshape", "Flatten", "Transpose", "Constant", "Identity", "Shape",
-                  "Gather", "Unsqueeze", "Squeeze", "Cast", "Mul", "Div", "Sqrt", "Sub", "MaxPool",
-                  "Slice", "Expand"}
+_STANDARD_ONNX = {
+    "BatchNormalization",
+    "Relu",
+    "LeakyRelu",
+    "Conv",
+    "Add",
+    "Abs",
+    "Concat",
+    "ReduceMean",
+    "Gemm",
+    "MatMul",
+    "AveragePool",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Constant",
+    "Identity",
+    "Shape",
+    "Gather",
+    "Unsqueeze",
+    "Squeeze",
+    "Cast",
+    "Mul",
+    "Div",
+    "Sqrt",
+    "Sub",
+    "MaxPool",
+    "Slice",
+    "Expand",
+}
 
 
-@pytest.mark.parametrize("label,extra", [
-    ("resnet38_a1", ["--fused"]),
-    ("voc_rna-a1_cls21_s8", ["--fused", "--dynamic-batch"]),
-])
+@pytest.mark.parametrize(
+    "label,extra",
+    [
+        ("resnet38_a1", ["--fused"]),
+        ("voc_rna-a1_cls21_s8", ["--fused", "--dynamic-batch"]),
+    ],
+)
 def test_export_cli_writes_checked_onnx(label, extra, tmp_path, capsys):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
@@ -283,13 +318,16 @@ def test_export_cli_from_weights_file_and_errors(tmp_path, capsys):
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = torch.randn(1, 3, 24, 32)
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(sess.run(None, {"image": x.numpy()})[0]), model(x),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            torch.from_numpy(sess.run(None, {"image": x.numpy()})[0]), model(x), rtol=1e-4, atol=1e-4
+        )
     capsys.readouterr()
-    for argv, msg in (([str(wfile), str(tmp_path / "x.onnx"), "--width", "0.0625"], "pass --label"),
-                      (["resnet38_a1", str(tmp_path / "x.txt")], "must end in .onnx"),
-                      ([str(tmp_path / "missing.params"), str(tmp_path / "x.onnx")], "not found"),
-                      (["nonsense", str(tmp_path / "x.onnx")], "model label 'nonsense'")):
+    for argv, msg in (
+        ([str(wfile), str(tmp_path / "x.onnx"), "--width", "0.0625"], "pass --label"),
+        (["resnet38_a1", str(tmp_path / "x.txt")], "must end in .onnx"),
+        ([str(tmp_path / "missing.params"), str(tmp_path / "x.onnx")], "not found"),
+        (["nonsense", str(tmp_path / "x.onnx")], "model label 'nonsense'"),
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("python -m widedeep.export: error:") and msg in err and "\n" not in err, err
@@ -300,8 +338,9 @@ def test_export_cli_from_weights_file_and_errors(tmp_path, capsys):
 # torch.jit.script (ResNet-38: a scriptable view with the same modules; see widedeep/models/scriptable.py)
 
 
-@pytest.mark.parametrize("label,kw", [("voc_rna-a1_cls21_s8", {}),
-                                      ("wider_resnet38_a2", dict(output_stride=8, global_pool="catavgmax"))])
+@pytest.mark.parametrize(
+    "label,kw", [("voc_rna-a1_cls21_s8", {}), ("wider_resnet38_a2", dict(output_stride=8, global_pool="catavgmax"))]
+)
 def test_jit_script_of_fused_resnet38_equals_eager(label, kw):
     model = _randomise_bn(create_model(label, width=W, fused=True, **kw)).eval()
     scripted = torch.jit.script(model)

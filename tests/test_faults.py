@@ -16,24 +16,60 @@ from data_pipes.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL = "voc_rna-a1_cls21_s8"
-TINY = ["--model", LABEL, "--width", "0.0625", "--crop-size", "48", "--origin-size", "64", "--bn-stats", "batch",
-        "--backend", "torch", "--prefetch-threads", "0", "--test-scales", "64", "--log-interval", "1000",
-        "--save-every", "0", "--no-eval", "--batch-images", "4"]
+TINY = [
+    "--model",
+    LABEL,
+    "--width",
+    "0.0625",
+    "--crop-size",
+    "48",
+    "--origin-size",
+    "64",
+    "--bn-stats",
+    "batch",
+    "--backend",
+    "torch",
+    "--prefetch-threads",
+    "0",
+    "--test-scales",
+    "64",
+    "--log-interval",
+    "1000",
+    "--save-every",
+    "0",
+    "--no-eval",
+    "--batch-images",
+    "4",
+]
 
 
 def _env(**extra):
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1", **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
 
 
 def cli(*argv, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "widedeep.train", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout, env=_env())
+    return subprocess.run(
+        [sys.executable, "-m", "widedeep.train", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+    )
 
 
 def popen(*argv) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "widedeep.train", *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_env())
+    return subprocess.Popen(
+        [sys.executable, "-m", "widedeep.train", *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+    )
 
 
 def ok(r):
@@ -42,7 +78,11 @@ def ok(r):
 
 def one_line_error(r, *needles) -> str:
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("warning:")]
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, (r.returncode, r.stderr, r.stdout[-2000:])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, (
+        r.returncode,
+        r.stderr,
+        r.stdout[-2000:],
+    )
     assert lines[0].startswith("python -m widedeep.train: error: "), lines
     for n in needles:
         assert n in lines[0], (n, lines[0])
@@ -64,8 +104,9 @@ def wait_for(cond, p: subprocess.Popen, timeout=300):
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
-    return write_synthetic("voc", tmp_path_factory.mktemp("faults") / "voc", num_train=16, num_val=4, size=(48, 64),
-                           num_classes=3)
+    return write_synthetic(
+        "voc", tmp_path_factory.mktemp("faults") / "voc", num_train=16, num_val=4, size=(48, 64), num_classes=3
+    )
 
 
 # ------------------------------------------------------------------ 9. one run per folder
@@ -84,8 +125,11 @@ def test_a_second_live_run_into_the_same_folder_is_refused(voc, tmp_path):
         p.kill()
         p.communicate()
     # the kernel dropped the killed run's lock: starting over works at once
-    ok(cli("--data-root", voc, "--output", tmp_path, *TINY, "--to-epoch", "1", "--stop-after-steps", "1",
-           "--overwrite"))
+    ok(
+        cli(
+            "--data-root", voc, "--output", tmp_path, *TINY, "--to-epoch", "1", "--stop-after-steps", "1", "--overwrite"
+        )
+    )
 
 
 def test_a_fresh_run_into_a_used_folder_refuses_and_overwrite_starts_over(voc, tmp_path):
@@ -180,9 +224,26 @@ sys.exit(cli(sys.argv[1:]))
 
 def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(voc, tmp_path):
     run = tmp_path / LABEL
-    r = subprocess.run([sys.executable, "-c", _DISK_FULL, "--data-root", str(voc), "--output", str(tmp_path), *TINY,
-                        "--to-epoch", "1", "--checkpoint-interval", "1"], capture_output=True, text=True, timeout=300,
-                       env=_env())
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _DISK_FULL,
+            "--data-root",
+            str(voc),
+            "--output",
+            str(tmp_path),
+            *TINY,
+            "--to-epoch",
+            "1",
+            "--checkpoint-interval",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     line = one_line_error(r, f"no space left on device writing {run / 'last.pt'}", "previous version")
     assert "unexpected pos" not in line
     ck = torch.load(run / "last.pt", weights_only=True)  # the first checkpoint, whole
@@ -193,9 +254,20 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(vo
 # ------------------------------------------------------------------ 12. bad flags get one line
 
 
-@pytest.mark.parametrize("flag,value", [("--crop-size", "0"), ("--crop-size", "-8"), ("--batch-images", "0"),
-                                        ("--batch-images", "-4"), ("--to-epoch", "0"), ("--to-epoch", "-1"),
-                                        ("--width", "0"), ("--test-steps", "0"), ("--scale-rate-range", "1.3,0.7")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--crop-size", "0"),
+        ("--crop-size", "-8"),
+        ("--batch-images", "0"),
+        ("--batch-images", "-4"),
+        ("--to-epoch", "0"),
+        ("--to-epoch", "-1"),
+        ("--width", "0"),
+        ("--test-steps", "0"),
+        ("--scale-rate-range", "1.3,0.7"),
+    ],
+)
 def test_out_of_range_flags_name_the_flag(flag, value):
     from widedeep.train.cli import FlagError, parse
 
@@ -209,10 +281,24 @@ def test_bad_flags_and_foreign_checkpoints_on_the_command_line(voc, tmp_path):
     one_line_error(cli(*base, "--to-epoch", "0"), "--to-epoch 0: expected")
     one_line_error(cli(*base, "--weights", tmp_path), str(tmp_path), "a folder, expected a weights file")
     # a checkpoint of another --width: a hint, not a traceback listing hundreds of keys
-    ok(cli("--data-root", voc, "--output", tmp_path / "wide", *TINY, "--width", "0.125", "--to-epoch", "1",
-           "--stop-after-steps", "1"))
+    ok(
+        cli(
+            "--data-root",
+            voc,
+            "--output",
+            tmp_path / "wide",
+            *TINY,
+            "--width",
+            "0.125",
+            "--to-epoch",
+            "1",
+            "--stop-after-steps",
+            "1",
+        )
+    )
     wide = tmp_path / "wide" / LABEL / "last.pt"
     one_line_error(cli(*base, "--to-epoch", "1", "--resume", wide), str(wide), "width-0.125", "add --width 0.125")
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
-    one_line_error(cli(*base, "--to-epoch", "1", "--resume", tmp_path / "list.pt"), "list.pt",
-                   "not a widedeep training checkpoint")
+    one_line_error(
+        cli(*base, "--to-epoch", "1", "--resume", tmp_path / "list.pt"), "list.pt", "not a widedeep training checkpoint"
+    )

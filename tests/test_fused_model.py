@@ -1,6 +1,5 @@
 """ResNet-38 built on the recompute kernels: same keys, outputs and gradients; half the saved activations."""
 
-
 import pytest
 import torch
 import torch.nn as nn
@@ -21,7 +20,11 @@ def test_fused_equals_unfused_in_float64(name):
     for m in (plain, fused):  # dropout off so both see the same function
         for u in m.units():
             u.spec = type(u.spec)(**{**u.spec.__dict__, "dropout": 0.0})
-    x = torch.randn(2, 3, 79, 37, dtype=torch.float64) if "rna-a_" in name else torch.randn(2, 3, 33, 29, dtype=torch.float64)
+    x = (
+        torch.randn(2, 3, 79, 37, dtype=torch.float64)
+        if "rna-a_" in name
+        else torch.randn(2, 3, 33, 29, dtype=torch.float64)
+    )
     y, yf = plain(x), fused(x)
     torch.testing.assert_close(yf, y, rtol=1e-9, atol=1e-9)
     y.square().sum().backward()
@@ -65,10 +68,19 @@ def test_fuse_pass_keeps_keys_and_matches():
     def net():
         return nn.Sequential(
             nn.Conv2d(3, 8, 3, padding=1),
-            nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=2, dilation=2),
-                          nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)),
-            nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+            nn.Sequential(
+                nn.BatchNorm2d(8),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(8, 8, 3, padding=2, dilation=2),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+                nn.Conv2d(8, 4, 1),
+            ),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Flatten(),
         )
+
     plain, fused = net().train(), net().train()
     fused.load_state_dict(plain.state_dict())
     keys = list(fused.state_dict())
@@ -110,8 +122,12 @@ class _PsaLikeUnit(nn.Module):
 
 def test_fuse_pass_traces_custom_forwards():
     def net():
-        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _PsaLikeUnit(),
-                             nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1)))
+        return nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            _PsaLikeUnit(),
+            nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1)),
+        )
+
     plain, fused = net().train(), net().train()
     fused.load_state_dict(plain.state_dict())
     keys = list(fused.state_dict())
@@ -125,7 +141,9 @@ def test_fuse_pass_traces_custom_forwards():
     scale = max(p.grad.abs().max().item() for p in plain.parameters())
     for p, q in zip(plain.parameters(), fused.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * scale)
-    assert saved_tensor_bytes(lambda: fused(x), fused.parameters()) < saved_tensor_bytes(lambda: plain(x), plain.parameters())
+    assert saved_tensor_bytes(lambda: fused(x), fused.parameters()) < saved_tensor_bytes(
+        lambda: plain(x), plain.parameters()
+    )
     fused.eval()
     assert not fused[1].bn_branch2a.training  # mode switches still reach the shared modules
 

@@ -80,8 +80,7 @@ def _run(x, bn, dy, **kw):
 def _assert_close(actual, expected, what, rtol=1e-4):
     # relative to the reference's magnitude (the fp32 kernels against exact fp64)
     scale = max(expected.abs().max().item(), 1e-6)
-    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * scale,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{what}: {m}")
 
 
 NAMES = ("y", "dx", "dgamma", "dbeta", "running_mean", "running_var")

@@ -106,11 +106,19 @@ def test_forbid_host_sync_catches_reads():
     t = torch.ones(3)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=torch.tensor(0.1), foreach=True)
     opt.param_groups[0]["params"][0].grad = torch.ones(2)
-    cases = [lambda: t.sum().item(), lambda: bool(t.sum()), lambda: t.tolist(), lambda: int(t[0]),
-             lambda: t[t > 0], lambda: torch.nonzero(t), lambda: t.cpu(),
-             lambda: ohem_cross_entropy(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long)),
-             lambda: opt.step(),  # foreach SGD turns a tensor lr into a Python scalar (alpha=-lr)
-             lambda: t * torch.tensor(2.0), lambda: t.masked_fill_(t > 0, 0.0).index_put_((t > 5,), t[:1] * 0)]
+    cases = [
+        lambda: t.sum().item(),
+        lambda: bool(t.sum()),
+        lambda: t.tolist(),
+        lambda: int(t[0]),
+        lambda: t[t > 0],
+        lambda: torch.nonzero(t),
+        lambda: t.cpu(),
+        lambda: ohem_cross_entropy(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long)),
+        lambda: opt.step(),  # foreach SGD turns a tensor lr into a Python scalar (alpha=-lr)
+        lambda: t * torch.tensor(2.0),
+        lambda: t.masked_fill_(t > 0, 0.0).index_put_((t > 5,), t[:1] * 0),
+    ]
     for case in cases:
         with pytest.raises(HostSyncError), forbid_host_sync():
             case()
@@ -210,8 +218,14 @@ def test_graphed_step_plumbing_on_cpu(monkeypatch):
 
     def net():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8, 5),
+        )
 
     ref, cap = net(), net()
     opts = [graphs.prepare_optimizer(make_optimizer(m, "cls", 0.1), torch.device("cpu")) for m in (ref, cap)]
@@ -250,7 +264,8 @@ sys.path.insert(0, {tests!r})
 import test_graphs as t
 from widedeep.train import graphs
 from widedeep.train.run import cli
-torch.cuda.Stream, torch.cuda.stream, torch.cuda.CUDAGraph = t._FakeStream, (lambda s: contextlib.nullcontext()), t._FakeGraph
+torch.cuda.Stream, torch.cuda.CUDAGraph = t._FakeStream, t._FakeGraph
+torch.cuda.stream = lambda s: contextlib.nullcontext()
 torch.cuda.current_stream = lambda *a, **k: t._FakeStream()
 torch.cuda.graph = lambda g, stream=None, **k: contextlib.nullcontext()
 graphs.refuse = lambda *a, **k: None  # the CPU stands in for the GPU here
@@ -271,13 +286,46 @@ def test_trainer_cuda_graphs_hook_on_cpu(tmp_path):
 
     root = write_synthetic("voc", tmp_path / "voc", num_train=18, num_val=2, size=(48, 64), num_classes=5)
     out = tmp_path / "out"
-    args = ["--data-root", str(root), "--output", str(out), "--model", "voc_rna-a1_cls21_s8", "--width", "0.0625",
-            "--crop-size", "32", "--origin-size", "64", "--batch-images", "4", "--to-epoch", "2", "--lr-type", "poly",
-            "--fused", "on", "--backend", "torch", "--prefetch-threads", "0", "--test-scales", "48", "--save-every",
-            "0", "--log-interval", "1000", "--cuda-graphs"]
-    r = subprocess.run([sys.executable, "-c", _FAKE_TRAIN.format(tests=str(ROOT / "tests")), *args],
-                       capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    args = [
+        "--data-root",
+        str(root),
+        "--output",
+        str(out),
+        "--model",
+        "voc_rna-a1_cls21_s8",
+        "--width",
+        "0.0625",
+        "--crop-size",
+        "32",
+        "--origin-size",
+        "64",
+        "--batch-images",
+        "4",
+        "--to-epoch",
+        "2",
+        "--lr-type",
+        "poly",
+        "--fused",
+        "on",
+        "--backend",
+        "torch",
+        "--prefetch-threads",
+        "0",
+        "--test-scales",
+        "48",
+        "--save-every",
+        "0",
+        "--log-interval",
+        "1000",
+        "--cuda-graphs",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-c", _FAKE_TRAIN.format(tests=str(ROOT / "tests")), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
     text = r.stdout + r.stderr
     assert r.returncode == 0, text[-4000:]
     assert "step captured after 3 warm-up steps" in text and "dropped (1 so far" in text, text[-3000:]
@@ -310,10 +358,32 @@ def test_trainer_refuses_cuda_graphs_without_cuda(tmp_path):
     from data_pipes.synthetic import write_synthetic
 
     root = write_synthetic("voc", tmp_path / "voc", num_train=4, num_val=2, size=(48, 64), num_classes=5)
-    r = subprocess.run([sys.executable, "-m", "widedeep.train", "--data-root", str(root), "--output", str(tmp_path),
-                        "--model", "voc_rna-a1_cls21_s8", "--width", "0.0625", "--crop-size", "48", "--backend",
-                        "torch", "--prefetch-threads", "0", "--cuda-graphs"], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "widedeep.train",
+            "--data-root",
+            str(root),
+            "--output",
+            str(tmp_path),
+            "--model",
+            "voc_rna-a1_cls21_s8",
+            "--width",
+            "0.0625",
+            "--crop-size",
+            "48",
+            "--backend",
+            "torch",
+            "--prefetch-threads",
+            "0",
+            "--cuda-graphs",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
     assert "--cuda-graphs needs a CUDA device" in lines[0]
@@ -358,6 +428,7 @@ def test_captured_steps_equal_uncaptured(device, fused, bn, amp, monkeypatch):
             with torch.autocast(**ac):
                 out = model(x)
             return step_loss("seg", out, y)
+
         return fl
 
     g = torch.Generator().manual_seed(3)
@@ -400,12 +471,44 @@ def test_trainer_cuda_graphs_end_to_end(device, tmp_path):
     from data_pipes.synthetic import write_synthetic
 
     root = write_synthetic("voc", tmp_path / "voc", num_train=18, num_val=2, size=(48, 64), num_classes=5)
-    r = subprocess.run([sys.executable, "-m", "widedeep.train", "--data-root", str(root), "--output",
-                        str(tmp_path / "out"), "--model", "voc_rna-a1_cls21_s8", "--width", "0.0625", "--crop-size",
-                        "48", "--batch-images", "4", "--to-epoch", "2", "--lr-type", "poly", "--backend", "torch",
-                        "--prefetch-threads", "0", "--amp", "bf16", "--cuda-graphs", "--test-scales", "64",
-                        "--save-every", "0"], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "widedeep.train",
+            "--data-root",
+            str(root),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            "voc_rna-a1_cls21_s8",
+            "--width",
+            "0.0625",
+            "--crop-size",
+            "48",
+            "--batch-images",
+            "4",
+            "--to-epoch",
+            "2",
+            "--lr-type",
+            "poly",
+            "--backend",
+            "torch",
+            "--prefetch-threads",
+            "0",
+            "--amp",
+            "bf16",
+            "--cuda-graphs",
+            "--test-scales",
+            "64",
+            "--save-every",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     text = r.stdout + r.stderr
     assert "step captured after 3 warm-up steps" in text and "dropped" in text, text[-3000:]

@@ -40,7 +40,8 @@ def module_files(package: str) -> dict[str, Path]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_nodes(tree: ast.AST):
@@ -56,7 +57,8 @@ def _import_nodes(tree: ast.AST):
         elif isinstance(node, ast.Call):
             f = node.func
             if (isinstance(f, ast.Attribute) and f.attr == "import_module") or (
-                    isinstance(f, ast.Name) and f.id in ("import_module", "__import__")):
+                isinstance(f, ast.Name) and f.id in ("import_module", "__import__")
+            ):
                 yield node
         stack.extend(ast.iter_child_nodes(node))
 
@@ -192,8 +194,12 @@ def describe(edges: dict[str, dict[str, int]], files: dict[str, Path]) -> str:
     out = []
     for comp, cycle in zip(strongly_connected(edges), find_cycles(edges)):
         out.append(f"cycle: {' -> '.join(cycle)}; the {len(comp)} modules' imports among themselves:")
-        out += [f"    {a} -> {b}  ({files[a].relative_to(ROOT)}:{line})"
-                for a in sorted(comp) for b, line in sorted(edges[a].items()) if b in comp]
+        out += [
+            f"    {a} -> {b}  ({files[a].relative_to(ROOT)}:{line})"
+            for a in sorted(comp)
+            for b, line in sorted(edges[a].items())
+            if b in comp
+        ]
     return "\n  ".join(out)
 
 
@@ -231,8 +237,9 @@ def test_graph_reader_sees_lazy_relative_and_package_imports(tmp_path, monkeypat
     (pkg / "sub" / "z.py").write_text("def h():\n    from pkg import c\n")
     (pkg / "sub" / "__init__.py").write_text("from .x import y\nfrom . import z\nz.h()\n")
     (pkg / "d.py").write_text("import importlib\nM = ('pkg.e',)\ndef k():\n    importlib.import_module(M[0])\n")
-    (pkg / "e.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .f import F\n"
-                              "def k():\n    from . import d\n")
+    (pkg / "e.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .f import F\ndef k():\n    from . import d\n"
+    )
     (pkg / "f.py").write_text("from .e import k\n")  # e -> f only under TYPE_CHECKING: no cycle
     monkeypatch.setitem(globals(), "ROOT", tmp_path)
     edges, _ = import_graph("pkg")

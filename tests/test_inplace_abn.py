@@ -31,8 +31,9 @@ ACTS = ["leaky_relu", "relu", "identity"]
 def close(actual, expected, dtype, what):
     scale = max(expected.abs().max().item(), 1e-3)
     tol = TOL[dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * scale,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.float(), expected.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def _module(cls, C, activation, mode, device, backend, slope=0.2):
@@ -120,8 +121,14 @@ def test_constructor_and_state_dict_match_inplace_abn():
         want = ["num_features", "eps", "momentum", "affine", "track_running_stats", "activation", "activation_param"]
         assert positional == want + (["group"] if cls is kernels.InPlaceABNSync else [])
         defaults = {p.name: p.default for p in params if p.name in want[1:]}
-        assert defaults == dict(eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                                activation="leaky_relu", activation_param=0.01)
+        assert defaults == dict(
+            eps=1e-5,
+            momentum=0.1,
+            affine=True,
+            track_running_stats=True,
+            activation="leaky_relu",
+            activation_param=0.01,
+        )
     m = kernels.InPlaceABN(8)
     assert list(m.state_dict()) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
     assert (m.activation, m.activation_param, m.eps, m.momentum, m.affine) == ("leaky_relu", 0.01, 1e-5, 0.1, True)
@@ -196,8 +203,10 @@ def test_inplace_abn_saves_only_x():
 def test_matches_the_inplace_abn_package_when_installed():
     """Against inplace_abn itself (values and gradients of x, weight, bias), where the package could be built."""
     iabn = pytest.importorskip(
-        "inplace_abn", reason="inplace_abn not installed: it needs a C++/CUDA extension build (pip install "
-                              "inplace-abn fails on this machine), so only its documented formula is compared")
+        "inplace_abn",
+        reason="inplace_abn not installed: it needs a C++/CUDA extension build (pip install "
+        "inplace-abn fails on this machine), so only its documented formula is compared",
+    )
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for act in ("leaky_relu", "identity"):
         ours = kernels.InPlaceABN(6, activation=act, activation_param=0.2).to(dev)
@@ -212,7 +221,11 @@ def test_matches_the_inplace_abn_package_when_installed():
         dy = torch.randn_like(y1)
         y1.backward(dy)
         y2.backward(dy)
-        for what, a, b in [("y", y1, y2), ("dx", x1.grad, x2.grad), ("dweight", ours.weight.grad, theirs.weight.grad),
-                           ("dbias", ours.bias.grad, theirs.bias.grad), ("running_var", ours.running_var,
-                                                                        theirs.running_var)]:
+        for what, a, b in [
+            ("y", y1, y2),
+            ("dx", x1.grad, x2.grad),
+            ("dweight", ours.weight.grad, theirs.weight.grad),
+            ("dbias", ours.bias.grad, theirs.bias.grad),
+            ("running_var", ours.running_var, theirs.running_var),
+        ]:
             close(a, b.detach(), torch.float32, f"{act} {what}")

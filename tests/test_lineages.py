@@ -14,7 +14,12 @@ import torch.nn.functional as F
 
 from widedeep.models import ResNet38, build_plan, create_model
 from widedeep.weights import (
-    WeightsFormatError, WeightsMismatchError, load_weights, read_state_dict, read_weights, save_weights,
+    WeightsFormatError,
+    WeightsMismatchError,
+    load_weights,
+    read_state_dict,
+    read_weights,
+    save_weights,
 )
 
 W = 1 / 16
@@ -95,12 +100,14 @@ def block(x, s, p, widths, stride, dilation, **kw):
     shortcut = F.conv2d(a, s[f"{p}.proj_conv.weight"], stride=stride) if f"{p}.proj_conv.weight" in s else x
     if len(widths) == 2:
         t = F.conv2d(a, s[f"{p}.convs.conv1.weight"], stride=stride, padding=dilation, dilation=dilation)
-        t = F.conv2d(abn(t, s, f"{p}.convs.bn2", **kw), s[f"{p}.convs.conv2.weight"], padding=dilation,
-                     dilation=dilation)
+        t = F.conv2d(
+            abn(t, s, f"{p}.convs.bn2", **kw), s[f"{p}.convs.conv2.weight"], padding=dilation, dilation=dilation
+        )
     else:
         t = F.conv2d(a, s[f"{p}.convs.conv1.weight"], stride=stride)
-        t = F.conv2d(abn(t, s, f"{p}.convs.bn2", **kw), s[f"{p}.convs.conv2.weight"], padding=dilation,
-                     dilation=dilation)
+        t = F.conv2d(
+            abn(t, s, f"{p}.convs.bn2", **kw), s[f"{p}.convs.conv2.weight"], padding=dilation, dilation=dilation
+        )
         t = F.conv2d(abn(t, s, f"{p}.convs.bn3", **kw), s[f"{p}.convs.conv3.weight"])
     return t + shortcut
 
@@ -152,13 +159,16 @@ def _save(obj, path):
 def test_mapillary_imagenet_file_with_module_prefix_and_optimizer(tmp_path, dtype, caplog):
     """Mapillary's ImageNet file: WiderResNet (= Model A) saved from InPlaceABN under DataParallel."""
     s = mapillary_state(dtype=dtype)
-    ckpt = {"state_dict": {f"module.{k}": v for k, v in s.items()},
-            "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(3)}}, "param_groups": [{"lr": 0.1}]}}
+    ckpt = {
+        "state_dict": {f"module.{k}": v for k, v in s.items()},
+        "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(3)}}, "param_groups": [{"lr": 0.1}]},
+    }
     path = _save(ckpt, tmp_path / "wider_resnet38.pth.tar")
     with caplog.at_level(logging.INFO, logger="widedeep"):
         if dtype == torch.float32:
-            model = create_model("wider_resnet38", num_classes=CLASSES, width=W, weights=path,
-                                 weights_convention="inplace_abn").eval()
+            model = create_model(
+                "wider_resnet38", num_classes=CLASSES, width=W, weights=path, weights_convention="inplace_abn"
+            ).eval()
         else:  # an fp64 model first, so nothing is rounded to fp32 on the way
             model = create_model("wider_resnet38", num_classes=CLASSES, width=W).double().eval()
             report = load_weights(model, path, weights_convention="inplace_abn")
@@ -189,10 +199,14 @@ def test_v001_bn_infix(tmp_path, inplace_abn):
 def test_vistas_body_dilated_a2(tmp_path, dtype, caplog):
     """A Vistas file: WiderResNetA2(dilation=True) body + DeepLabV3 head + cls conv; the head and cls are reported."""
     s = mapillary_state(classes=0, seed=4, dtype=dtype)
-    head = {"map_convs.0.weight": torch.zeros(4, 256, 1, 1), "map_bn.weight": torch.ones(4),
-            "red_conv.weight": torch.zeros(4, 4, 1, 1)}
-    ckpt = {"state_dict": {"body": s, "head": head, "cls": {"weight": torch.zeros(65, 4, 1, 1),
-                                                             "bias": torch.zeros(65)}}}
+    head = {
+        "map_convs.0.weight": torch.zeros(4, 256, 1, 1),
+        "map_bn.weight": torch.ones(4),
+        "red_conv.weight": torch.zeros(4, 4, 1, 1),
+    }
+    ckpt = {
+        "state_dict": {"body": s, "head": head, "cls": {"weight": torch.zeros(65, 4, 1, 1), "bias": torch.zeros(65)}}
+    }
     path = _save(ckpt, tmp_path / "wide_resnet38_deeplab_vistas.pth.tar")
     kw = dict(output_stride=8, num_classes=0, width=W)
     with caplog.at_level(logging.WARNING, logger="widedeep"):
@@ -224,8 +238,9 @@ def test_nvidia_file_plain_bn_and_raw_trunk(tmp_path, dtype):
     """NVIDIA's wider_resnet38.pth.tar: ``module.`` + ``.0.`` (BN in Sequential(BatchNorm2d, ReLU)), plain BN
     gammas, num_batches_tracked; their DeepWV3Plus trunk is the A2 dilated net and feeds the raw mod7 output on."""
     s = mapillary_state(seed=6, dtype=dtype, num_batches_tracked=True)
-    path = _save({"state_dict": {f"module.{k}": v for k, v in with_infix(s, "0").items()}},
-                 tmp_path / "wider_resnet38.pth.tar")
+    path = _save(
+        {"state_dict": {f"module.{k}": v for k, v in with_infix(s, "0").items()}}, tmp_path / "wider_resnet38.pth.tar"
+    )
     wf = read_weights(path)  # no convention: NVIDIA's layout is plain BN, no warning either
     assert wf.layout == "nvidia" and wf.convention is None
     model = create_model("wider_resnet38", num_classes=CLASSES, width=W).to(dtype).eval()
@@ -249,8 +264,9 @@ def test_mapillary_keys_in_a_state_dict_and_safetensors(tmp_path):
     """The layouts are told from keys, not file names or suffixes: a torch.load'ed dict and a .safetensors too."""
     s = mapillary_state(seed=8)
     model = create_model("wider_resnet38", num_classes=CLASSES, width=W).eval()
-    report = load_weights(model, {"state_dict": {f"module.{k}": v for k, v in s.items()}},
-                          weights_convention="inplace_abn")
+    report = load_weights(
+        model, {"state_dict": {f"module.{k}": v for k, v in s.items()}}, weights_convention="inplace_abn"
+    )
     assert report.layout == "mapillary" and report.convention == "inplace_abn"
     x = x_like(torch.float32)
     with torch.no_grad():
@@ -262,8 +278,9 @@ def test_mapillary_keys_in_a_state_dict_and_safetensors(tmp_path):
     assert set(state) == {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     assert torch.equal(state["b4_3.bn_branch2b1.weight"], s["mod4.block4.convs.bn2.weight"].abs() + EPS)
     assert torch.equal(state["b4_3.bn_branch2b1.bias"], s["mod4.block4.convs.bn2.bias"])
-    assert torch.equal(read_state_dict(tmp_path / "m.safetensors", weights_convention="plain")["bn7.weight"],
-                       s["bn_out.weight"])
+    assert torch.equal(
+        read_state_dict(tmp_path / "m.safetensors", weights_convention="plain")["bn7.weight"], s["bn_out.weight"]
+    )
     # converted back into ours, it is a plain file: saved and reloaded it gives the same outputs
     save_weights(model, tmp_path / "ours.safetensors")
     back = create_model("wider_resnet38", num_classes=CLASSES, width=W, weights=str(tmp_path / "ours.safetensors"))
@@ -305,8 +322,14 @@ def test_lineage_mismatch_warnings(tmp_path, caplog):
     assert "WiderResNet = Model A" in caplog.text and "initialisation" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="widedeep"):  # NVIDIA-style fine-tuning, said explicitly: quiet
-        create_model("wider_resnet38_a2", num_classes=CLASSES, width=W, weights=path, weights_convention="plain",
-                     activation="relu")
+        create_model(
+            "wider_resnet38_a2",
+            num_classes=CLASSES,
+            width=W,
+            weights=path,
+            weights_convention="plain",
+            activation="relu",
+        )
     assert caplog.text == ""
     body = _save({"state_dict": {"body": mapillary_state(classes=0), "head": {}}}, tmp_path / "vistas.pth")
     caplog.clear()
@@ -333,8 +356,9 @@ def test_layout_errors_name_the_file_and_fix(tmp_path):
     nv_path = _save({"state_dict": nv}, tmp_path / "deepwv3plus.pth")
     with pytest.raises(WeightsMismatchError, match=r"bn7.*weights_strict=False.*bn7=False"):
         create_model("wider_resnet38_a2", output_stride=8, num_classes=0, width=W, weights=nv_path)
-    m = create_model("wider_resnet38_a2", output_stride=8, num_classes=0, width=W, weights=nv_path,
-                     weights_strict=False)
+    m = create_model(
+        "wider_resnet38_a2", output_stride=8, num_classes=0, width=W, weights=nv_path, weights_strict=False
+    )
     report = load_weights(m, nv_path, strict=False)
     assert report.skipped == {"aspp.*": "1 tensors of a segmentation head (no counterpart in ResNet38)"}
     assert sorted(report.missing) == ["bn7.bias", "bn7.running_mean", "bn7.running_var", "bn7.weight"]
@@ -348,8 +372,9 @@ def test_convert_writes_plain_bn_values(tmp_path):
     s = mapillary_state(classes=1000)
     src = _save({"state_dict": {f"module.{k}": v for k, v in s.items()}}, tmp_path / "wider_resnet38.pth.tar")
     out = tmp_path / "plain.safetensors"
-    assert cli([src, str(out), "--label", "wider_resnet38", "--width", str(W),
-                "--weights-convention", "inplace_abn"]) == 0
+    assert (
+        cli([src, str(out), "--label", "wider_resnet38", "--width", str(W), "--weights-convention", "inplace_abn"]) == 0
+    )
     model = create_model("wider_resnet38", width=W, weights=str(out)).eval()
     x = x_like(torch.float32)
     with torch.no_grad():
@@ -385,13 +410,17 @@ def test_leaky_relu_everywhere_unfused():
         ResNet38("a1", width=W, activation="gelu")
 
 
-@pytest.mark.parametrize("name,mode", [("wider_resnet38", "fused"), ("wider_resnet38_a2", "fused"),
-                                       ("wider_resnet38_a2", "unit")])
+@pytest.mark.parametrize(
+    "name,mode", [("wider_resnet38", "fused"), ("wider_resnet38_a2", "fused"), ("wider_resnet38_a2", "unit")]
+)
 def test_leaky_fused_equals_unfused_fp64(name, mode):
     """fp64: the fused kernels' leaky ReLU (forward, recomputed backward, bn7 folded into the segmentation head's
     first conv) equals F.leaky_relu; ``"unit"`` re-runs whole units in backward."""
-    kw = dict(width=W, num_classes=CLASSES) if name == "wider_resnet38" else dict(width=W, output_stride=8,
-                                                                                  segmentation=True, num_classes=3)
+    kw = (
+        dict(width=W, num_classes=CLASSES)
+        if name == "wider_resnet38"
+        else dict(width=W, output_stride=8, segmentation=True, num_classes=3)
+    )
     plain = create_model(name, **kw).double().train()
     fused = create_model(name, fused="torch", recompute="unit" if mode == "unit" else None, **kw).double().train()
     fused.load_state_dict(plain.state_dict())
@@ -411,11 +440,16 @@ def test_leaky_fused_equals_unfused_fp64(name, mode):
 def test_leaky_fused_triton_interpreted_matches_mapillary_reference(tmp_path):
     s = mapillary_state(seed=12, classes=0)
     path = _save({"state_dict": {"body": s}}, tmp_path / "vistas.pth")
-    model = create_model("wider_resnet38_a2", output_stride=8, num_classes=0, width=W, fused="triton", weights=path,
-                         weights_convention="inplace_abn").eval()
+    model = create_model(
+        "wider_resnet38_a2",
+        output_stride=8,
+        num_classes=0,
+        width=W,
+        fused="triton",
+        weights=path,
+        weights_convention="inplace_abn",
+    ).eval()
     x = x_like(torch.float32, (32, 32))[:1]
     with torch.no_grad():
         ref = reference(s, x, arch="a2", dilation=True, until="bn_out")
         torch.testing.assert_close(model.forward_features(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-
-

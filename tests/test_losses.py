@@ -24,8 +24,9 @@ def test_labels_subsampled_at_4_mod_8_by_value():
         label = torch.arange(2 * H * W, dtype=torch.int64).view(2, H, W)  # every pixel unique
         got = labels_at_feature_resolution(label)
         rows, cols = list(range(4, H, 8)), list(range(4, W, 8))  # score cell i sits over pixel 8 i + 4
-        want = torch.tensor([[[n * H * W + r * W + c for c in cols] for r in rows] for n in range(2)],
-                            dtype=torch.int64).view(2, len(rows), len(cols))
+        want = torch.tensor(
+            [[[n * H * W + r * W + c for c in cols] for r in rows] for n in range(2)], dtype=torch.int64
+        ).view(2, len(rows), len(cols))
         assert torch.equal(got, want), (H, W)
     assert labels_at_feature_resolution(torch.zeros(1, 504, 504)).shape == (1, 63, 63)
 
@@ -120,8 +121,14 @@ def test_ohem_threshold_0_6_is_inclusive_from_below_and_exclusive_above():
     """Many hard pixels: exactly those with p <= 0.6 are kept, including ones just below it (0.6 - 1e-4) and
     excluding ones just above (0.6 + 1e-4)."""
     target, where = _layout(600, 0)
-    values = np.concatenate([_distinct(300, 0.05, 0.5), [0.6 - 1e-4, 0.6 - 3e-4],
-                             [0.6 + 1e-4, 0.6 + 3e-4], _distinct(296, 0.7, 0.99, seed=3)])
+    values = np.concatenate(
+        [
+            _distinct(300, 0.05, 0.5),
+            [0.6 - 1e-4, 0.6 - 3e-4],
+            [0.6 + 1e-4, 0.6 + 3e-4],
+            _distinct(296, 0.7, 0.99, seed=3),
+        ]
+    )
     logits, tgt, loss = _run(_probs(target, where, values), target)
     kept = np.zeros(target.size, bool)
     kept[where[values <= 0.6]] = True

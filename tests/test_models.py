@@ -11,23 +11,35 @@ from widedeep.models import ResNet38, create_model, model_args, parse_label
 from widedeep.models.resnet38 import PreActUnit
 
 
-@pytest.mark.parametrize("label, expected", [
-    ("ilsvrc-cls_rna-a1_cls1000", ("ilsvrc-cls", "a1", 1000, None, None)),
-    ("ilsvrc-cls_rna-a1_cls1000_from-a", ("ilsvrc-cls", "a1", 1000, None, "from-a")),
-    ("ilsvrc-cls_rna-a_cls1000_ep-0001.params", ("ilsvrc-cls", "a", 1000, None, None)),
-    ("cityscapes_rna-a1_cls19_s8_x1-140", ("cityscapes", "a1", 19, 8, "x1-140")),
-    ("output/cityscapes_rna-a1_cls19_s8_x1-140_ep-0064.params", ("cityscapes", "a1", 19, 8, "x1-140")),
-    ("voc_rna-a1_cls21_s8_coco", ("voc", "a1", 21, 8, "coco")),
-    ("ade20k_rna-a2_cls150_s16", ("ade20k", "a2", 150, 16, None)),
-    ("voc_rna-a1_cls21_s8_s16net", ("voc", "a1", 21, 8, "s16net")),
-])
+@pytest.mark.parametrize(
+    "label, expected",
+    [
+        ("ilsvrc-cls_rna-a1_cls1000", ("ilsvrc-cls", "a1", 1000, None, None)),
+        ("ilsvrc-cls_rna-a1_cls1000_from-a", ("ilsvrc-cls", "a1", 1000, None, "from-a")),
+        ("ilsvrc-cls_rna-a_cls1000_ep-0001.params", ("ilsvrc-cls", "a", 1000, None, None)),
+        ("cityscapes_rna-a1_cls19_s8_x1-140", ("cityscapes", "a1", 19, 8, "x1-140")),
+        ("output/cityscapes_rna-a1_cls19_s8_x1-140_ep-0064.params", ("cityscapes", "a1", 19, 8, "x1-140")),
+        ("voc_rna-a1_cls21_s8_coco", ("voc", "a1", 21, 8, "coco")),
+        ("ade20k_rna-a2_cls150_s16", ("ade20k", "a2", 150, 16, None)),
+        ("voc_rna-a1_cls21_s8_s16net", ("voc", "a1", 21, 8, "s16net")),
+    ],
+)
 def test_parse_label_forms(label, expected):
     lab = parse_label(label)
     assert (lab.dataset, lab.variant, lab.num_classes, lab.output_stride, lab.extra) == expected
 
 
-@pytest.mark.parametrize("bad", ["resnet50", "voc_rn-a1_cls21_s8", "voc_rna-b_cls21_s8", "moon_rna-a1_cls21_s8",
-                                 "voc_rna-a1_cls21_s4", "voc_rna-a1_s8"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "resnet50",
+        "voc_rn-a1_cls21_s8",
+        "voc_rna-b_cls21_s8",
+        "moon_rna-a1_cls21_s8",
+        "voc_rna-a1_cls21_s4",
+        "voc_rna-a1_s8",
+    ],
+)
 def test_bad_labels_are_refused_with_the_form(bad):
     with pytest.raises(ValueError, match=r"rna|dataset|variant|stride|form"):
         model_args(bad)
@@ -64,8 +76,14 @@ def test_parameter_counts_match_the_seed():
 def test_psa_resnet38d_key_layout():
     keys = set(create_model("resnet38d").state_dict())
     assert len(keys) == 228
-    for k in ["conv1a.weight", "b2.conv_branch1.weight", "b4_5.bn_branch2b1.running_var",
-              "b6.bn_branch2b2.weight", "b7.conv_branch2b2.weight", "bn7.running_mean"]:
+    for k in [
+        "conv1a.weight",
+        "b2.conv_branch1.weight",
+        "b4_5.bn_branch2b1.running_var",
+        "b6.bn_branch2b2.weight",
+        "b7.conv_branch2b2.weight",
+        "bn7.running_mean",
+    ]:
         assert k in keys
 
 
@@ -104,9 +122,14 @@ def test_a2_pools_then_strides_and_a1_no_pools():
     assert not any(isinstance(m, nn.Dropout) for m in a1.modules()) and all(u.spec.dropout == 0 for u in a1.units())
 
 
-@pytest.mark.parametrize("style, sizes224", [
-    ("caffe", [111, 55, 27, 13, 6]), ("mxnet", [112, 56, 28, 14, 7]), ("ceil", [112, 56, 28, 14, 7]),
-])
+@pytest.mark.parametrize(
+    "style, sizes224",
+    [
+        ("caffe", [111, 55, 27, 13, 6]),
+        ("mxnet", [112, 56, 28, 14, 7]),
+        ("ceil", [112, 56, 28, 14, 7]),
+    ],
+)
 def test_model_a_pool_styles(style, sizes224):
     m = ResNet38("a", 1000, pool_style=style)
     x = torch.zeros(1, 1, 224, 224)
@@ -121,7 +144,9 @@ def _expected_size(n: int, model: ResNet38) -> int:
     for item in model.plan:
         if hasattr(item, "after_level"):
             if item.stride == 2:
-                n = {"mxnet": (n - 1) // 2 + 1, "caffe": (n - 3) // 2 + 1, "ceil": math.ceil((n - 3) / 2) + 1}[model.pool_style]
+                n = {"mxnet": (n - 1) // 2 + 1, "caffe": (n - 3) // 2 + 1, "ceil": math.ceil((n - 3) / 2) + 1}[
+                    model.pool_style
+                ]
         elif item.stride == 2:
             n = (n - 1) // 2 + 1
     return n

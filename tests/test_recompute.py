@@ -89,8 +89,10 @@ def test_saved_bytes_of_each_mode(name):
 
 
 def test_budget_planner_takes_the_cheapest_units_first():
-    costs = [UnitCost(f"u{i}", {"stored": 100, "fused": 50, "unit": 10}, {"stored": 0, "fused": 1, "unit": f})
-             for i, f in enumerate([1000, 10, 100])]
+    costs = [
+        UnitCost(f"u{i}", {"stored": 100, "fused": 50, "unit": 10}, {"stored": 0, "fused": 1, "unit": f})
+        for i, f in enumerate([1000, 10, 100])
+    ]
     assert plan_for_budget(costs, 150) == ["fused"] * 3
     assert plan_for_budget(costs, 110) == ["fused", "unit", "fused"]  # the cheapest re-run first
     assert plan_for_budget(costs, 80) == ["fused", "unit", "unit"]
@@ -105,7 +107,7 @@ def _ddp_worker(rank, world, port, result):
     _no_dropout(model)
     net = torch.nn.parallel.DistributedDataParallel(model)
     x = torch.randn(4, 3, 40, 40, dtype=torch.float64)
-    net(x[rank * 2:(rank + 1) * 2]).square().sum().backward()
+    net(x[rank * 2 : (rank + 1) * 2]).square().sum().backward()
     result[rank] = {k: p.grad.clone() for k, p in model.named_parameters()}
     dist.destroy_process_group()
 

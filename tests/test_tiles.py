@@ -25,16 +25,25 @@ def test_every_table_entry_is_an_aot_variant():
     table = tiles.bn_variant_tiles()
     vs = _variants()
     for kernel in ELEMENTWISE:
-        got = {(v.constexprs["CHANNELS_LAST"], v.constexprs["BLOCK_R"], v.constexprs["BLOCK_L"])
-               for v in vs if v.kernel == kernel}
+        got = {
+            (v.constexprs["CHANNELS_LAST"], v.constexprs["BLOCK_R"], v.constexprs["BLOCK_L"])
+            for v in vs
+            if v.kernel == kernel
+        }
         assert set(table["elementwise"]) <= got, (kernel, set(table["elementwise"]) - got)
         for int64 in (False, True):  # both offset widths of every tile
-            w = {(v.constexprs["CHANNELS_LAST"], v.constexprs["BLOCK_R"], v.constexprs["BLOCK_L"])
-                 for v in vs if v.kernel == kernel and v.constexprs["INT64"] == int64}
+            w = {
+                (v.constexprs["CHANNELS_LAST"], v.constexprs["BLOCK_R"], v.constexprs["BLOCK_L"])
+                for v in vs
+                if v.kernel == kernel and v.constexprs["INT64"] == int64
+            }
             assert set(table["elementwise"]) <= w, (kernel, int64)
     for kernel in REDUCTION:
-        got = {(v.constexprs["CHANNELS_LAST"], v.constexprs["INT64"], v.constexprs["BLOCK_M"], v.constexprs["BLOCK_C"])
-               for v in vs if v.kernel == kernel}
+        got = {
+            (v.constexprs["CHANNELS_LAST"], v.constexprs["INT64"], v.constexprs["BLOCK_M"], v.constexprs["BLOCK_C"])
+            for v in vs
+            if v.kernel == kernel
+        }
         assert set(table["reduction"]) <= got, (kernel, set(table["reduction"]) - got)
 
 
@@ -59,5 +68,6 @@ def test_a_new_tile_is_compiled(monkeypatch):
     monkeypatch.setattr(tiles, "NHWC_BLOCK_L", (16, 32, 64))
     after = _variants()
     assert len(after) > before
-    assert any(v.kernel == "bn_relu_forward" and v.constexprs["BLOCK_L"] == 32 and v.constexprs["CHANNELS_LAST"]
-               for v in after)
+    assert any(
+        v.kernel == "bn_relu_forward" and v.constexprs["BLOCK_L"] == 32 and v.constexprs["CHANNELS_LAST"] for v in after
+    )

@@ -14,7 +14,8 @@ from test_ecosystem import run_eco
 
 
 def test_timm_model_contract_for_every_registered_name(tmp_path):
-    out = run_eco("""
+    out = run_eco(
+        """
         import timm
         from timm.layers import set_scriptable
         from timm.models._features_fx import get_notrace_functions, get_notrace_modules
@@ -64,7 +65,8 @@ def test_timm_model_contract_for_every_registered_name(tmp_path):
             print("ok", name)
         # psa/SEAM's resnet38d stays a trunk whose forward is the stride-8 relu(bn7) map
         d = wd_create("resnet38d", **W).eval()
-        assert d(x).shape == (2, d.num_features, 8, 8) and set(d.forward_as_dict(x)) == {"conv3", "conv4", "conv5", "conv6"}
+        assert d(x).shape == (2, d.num_features, 8, 8)
+        assert set(d.forward_as_dict(x)) == {"conv3", "conv4", "conv5", "conv6"}
         t = timm.create_model("resnet38d", num_classes=42, **W).eval()
         assert t.forward_features(x).shape == (2, t.num_features, 8, 8) and t(x).shape == (2, 42)
         # a scripted model shares the model's parameters and keys (fused models script their plain forward)
@@ -73,5 +75,8 @@ def test_timm_model_contract_for_every_registered_name(tmp_path):
         assert list(s.state_dict()) == list(f.state_dict())
         assert all(a.data_ptr() == b.data_ptr() for a, b in zip(s.state_dict().values(), f.state_dict().values()))
         print("done")
-    """, tmp_path, timeout=600)
+    """,
+        tmp_path,
+        timeout=600,
+    )
     assert out.count("ok ") == 8 and out.strip().endswith("done"), out

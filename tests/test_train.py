@@ -23,9 +23,28 @@ from widedeep.train.losses import labels_at_feature_resolution, ohem_cross_entro
 from widedeep.train.metrics import ConfusionMatrix, TopK
 from widedeep.train.optim import learning_rate, make_optimizer
 
-TINY = ["--model", "voc_rna-a1_cls21_s8", "--width", "0.0625", "--crop-size", "48", "--origin-size", "64",
-        "--bn-stats", "batch", "--backend", "torch", "--prefetch-threads", "0", "--test-scales", "64",
-        "--log-interval", "1000", "--save-every", "0"]
+TINY = [
+    "--model",
+    "voc_rna-a1_cls21_s8",
+    "--width",
+    "0.0625",
+    "--crop-size",
+    "48",
+    "--origin-size",
+    "64",
+    "--bn-stats",
+    "batch",
+    "--backend",
+    "torch",
+    "--prefetch-threads",
+    "0",
+    "--test-scales",
+    "64",
+    "--log-interval",
+    "1000",
+    "--save-every",
+    "0",
+]
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,18 +63,41 @@ def _free_port() -> int:
 def cli(*argv, cwd=None, timeout=600, **env) -> subprocess.CompletedProcess:
     """``python -m widedeep.train ARGS`` in its own process, as a user runs it: a native crash (oneDNN, Triton)
     fails this test with its output instead of aborting the whole pytest run."""
-    return subprocess.run([sys.executable, "-m", "widedeep.train", *map(str, argv)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=_env(**env))
+    return subprocess.run(
+        [sys.executable, "-m", "widedeep.train", *map(str, argv)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(**env),
+    )
 
 
 def torchrun(nproc: int, *argv, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                           "--master-port", str(_free_port()), "-m", "widedeep.train", *map(str, argv)],
-                          capture_output=True, text=True, timeout=timeout, env=_env(OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "widedeep.train",
+            *map(str, argv),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(OMP_NUM_THREADS="1"),
+    )
 
 
 def ok(r: subprocess.CompletedProcess) -> None:
-    assert r.returncode == 0, f"exit status {r.returncode}\n--- stdout\n{r.stdout[-6000:]}\n--- stderr\n{r.stderr[-6000:]}"
+    assert r.returncode == 0, (
+        f"exit status {r.returncode}\n--- stdout\n{r.stdout[-6000:]}\n--- stderr\n{r.stderr[-6000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +128,22 @@ def test_main_job_runs_as_a_user_runs_it_and_learns(tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(voc5, tmp_path):
-    common = ["--data-root", voc5, *TINY, "--batch-images", "4", "--to-epoch", "2", "--base-lr", "0.01",
-              "--lr-type", "linear", "--no-eval", "--bn-stats", "auto"]  # seg default: frozen BN statistics
+    common = [
+        "--data-root",
+        voc5,
+        *TINY,
+        "--batch-images",
+        "4",
+        "--to-epoch",
+        "2",
+        "--base-lr",
+        "0.01",
+        "--lr-type",
+        "linear",
+        "--no-eval",
+        "--bn-stats",
+        "auto",
+    ]  # seg default: frozen BN statistics
     ok(cli(*common, "--output", tmp_path / "a"))
     ok(cli(*common, "--output", tmp_path / "b", "--stop-after-steps", "11"))  # killed mid-epoch 2
     ok(cli(*common, "--output", tmp_path / "b", "--resume"))
@@ -108,8 +164,19 @@ def test_resume_equals_uninterrupted_run(voc5, tmp_path):
 
 def test_resume_from_the_last_step_of_an_epoch(voc5, tmp_path):
     """A checkpoint taken at the epoch's last step (e.g. killed during the end-of-epoch evaluation)."""
-    common = ["--data-root", voc5, "--output", tmp_path, *TINY, "--batch-images", "4", "--to-epoch", "2",
-              "--base-lr", "0.01"]
+    common = [
+        "--data-root",
+        voc5,
+        "--output",
+        tmp_path,
+        *TINY,
+        "--batch-images",
+        "4",
+        "--to-epoch",
+        "2",
+        "--base-lr",
+        "0.01",
+    ]
     ok(cli(*common, "--stop-after-steps", "8"))  # 32 images / 4 = 8 steps: the last step of epoch 1
     ck = torch.load(tmp_path / "voc_rna-a1_cls21_s8" / "last.pt", weights_only=False)
     assert (ck["epoch"], ck["step_in_epoch"]) == (0, 8)
@@ -138,8 +205,22 @@ def test_resume_with_another_amp_setting(voc5, tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message(voc5, tmp_path):
     with pytest.raises(TrainingError, match="loss is (nan|inf)"):
-        main(["--data-root", str(voc5), "--output", str(tmp_path), *TINY, "--batch-images", "4", "--base-lr", "1e12",
-              "--to-epoch", "3", "--no-eval"])
+        main(
+            [
+                "--data-root",
+                str(voc5),
+                "--output",
+                str(tmp_path),
+                *TINY,
+                "--batch-images",
+                "4",
+                "--base-lr",
+                "1e12",
+                "--to-epoch",
+                "3",
+                "--no-eval",
+            ]
+        )
 
 
 def test_ctrl_c_says_where_the_checkpoint_is_and_stale_temporaries_are_removed(voc5, tmp_path):
@@ -152,8 +233,23 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_stale_temporaries_are_removed(v
     other = run / ".last.pt.tmp-otherhost-999999999"  # another machine's: its pids mean nothing here, keep
     for f in (stale, live, other):
         f.write_bytes(b"half")
-    args = [sys.executable, "-m", "widedeep.train", "--data-root", str(voc5), "--output", str(tmp_path), *TINY,
-            "--batch-images", "4", "--to-epoch", "50", "--no-eval", "--checkpoint-interval", "1"]
+    args = [
+        sys.executable,
+        "-m",
+        "widedeep.train",
+        "--data-root",
+        str(voc5),
+        "--output",
+        str(tmp_path),
+        *TINY,
+        "--batch-images",
+        "4",
+        "--to-epoch",
+        "50",
+        "--no-eval",
+        "--checkpoint-interval",
+        "1",
+    ]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     try:
         deadline = time.time() + 300
@@ -174,13 +270,39 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_stale_temporaries_are_removed(v
 def test_two_process_gloo_run_gives_the_same_metrics(voc5, tmp_path):
     """Train briefly with torchrun and 2 processes, then evaluate the result with 1 and with 2 processes."""
     out = tmp_path / "ddp"
-    train = ["--data-root", voc5, "--output", out, *TINY, "--batch-images", "4", "--to-epoch", "1", "--no-eval",
-             "--save-every", "1", "--device", "cpu"]
+    train = [
+        "--data-root",
+        voc5,
+        "--output",
+        out,
+        *TINY,
+        "--batch-images",
+        "4",
+        "--to-epoch",
+        "1",
+        "--no-eval",
+        "--save-every",
+        "1",
+        "--device",
+        "cpu",
+    ]
     ok(torchrun(2, *train))
     weights = out / "voc_rna-a1_cls21_s8_ep-0001.params"
     assert weights.is_file()
-    val = ["--data-root", voc5, "--output", out, *TINY, "--phase", "val", "--weights", weights, "--test-flipping",
-           "--device", "cpu"]
+    val = [
+        "--data-root",
+        voc5,
+        "--output",
+        out,
+        *TINY,
+        "--phase",
+        "val",
+        "--weights",
+        weights,
+        "--test-flipping",
+        "--device",
+        "cpu",
+    ]
     ok(torchrun(2, *val))
     metrics = out / "voc_rna-a1_cls21_s8" / "metrics-val.json"
     two = json.loads(metrics.read_text())
@@ -196,8 +318,23 @@ def test_skip_bad_keeps_ddp_ranks_in_step(tmp_path):
     root = write_synthetic("voc", tmp_path / "voc", num_train=8, num_val=2, size=(48, 64), num_classes=3)
     names = (root / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     (root / "VOC2012" / "JPEGImages" / f"{names[0]}.jpg").write_bytes(b"not a jpeg")
-    r = torchrun(2, "--data-root", root, "--output", tmp_path / "o", *TINY, "--batch-images", "2", "--to-epoch", "2",
-                 "--no-eval", "--skip-bad", "--device", "cpu", timeout=300)
+    r = torchrun(
+        2,
+        "--data-root",
+        root,
+        "--output",
+        tmp_path / "o",
+        *TINY,
+        "--batch-images",
+        "2",
+        "--to-epoch",
+        "2",
+        "--no-eval",
+        "--skip-bad",
+        "--device",
+        "cpu",
+        timeout=300,
+    )
     ok(r)
     ck = torch.load(tmp_path / "o" / "voc_rna-a1_cls21_s8" / "last.pt", weights_only=False)
     assert ck["global_step"] == 8  # 2 epochs x 4 steps on both ranks
@@ -211,8 +348,26 @@ def test_val_phase_saves_dataset_id_pngs(voc5, tmp_path):
     model = create_model("voc_rna-a1_cls21_s8", width=0.0625)
     w = tmp_path / "voc_rna-a1_cls21_s8_ep-0001.params"  # a released name, but our own file: warn and load
     save_weights(model, w)
-    m = main(["--data-root", str(voc5), "--output", str(tmp_path / "o"), "--weights", str(w), "--phase", "val",
-              "--width", "0.0625", "--backend", "torch", "--prefetch-threads", "0", "--test-scales", "64"])
+    m = main(
+        [
+            "--data-root",
+            str(voc5),
+            "--output",
+            str(tmp_path / "o"),
+            "--weights",
+            str(w),
+            "--phase",
+            "val",
+            "--width",
+            "0.0625",
+            "--backend",
+            "torch",
+            "--prefetch-threads",
+            "0",
+            "--test-scales",
+            "64",
+        ]
+    )
     assert "does not match the released" in (tmp_path / "o" / "voc_rna-a1_cls21_s8" / "log.txt").read_text()
     pred = tmp_path / "o" / "voc_rna-a1_cls21_s8" / "val-predictions"  # run folder named after the label
     ids = sorted((pred / "ids").glob("*.png"))
@@ -225,10 +380,40 @@ def test_val_phase_saves_dataset_id_pngs(voc5, tmp_path):
 def test_classification_training_and_protocol(tmp_path):
     root = write_synthetic("ilsvrc", tmp_path / "ilsvrc", num_train=40, num_val=12, size=(40, 64), num_classes=4)
     out = tmp_path / "out"
-    ok(cli("--data-root", root, "--output", out, "--model", "ilsvrc-cls_rna-a1_cls4", "--width", "0.0625",
-           "--batch-images", "8", "--crop-size", "32", "--to-epoch", "10", "--base-lr", "0.05", "--lr-type", "linear",
-           "--backend", "torch", "--prefetch-threads", "0", "--test-scales", "32,40", "--test-flipping",
-           "--test-3crops", "--log-interval", "1000", "--save-every", "0"))
+    ok(
+        cli(
+            "--data-root",
+            root,
+            "--output",
+            out,
+            "--model",
+            "ilsvrc-cls_rna-a1_cls4",
+            "--width",
+            "0.0625",
+            "--batch-images",
+            "8",
+            "--crop-size",
+            "32",
+            "--to-epoch",
+            "10",
+            "--base-lr",
+            "0.05",
+            "--lr-type",
+            "linear",
+            "--backend",
+            "torch",
+            "--prefetch-threads",
+            "0",
+            "--test-scales",
+            "32,40",
+            "--test-flipping",
+            "--test-3crops",
+            "--log-interval",
+            "1000",
+            "--save-every",
+            "0",
+        )
+    )
     m = json.loads((out / "ilsvrc-cls_rna-a1_cls4" / "metrics-val.json").read_text())
     assert set(m["scales"]) == {"32", "40"} and m["count"] == 12
     assert m["err1"] == pytest.approx(1 - m["acc1"]) and m["acc5"] == 1.0  # 4 classes: top-5 always hits
@@ -238,8 +423,19 @@ def test_classification_training_and_protocol(tmp_path):
 
 def test_channels_last_on_cpu_never_reaches_the_crashing_onednn_backward(voc5, tmp_path):
     """oneDNN crashes in the backward of strided convs with <16 channels on channels_last (AMD EPYC, AVX-512)."""
-    r = cli("--data-root", voc5, "--output", tmp_path, *TINY, "--batch-images", "4", "--to-epoch", "1", "--no-eval",
-            "--channels-last")
+    r = cli(
+        "--data-root",
+        voc5,
+        "--output",
+        tmp_path,
+        *TINY,
+        "--batch-images",
+        "4",
+        "--to-epoch",
+        "1",
+        "--no-eval",
+        "--channels-last",
+    )
     ok(r)
     assert "--channels-last ignored" in r.stdout
     from widedeep.models import create_model
@@ -256,8 +452,22 @@ def test_channels_last_on_cpu_never_reaches_the_crashing_onednn_backward(voc5, t
 
 def test_recompute_unit_trains_like_the_fused_model(voc5, tmp_path):
     """--recompute unit re-runs each unit in backward: the same weights after training (dropout masks replayed)."""
-    common = ["--data-root", voc5, *TINY, "--batch-images", "4", "--to-epoch", "1", "--no-eval", "--fused", "on",
-              "--bn-stats", "batch", "--stop-after-steps", "3"]
+    common = [
+        "--data-root",
+        voc5,
+        *TINY,
+        "--batch-images",
+        "4",
+        "--to-epoch",
+        "1",
+        "--no-eval",
+        "--fused",
+        "on",
+        "--bn-stats",
+        "batch",
+        "--stop-after-steps",
+        "3",
+    ]
     ok(cli(*common, "--output", tmp_path / "f"))
     ok(cli(*common, "--output", tmp_path / "u", "--recompute", "unit"))
     f = torch.load(tmp_path / "f" / "voc_rna-a1_cls21_s8" / "last.pt", weights_only=False)["model"]
@@ -286,8 +496,22 @@ def test_ctrl_c_during_a_checkpoint_write_finishes_the_file_then_interrupts(tmp_
 
 def test_compiled_training_equals_eager(voc5, tmp_path):
     """--compile default: torch.compile of the fused model (custom ops) trains to the same weights as eager."""
-    common = ["--data-root", voc5, *TINY, "--batch-images", "4", "--to-epoch", "1", "--no-eval", "--fused", "on",
-              "--bn-stats", "batch", "--stop-after-steps", "3"]
+    common = [
+        "--data-root",
+        voc5,
+        *TINY,
+        "--batch-images",
+        "4",
+        "--to-epoch",
+        "1",
+        "--no-eval",
+        "--fused",
+        "on",
+        "--bn-stats",
+        "batch",
+        "--stop-after-steps",
+        "3",
+    ]
     ok(cli(*common, "--output", tmp_path / "e"))
     r = cli(*common, "--output", tmp_path / "c", "--compile", "default")
     ok(r)
@@ -301,8 +525,22 @@ def test_compiled_training_equals_eager(voc5, tmp_path):
 
 def test_gpus_without_cuda_run_one_cpu_process(voc5, tmp_path):
     for gpus in ("0", "0,1"):
-        r = cli("--data-root", voc5, "--output", tmp_path / gpus, *TINY, "--batch-images", "4", "--to-epoch", "1",
-                "--no-eval", "--stop-after-steps", "1", "--gpus", gpus)
+        r = cli(
+            "--data-root",
+            voc5,
+            "--output",
+            tmp_path / gpus,
+            *TINY,
+            "--batch-images",
+            "4",
+            "--to-epoch",
+            "1",
+            "--no-eval",
+            "--stop-after-steps",
+            "1",
+            "--gpus",
+            gpus,
+        )
         ok(r)
         assert f"--gpus {gpus} ignored: no CUDA device here" in r.stderr
         assert "1 process(es)" in r.stdout
@@ -380,8 +618,10 @@ def test_ohem_keeps_hard_pixels():
     assert torch.allclose(loss2, nll2[valid & (torch.exp(-nll2) <= kth)].mean())
     small = torch.full((1, 4, 4), 255)
     small[0, 0, :3] = 1
-    assert torch.allclose(ohem_cross_entropy(logits[:, :, :4, :4], small),
-                          torch.nn.functional.cross_entropy(logits[:, :, :4, :4], small, ignore_index=255))
+    assert torch.allclose(
+        ohem_cross_entropy(logits[:, :, :4, :4], small),
+        torch.nn.functional.cross_entropy(logits[:, :, :4, :4], small, ignore_index=255),
+    )
     assert labels_at_feature_resolution(torch.arange(64).view(1, 8, 8).repeat(1, 2, 2)).shape == (1, 2, 2)
 
 
@@ -455,18 +695,20 @@ def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def test_clear_errors_for_bad_flags(voc5, tmp_path):
-    _one_line_error(cli("--data-root", voc5, "--output", tmp_path, *TINY, "--phase", "val"), "--phase val needs --weights")
-    _one_line_error(cli("--data-root", voc5, "--output", tmp_path, "--model", "voc_rna-a1_cls21"), "no output stride",
-                    "_s8")
-    _one_line_error(cli("--data-root", tmp_path / "nowhere", "--output", tmp_path, *TINY), "--data-root",
-                    "nowhere")
+    _one_line_error(
+        cli("--data-root", voc5, "--output", tmp_path, *TINY, "--phase", "val"), "--phase val needs --weights"
+    )
+    _one_line_error(
+        cli("--data-root", voc5, "--output", tmp_path, "--model", "voc_rna-a1_cls21"), "no output stride", "_s8"
+    )
+    _one_line_error(cli("--data-root", tmp_path / "nowhere", "--output", tmp_path, *TINY), "--data-root", "nowhere")
     _one_line_error(cli("--data-root", voc5, "--output", tmp_path, "--model", "voc_rnb-a1_cls21_s8"), "voc_rnb")
-    _one_line_error(cli("--data-root", voc5, "--output", tmp_path, *TINY, "--resume", tmp_path / "none.pt"),
-                    "none.pt")
+    _one_line_error(cli("--data-root", voc5, "--output", tmp_path, *TINY, "--resume", tmp_path / "none.pt"), "none.pt")
     junk = tmp_path / "voc_rna-a1_cls21_s8_junk.safetensors"
     junk.write_bytes(b"0123456789")
-    _one_line_error(cli("--data-root", voc5, "--output", tmp_path, *TINY, "--phase", "val", "--weights", junk),
-                    str(junk))
+    _one_line_error(
+        cli("--data-root", voc5, "--output", tmp_path, *TINY, "--phase", "val", "--weights", junk), str(junk)
+    )
     r = cli("--data-root", voc5, "--output", tmp_path, *TINY, "--phase", "val", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr  # --debug: the traceback
 
@@ -477,8 +719,9 @@ def test_a_narrow_checkpoint_without_width_suggests_the_flag(voc5, tmp_path):
 
     w = tmp_path / "voc_rna-a1_cls21_s8_narrow.safetensors"
     save_weights(create_model("voc_rna-a1_cls21_s8", width=0.0625), w)
-    line = _one_line_error(cli("--data-root", voc5, "--output", tmp_path, "--phase", "val", "--weights", w), str(w),
-                           "--width 0.0625")
+    line = _one_line_error(
+        cli("--data-root", voc5, "--output", tmp_path, "--phase", "val", "--weights", w), str(w), "--width 0.0625"
+    )
     assert "width=" not in line  # the CLI names its flag, not the Python argument
 
 
@@ -487,6 +730,7 @@ def test_a_corrupt_image_names_the_file_and_skip_bad(tmp_path):
     names = (root / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     bad = root / "VOC2012" / "JPEGImages" / f"{names[0]}.jpg"
     bad.write_bytes(b"not a jpeg")
-    r = cli("--data-root", root, "--output", tmp_path / "o", *TINY, "--batch-images", "2", "--to-epoch", "1",
-            "--no-eval")
+    r = cli(
+        "--data-root", root, "--output", tmp_path / "o", *TINY, "--batch-images", "2", "--to-epoch", "1", "--no-eval"
+    )
     _one_line_error(r, bad.name, "--skip-bad")

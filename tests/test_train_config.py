@@ -34,17 +34,41 @@ def test_every_flag_is_a_typed_config_field():
 def test_task_defaults_fill_what_the_command_line_leaves_out(where):
     cfg = config(parse(["--model", where["label"]]), **where)
     d = TASK_DEFAULTS[where["task"]]
-    got = {k: getattr(cfg, k) for k in ("batch_images", "eval_batch", "crop_size", "base_lr", "weight_decay",
-                                        "test_scales", "bn_stats")}
+    got = {
+        k: getattr(cfg, k)
+        for k in ("batch_images", "eval_batch", "crop_size", "base_lr", "weight_decay", "test_scales", "bn_stats")
+    }
     assert got == dataclasses.asdict(d)
     assert (cfg.split, cfg.stop_epoch, cfg.resume_path) == ("train", 1, None)
     assert cfg.flags["base_lr"] is None and cfg.flags["bn_stats"] == "auto"  # the checkpoint keeps what was typed
 
 
 def test_given_flags_win_over_task_defaults():
-    argv = ["--model", CLS["label"], "--batch-images", "7", "--crop-size", "100", "--base-lr", "0", "--weight-decay",
-            "0", "--test-scales", "200,300", "--bn-stats", "frozen", "--phase", "val", "--to-epoch", "5",
-            "--stop-epoch", "9", "--resume", "--output", "o"]
+    argv = [
+        "--model",
+        CLS["label"],
+        "--batch-images",
+        "7",
+        "--crop-size",
+        "100",
+        "--base-lr",
+        "0",
+        "--weight-decay",
+        "0",
+        "--test-scales",
+        "200,300",
+        "--bn-stats",
+        "frozen",
+        "--phase",
+        "val",
+        "--to-epoch",
+        "5",
+        "--stop-epoch",
+        "9",
+        "--resume",
+        "--output",
+        "o",
+    ]
     cfg = config(parse(argv), **CLS)
     assert (cfg.batch_images, cfg.eval_batch, cfg.crop_size, cfg.base_lr, cfg.weight_decay) == (7, 7, 100, 0.0, 0.0)
     assert (cfg.test_scales, cfg.bn_stats, cfg.split, cfg.stop_epoch) == ((200, 300), "frozen", "val", 5)
@@ -77,8 +101,11 @@ def test_make_optimizer_takes_its_default_weight_decay_from_the_table(monkeypatc
 
 
 def _numbers(path: Path) -> list[float]:
-    return [n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)
-            and isinstance(n.value, float)]
+    return [
+        n.value
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, ast.Constant) and isinstance(n.value, float)
+    ]
 
 
 def test_the_learning_rate_and_decay_defaults_have_one_copy():
@@ -108,6 +135,12 @@ def test_the_trainer_reads_the_config_not_the_namespace():
     """engine.py reads ctx.cfg (typed); an ``args`` namespace appears only where the flags are parsed and placed."""
     for name in ("engine.py", "graphs.py", "losses.py", "optim.py"):
         tree = ast.parse((TRAIN / name).read_text())
-        reads = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "args"
-                 and isinstance(n.value, ast.Name) and n.value.id == "ctx"]
+        reads = [
+            n.lineno
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute)
+            and n.attr == "args"
+            and isinstance(n.value, ast.Name)
+            and n.value.id == "ctx"
+        ]
         assert not reads, (name, reads)

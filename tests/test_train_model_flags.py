@@ -30,12 +30,36 @@ def test_model_flags_reach_the_model_and_load_a_mapillary_style_file(tmp_path):
             m.running_var.uniform_(0.5, 2)
     path = tmp_path / "mine.safetensors"
     save_weights(ref, path)
-    ctx = _ctx(["--model", LABEL, "--width", "0.0625", "--phase", "val", "--weights", str(path), "--fused", "off",
-                "--activation", "leaky_relu", "--activation-param", "0.02", "--bn-eps", "1e-5",
-                "--dilate-first-conv", "--weights-convention", "plain"])
+    ctx = _ctx(
+        [
+            "--model",
+            LABEL,
+            "--width",
+            "0.0625",
+            "--phase",
+            "val",
+            "--weights",
+            str(path),
+            "--fused",
+            "off",
+            "--activation",
+            "leaky_relu",
+            "--activation-param",
+            "0.02",
+            "--bn-eps",
+            "1e-5",
+            "--dilate-first-conv",
+            "--weights-convention",
+            "plain",
+        ]
+    )
     model = build_model(ctx).eval()
-    assert (model.activation, model.activation_param, model.bn_eps, model.dilate_first_conv) == \
-        ("leaky_relu", 0.02, 1e-5, True)
+    assert (model.activation, model.activation_param, model.bn_eps, model.dilate_first_conv) == (
+        "leaky_relu",
+        0.02,
+        1e-5,
+        True,
+    )
     assert model.b5.conv_branch2a.dilation == (2, 2)  # dilated as Mapillary's WiderResNetA2(dilation=True)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -45,15 +69,32 @@ def test_model_flags_reach_the_model_and_load_a_mapillary_style_file(tmp_path):
     assert (plain.activation, plain.bn_eps, plain.b5.conv_branch2a.dilation) == ("relu", 1.001e-5, (1, 1))
     # --weights-convention reaches read_weights: inplace_abn on one of our own files is refused there
     with pytest.raises(ValueError, match="inplace_abn"):
-        build_model(_ctx(["--model", LABEL, "--width", "0.0625", "--phase", "val", "--weights", str(path),
-                          "--weights-convention", "inplace_abn"]))
+        build_model(
+            _ctx(
+                [
+                    "--model",
+                    LABEL,
+                    "--width",
+                    "0.0625",
+                    "--phase",
+                    "val",
+                    "--weights",
+                    str(path),
+                    "--weights-convention",
+                    "inplace_abn",
+                ]
+            )
+        )
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["--activation-param", "0.1"], "add --activation leaky_relu"),
-    (["--activation", "leaky_relu", "--activation-param", "nan"], "finite slope"),
-    (["--bn-eps", "0"], "positive"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--activation-param", "0.1"], "add --activation leaky_relu"),
+        (["--activation", "leaky_relu", "--activation-param", "nan"], "finite slope"),
+        (["--bn-eps", "0"], "positive"),
+    ],
+)
 def test_model_flags_refuse_bad_values_in_one_line(argv, msg):
     with pytest.raises(TrainingError, match=msg) as e:
         model_options(parse(["--model", LABEL, *argv]))

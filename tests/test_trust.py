@@ -17,16 +17,48 @@ from data_pipes.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL = "voc_rna-a1_cls21_s8"
-TINY = ["--model", LABEL, "--width", "0.0625", "--crop-size", "48", "--origin-size", "64", "--bn-stats", "batch",
-        "--backend", "torch", "--prefetch-threads", "0", "--test-scales", "64", "--log-interval", "1000",
-        "--save-every", "0", "--no-eval", "--batch-images", "4", "--to-epoch", "1"]
+TINY = [
+    "--model",
+    LABEL,
+    "--width",
+    "0.0625",
+    "--crop-size",
+    "48",
+    "--origin-size",
+    "64",
+    "--bn-stats",
+    "batch",
+    "--backend",
+    "torch",
+    "--prefetch-threads",
+    "0",
+    "--test-scales",
+    "64",
+    "--log-interval",
+    "1000",
+    "--save-every",
+    "0",
+    "--no-eval",
+    "--batch-images",
+    "4",
+    "--to-epoch",
+    "1",
+]
 
 
 def cli(*argv, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "widedeep.train", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "widedeep.train", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def ok(r):
@@ -64,13 +96,15 @@ class _RunsPython:
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
-    return write_synthetic("voc", tmp_path_factory.mktemp("trust") / "voc", num_train=16, num_val=4, size=(48, 64),
-                           num_classes=3)
+    return write_synthetic(
+        "voc", tmp_path_factory.mktemp("trust") / "voc", num_train=16, num_val=4, size=(48, 64), num_classes=3
+    )
 
 
 def _hostile(path: Path, payload) -> None:
-    torch.save({"model": {}, "optimizer": {}, "epoch": 0, "step_in_epoch": 0, "global_step": 0, "rng": {},
-                "x": payload}, path)
+    torch.save(
+        {"model": {}, "optimizer": {}, "epoch": 0, "step_in_epoch": 0, "global_step": 0, "rng": {}, "x": payload}, path
+    )
 
 
 @pytest.mark.parametrize("kind", [_RunsACommand, _RunsPython])
@@ -147,8 +181,10 @@ def test_a_checkpoint_of_the_previous_format_still_resumes_exactly(voc, tmp_path
     ck = torch.load(new, weights_only=True)  # the current format is plain
     old = dict(ck)
     s = ck["rng"]["numpy"]
-    old["rng"] = {**ck["rng"], "numpy": ("MT19937", s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
-                                         s["gauss"])}
+    old["rng"] = {
+        **ck["rng"],
+        "numpy": ("MT19937", s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]),
+    }
     (tmp_path / "b" / LABEL).mkdir(parents=True)
     torch.save(old, tmp_path / "b" / LABEL / "last.pt")
     ok(cli(*common, "--output", tmp_path / "a", "--resume"))

@@ -12,13 +12,30 @@ import torch
 
 from widedeep.models import create_model
 from widedeep.weights import (
-    ChecksumError, ParamsFormatError, WeightsMismatchError, load_weights, read_params, read_state_dict,
-    save_weights, to_ademxapp, write_params,
+    ChecksumError,
+    ParamsFormatError,
+    WeightsMismatchError,
+    load_weights,
+    read_params,
+    read_state_dict,
+    save_weights,
+    to_ademxapp,
+    write_params,
 )
 from widedeep.weights.mxnet_params import V1_MAGIC, V2_MAGIC, V3_MAGIC
 
-ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.uint8, torch.int32, torch.int8, torch.int64,
-              torch.bool, torch.int16, torch.bfloat16]
+ALL_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.uint8,
+    torch.int32,
+    torch.int8,
+    torch.int64,
+    torch.bool,
+    torch.int16,
+    torch.bfloat16,
+]
 
 
 def _arrays():
@@ -146,7 +163,9 @@ def test_load_errors_list_what_is_wrong(tmp_path, a1_cls):
     missing = dict(arrays)
     del missing["arg:res4b3_branch2a_weight"], missing["aux:bn7_moving_var"]
     write_params(tmp_path / "missing.params", missing)
-    with pytest.raises(WeightsMismatchError, match=r"missing.params.*missing from the file \(2\): .*b4_3.conv_branch2a.weight"):
+    with pytest.raises(
+        WeightsMismatchError, match=r"missing.params.*missing from the file \(2\): .*b4_3.conv_branch2a.weight"
+    ):
         load_weights(create_model("resnet38_a1"), tmp_path / "missing.params")
     extra = dict(arrays, **{"arg:res9a_branch2a_weight": torch.zeros(1)})
     write_params(tmp_path / "extra.params", extra)
@@ -154,7 +173,9 @@ def test_load_errors_list_what_is_wrong(tmp_path, a1_cls):
         load_weights(create_model("resnet38_a1"), tmp_path / "extra.params")
     bad_shape = dict(arrays, **{"arg:res2a_branch2a_weight": torch.zeros(128, 64, 1, 1)})
     write_params(tmp_path / "shape.params", bad_shape)
-    with pytest.raises(WeightsMismatchError, match=r"b2.conv_branch2a.weight file \(128, 64, 1, 1\) vs model \(128, 64, 3, 3\)"):
+    with pytest.raises(
+        WeightsMismatchError, match=r"b2.conv_branch2a.weight file \(128, 64, 1, 1\) vs model \(128, 64, 3, 3\)"
+    ):
         load_weights(create_model("resnet38_a1"), tmp_path / "shape.params")
     write_params(tmp_path / "junk.params", dict(arrays, **{"arg:fc8_weight": torch.zeros(2)}))
     with pytest.raises(WeightsMismatchError, match=r"not ResNet-38 .*fc8_weight"):
@@ -230,8 +251,12 @@ def test_file_written_by_mxnet_reads_bit_exactly(tmp_path):
 @needs_mxnet
 @pytest.mark.parametrize("fmt", ["v2", "legacy"])
 def test_files_we_write_load_in_mxnet(tmp_path, fmt):
-    arrays = {"arg:conv1a_weight": torch.randn(64, 3, 3, 3), "aux:bn7_moving_mean": torch.randn(4096),
-              "arg:h": torch.randn(3, 5).half(), "arg:q": torch.arange(12, dtype=torch.int64).view(3, 4)}
+    arrays = {
+        "arg:conv1a_weight": torch.randn(64, 3, 3, 3),
+        "aux:bn7_moving_mean": torch.randn(4096),
+        "arg:h": torch.randn(3, 5).half(),
+        "arg:q": torch.arange(12, dtype=torch.int64).view(3, 4),
+    }
     write_params(tmp_path / "ours.params", arrays, fmt=fmt)
     np.savez(tmp_path / "ref.npz", **{k: v.numpy() for k, v in arrays.items()})
     script = textwrap.dedent(f"""

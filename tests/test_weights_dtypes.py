@@ -28,14 +28,30 @@ def test_non_floating_tensors_for_floating_parameters_are_an_error(tmp_path, sta
     bad["b2.conv_branch1.weight"] = bad["b2.conv_branch1.weight"].to(dtype)
     path = tmp_path / "bad.safetensors"
     save_file(bad, str(path))
-    with pytest.raises(WeightsFormatError, match=rf"bad\.safetensors: tensor b2\.conv_branch1\.weight is "
-                                                 rf"{str(dtype)[6:]}, expected floating point"):
+    with pytest.raises(
+        WeightsFormatError,
+        match=rf"bad\.safetensors: tensor b2\.conv_branch1\.weight is "
+        rf"{str(dtype)[6:]}, expected floating point",
+    ):
         read_state_dict(path)
     with pytest.raises(WeightsFormatError, match=r"b2\.conv_branch1\.weight"):
         load_weights(create_model("resnet38d", width=W), bad)  # a state_dict source too
-    r = subprocess.run([sys.executable, "-m", "widedeep.convert", str(path), str(tmp_path / "out.safetensors"),
-                        "--label", "resnet38d", "--width", str(W)], capture_output=True, text=True,
-                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "widedeep.convert",
+            str(path),
+            str(tmp_path / "out.safetensors"),
+            "--label",
+            "resnet38d",
+            "--width",
+            str(W),
+        ],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 2 and "b2.conv_branch1.weight" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -52,8 +68,11 @@ def test_float64_is_cast_with_a_note_and_convert_writes_float32(tmp_path, state,
     load_weights(model, path)
     torch.testing.assert_close(model.state_dict()["conv1a.weight"], state["conv1a.weight"])
     out = tmp_path / "out.safetensors"
-    r = subprocess.run([sys.executable, "-m", "widedeep.convert", str(path), str(out), "--label", "resnet38d",
-                        "--width", str(W)], capture_output=True, text=True,
-                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-m", "widedeep.convert", str(path), str(out), "--label", "resnet38d", "--width", str(W)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr
     assert all(v.dtype == torch.float32 for k, v in load_file(str(out)).items() if "num_batches" not in k)

@@ -10,7 +10,12 @@ import torch
 from widedeep.convert import main as convert
 from widedeep.models import create_model, model_args
 from widedeep.weights import (
-    RELEASED_MD5, ChecksumError, WeightsFormatError, WeightsMismatchError, load_weights, read_state_dict,
+    RELEASED_MD5,
+    ChecksumError,
+    WeightsFormatError,
+    WeightsMismatchError,
+    load_weights,
+    read_state_dict,
     save_weights,
 )
 from widedeep.weights.released import RELEASED_MODEL_A, md5sum
@@ -154,7 +159,9 @@ def test_junk_files_get_a_clear_error_naming_the_file(tmp_path, content, suffix)
 
 def test_pth_with_python_objects_says_so(tmp_path):
     path = tmp_path / "ckpt.pth"
-    torch.save({"state_dict": {"conv1a.weight": torch.zeros(1)}, "args": __import__("argparse").Namespace(lr=0.1)}, path)
+    torch.save(
+        {"state_dict": {"conv1a.weight": torch.zeros(1)}, "args": __import__("argparse").Namespace(lr=0.1)}, path
+    )
     with pytest.raises(WeightsFormatError, match=r"ckpt.pth: the checkpoint holds Python objects"):
         read_state_dict(path)
 
@@ -162,8 +169,11 @@ def test_pth_with_python_objects_says_so(tmp_path):
 def test_junk_file_on_the_convert_command_line_is_one_line(tmp_path):
     path = tmp_path / "junk.safetensors"
     path.write_bytes(b"0123456789")
-    r = subprocess.run([sys.executable, "-m", "widedeep.convert", str(path), str(tmp_path / "o.params"),
-                        "--label", "resnet38d"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "widedeep.convert", str(path), str(tmp_path / "o.params"), "--label", "resnet38d"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "junk.safetensors" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -179,7 +189,9 @@ def test_narrow_checkpoint_into_a_full_width_model_suggests_width(a1_file):
 
 def test_class_count_mismatch_names_the_cli_label_and_has_attributes(a1_file):
     path, _ = a1_file
-    with pytest.raises(WeightsMismatchError, match=r"num_classes=1000 \(on the command line: --model <label>_cls1000\)") as e:
+    with pytest.raises(
+        WeightsMismatchError, match=r"num_classes=1000 \(on the command line: --model <label>_cls1000\)"
+    ) as e:
         load_weights(create_model("resnet38_a1", num_classes=10, width=W), path)
     assert e.value.file_classes == 1000 and e.value.model_classes == 10 and e.value.width_ratio is None
     assert [k for k, _, _ in e.value.mis_shaped] == ["fc.weight", "fc.bias"]

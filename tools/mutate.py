@@ -66,113 +66,363 @@ T_CONV = ["tests/test_conv_kernels.py"]
 
 MUTANTS: list[Mutant] = [
     # ---- data_pipes/recipes.py: the seed's augmentation parameters
-    _m("recipes-seg-x0-plus-1", RECIPES, "return int(rng.integers(0, high)) - margin",
-       "return int(rng.integers(0, high)) - margin + 1", T_RECIPES, "segmentation window shifted by one pixel"),
-    _m("recipes-seg-target-top-excluded", RECIPES, "int(hi * self.origin_size) + 1",
-       "int(hi * self.origin_size)", T_RECIPES, "largest target size never drawn"),
-    _m("recipes-seg-side-rounded", RECIPES, "side = max(1, int(self.crop / rate))",
-       "side = max(1, int(round(self.crop / rate)))", T_RECIPES, "window side rounded instead of truncated"),
-    _m("recipes-seg-margin-rounded", RECIPES, "margin = max(1, int(FEATURE_STRIDE / rate / 2))",
-       "margin = max(1, int(round(FEATURE_STRIDE / rate / 2)))", T_RECIPES, "canvas margin d0 rounded"),
-    _m("recipes-seg-jitter-plus-1", RECIPES, "high = max(1, int(FEATURE_STRIDE / rate), ",
-       "high = max(1, int(FEATURE_STRIDE / rate) + 1, ", T_RECIPES, "small-image jitter range one too wide"),
-    _m("recipes-seg-old-small-image-rule", RECIPES, "return int(rng.integers(0, high)) - margin",
-       "return (int(rng.integers(-margin, extent - side + 1)) if extent >= side else "
-       "-int(rng.integers(0, max(1, int(FEATURE_STRIDE / rate)))))", T_RECIPES,
-       "the pre-#25 rule: a window larger than the image started d0 px left of the seed's"),
-    _m("recipes-seg-flip-inverted", RECIPES, '"window": (x0, y0, side, side), "flip": bool(self.flip and rng.random() < 0.5)',
-       '"window": (x0, y0, side, side), "flip": bool(self.flip and rng.random() >= 0.5)', T_RECIPES,
-       "flip decision inverted"),
-    _m("recipes-seg-crop-rounded-down", RECIPES, "-(-self.crop // FEATURE_STRIDE) * FEATURE_STRIDE",
-       "(self.crop // FEATURE_STRIDE) * FEATURE_STRIDE", T_RECIPES, "crop 500 -> 496 instead of 504"),
-    _m("recipes-cls-x-exclusive", RECIPES, "rng.integers(0, width - w + 1)", "rng.integers(0, width - w)",
-       T_RECIPES, "random-resized-crop never touches the right edge"),
-    _m("recipes-cls-fit-strict", RECIPES, "0 < w <= width and 0 < h <= height", "0 < w < width and 0 < h <= height",
-       T_RECIPES, "a full-width window is refused"),
-    _m("recipes-cls-no-swap", RECIPES, "if rng.random() < 0.5:\n                w, h = h, w",
-       "if rng.random() < 0.0:\n                w, h = h, w", T_RECIPES, "aspect never swapped"),
-    _m("recipes-cls-fallback-left", RECIPES, "((width - s) // 2, (height - s) // 2, s, s)",
-       "(0, (height - s) // 2, s, s)", T_RECIPES, "fallback crop not centred"),
-    _m("recipes-cls-area-bounds", RECIPES, "area: tuple[float, float] = (0.08, 1.0)",
-       "area: tuple[float, float] = (0.1, 1.0)", T_RECIPES, "area fraction bounds"),
-    _m("recipes-cls-ratio-bounds", RECIPES, "ratio: tuple[float, float] = (3 / 4, 4 / 3)",
-       "ratio: tuple[float, float] = (2 / 3, 3 / 2)", T_RECIPES, "aspect bounds"),
-    _m("recipes-stream-order", RECIPES, "[seed & 0xFFFFFFFF, epoch, index]", "[seed & 0xFFFFFFFF, index, epoch]",
-       T_RECIPES, "per-sample stream keyed differently"),
+    _m(
+        "recipes-seg-x0-plus-1",
+        RECIPES,
+        "return int(rng.integers(0, high)) - margin",
+        "return int(rng.integers(0, high)) - margin + 1",
+        T_RECIPES,
+        "segmentation window shifted by one pixel",
+    ),
+    _m(
+        "recipes-seg-target-top-excluded",
+        RECIPES,
+        "int(hi * self.origin_size) + 1",
+        "int(hi * self.origin_size)",
+        T_RECIPES,
+        "largest target size never drawn",
+    ),
+    _m(
+        "recipes-seg-side-rounded",
+        RECIPES,
+        "side = max(1, int(self.crop / rate))",
+        "side = max(1, int(round(self.crop / rate)))",
+        T_RECIPES,
+        "window side rounded instead of truncated",
+    ),
+    _m(
+        "recipes-seg-margin-rounded",
+        RECIPES,
+        "margin = max(1, int(FEATURE_STRIDE / rate / 2))",
+        "margin = max(1, int(round(FEATURE_STRIDE / rate / 2)))",
+        T_RECIPES,
+        "canvas margin d0 rounded",
+    ),
+    _m(
+        "recipes-seg-jitter-plus-1",
+        RECIPES,
+        "high = max(1, int(FEATURE_STRIDE / rate), ",
+        "high = max(1, int(FEATURE_STRIDE / rate) + 1, ",
+        T_RECIPES,
+        "small-image jitter range one too wide",
+    ),
+    _m(
+        "recipes-seg-old-small-image-rule",
+        RECIPES,
+        "return int(rng.integers(0, high)) - margin",
+        "return (int(rng.integers(-margin, extent - side + 1)) if extent >= side else "
+        "-int(rng.integers(0, max(1, int(FEATURE_STRIDE / rate)))))",
+        T_RECIPES,
+        "the pre-#25 rule: a window larger than the image started d0 px left of the seed's",
+    ),
+    _m(
+        "recipes-seg-flip-inverted",
+        RECIPES,
+        '"window": (x0, y0, side, side), "flip": bool(self.flip and rng.random() < 0.5)',
+        '"window": (x0, y0, side, side), "flip": bool(self.flip and rng.random() >= 0.5)',
+        T_RECIPES,
+        "flip decision inverted",
+    ),
+    _m(
+        "recipes-seg-crop-rounded-down",
+        RECIPES,
+        "-(-self.crop // FEATURE_STRIDE) * FEATURE_STRIDE",
+        "(self.crop // FEATURE_STRIDE) * FEATURE_STRIDE",
+        T_RECIPES,
+        "crop 500 -> 496 instead of 504",
+    ),
+    _m(
+        "recipes-cls-x-exclusive",
+        RECIPES,
+        "rng.integers(0, width - w + 1)",
+        "rng.integers(0, width - w)",
+        T_RECIPES,
+        "random-resized-crop never touches the right edge",
+    ),
+    _m(
+        "recipes-cls-fit-strict",
+        RECIPES,
+        "0 < w <= width and 0 < h <= height",
+        "0 < w < width and 0 < h <= height",
+        T_RECIPES,
+        "a full-width window is refused",
+    ),
+    _m(
+        "recipes-cls-no-swap",
+        RECIPES,
+        "if rng.random() < 0.5:\n                w, h = h, w",
+        "if rng.random() < 0.0:\n                w, h = h, w",
+        T_RECIPES,
+        "aspect never swapped",
+    ),
+    _m(
+        "recipes-cls-fallback-left",
+        RECIPES,
+        "((width - s) // 2, (height - s) // 2, s, s)",
+        "(0, (height - s) // 2, s, s)",
+        T_RECIPES,
+        "fallback crop not centred",
+    ),
+    _m(
+        "recipes-cls-area-bounds",
+        RECIPES,
+        "area: tuple[float, float] = (0.08, 1.0)",
+        "area: tuple[float, float] = (0.1, 1.0)",
+        T_RECIPES,
+        "area fraction bounds",
+    ),
+    _m(
+        "recipes-cls-ratio-bounds",
+        RECIPES,
+        "ratio: tuple[float, float] = (3 / 4, 4 / 3)",
+        "ratio: tuple[float, float] = (2 / 3, 3 / 2)",
+        T_RECIPES,
+        "aspect bounds",
+    ),
+    _m(
+        "recipes-stream-order",
+        RECIPES,
+        "[seed & 0xFFFFFFFF, epoch, index]",
+        "[seed & 0xFFFFFFFF, index, epoch]",
+        T_RECIPES,
+        "per-sample stream keyed differently",
+    ),
     # ---- widedeep/train/losses.py: label subsampling and OHEM
-    _m("losses-labels-3-mod-8", LOSSES, "label[:, stride // 2::stride, stride // 2::stride]",
-       "label[:, stride // 2 - 1::stride, stride // 2 - 1::stride]", T_LOSSES, "label[3::8, 3::8]"),
-    _m("losses-labels-columns-0", LOSSES, "stride // 2::stride, stride // 2::stride]",
-       "stride // 2::stride, ::stride]", T_LOSSES, "columns subsampled from 0"),
+    _m(
+        "losses-labels-3-mod-8",
+        LOSSES,
+        "label[:, stride // 2::stride, stride // 2::stride]",
+        "label[:, stride // 2 - 1::stride, stride // 2 - 1::stride]",
+        T_LOSSES,
+        "label[3::8, 3::8]",
+    ),
+    _m(
+        "losses-labels-columns-0",
+        LOSSES,
+        "stride // 2::stride, stride // 2::stride]",
+        "stride // 2::stride, ::stride]",
+        T_LOSSES,
+        "columns subsampled from 0",
+    ),
     _m("losses-kth-minus-1", LOSSES, "kthvalue(min_kept)", "kthvalue(min_kept - 1)", T_LOSSES, "kth index off by one"),
     _m("losses-kth-plus-1", LOSSES, "kthvalue(min_kept)", "kthvalue(min_kept + 1)", T_LOSSES, "kth index off by one"),
-    _m("losses-keep-strict", LOSSES, "prob <= torch.clamp", "prob < torch.clamp", T_LOSSES,
-       "the k-th pixel itself dropped"),
-    _m("losses-clamp-max", LOSSES, "torch.clamp(kth, min=thresh)", "torch.clamp(kth, max=thresh)", T_LOSSES,
-       "threshold lowered instead of raised"),
+    _m(
+        "losses-keep-strict",
+        LOSSES,
+        "prob <= torch.clamp",
+        "prob < torch.clamp",
+        T_LOSSES,
+        "the k-th pixel itself dropped",
+    ),
+    _m(
+        "losses-clamp-max",
+        LOSSES,
+        "torch.clamp(kth, min=thresh)",
+        "torch.clamp(kth, max=thresh)",
+        T_LOSSES,
+        "threshold lowered instead of raised",
+    ),
     _m("losses-thresh-default", LOSSES, "thresh: float = 0.6", "thresh: float = 0.7", T_LOSSES, "seed's 0.6"),
     _m("losses-min-kept-default", LOSSES, "min_kept: int = 256", "min_kept: int = 255", T_LOSSES, "seed's 256"),
-    _m("losses-count-all-pixels", LOSSES, "n = int(valid.sum())", "n = int(target.numel())", T_LOSSES,
-       "ignored pixels counted towards min_kept"),
-    _m("losses-mean-over-valid", LOSSES, "keep.sum().clamp(min=1)", "valid.sum().clamp(min=1)", T_LOSSES,
-       "normalised by the valid count, not the kept count"),
-    _m("losses-empty-no-graph", LOSSES, "    if n == 0:  # a zero", "    if n == 0:\n        return torch.zeros(())\n"
-       "    if n == 0:  # a zero", T_LOSSES, "all-ignored batch returns a loss without a graph (backward raises)"),
-    _m("losses-n-ge", LOSSES, "if n > min_kept:", "if n >= min_kept:", T_LOSSES, "",
-       equivalent="with exactly min_kept valid pixels the k-th smallest is the largest, so both branches keep all"),
-    _m("losses-kth-over-all-pixels", LOSSES, "prob[valid].kthvalue", "prob.flatten().kthvalue", T_LOSSES, "",
-       equivalent="ignored pixels have NLL 0, so p = 1 (the largest); with more than min_kept valid pixels the "
-                  "k-th smallest over all pixels is a valid one"),
+    _m(
+        "losses-count-all-pixels",
+        LOSSES,
+        "n = int(valid.sum())",
+        "n = int(target.numel())",
+        T_LOSSES,
+        "ignored pixels counted towards min_kept",
+    ),
+    _m(
+        "losses-mean-over-valid",
+        LOSSES,
+        "keep.sum().clamp(min=1)",
+        "valid.sum().clamp(min=1)",
+        T_LOSSES,
+        "normalised by the valid count, not the kept count",
+    ),
+    _m(
+        "losses-empty-no-graph",
+        LOSSES,
+        "    if n == 0:  # a zero",
+        "    if n == 0:\n        return torch.zeros(())\n    if n == 0:  # a zero",
+        T_LOSSES,
+        "all-ignored batch returns a loss without a graph (backward raises)",
+    ),
+    _m(
+        "losses-n-ge",
+        LOSSES,
+        "if n > min_kept:",
+        "if n >= min_kept:",
+        T_LOSSES,
+        "",
+        equivalent="with exactly min_kept valid pixels the k-th smallest is the largest, so both branches keep all",
+    ),
+    _m(
+        "losses-kth-over-all-pixels",
+        LOSSES,
+        "prob[valid].kthvalue",
+        "prob.flatten().kthvalue",
+        T_LOSSES,
+        "",
+        equivalent="ignored pixels have NLL 0, so p = 1 (the largest); with more than min_kept valid pixels the "
+        "k-th smallest over all pixels is a valid one",
+    ),
     # ---- kernels/conv.py: implicit-GEMM convolutions (interpreted on CPU; -k keeps them short)
-    _m("conv-int64-idx-noop", CONV, "v = v.to(tl.int64)", "v = v", T_CONV + ["-k", "int64"],
-       "INT64 variant computes offsets in int32"),
-    _m("conv-needs-int64-strict", CONV, "return max(numels) >= INT32_LIMIT", "return max(numels) > INT32_LIMIT",
-       T_CONV + ["-k", "int64"], "2**31 elements exactly stays int32"),
-    _m("conv-dgrad-deterministic-ignored", CONV, "det = (_deterministic if deterministic is None else deterministic)"
-       " and bn is not None", "det = False and bn is not None", T_CONV + ["-k", "deterministic"],
-       "deterministic=True still uses atomics for the dgrad BN sums"),
-    _m("conv-wgrad-deterministic-ignored", CONV, "det = _deterministic if deterministic is None else deterministic\n",
-       "det = False\n", T_CONV + ["-k", "deterministic"], "deterministic=True still uses atomics for dW"),
-    _m("conv-dgrad-no-reset-to-zero", CONV, '"dgrad": ["sums_ptr"]', '"dgrad": None',
-       ["tests/test_conv_autotune.py", "-k", "autotuned"], "autotuning's benchmark runs accumulate into the BN sums"),
-    _m("conv-wgrad-no-reset-to-zero", CONV, '"wgrad": ["dw_ptr"]', '"wgrad": None',
-       ["tests/test_conv_autotune.py", "-k", "autotuned"], "autotuning's benchmark runs accumulate into dW"),
-    _m("conv-tma-weight-tile-column", CONV, "w_desc.load([rs, c0, pid_n * BLOCK_N])", "w_desc.load([rs, c0, 0])",
-       ["tests/test_conv_autotune.py", "-k", "tma_weight"], "the TMA weight tile ignores its column block"),
-    _m("conv-tma-x-tile-row", CONV, "x_desc.load([pid_m * BLOCK_M, c0])", "x_desc.load([0, c0])",
-       ["tests/test_conv_autotune.py", "-k", "tma_weight"], "the 1x1 TMA activation tile ignores its row block"),
-    _m("conv-grouped-pid-n", CONV, "pid_n = (pid % width) // size_m", "pid_n = (pid % width) % size_m",
-       T_CONV + ["-k", "gpu_tiles"], "grouped tile order maps two programs to one tile"),
-    _m("conv-dgrad-sums-no-xc", CONV,  # the 16-bit operands' branch (the gpu_tiles cases are mostly bf16/fp16)
-       "else:\n                    tl.atomic_add(sums_ptr + C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)",
-       "else:\n                    tl.atomic_add(sums_ptr + C + cs, tl.sum(acc, axis=0), mask=c_ok)",
-       T_CONV + ["-k", "gpu_tiles"],
-       "dgrad epilogue's sum g*(x-mean) loses its (x-mean)"),
+    _m(
+        "conv-int64-idx-noop",
+        CONV,
+        "v = v.to(tl.int64)",
+        "v = v",
+        T_CONV + ["-k", "int64"],
+        "INT64 variant computes offsets in int32",
+    ),
+    _m(
+        "conv-needs-int64-strict",
+        CONV,
+        "return max(numels) >= INT32_LIMIT",
+        "return max(numels) > INT32_LIMIT",
+        T_CONV + ["-k", "int64"],
+        "2**31 elements exactly stays int32",
+    ),
+    _m(
+        "conv-dgrad-deterministic-ignored",
+        CONV,
+        "det = (_deterministic if deterministic is None else deterministic) and bn is not None",
+        "det = False and bn is not None",
+        T_CONV + ["-k", "deterministic"],
+        "deterministic=True still uses atomics for the dgrad BN sums",
+    ),
+    _m(
+        "conv-wgrad-deterministic-ignored",
+        CONV,
+        "det = _deterministic if deterministic is None else deterministic\n",
+        "det = False\n",
+        T_CONV + ["-k", "deterministic"],
+        "deterministic=True still uses atomics for dW",
+    ),
+    _m(
+        "conv-dgrad-no-reset-to-zero",
+        CONV,
+        '"dgrad": ["sums_ptr"]',
+        '"dgrad": None',
+        ["tests/test_conv_autotune.py", "-k", "autotuned"],
+        "autotuning's benchmark runs accumulate into the BN sums",
+    ),
+    _m(
+        "conv-wgrad-no-reset-to-zero",
+        CONV,
+        '"wgrad": ["dw_ptr"]',
+        '"wgrad": None',
+        ["tests/test_conv_autotune.py", "-k", "autotuned"],
+        "autotuning's benchmark runs accumulate into dW",
+    ),
+    _m(
+        "conv-tma-weight-tile-column",
+        CONV,
+        "w_desc.load([rs, c0, pid_n * BLOCK_N])",
+        "w_desc.load([rs, c0, 0])",
+        ["tests/test_conv_autotune.py", "-k", "tma_weight"],
+        "the TMA weight tile ignores its column block",
+    ),
+    _m(
+        "conv-tma-x-tile-row",
+        CONV,
+        "x_desc.load([pid_m * BLOCK_M, c0])",
+        "x_desc.load([0, c0])",
+        ["tests/test_conv_autotune.py", "-k", "tma_weight"],
+        "the 1x1 TMA activation tile ignores its row block",
+    ),
+    _m(
+        "conv-grouped-pid-n",
+        CONV,
+        "pid_n = (pid % width) // size_m",
+        "pid_n = (pid % width) % size_m",
+        T_CONV + ["-k", "gpu_tiles"],
+        "grouped tile order maps two programs to one tile",
+    ),
+    _m(
+        "conv-dgrad-sums-no-xc",
+        CONV,  # the 16-bit operands' branch (the gpu_tiles cases are mostly bf16/fp16)
+        "else:\n                    tl.atomic_add(sums_ptr + C + cs, tl.sum(acc * xc, axis=0), mask=c_ok)",
+        "else:\n                    tl.atomic_add(sums_ptr + C + cs, tl.sum(acc, axis=0), mask=c_ok)",
+        T_CONV + ["-k", "gpu_tiles"],
+        "dgrad epilogue's sum g*(x-mean) loses its (x-mean)",
+    ),
     # ---- the compile path: create_model(fused="triton") must reach the triton kernels under torch.compile
-    _m("models-explicit-fused-backend-ignored", "widedeep/models/resnet38.py",
-       '("auto" if fused is True else str(fused))', '"auto"',
-       ["tests/test_compile_ops.py", "-k", "compiled_fused_resnet38 and torch-triton"],
-       "fused='triton' silently follows the default backend"),
+    _m(
+        "models-explicit-fused-backend-ignored",
+        "widedeep/models/resnet38.py",
+        '("auto" if fused is True else str(fused))',
+        '"auto"',
+        ["tests/test_compile_ops.py", "-k", "compiled_fused_resnet38 and torch-triton"],
+        "fused='triton' silently follows the default backend",
+    ),
     # ---- bench: the campaign's GPU-test gate
-    _m("bench-gate-rc5-passes", "bench/runner.py", 'passed = returncode == 0 and counts.get("passed", 0) > 0',
-       "passed = returncode in (0, 5)", ["tests/test_bench.py", "-k", "gpu_gate"],
-       "the pre-#25 gate: nothing selected or everything skipped counted as a pass"),
+    _m(
+        "bench-gate-rc5-passes",
+        "bench/runner.py",
+        'passed = returncode == 0 and counts.get("passed", 0) > 0',
+        "passed = returncode in (0, 5)",
+        ["tests/test_bench.py", "-k", "gpu_gate"],
+        "the pre-#25 gate: nothing selected or everything skipped counted as a pass",
+    ),
     # ---- kernels/bn_stats.py, kernels/bn_relu.py (being rewritten: anchors are single statements; stale if gone)
-    _m("bn-stats-finalize-no-chan-term", BN_STATS,
-       "m2 += tile_m2 + delta * delta * (count * n_tile / tl.maximum(total, 1.0))", "m2 += tile_m2",
-       T_BN, "finalize merge drops Chan's cross-term (only multi-block merges notice)"),
-    _m("bn-stats-partial-no-chan-term", BN_STATS, "m2 += tile_m2 + delta * delta * (count * n_tile / total)",
-       "m2 += tile_m2", T_BN, "per-program merge drops Chan's cross-term"),
-    _m("bn-stats-no-eps", BN_STATS, "rstd = 1.0 / tl.sqrt(var + eps)", "rstd = 1.0 / tl.sqrt(var)", T_BN,
-       "eps dropped from rstd (only a zero-variance channel notices)"),
-    _m("bn-stats-biased-running-var", BN_STATS, "m2 / tl.maximum(count - 1.0, 1.0)", "m2 / tl.maximum(count, 1.0)",
-       T_BN, "running variance updated with the biased variance"),
-    _m("bn-relu-finalize-assign-g", BN_RELU, "acc_g += tl.load(g_ptr + offs", "acc_g = tl.load(g_ptr + offs",
-       T_BN, "gradient finalize keeps only the last block of partial sum(g)"),
-    _m("bn-relu-finalize-assign-gx", BN_RELU, "acc_gx += tl.load(gx_ptr + offs", "acc_gx = tl.load(gx_ptr + offs",
-       T_BN, "gradient finalize keeps only the last block of partial sum(g*(x-mean))"),
-    _m("bn-relu-dgamma-doubled", BN_RELU, "sum_gx * tl.load(rstd_ptr + cs", "2.0 * sum_gx * tl.load(rstd_ptr + cs",
-       T_BN + ["tests/test_fused_model.py"], "dgamma off by a constant factor (a cosine check passes it)"),
+    _m(
+        "bn-stats-finalize-no-chan-term",
+        BN_STATS,
+        "m2 += tile_m2 + delta * delta * (count * n_tile / tl.maximum(total, 1.0))",
+        "m2 += tile_m2",
+        T_BN,
+        "finalize merge drops Chan's cross-term (only multi-block merges notice)",
+    ),
+    _m(
+        "bn-stats-partial-no-chan-term",
+        BN_STATS,
+        "m2 += tile_m2 + delta * delta * (count * n_tile / total)",
+        "m2 += tile_m2",
+        T_BN,
+        "per-program merge drops Chan's cross-term",
+    ),
+    _m(
+        "bn-stats-no-eps",
+        BN_STATS,
+        "rstd = 1.0 / tl.sqrt(var + eps)",
+        "rstd = 1.0 / tl.sqrt(var)",
+        T_BN,
+        "eps dropped from rstd (only a zero-variance channel notices)",
+    ),
+    _m(
+        "bn-stats-biased-running-var",
+        BN_STATS,
+        "m2 / tl.maximum(count - 1.0, 1.0)",
+        "m2 / tl.maximum(count, 1.0)",
+        T_BN,
+        "running variance updated with the biased variance",
+    ),
+    _m(
+        "bn-relu-finalize-assign-g",
+        BN_RELU,
+        "acc_g += tl.load(g_ptr + offs",
+        "acc_g = tl.load(g_ptr + offs",
+        T_BN,
+        "gradient finalize keeps only the last block of partial sum(g)",
+    ),
+    _m(
+        "bn-relu-finalize-assign-gx",
+        BN_RELU,
+        "acc_gx += tl.load(gx_ptr + offs",
+        "acc_gx = tl.load(gx_ptr + offs",
+        T_BN,
+        "gradient finalize keeps only the last block of partial sum(g*(x-mean))",
+    ),
+    _m(
+        "bn-relu-dgamma-doubled",
+        BN_RELU,
+        "sum_gx * tl.load(rstd_ptr + cs",
+        "2.0 * sum_gx * tl.load(rstd_ptr + cs",
+        T_BN + ["tests/test_fused_model.py"],
+        "dgamma off by a constant factor (a cosine check passes it)",
+    ),
 ]
 
 
@@ -200,8 +450,16 @@ def _anchor_state(m: Mutant, root: Path) -> str:
 
 def _copy_tree(dst: Path) -> None:
     """The working tree as git sees it (tracked + untracked-not-ignored files), without .git and ignored files."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = ROOT / rel
         if src.is_file():
@@ -210,12 +468,17 @@ def _copy_tree(dst: Path) -> None:
 
 
 def _pytest(tree: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, int | None, float, str]:
-    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONDONTWRITEBYTECODE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(tree),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)  # its own process group: a timeout ends its children too
+    p = subprocess.Popen(
+        cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )  # its own process group: a timeout ends its children too
     try:
         out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -232,14 +495,20 @@ def _tail(out: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="tools/mutate.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="tools/mutate.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--list", action="store_true", help="list the mutants and their anchor state; run nothing")
     ap.add_argument("--files", help="comma list of file-name fragments (recipes,losses,conv,bn_stats,bn_relu)")
     ap.add_argument("--ids", help="comma list of mutant ids")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per mutant (a timeout counts as killed)")
-    ap.add_argument("--tests", help="run the selected mutants against these pytest arguments instead of their own "
-                                    "(space-separated, e.g. 'tests/test_train.py -k ohem'): which tests catch what")
+    ap.add_argument(
+        "--tests",
+        help="run the selected mutants against these pytest arguments instead of their own "
+        "(space-separated, e.g. 'tests/test_train.py -k ohem'): which tests catch what",
+    )
     ap.add_argument("--no-baseline", action="store_true", help="do not run the unmutated selections first")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
@@ -265,8 +534,11 @@ def main(argv=None) -> int:
                 if not args.no_baseline and m.tests not in baseline:
                     kind, rc, secs, out = _pytest(tree, m.tests, args.timeout)
                     baseline[m.tests] = kind == "done" and rc == 0
-                    print(f"baseline  {' '.join(m.tests)}: {'passed' if baseline[m.tests] else 'FAILED'} "
-                          f"({secs:.0f} s) {'' if baseline[m.tests] else _tail(out)}", flush=True)
+                    print(
+                        f"baseline  {' '.join(m.tests)}: {'passed' if baseline[m.tests] else 'FAILED'} "
+                        f"({secs:.0f} s) {'' if baseline[m.tests] else _tail(out)}",
+                        flush=True,
+                    )
                 if not args.no_baseline and not baseline[m.tests]:
                     row.update(outcome="baseline-failed")
                 else:
@@ -277,19 +549,22 @@ def main(argv=None) -> int:
                         kind, rc, secs, out = _pytest(tree, m.tests, args.timeout)
                     finally:
                         path.write_text(original)
-                    outcome = ("killed" if kind == "timeout" or rc == 1 else
-                               "SURVIVED" if rc == 0 else f"error (rc {rc})")
+                    outcome = (
+                        "killed" if kind == "timeout" or rc == 1 else "SURVIVED" if rc == 0 else f"error (rc {rc})"
+                    )
                     if outcome == "SURVIVED" and m.equivalent:
                         outcome = "survived (equivalent)"
                     elif outcome == "SURVIVED":
                         status = 1
-                    row.update(outcome=outcome, seconds=round(secs, 1),
-                               detail="timed out" if kind == "timeout" else _tail(out))
+                    row.update(
+                        outcome=outcome, seconds=round(secs, 1), detail="timed out" if kind == "timeout" else _tail(out)
+                    )
             results.append(row)
-            print(f"{row['outcome']:22s} {m.id:36s} {row.get('seconds', ''):>6} s  {row.get('detail', '')}",
-                  flush=True)
-    print("\nsummary: " + ", ".join(f"{k} {sum(r['outcome'] == k for r in results)}"
-                                    for k in sorted({r["outcome"] for r in results})))
+            print(f"{row['outcome']:22s} {m.id:36s} {row.get('seconds', ''):>6} s  {row.get('detail', '')}", flush=True)
+    print(
+        "\nsummary: "
+        + ", ".join(f"{k} {sum(r['outcome'] == k for r in results)}" for k in sorted({r["outcome"] for r in results}))
+    )
     for r in results:
         if r["outcome"].startswith("survived (equivalent"):
             print(f"  equivalent {r['id']}: {r['equivalent']}")

@@ -17,7 +17,13 @@ from pathlib import Path
 
 from widedeep.models import create_model, model_args, parse_label
 from widedeep.weights import (
-    ChecksumError, WeightsFormatError, WeightsMismatchError, load_weights, pool_style_of, read_weights, save_weights,
+    ChecksumError,
+    WeightsFormatError,
+    WeightsMismatchError,
+    load_weights,
+    pool_style_of,
+    read_weights,
+    save_weights,
 )
 
 
@@ -35,17 +41,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", help="model label or plain name the weights belong to (default: from the file name)")
     ap.add_argument("--width", type=float, default=1.0, help="channel multiplier of the weights (1 = published)")
     ap.add_argument("--legacy", action="store_true", help="write MXNet 0.x legacy records into .params")
-    ap.add_argument("--weights-convention", choices=["inplace_abn", "plain"],
-                    help="BN gammas of a Mapillary InPlace-ABN file: inplace_abn = write |gamma| + eps (plain BN "
-                         "values); plain = keep them (NVIDIA's re-keyed file). See the README's lineages table")
-    ap.add_argument("--no-verify-weights", "--no-verify", dest="no_verify", action="store_true",
-                    help="skip the md5 check of files named like the released ademxapp files (a mismatch only warns)")
+    ap.add_argument(
+        "--weights-convention",
+        choices=["inplace_abn", "plain"],
+        help="BN gammas of a Mapillary InPlace-ABN file: inplace_abn = write |gamma| + eps (plain BN "
+        "values); plain = keep them (NVIDIA's re-keyed file). See the README's lineages table",
+    )
+    ap.add_argument(
+        "--no-verify-weights",
+        "--no-verify",
+        dest="no_verify",
+        action="store_true",
+        help="skip the md5 check of files named like the released ademxapp files (a mismatch only warns)",
+    )
     args = ap.parse_args(argv)
 
     label = args.label or _guess_label(args.input)
     if label is None:
-        ap.error(f"cannot tell the model from the file name {Path(args.input).name!r}: pass --label "
-                 "(e.g. --label ilsvrc-cls_rna-a1_cls1000 or --label resnet38d)")
+        ap.error(
+            f"cannot tell the model from the file name {Path(args.input).name!r}: pass --label "
+            "(e.g. --label ilsvrc-cls_rna-a1_cls1000 or --label resnet38d)"
+        )
     wf = read_weights(args.input, verify=not args.no_verify, weights_convention=args.weights_convention)
     metadata = {"label": label, "source": Path(args.input).name}
     if model_args(label).get("variant") in ("a", "a2"):

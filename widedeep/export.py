@@ -42,18 +42,26 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = the published nets)")
     ap.add_argument("--num-classes", type=int, help="classifier outputs (default: the label's)")
     ap.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="override the label's output stride")
-    ap.add_argument("--fused", action="store_true",
-                    help="build the model on the fused kernels first (exports the same plain graph)")
+    ap.add_argument(
+        "--fused", action="store_true", help="build the model on the fused kernels first (exports the same plain graph)"
+    )
     ap.add_argument("--activation", choices=("relu", "leaky_relu"), help="the trunk's BN activation")
     ap.add_argument("--activation-param", type=float, help="leaky ReLU slope")
     ap.add_argument("--bn-eps", type=float, help="every BatchNorm's eps")
     ap.add_argument("--dilate-first-conv", action="store_true", help="Mapillary's dilated A2 (see README)")
-    ap.add_argument("--weights-convention", choices=("plain", "inplace_abn"),
-                    help="BN gammas of a Mapillary/NVIDIA file (see the README's lineages table)")
+    ap.add_argument(
+        "--weights-convention",
+        choices=("plain", "inplace_abn"),
+        help="BN gammas of a Mapillary/NVIDIA file (see the README's lineages table)",
+    )
     ap.add_argument("--no-verify-weights", dest="verify", action="store_false", help="skip the md5 check")
     ap.add_argument("--no-check", dest="check", action="store_false", help="do not run onnxruntime")
-    ap.add_argument("--tolerance", type=float, default=1e-4,
-                    help="largest accepted max abs diff, relative to the largest |output| (default 1e-4)")
+    ap.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest accepted max abs diff, relative to the largest |output| (default 1e-4)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the random check input (and random weights)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return ap
@@ -79,8 +87,10 @@ def build(args: argparse.Namespace):
             try:
                 label = parse_label(weights).label
             except ValueError:
-                raise ExportError(f"cannot tell the model from the file name {Path(weights).name!r}: pass --label "
-                                  "(e.g. --label ilsvrc-cls_rna-a1_cls1000 or --label resnet38d)") from None
+                raise ExportError(
+                    f"cannot tell the model from the file name {Path(weights).name!r}: pass --label "
+                    "(e.g. --label ilsvrc-cls_rna-a1_cls1000 or --label resnet38d)"
+                ) from None
     kw: dict = dict(width=args.width, fused=bool(args.fused))
     for name in ("num_classes", "output_stride", "activation", "activation_param", "bn_eps", "weights_convention"):
         if getattr(args, name) is not None:
@@ -101,20 +111,30 @@ def export(model, path: Path, size: tuple[int, int], opset: int, dynamic_batch: 
         try:
             __import__(mod)
         except ImportError:
-            raise ExportError(f"torch.onnx.export(dynamo=True) needs {mod}: pip install onnx onnxscript "
-                              "(or pip install -e '.[test]')") from None
+            raise ExportError(
+                f"torch.onnx.export(dynamo=True) needs {mod}: pip install onnx onnxscript (or pip install -e '.[test]')"
+            ) from None
     x = torch.zeros(2 if dynamic_batch else 1, 3, *size)
     shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
     log = io.StringIO()  # the exporter's progress lines: shown only on failure
     try:
         with torch.no_grad(), contextlib.redirect_stdout(log), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, not the user's business
-            program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
-                                        input_names=["image"], output_names=["scores"])
+            program = torch.onnx.export(
+                model,
+                (x,),
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=shapes,
+                input_names=["image"],
+                output_names=["scores"],
+            )
             program.save(str(path))
     except Exception as e:
-        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                          f"\n{log.getvalue()[-2000:]}") from e
+        raise ExportError(
+            f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"\n{log.getvalue()[-2000:]}"
+        ) from e
 
 
 def check(model, path: Path, size: tuple[int, int], batch: int, seed: int) -> tuple[float, float, str]:
@@ -148,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from widedeep.weights import ChecksumError, WeightsFormatError, WeightsMismatchError
 
-        if isinstance(e, (ExportError, FileNotFoundError, ChecksumError, WeightsFormatError, WeightsMismatchError,
-                          ValueError)):
+        if isinstance(
+            e, (ExportError, FileNotFoundError, ChecksumError, WeightsFormatError, WeightsMismatchError, ValueError)
+        ):
             print(f"python -m widedeep.export: error: {e}", file=sys.stderr)
             return 2
         raise
@@ -172,12 +193,16 @@ def _run(args: argparse.Namespace) -> int:
     tmp = temporary_path(out)
     try:
         export(model, tmp, size, args.opset, args.dynamic_batch)
-        what = f"{label} ({'fused' if args.fused else 'plain'}, width {args.width:g}), input (N, 3, {size[0]}, {size[1]})"
+        what = (
+            f"{label} ({'fused' if args.fused else 'plain'}, width {args.width:g}), input (N, 3, {size[0]}, {size[1]})"
+        )
         if args.check:
             diff, scale, version = check(model, tmp, size, 2 if args.dynamic_batch else 1, args.seed)
             if not diff <= args.tolerance * max(scale, 1.0):
-                raise ExportError(f"onnxruntime differs from torch by {diff:.3g} (outputs up to {scale:.3g}), above "
-                                  f"--tolerance {args.tolerance:g}: {out} not written")
+                raise ExportError(
+                    f"onnxruntime differs from torch by {diff:.3g} (outputs up to {scale:.3g}), above "
+                    f"--tolerance {args.tolerance:g}: {out} not written"
+                )
             print(f"onnxruntime {version} vs torch: max abs diff {diff:.3g} (outputs up to {scale:.3g})")
         os.replace(tmp, out)
     finally:

@@ -106,6 +106,10 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     if removed:
-        log.info("removed %d unfinished file(s) of a killed run in %s: %s", len(removed), folder,
-                 ", ".join(p.name for p in removed[:4]))
+        log.info(
+            "removed %d unfinished file(s) of a killed run in %s: %s",
+            len(removed),
+            folder,
+            ", ".join(p.name for p in removed[:4]),
+        )
     return removed

@@ -36,15 +36,25 @@ def _numpy_state() -> dict:
     """``np.random.get_state(legacy=False)`` with the MT19937 key (uint32[624]) as an int64 tensor."""
     st = np.random.get_state(legacy=False)
     inner = st["state"]
-    return {"bit_generator": st["bit_generator"], "key": torch.from_numpy(inner["key"].astype(np.int64)),
-            "pos": int(inner["pos"]), "has_gauss": int(st["has_gauss"]), "gauss": float(st["gauss"])}
+    return {
+        "bit_generator": st["bit_generator"],
+        "key": torch.from_numpy(inner["key"].astype(np.int64)),
+        "pos": int(inner["pos"]),
+        "has_gauss": int(st["has_gauss"]),
+        "gauss": float(st["gauss"]),
+    }
 
 
 def _set_numpy_state(state) -> None:
     if isinstance(state, dict):  # ours
-        np.random.set_state({"bit_generator": state["bit_generator"],
-                             "state": {"key": state["key"].numpy().astype(np.uint32), "pos": state["pos"]},
-                             "has_gauss": state["has_gauss"], "gauss": state["gauss"]})
+        np.random.set_state(
+            {
+                "bit_generator": state["bit_generator"],
+                "state": {"key": state["key"].numpy().astype(np.uint32), "pos": state["pos"]},
+                "has_gauss": state["has_gauss"],
+                "gauss": state["gauss"],
+            }
+        )
     else:  # a checkpoint written before the dict form: np.random.get_state()'s legacy tuple
         np.random.set_state(tuple(state))
 
@@ -98,8 +108,9 @@ def _ctrl_c_after():
         yield
         return
     caught = []
-    held = [signal.SIGINT] + ([signal.SIGTERM] if signal.getsignal(signal.SIGTERM) not in
-                              (signal.SIG_DFL, signal.SIG_IGN, None) else [])
+    held = [signal.SIGINT] + (
+        [signal.SIGTERM] if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None) else []
+    )
     previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
     try:
         yield
@@ -131,8 +142,13 @@ class _LegacyArray:
 
     def __setstate__(self, state):
         version, shape, dtype, fortran, raw = state
-        if not (isinstance(dtype, _LegacyDtype) and isinstance(raw, bytes) and len(shape) == 1
-                and len(raw) == 4 * shape[0] and not fortran):
+        if not (
+            isinstance(dtype, _LegacyDtype)
+            and isinstance(raw, bytes)
+            and len(shape) == 1
+            and len(raw) == 4 * shape[0]
+            and not fortran
+        ):
             raise pickle.UnpicklingError("numpy array: only a 1-D uint32 array (an RNG state) is accepted")
         self.array = np.frombuffer(raw, dtype="<u4").copy()
 
@@ -169,8 +185,10 @@ def _refused(path: Path, e: Exception) -> str:
     msg = " ".join(str(e).split())
     m = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) (\S+)", msg)
     if m:
-        return (f"--resume {path}: refused: the file holds Python objects ({m.group(1)}) that a widedeep training "
-                "checkpoint never holds; nothing from it was run or loaded (a foreign or tampered file?)")
+        return (
+            f"--resume {path}: refused: the file holds Python objects ({m.group(1)}) that a widedeep training "
+            "checkpoint never holds; nothing from it was run or loaded (a foreign or tampered file?)"
+        )
     first = msg.split(" Check the documentation")[0].replace("Weights only load failed. ", "")
     return f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {first[:300]})"
 
@@ -189,8 +207,10 @@ def load(path: str | os.PathLike) -> dict:
     except Exception as e:
         raise ValueError(_refused(path, e)) from None
     if not isinstance(ckpt, dict):
-        raise ValueError(f"--resume {path}: not a widedeep training checkpoint (a {type(ckpt).__name__}, "
-                         "expected the dict that last.pt holds)")
+        raise ValueError(
+            f"--resume {path}: not a widedeep training checkpoint (a {type(ckpt).__name__}, "
+            "expected the dict that last.pt holds)"
+        )
     missing = {"model", "optimizer", "epoch", "step_in_epoch", "global_step", "rng"} - set(ckpt)
     if missing:
         raise ValueError(f"--resume {path}: not a widedeep training checkpoint (missing {sorted(missing)})")
@@ -218,8 +238,10 @@ def load_model(model: torch.nn.Module, ck: dict, path: str | os.PathLike, *, lab
         hint = f"it is a width-{their_width:g} net, this run --width {width:g}: add --width {their_width:g}"
     else:
         first = (mis_shaped + missing + unexpected)[0]
-        hint = (f"{len(missing)} missing, {len(unexpected)} unexpected and {len(mis_shaped)} mis-shaped entries "
-                f"(first: {first})")
+        hint = (
+            f"{len(missing)} missing, {len(unexpected)} unexpected and {len(mis_shaped)} mis-shaped entries "
+            f"(first: {first})"
+        )
     raise ValueError(f"--resume {path}: the checkpoint's model does not fit this run: {hint}")
 
 

@@ -16,17 +16,28 @@ from data_pipes.labels import CITYSCAPES_LABELS
 
 from .metrics import _all_reduce
 
-AVG_CLASS_SIZE = {"bicycle": 4672.3249222261, "caravan": 36771.8241758242, "motorcycle": 6298.7200839748,
-                  "rider": 3930.4788056518, "bus": 35732.1511111111, "train": 67583.7075812274,
-                  "car": 12794.0202738185, "person": 3462.4756337644, "truck": 27855.1264367816,
-                  "trailer": 16926.9763313609}
+AVG_CLASS_SIZE = {
+    "bicycle": 4672.3249222261,
+    "caravan": 36771.8241758242,
+    "motorcycle": 6298.7200839748,
+    "rider": 3930.4788056518,
+    "bus": 35732.1511111111,
+    "train": 67583.7075812274,
+    "car": 12794.0202738185,
+    "person": 3462.4756337644,
+    "truck": 27855.1264367816,
+    "trailer": 16926.9763313609,
+}
 _BY_ID = {row[1]: row for row in CITYSCAPES_LABELS}
 N_IDS = max(_BY_ID) + 1  # 34
 IGNORED = np.array([_BY_ID[i][6] for i in range(N_IDS)])
 CATEGORIES = list(dict.fromkeys(row[3] for row in CITYSCAPES_LABELS))
 # categories whose labels all have instances (human, vehicle); their labelIds include ignoreInEval ones
-INST_CATEGORIES = {c: [r[1] for r in CITYSCAPES_LABELS if r[3] == c] for c in CATEGORIES
-                   if all(r[5] for r in CITYSCAPES_LABELS if r[3] == c)}
+INST_CATEGORIES = {
+    c: [r[1] for r in CITYSCAPES_LABELS if r[3] == c]
+    for c in CATEGORIES
+    if all(r[5] for r in CITYSCAPES_LABELS if r[3] == c)
+}
 INST_CLASSES = [r[1] for r in CITYSCAPES_LABELS if r[5] and not r[6]]
 
 
@@ -43,8 +54,9 @@ class CityscapesScores:
             raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
         if gt.max() >= N_IDS or pred.max() >= N_IDS:
             raise ValueError(f"labelIds must be < {N_IDS}")
-        self.conf += np.bincount(gt.astype(np.int64).ravel() * N_IDS + pred.ravel(), minlength=N_IDS * N_IDS
-                                 ).reshape(N_IDS, N_IDS)
+        self.conf += np.bincount(gt.astype(np.int64).ravel() * N_IDS + pred.ravel(), minlength=N_IDS * N_IDS).reshape(
+            N_IDS, N_IDS
+        )
         if instances is None:
             return
         cat_masks = {c: np.isin(pred, ids) for c, ids in INST_CATEGORIES.items()}
@@ -108,7 +120,13 @@ class CityscapesScores:
             v = [x for x in d.values() if not math.isnan(x)]
             return sum(v) / len(v) if v else math.nan
 
-        return {"classScores": cls, "classInstScores": cls_inst, "categoryScores": cat,
-                "categoryInstScores": cat_inst, "averageScoreClasses": avg(cls),
-                "averageScoreInstClasses": avg(cls_inst), "averageScoreCategories": avg(cat),
-                "averageScoreInstCategories": avg(cat_inst)}
+        return {
+            "classScores": cls,
+            "classInstScores": cls_inst,
+            "categoryScores": cat,
+            "categoryInstScores": cat_inst,
+            "averageScoreClasses": avg(cls),
+            "averageScoreInstClasses": avg(cls_inst),
+            "averageScoreCategories": avg(cat),
+            "averageScoreInstCategories": avg(cat_inst),
+        }

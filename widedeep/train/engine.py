@@ -82,8 +82,9 @@ def resolve(args) -> tuple[str, str, str]:
         raise TrainingError("give --model <label> (e.g. voc_rna-a1_cls21_s8) or --weights <label>_ep-NNNN.params")
     lab = parse_label(name)
     if lab.dataset not in DATASET_OF_LABEL:
-        raise TrainingError(f"--model {name}: no data pipeline for dataset {lab.dataset!r}; "
-                            f"supported: {', '.join(DATASET_OF_LABEL)}")
+        raise TrainingError(
+            f"--model {name}: no data pipeline for dataset {lab.dataset!r}; supported: {', '.join(DATASET_OF_LABEL)}"
+        )
     return lab.label, DATASET_OF_LABEL[lab.dataset], "seg" if lab.task == "segmentation" else "cls"
 
 
@@ -110,8 +111,11 @@ def model_options(a: TrainConfig) -> dict:
 
 def build_model(ctx: Context) -> ResNet38:
     a = ctx.cfg
-    fused = ({"on": True, "off": False, "auto": ctx.device.type == "cuda"}[a.fused] or a.backward_do_mirror
-             or a.recompute == "unit")  # the unit re-run runs on the fused kernels
+    fused = (
+        {"on": True, "off": False, "auto": ctx.device.type == "cuda"}[a.fused]
+        or a.backward_do_mirror
+        or a.recompute == "unit"
+    )  # the unit re-run runs on the fused kernels
     wf, strict = None, a.phase == "val"
     if a.weights and not a.resume:
         from widedeep.weights import read_weights
@@ -121,10 +125,17 @@ def build_model(ctx: Context) -> ResNet38:
     from widedeep.weights import WeightsMismatchError
 
     try:  # training drops a classifier of another size (fine-tuning); evaluation needs the file to fit exactly
-        model = create_model(ctx.label, weights=wf, weights_strict=strict, pool_style=a.pool_top_infer_style,
-                             num_classes=None if strict else parse_label(ctx.label).num_classes, width=a.width,
-                             fused=bool(fused), recompute="unit" if a.recompute == "unit" else None,
-                             **model_options(a))
+        model = create_model(
+            ctx.label,
+            weights=wf,
+            weights_strict=strict,
+            pool_style=a.pool_top_infer_style,
+            num_classes=None if strict else parse_label(ctx.label).num_classes,
+            width=a.width,
+            fused=bool(fused),
+            recompute="unit" if a.recompute == "unit" else None,
+            **model_options(a),
+        )
     except WeightsMismatchError as e:
         raise TrainingError(_cli_mismatch_hint(e, ctx)) from None
     if a.bn_stats == "frozen":
@@ -170,8 +181,7 @@ def _graphed_step(ctx: Context, net: nn.Module, opt, scaler):
     def forward_loss(x, y):
         with _autocast(ctx):
             out = net(x)
-        return graphs.step_loss(ctx.task, out, y, loss_resolution=a.loss_resolution, ohem=not a.no_ohem,
-                                stride=STRIDE)
+        return graphs.step_loss(ctx.task, out, y, loss_resolution=a.loss_resolution, ohem=not a.no_ohem, stride=STRIDE)
 
     return graphs.GraphedStep(net, opt, forward_loss, scaler=scaler)
 
@@ -180,11 +190,16 @@ def _cli_mismatch_hint(e, ctx: Context) -> str:
     """The weights mismatch in command-line terms (flags, not Python arguments)."""
     a, lab = ctx.cfg, parse_label(ctx.label)
     if e.width_ratio:
-        return f"--weights {e.path}: the file is a width-{e.file_width:g} net, the model width {e.model_width:g}: add --width {e.file_width:g}"
+        return (
+            f"--weights {e.path}: the file is a width-{e.file_width:g} net, the model width "
+            f"{e.model_width:g}: add --width {e.file_width:g}"
+        )
     if e.file_classes and e.model_classes is not None and e.file_classes != e.model_classes and len(e.mis_shaped) <= 4:
         fix = ModelLabel(lab.dataset, lab.variant, e.file_classes, lab.output_stride, lab.extra).label
-        return (f"--weights {e.path}: the file's classifier has {e.file_classes} classes, --model {ctx.label} has "
-                f"{e.model_classes}: use --model {fix}" + (" (or --phase train to fine-tune)" if a.phase == "val" else ""))
+        return (
+            f"--weights {e.path}: the file's classifier has {e.file_classes} classes, --model {ctx.label} has "
+            f"{e.model_classes}: use --model {fix}" + (" (or --phase train to fine-tune)" if a.phase == "val" else "")
+        )
     return str(e)  # its hints name the command-line flags too
 
 
@@ -192,8 +207,9 @@ def _progress(ctx: Context, total: int, initial: int, desc: str):
     """A tqdm bar on rank 0 of an interactive terminal; silent on non-TTY (logs, CI) and other ranks."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, mininterval=2,
-                disable=None if ctx.is_main else True)
+    return tqdm(
+        total=total, initial=initial, desc=desc, leave=False, mininterval=2, disable=None if ctx.is_main else True
+    )
 
 
 def _autocast(ctx: Context):
@@ -276,12 +292,22 @@ class TrainState:
             torch.distributed.all_gather_object(gathered, rngs[0])
             rngs = gathered
         if ctx.is_main:
-            checkpoint.save(ctx.run_dir / name, {
-                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scaler": self.scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "global_step": self.global_step, "best": self.best, "rng": rngs if ctx.dist.enabled else rngs[0],
-                "args": ctx.cfg.flags, "label": ctx.label,
-                "epoch_stats": self.stats.state() if step_in_epoch else None})
+            checkpoint.save(
+                ctx.run_dir / name,
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": self.opt.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "epoch": epoch,
+                    "step_in_epoch": step_in_epoch,
+                    "global_step": self.global_step,
+                    "best": self.best,
+                    "rng": rngs if ctx.dist.enabled else rngs[0],
+                    "args": ctx.cfg.flags,
+                    "label": ctx.label,
+                    "epoch_stats": self.stats.state() if step_in_epoch else None,
+                },
+            )
             self.saved = {"path": ctx.run_dir / name, "epoch": epoch, "step": step_in_epoch}
 
 
@@ -300,8 +326,11 @@ def train(ctx: Context) -> dict:
             end_epoch(ctx, st, epoch, row, evaluated)
     except KeyboardInterrupt as e:
         if ctx.is_main:
-            log.warning("%s. %s", "terminated (SIGTERM)" if isinstance(e, checkpoint.Terminated) else "interrupted",
-                        _resume_hint(st.saved, ctx))
+            log.warning(
+                "%s. %s",
+                "terminated (SIGTERM)" if isinstance(e, checkpoint.Terminated) else "interrupted",
+                _resume_hint(st.saved, ctx),
+            )
         raise
     return st.metrics
 
@@ -322,17 +351,41 @@ def setup(ctx: Context) -> TrainState:
         _no_dropout(model)
     opt = make_optimizer(model, ctx.task, cfg.base_lr, cfg.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
-    st = TrainState(model=model, opt=opt, scaler=scaler, loader=loader, iters=iters, total=cfg.to_epoch * iters,
-                    start_epoch=cfg.from_epoch)
+    st = TrainState(
+        model=model,
+        opt=opt,
+        scaler=scaler,
+        loader=loader,
+        iters=iters,
+        total=cfg.to_epoch * iters,
+        start_epoch=cfg.from_epoch,
+    )
     if cfg.resume_path is not None:
         _restore(ctx, st, cfg.resume_path)
     st.net = _training_net(ctx, model)
     st.graphed = _graphed_step(ctx, st.net, opt, scaler) if cfg.cuda_graphs else None
-    st.summary = Summary(ctx.run_dir / "summary.csv", ctx.run_dir / "tb" if cfg.tensorboard else None,
-                         keep_through=st.start_epoch) if ctx.is_main else None
-    log.info("%s on %s: %d process(es), batch %d per process = %d global, %d iterations/epoch, epochs %d..%d of %d, "
-             "lr %s %.4g", ctx.label, ctx.dataset, world, cfg.batch_images // world, cfg.batch_images, iters,
-             st.start_epoch + 1, cfg.stop_epoch, cfg.to_epoch, cfg.lr_type, cfg.base_lr)
+    st.summary = (
+        Summary(
+            ctx.run_dir / "summary.csv", ctx.run_dir / "tb" if cfg.tensorboard else None, keep_through=st.start_epoch
+        )
+        if ctx.is_main
+        else None
+    )
+    log.info(
+        "%s on %s: %d process(es), batch %d per process = %d global, %d iterations/epoch, epochs %d..%d of %d, "
+        "lr %s %.4g",
+        ctx.label,
+        ctx.dataset,
+        world,
+        cfg.batch_images // world,
+        cfg.batch_images,
+        iters,
+        st.start_epoch + 1,
+        cfg.stop_epoch,
+        cfg.to_epoch,
+        cfg.lr_type,
+        cfg.base_lr,
+    )
     st.global_step = st.start_epoch * iters + st.start_step
     st.saved = {"path": cfg.resume_path, "epoch": st.start_epoch, "step": st.start_step}
     return st
@@ -345,10 +398,23 @@ def _train_loader(ctx: Context, per_rank: int):
         recipe["scale_rate_range"] = tuple(cfg.scale_rate_range)
         if cfg.origin_size:
             recipe["origin_size"] = cfg.origin_size
-    return build_loader(ctx.dataset, cfg.data_root, cfg.split, batch_size=per_rank, train=True,
-                        crop_size=cfg.crop_size, device=ctx.device, backend=cfg.backend, shard_id=ctx.dist.rank,
-                        num_shards=ctx.dist.world_size, seed=cfg.seed, workers=cfg.prefetch_threads,
-                        skip_bad=cfg.skip_bad, val_list=cfg.val_list, **recipe)
+    return build_loader(
+        ctx.dataset,
+        cfg.data_root,
+        cfg.split,
+        batch_size=per_rank,
+        train=True,
+        crop_size=cfg.crop_size,
+        device=ctx.device,
+        backend=cfg.backend,
+        shard_id=ctx.dist.rank,
+        num_shards=ctx.dist.world_size,
+        seed=cfg.seed,
+        workers=cfg.prefetch_threads,
+        skip_bad=cfg.skip_bad,
+        val_list=cfg.val_list,
+        **recipe,
+    )
 
 
 def _restore(ctx: Context, st: TrainState, path: Path) -> None:
@@ -368,7 +434,8 @@ def _training_net(ctx: Context, model: nn.Module) -> nn.Module:
     net = model
     if ctx.dist.enabled:
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
     if ctx.cfg.compile != "off":
         net = _compiled(net, ctx.cfg.compile, ctx.device)
     return net
@@ -421,8 +488,14 @@ def train_one_epoch(ctx: Context, st: TrainState, epoch: int) -> dict | None:
         clock.ask_batch()
     bar.close()
     loop_s = clock.elapsed()
-    row = {"epoch": epoch + 1, "lr": lr, "train_loss": st.stats.loss, "train_acc": st.stats.acc,
-           "epoch_s": round(loop_s, 2), "data_wait_frac": round(min(1.0, clock.data_time / max(loop_s, 1e-9)), 4)}
+    row = {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": st.stats.loss,
+        "train_acc": st.stats.acc,
+        "epoch_s": round(loop_s, 2),
+        "data_wait_frac": round(min(1.0, clock.data_time / max(loop_s, 1e-9)), 4),
+    }
     if first:
         row["resumed_at_step"] = first  # loss/acc cover the whole epoch; epoch_s only the part after it
     return row
@@ -447,11 +520,14 @@ def train_step(ctx: Context, st: TrainState, b: dict, epoch: int, step: int, lr:
     else:
         with _autocast(ctx):
             out = st.net(x)
-        loss, hits = training_loss(ctx.task, out, y, loss_resolution=cfg.loss_resolution, ohem=not cfg.no_ohem,
-                                   stride=STRIDE)
+        loss, hits = training_loss(
+            ctx.task, out, y, loss_resolution=cfg.loss_resolution, ohem=not cfg.no_ohem, stride=STRIDE
+        )
     if loss is not None and distributed.broadcast_flag(not torch.isfinite(loss).item(), ctx.device):
-        raise TrainingError(f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1} (lr {lr:.4g}); "
-                            "lower --base-lr, try --amp off, or check the data")
+        raise TrainingError(
+            f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1} (lr {lr:.4g}); "
+            "lower --base-lr, try --amp off, or check the data"
+        )
     if st.graphed is None:
         st.opt.zero_grad(set_to_none=True)
         st.scaler.scale(loss).backward()
@@ -467,11 +543,23 @@ def _log_step(ctx: Context, st: TrainState, epoch: int, step: int, first: int, l
     eta = dt / done * (st.iters - step - 1)
     # data-wait: the share of the step time this process sat waiting for the loader (a starving pipeline shows
     # as a high value; the host syncs on loss.item() every step, so on a GPU the host's wait is the GPU's idle time)
-    log.info("epoch %d [%d/%d] lr %.4g loss %.4f %s %.3f img/s %.1f (global %.1f) data %.3fs "
-             "data-wait %.2f mem %.0fMB eta %ds", epoch + 1, step + 1, st.iters, lr, st.stats.loss,
-             "acc" if ctx.task == "cls" else "pix-acc", st.stats.acc, st.stats.seen_here / dt,
-             st.stats.seen_here * ctx.dist.world_size / dt, clock.data_time / done,
-             min(1.0, clock.data_time / dt), _peak_mb(ctx.device), eta)
+    log.info(
+        "epoch %d [%d/%d] lr %.4g loss %.4f %s %.3f img/s %.1f (global %.1f) data %.3fs "
+        "data-wait %.2f mem %.0fMB eta %ds",
+        epoch + 1,
+        step + 1,
+        st.iters,
+        lr,
+        st.stats.loss,
+        "acc" if ctx.task == "cls" else "pix-acc",
+        st.stats.acc,
+        st.stats.seen_here / dt,
+        st.stats.seen_here * ctx.dist.world_size / dt,
+        clock.data_time / done,
+        min(1.0, clock.data_time / dt),
+        _peak_mb(ctx.device),
+        eta,
+    )
 
 
 def _eval_due(cfg: TrainConfig, epoch: int) -> bool:
@@ -492,8 +580,10 @@ def end_epoch(ctx: Context, st: TrainState, epoch: int, row: dict, metrics: dict
         if st.best is None or (score < st.best if key == "err1" else score > st.best):
             st.best = score
             if ctx.is_main:
-                checkpoint.save(ctx.run_dir / "best.pt", {"model": st.model.state_dict(), "epoch": epoch + 1,
-                                                          key: score, "label": ctx.label})
+                checkpoint.save(
+                    ctx.run_dir / "best.pt",
+                    {"model": st.model.state_dict(), "epoch": epoch + 1, key: score, "label": ctx.label},
+                )
     st.save(ctx, epoch + 1, 0)
     if ctx.is_main:
         if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
@@ -522,16 +612,25 @@ def _load_scaler(scaler: torch.amp.GradScaler, ck: dict, amp: str) -> None:
     if scaler.is_enabled() and state:
         scaler.load_state_dict(state)
     elif before != amp:
-        log.info("--amp %s (the checkpoint was trained with --amp %s)%s", amp, before,
-                 ": starting a new fp16 loss scale" if scaler.is_enabled() else "")
+        log.info(
+            "--amp %s (the checkpoint was trained with --amp %s)%s",
+            amp,
+            before,
+            ": starting a new fp16 loss scale" if scaler.is_enabled() else "",
+        )
 
 
 def _resume_hint(saved: dict, ctx: Context) -> str:
     if saved["path"] is None:
         return "No checkpoint was written yet in this run."
-    where = f"epoch {saved['epoch'] + 1} step {saved['step']}" if saved["step"] else f"the end of epoch {saved['epoch']}"
-    return (f"Last checkpoint: {saved['path']} (at {where}). To continue, run the same command with --resume"
-            + ("" if Path(saved["path"]) == ctx.run_dir / "last.pt" else f" {saved['path']}") + ".")
+    where = (
+        f"epoch {saved['epoch'] + 1} step {saved['step']}" if saved["step"] else f"the end of epoch {saved['epoch']}"
+    )
+    return (
+        f"Last checkpoint: {saved['path']} (at {where}). To continue, run the same command with --resume"
+        + ("" if Path(saved["path"]) == ctx.run_dir / "last.pt" else f" {saved['path']}")
+        + "."
+    )
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -550,21 +649,38 @@ def evaluate(ctx: Context, model: nn.Module, *, split: str = "val", save: bool =
 
 def _headline(ctx: Context, m: dict) -> str:
     if ctx.task == "cls":
-        return (f"top-1 error {m['err1']:.4f} top-5 error {m['err5']:.4f} (accuracy {m['acc1']:.4f} / {m['acc5']:.4f})"
-                f" on {m['count']} images")
+        return (
+            f"top-1 error {m['err1']:.4f} top-5 error {m['err5']:.4f} (accuracy {m['acc1']:.4f} / {m['acc5']:.4f})"
+            f" on {m['count']} images"
+        )
     s = f"mIoU {m['miou']:.4f} pixel acc {m['pixel_acc']:.4f} mean acc {m['mean_acc']:.4f}"
     if "cityscapes" in m:
         c = m["cityscapes"]
-        s += (f" | Cityscapes IoU class {c['averageScoreClasses']:.4f} iIoU class {c['averageScoreInstClasses']:.4f}"
-              f" IoU category {c['averageScoreCategories']:.4f} iIoU category {c['averageScoreInstCategories']:.4f}")
+        s += (
+            f" | Cityscapes IoU class {c['averageScoreClasses']:.4f} iIoU class {c['averageScoreInstClasses']:.4f}"
+            f" IoU category {c['averageScoreCategories']:.4f} iIoU category {c['averageScoreInstCategories']:.4f}"
+        )
     return s
 
 
 def _val_loader(ctx: Context, split: str, **kw):
     a = ctx.cfg
-    return build_loader(ctx.dataset, a.data_root, split, batch_size=kw.pop("batch_size", 1), train=False,
-                        device=ctx.device, backend=a.backend, shard_id=ctx.dist.rank, num_shards=ctx.dist.world_size,
-                        seed=a.seed, workers=a.prefetch_threads, skip_bad=a.skip_bad, val_list=a.val_list, **kw)
+    return build_loader(
+        ctx.dataset,
+        a.data_root,
+        split,
+        batch_size=kw.pop("batch_size", 1),
+        train=False,
+        device=ctx.device,
+        backend=a.backend,
+        shard_id=ctx.dist.rank,
+        num_shards=ctx.dist.world_size,
+        seed=a.seed,
+        workers=a.prefetch_threads,
+        skip_bad=a.skip_bad,
+        val_list=a.val_list,
+        **kw,
+    )
 
 
 def _evaluate_cls(ctx: Context, model: nn.Module, split: str, save: bool) -> dict:
@@ -588,8 +704,10 @@ def _evaluate_cls(ctx: Context, model: nn.Module, split: str, save: bool) -> dic
         top = TopK(ctx.device)
         keys = sorted(probs)
         if keys:
-            top.update(torch.stack([torch.stack(probs[i]).mean(0) for i in keys]).to(ctx.device),
-                       torch.tensor([labels[i] for i in keys], device=ctx.device))
+            top.update(
+                torch.stack([torch.stack(probs[i]).mean(0) for i in keys]).to(ctx.device),
+                torch.tensor([labels[i] for i in keys], device=ctx.device),
+            )
         out = top.all_reduce().scores()
     out["scales"] = {str(s): v for s, v in per_scale.items()}
     return out
@@ -613,8 +731,7 @@ def _evaluate_seg(ctx: Context, model: nn.Module, split: str, save: bool) -> dic
             lh, lw = b["label_size"][k].tolist()
             img = b["image"][k, :, :h, :w]
             with _autocast(ctx):
-                probs = segment(model, img, scales=scales, flip=a.test_flipping, steps=a.test_steps,
-                                canvas_min=canvas)
+                probs = segment(model, img, scales=scales, flip=a.test_flipping, steps=a.test_steps, canvas_min=canvas)
             if probs.shape[-2:] != (lh, lw):
                 probs = F.interpolate(probs[None], size=(lh, lw), mode="bilinear", align_corners=False)[0]
             pred = probs.argmax(0)

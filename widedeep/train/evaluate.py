@@ -30,14 +30,16 @@ def shift_offsets(steps: int, stride: int = STRIDE) -> list[int]:
 
 
 @torch.no_grad()
-def dense_probs(model: nn.Module, canvas: torch.Tensor, *, flip: bool, steps: int, stride: int = STRIDE) -> torch.Tensor:
+def dense_probs(
+    model: nn.Module, canvas: torch.Tensor, *, flip: bool, steps: int, stride: int = STRIDE
+) -> torch.Tensor:
     """Softmax probabilities (N, C, H/s', W/s') at stride s' = stride/steps for a (N, 3, H, W) canvas (H, W % stride
     == 0), averaging the mirrored input's (un-mirrored) probabilities when ``flip``."""
     n, _, h, w = canvas.shape
     offs = shift_offsets(steps, stride)
     pad = stride // 2
     padded = F.pad(canvas, (pad, pad, pad, pad))
-    views = [padded[:, :, pad + dy: pad + dy + h, pad + dx: pad + dx + w] for dy in offs for dx in offs]
+    views = [padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w] for dy in offs for dx in offs]
     x = torch.cat(views)
     if flip:
         x = torch.cat([x, x.flip(-1)])
@@ -62,8 +64,16 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def segment(model: nn.Module, image: torch.Tensor, *, scales: Iterable[int | None] = (None,),
-            flip: bool = False, steps: int = 1, canvas_min: int = 0, stride: int = STRIDE) -> torch.Tensor:
+def segment(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    scales: Iterable[int | None] = (None,),
+    flip: bool = False,
+    steps: int = 1,
+    canvas_min: int = 0,
+    stride: int = STRIDE,
+) -> torch.Tensor:
     """Class probabilities (C, H, W) for one normalised image (3, H, W) at its original size.
 
     Per scale (longer side; None = as is): resize (bicubic), paste top-left into a zero (= mean colour) canvas of
@@ -78,7 +88,10 @@ def segment(model: nn.Module, image: torch.Tensor, *, scales: Iterable[int | Non
         r = 1.0 if s is None else s / max(h0, w0)
         h, w = max(1, round(h0 * r)), max(1, round(w0 * r))
         x = _resize(image[None], (h, w), "bicubic")
-        H, W = max(_ceil_to(h, stride), _ceil_to(canvas_min, stride)), max(_ceil_to(w, stride), _ceil_to(canvas_min, stride))
+        H, W = (
+            max(_ceil_to(h, stride), _ceil_to(canvas_min, stride)),
+            max(_ceil_to(w, stride), _ceil_to(canvas_min, stride)),
+        )
         canvas = F.pad(x, (0, W - w, 0, H - h))
         p = dense_probs(model, canvas, flip=flip, steps=steps, stride=stride)
         p = F.interpolate(p, size=(H, W), mode="bicubic", align_corners=False)[:, :, :h, :w]

@@ -65,19 +65,27 @@ class GraphRefused(ValueError):
     """--cuda-graphs cannot work in this configuration; the message says why in one line."""
 
 
-def refuse(device: torch.device, *, world_size: int = 1, compile_mode: str = "off", dist_backend: str | None = None) -> None:
+def refuse(
+    device: torch.device, *, world_size: int = 1, compile_mode: str = "off", dist_backend: str | None = None
+) -> None:
     """Raise :class:`GraphRefused` where a whole-step graph cannot work (see the module docstring)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         raise GraphRefused(f"--cuda-graphs needs a CUDA device (this run is on {device.type}); drop the flag")
     if dist_backend is not None and dist_backend != "nccl":
-        raise GraphRefused(f"--cuda-graphs: {dist_backend} collectives (e.g. sync BN over gloo) cannot be captured "
-                           "in a CUDA graph; use NCCL or drop the flag")
+        raise GraphRefused(
+            f"--cuda-graphs: {dist_backend} collectives (e.g. sync BN over gloo) cannot be captured "
+            "in a CUDA graph; use NCCL or drop the flag"
+        )
     if world_size > 1:
-        raise GraphRefused(f"--cuda-graphs runs one process for now ({world_size} here): capturing DDP's all-reduce "
-                           "needs its own recipe (not done); train on one GPU or drop the flag")
+        raise GraphRefused(
+            f"--cuda-graphs runs one process for now ({world_size} here): capturing DDP's all-reduce "
+            "needs its own recipe (not done); train on one GPU or drop the flag"
+        )
     if compile_mode != "off":
-        raise GraphRefused(f"--cuda-graphs with --compile {compile_mode}: pick one (--compile reduce-overhead is "
-                           "torch.compile's own CUDA graphs)")
+        raise GraphRefused(
+            f"--cuda-graphs with --compile {compile_mode}: pick one (--compile reduce-overhead is "
+            "torch.compile's own CUDA graphs)"
+        )
 
 
 def prepare_optimizer(opt: torch.optim.Optimizer, device: torch.device) -> torch.optim.Optimizer:
@@ -109,8 +117,15 @@ def _plain_state_dict(_opt, state: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ capture-safe loss
-def ohem_cross_entropy_static(logits: torch.Tensor, target: torch.Tensor, *, thresh: float = 0.6,
-                              min_kept: int = 256, ignore_index: int = IGNORE, reduction: str = "mean"):
+def ohem_cross_entropy_static(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    thresh: float = 0.6,
+    min_kept: int = 256,
+    ignore_index: int = IGNORE,
+    reduction: str = "mean",
+):
     """:func:`widedeep.train.losses.ohem_cross_entropy` with no host read and no data-dependent shape.
 
     Same selection: valid pixels whose ground-truth probability is <= max(thresh, the ``min_kept``-th smallest
@@ -121,8 +136,10 @@ def ohem_cross_entropy_static(logits: torch.Tensor, target: torch.Tensor, *, thr
     ``reduction="sum"``: (sum over the kept pixels, their count), as ``ohem_cross_entropy``.
     """
     if logits.shape[-2:] != target.shape[-2:]:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(target.shape)} differ in size; "
-                         "subsample labels (labels_at_feature_resolution) or upsample logits first")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(target.shape)} differ in size; "
+            "subsample labels (labels_at_feature_resolution) or upsample logits first"
+        )
     nll = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
     with torch.no_grad():
         valid = target != ignore_index
@@ -137,12 +154,20 @@ def ohem_cross_entropy_static(logits: torch.Tensor, target: torch.Tensor, *, thr
     return total / keep.sum().clamp(min=1)
 
 
-def step_loss(task: str, out: torch.Tensor, y: torch.Tensor, *, loss_resolution: str = "feature",
-              ohem: bool = True, stride: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def step_loss(
+    task: str,
+    out: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    loss_resolution: str = "feature",
+    ohem: bool = True,
+    stride: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The trainer's loss (:func:`widedeep.train.losses.training_loss`, its one definition) in its capture-safe
     form: loss and (correct, counted) as device tensors, OHEM with a fixed-shape selection."""
-    return training_loss(task, out, y, loss_resolution=loss_resolution, ohem=ohem, stride=stride,
-                         ohem_sum=ohem_cross_entropy_static)
+    return training_loss(
+        task, out, y, loss_resolution=loss_resolution, ohem=ohem, stride=stride, ohem_sum=ohem_cross_entropy_static
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the graphed step
@@ -155,9 +180,15 @@ class GraphedStep:
     next call, or None for a batch whose shapes differ from the first one (dropped, counted in ``dropped``).
     """
 
-    def __init__(self, net: torch.nn.Module, opt: torch.optim.Optimizer,
-                 forward_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], *,
-                 scaler: torch.amp.GradScaler | None = None, warmup: int = WARMUP_STEPS):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        forward_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        warmup: int = WARMUP_STEPS,
+    ):
         self.net, self.opt, self.forward_loss = net, opt, forward_loss
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cuda", enabled=False)
         self.warmup = warmup
@@ -194,8 +225,11 @@ class GraphedStep:
         with torch.cuda.graph(g, stream=self.stream, capture_error_mode="thread_local"):
             out = self._captured_step()
         self.graph, self.static_out = g, out
-        log.info("--cuda-graphs: step captured after %d warm-up steps (batch %s); replaying it from now on",
-                 self.steps, tuple(self.static_x.shape))
+        log.info(
+            "--cuda-graphs: step captured after %d warm-up steps (batch %s); replaying it from now on",
+            self.steps,
+            tuple(self.static_x.shape),
+        )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.static_x is None:
@@ -205,9 +239,13 @@ class GraphedStep:
         if x.shape != self.static_x.shape or y.shape != self.static_y.shape or x.stride() != self.static_x.stride():
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 100 == 0:
-                log.warning("--cuda-graphs: batch %s differs from the captured %s: dropped (%d so far; a last "
-                            "partial batch is dropped every epoch, as drop_last would)", tuple(x.shape),
-                            tuple(self.static_x.shape), self.dropped)
+                log.warning(
+                    "--cuda-graphs: batch %s differs from the captured %s: dropped (%d so far; a last "
+                    "partial batch is dropped every epoch, as drop_last would)",
+                    tuple(x.shape),
+                    tuple(self.static_x.shape),
+                    self.dropped,
+                )
             return None
         self.static_x.copy_(x)
         self.static_y.copy_(y)
@@ -235,8 +273,16 @@ class GraphedStep:
 # inside a capture); on a CPU they are what would sync once the same code runs on a GPU.
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 # The ATen ops behind them (and behind C++ reads, e.g. a Tensor given where a Scalar is expected: alpha=-lr).
-HOST_READ_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "unique", "_unique",
-                 "_unique2", "equal")
+HOST_READ_OPS = (
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "is_nonzero",
+    "unique",
+    "_unique",
+    "_unique2",
+    "equal",
+)
 
 
 # Tensors made from host data: on a GPU a host-to-device copy, which a capture would either refuse or freeze at
@@ -266,10 +312,15 @@ def _host_read_mode(exclude_packages: tuple[str, ...]):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
             # a boolean mask index has a data-dependent shape: its nonzero runs inside the C++ kernel
-            masked = name.startswith(("index", "_index_put")) and len(args) > 1 and isinstance(args[1], (list, tuple)) \
+            masked = (
+                name.startswith(("index", "_index_put"))
+                and len(args) > 1
+                and isinstance(args[1], (list, tuple))
                 and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+            )
             if (name in HOST_READ_OPS or masked) and not (
-                    exclude_packages and _in_package(sys._getframe(1), exclude_packages)):
+                exclude_packages and _in_package(sys._getframe(1), exclude_packages)
+            ):
                 raise HostSyncError(f"host read of a tensor: aten.{name}" + (" with a boolean mask" if masked else ""))
             return func(*args, **(kwargs or {}))
 
@@ -298,6 +349,7 @@ def forbid_host_sync(exclude_packages: tuple[str, ...] = ()):
             if not allowed():
                 raise HostSyncError(f"host read of a tensor: Tensor.{name}")
             return orig(self, *a, **k)
+
         return f
 
     sync = torch.cuda.synchronize
@@ -311,6 +363,7 @@ def forbid_host_sync(exclude_packages: tuple[str, ...] = ()):
             if not allowed():
                 raise HostSyncError(f"tensor made from host data: torch.{name}")
             return orig(*a, **k)
+
         return f
 
     for name, orig in saved.items():

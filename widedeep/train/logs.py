@@ -20,7 +20,9 @@ def setup_logging(output_dir: Path | None, is_main: bool) -> None:
     if output_dir is not None and is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(output_dir / "log.txt"))
-    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers, force=True)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers, force=True
+    )
 
 
 class Summary:
@@ -72,7 +74,9 @@ class Summary:
 
             fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)
             for ax, (k, v) in zip(axes[0], series.items()):
-                ax.plot([e for e, x in zip(epochs, v) if not math.isnan(x)], [x for x in v if not math.isnan(x)], marker="o")
+                ax.plot(
+                    [e for e, x in zip(epochs, v) if not math.isnan(x)], [x for x in v if not math.isnan(x)], marker="o"
+                )
                 ax.set_title(k)
                 ax.set_xlabel("epoch")
             fig.tight_layout()
@@ -95,7 +99,9 @@ def _pil_plot(path: Path, epochs: list[int], series: dict[str, list[float]]) -> 
             continue
         lo, hi = min(v for _, v in pts), max(v for _, v in pts)
         e0, e1 = min(epochs), max(epochs)
-        xy = [(i * w + 20 + (e - e0) / max(1, e1 - e0) * (w - 40), h - 20 - (v - lo) / max(1e-12, hi - lo) * (h - 50))
-              for e, v in pts]
+        xy = [
+            (i * w + 20 + (e - e0) / max(1, e1 - e0) * (w - 40), h - 20 - (v - lo) / max(1e-12, hi - lo) * (h - 50))
+            for e, v in pts
+        ]
         d.line(xy, fill="blue", width=2)
     img.save(path)

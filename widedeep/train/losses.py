@@ -15,19 +15,27 @@ IGNORE = 255
 
 def labels_at_feature_resolution(label: torch.Tensor, stride: int = 8) -> torch.Tensor:
     """The seed's ``label[4::8, 4::8]``: score cell i sits over pixel ``stride * i + stride // 2``. (N, H, W)."""
-    return label[:, stride // 2::stride, stride // 2::stride]
+    return label[:, stride // 2 :: stride, stride // 2 :: stride]
 
 
-def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor, *,
-                      ignore_index: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_sum(
+    logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = IGNORE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the pixel cross-entropies, number of valid pixels) of this process's batch: the caller divides by
     the count over all processes, so that N processes weight every pixel as one process does."""
     nll = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
     return nll.sum(), (target != ignore_index).sum()
 
 
-def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, thresh: float = 0.6, min_kept: int = 256,
-                       ignore_index: int = IGNORE, reduction: str = "mean"):
+def ohem_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    thresh: float = 0.6,
+    min_kept: int = 256,
+    ignore_index: int = IGNORE,
+    reduction: str = "mean",
+):
     """Mean cross-entropy over the hard pixels of this (per-device) batch, as ademxapp's ``ohem_softmax``.
 
     Valid pixels (label != ignore) whose ground-truth probability is <= ``thresh`` are kept; the threshold is
@@ -44,8 +52,10 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, thresh: fl
 
 def _ohem_sum(logits, target, thresh, min_kept, ignore_index) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.shape[-2:] != target.shape[-2:]:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(target.shape)} differ in size; "
-                         "subsample labels (labels_at_feature_resolution) or upsample logits first")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(target.shape)} differ in size; "
+            "subsample labels (labels_at_feature_resolution) or upsample logits first"
+        )
     nll = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
     valid = target != ignore_index
     n = int(valid.sum())
@@ -60,10 +70,16 @@ def _ohem_sum(logits, target, thresh, min_kept, ignore_index) -> tuple[torch.Ten
     return nll[keep].sum(), keep.sum()
 
 
-def training_loss(task: str, out: torch.Tensor, y: torch.Tensor, *, loss_resolution: str = "feature",
-                  ohem: bool = True, stride: int = 8,
-                  ohem_sum: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def training_loss(
+    task: str,
+    out: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    loss_resolution: str = "feature",
+    ohem: bool = True,
+    stride: int = 8,
+    ohem_sum: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The trainer's loss and (correct, counted) for the running training accuracy (seg: the seed's ``fcn_valid``).
 
     cls: cross-entropy of (N, C) scores against (N,) labels; hits = (top-1 hits, N). seg: labels (N, H, W)
@@ -81,8 +97,10 @@ def training_loss(task: str, out: torch.Tensor, y: torch.Tensor, *, loss_resolut
     if loss_resolution == "feature":
         y = labels_at_feature_resolution(y, stride)
         if y.shape[-2:] != out.shape[-2:]:
-            raise ValueError(f"labels {tuple(y.shape[-2:])} vs scores {tuple(out.shape[-2:])}: the crop must be a "
-                             "multiple of 8 (it is rounded up for you) and the model output stride 8")
+            raise ValueError(
+                f"labels {tuple(y.shape[-2:])} vs scores {tuple(out.shape[-2:])}: the crop must be a "
+                "multiple of 8 (it is rounded up for you) and the model output stride 8"
+            )
     else:
         out = F.interpolate(out.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
     if not ohem:

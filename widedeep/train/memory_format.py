@@ -21,8 +21,11 @@ CPU_CHANNELS_LAST_MIN_CHANNELS = 16
 
 def unsafe_cpu_convs(model: nn.Module) -> list[str]:
     """Names of the convolutions whose CPU backward on channels_last input is known to crash."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and max(m.stride) > 1 and m.in_channels < CPU_CHANNELS_LAST_MIN_CHANNELS]
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and max(m.stride) > 1 and m.in_channels < CPU_CHANNELS_LAST_MIN_CHANNELS
+    ]
 
 
 def use_channels_last(model: nn.Module, device: torch.device, requested: bool, training: bool) -> bool:
@@ -31,8 +34,11 @@ def use_channels_last(model: nn.Module, device: torch.device, requested: bool, t
         return requested
     bad = unsafe_cpu_convs(model)
     if bad:
-        log.warning("--channels-last ignored: on a CPU, the backward of strided convolutions with fewer than %d "
-                    "input channels on channels_last input crashes oneDNN on some CPUs (%s); training in NCHW",
-                    CPU_CHANNELS_LAST_MIN_CHANNELS, ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""))
+        log.warning(
+            "--channels-last ignored: on a CPU, the backward of strided convolutions with fewer than %d "
+            "input channels on channels_last input crashes oneDNN on some CPUs (%s); training in NCHW",
+            CPU_CHANNELS_LAST_MIN_CHANNELS,
+            ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""),
+        )
         return False
     return True

@@ -26,8 +26,9 @@ def param_groups(model: nn.Module, *, weight_decay: float, bias_lr_mult: float) 
     ]
 
 
-def make_optimizer(model: nn.Module, task: str, base_lr: float, weight_decay: float | None = None,
-                   momentum: float = 0.9) -> torch.optim.SGD:
+def make_optimizer(
+    model: nn.Module, task: str, base_lr: float, weight_decay: float | None = None, momentum: float = 0.9
+) -> torch.optim.SGD:
     """Classification: Nesterov SGD (the seed's TorchNesterov = torch's nesterov SGD). Segmentation: SGD momentum
     0.9, biases/beta lr x2. Weight decay on weights and BN gamma only; None: the task's (``cli.TASK_DEFAULTS``)."""
     if weight_decay is None:

@@ -28,8 +28,14 @@ def _free_port() -> int:
 
 
 def _spawned(local_rank: int, argv: list[str], gpus: tuple[int, ...], port: int) -> None:
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(len(gpus)),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(len(gpus)),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)),
+    )
     try:
         main(argv)
     except USER_ERRORS as e:  # one line from the process that hit it, as cli() does
@@ -62,8 +68,15 @@ def cli(argv: list[str] | None = None) -> int:
 
 # What bad flags, files and data raise: all are reported as one line. ValueError covers the weights, label,
 # checkpoint and data errors (WeightsMismatchError, ParamsFormatError, BadSampleError ...).
-USER_ERRORS = (TrainingError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-               NoSpaceError)
+USER_ERRORS = (
+    TrainingError,
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    NoSpaceError,
+)
 
 
 def _one_line(e: BaseException) -> str:
@@ -89,8 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     if gpus and not torch.cuda.is_available():
         # one rule for any --gpus list: without CUDA the seed's commands still run, as one CPU process
         # (--batch-images is global, so the recipe is unchanged)
-        print(f"warning: --gpus {','.join(map(str, gpus))} ignored: no CUDA device here; running one process on "
-              "the CPU", file=sys.stderr)
+        print(
+            f"warning: --gpus {','.join(map(str, gpus))} ignored: no CUDA device here; running one process on the CPU",
+            file=sys.stderr,
+        )
         gpus = ()
     if len(gpus) > 1 and "RANK" not in os.environ:  # the seed's --gpus 0,1,2,3 in one command: one process per GPU
         torch.multiprocessing.spawn(_spawned, args=(argv, gpus, _free_port()), nprocs=len(gpus))
@@ -128,8 +143,14 @@ def _run(args, info, device) -> dict:
     removed = []
     try:
         if cfg.phase == "train":
-            removed = runlock.check_fresh(cfg.run_dir, Path(cfg.output), label, resume=bool(cfg.resume),
-                                          overwrite=cfg.overwrite or cfg.demo, remove=info.is_main)
+            removed = runlock.check_fresh(
+                cfg.run_dir,
+                Path(cfg.output),
+                label,
+                resume=bool(cfg.resume),
+                overwrite=cfg.overwrite or cfg.demo,
+                remove=info.is_main,
+            )
         setup_logging(cfg.run_dir, info.is_main)
         if removed:
             log.info("--overwrite: removed the previous run's %s", ", ".join(p.name for p in removed))
@@ -147,8 +168,15 @@ def _run_locked(ctx: Context) -> dict:
         from data_pipes.synthetic import write_synthetic
 
         # 5 segmentation classes (or 10 ILSVRC classes): learnable by a tiny net in about a minute of CPU time
-        write_synthetic(cfg.dataset, cfg.data_root, num_train=64, num_val=16, size=(64, 112), seed=0,
-                        num_classes=10 if cfg.dataset == "ilsvrc" else 5)
+        write_synthetic(
+            cfg.dataset,
+            cfg.data_root,
+            num_train=64,
+            num_val=16,
+            size=(64, 112),
+            seed=0,
+            num_classes=10 if cfg.dataset == "ilsvrc" else 5,
+        )
     distributed.barrier()
     torch.manual_seed(cfg.seed + info.rank)
     t0 = time.perf_counter()

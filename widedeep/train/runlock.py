@@ -38,10 +38,15 @@ class RunLock:
             os.close(fd)
             raise RunFolderError(
                 f"--output: {self.path.parent} is in use by another run ({holder}); wait for it to finish, or give "
-                "this run another --output") from None
+                "this run another --output"
+            ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            ).encode(),
+        )
         os.fsync(fd)
         self.fd = fd
         return self
@@ -71,7 +76,8 @@ def check_fresh(run_dir: Path, output: Path, label: str, *, resume: bool, overwr
     if not overwrite:
         raise RunFolderError(
             f"--output: {run_dir} already holds a run ({', '.join(p.name for p in used)}); continue it with --resume, "
-            "start over with --overwrite (removes that run's files and exports), or give another --output")
+            "start over with --overwrite (removes that run's files and exports), or give another --output"
+        )
     old = [run_dir / n for n in RUN_FILES if (run_dir / n).is_file()] + sorted(output.glob(f"{label}_ep-*.params"))
     if remove:
         for p in old:

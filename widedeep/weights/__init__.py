@@ -25,24 +25,54 @@ from widedeep.fileio import atomic_open, atomic_write_bytes  # noqa: F401 (impor
 
 from .errors import WeightsFormatError, WeightsMismatchError
 from .lineages import (  # noqa: F401 (the package's names as before the split)
-    CONVENTIONS, INPLACE_ABN_EPS, MAPILLARY_LAYOUTS, PLAIN_LAYOUTS, check_convention, inplace_abn_gammas,
+    CONVENTIONS,
+    INPLACE_ABN_EPS,
+    MAPILLARY_LAYOUTS,
+    PLAIN_LAYOUTS,
+    check_convention,
+    inplace_abn_gammas,
     state_from_checkpoint,
 )
 from .load import CLASSIFIER_PREFIXES, HEAD_PREFIXES, LoadReport, load_weights  # noqa: F401
 from .mapping import (  # noqa: F401
-    UnknownNameError, ademxapp_to_key, is_segmentation_file, key_to_ademxapp, num_classes_of,
+    UnknownNameError,
+    ademxapp_to_key,
+    is_segmentation_file,
+    key_to_ademxapp,
+    num_classes_of,
 )
 from .mxnet_params import ParamsFormatError, read_params, write_params
 from .pool_style import POOL_STYLES, pool_style_of  # noqa: F401
 from .read import WeightsFile, checked_dtypes, read_state_dict, read_weights, with_convention  # noqa: F401
 from .released import (  # noqa: F401
-    RELEASED_MD5, RELEASED_MODEL_A, ChecksumError, check_released, is_released_model_a, verify_released,
+    RELEASED_MD5,
+    RELEASED_MODEL_A,
+    ChecksumError,
+    check_released,
+    is_released_model_a,
+    verify_released,
 )
 from .save import save_weights, to_ademxapp
 
 __all__ = [
-    "ChecksumError", "ParamsFormatError", "WeightsFormatError", "WeightsMismatchError", "LoadReport", "WeightsFile",
-    "RELEASED_MD5", "read_params", "write_params", "read_weights", "read_state_dict", "load_weights", "save_weights",
-    "to_ademxapp", "num_classes_of", "pool_style_of", "verify_released", "with_convention", "CONVENTIONS",
+    "ChecksumError",
+    "ParamsFormatError",
+    "WeightsFormatError",
+    "WeightsMismatchError",
+    "LoadReport",
+    "WeightsFile",
+    "RELEASED_MD5",
+    "read_params",
+    "write_params",
+    "read_weights",
+    "read_state_dict",
+    "load_weights",
+    "save_weights",
+    "to_ademxapp",
+    "num_classes_of",
+    "pool_style_of",
+    "verify_released",
+    "with_convention",
+    "CONVENTIONS",
     "INPLACE_ABN_EPS",
 ]

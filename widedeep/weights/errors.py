@@ -20,9 +20,19 @@ class WeightsMismatchError(ValueError):
     ``width_ratio`` (file / model) when the shapes are those of the same net at another ``width``, else None.
     """
 
-    def __init__(self, message: str, *, path: str | None = None, missing=(), unexpected=(), mis_shaped=(),
-                 file_classes: int | None = None, model_classes: int | None = None,
-                 file_width: float | None = None, model_width: float | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        missing=(),
+        unexpected=(),
+        mis_shaped=(),
+        file_classes: int | None = None,
+        model_classes: int | None = None,
+        file_width: float | None = None,
+        model_width: float | None = None,
+    ):
         super().__init__(message)
         self.path = path
         self.missing, self.unexpected, self.mis_shaped = list(missing), list(unexpected), list(mis_shaped)

@@ -47,8 +47,13 @@ MAPILLARY_LAYOUTS = ("mapillary", "mapillary-v0", "mapillary-vistas", "nvidia")
 PLAIN_LAYOUTS = ("ademxapp", "widedeep")
 
 _UNIT_LAYERS = {
-    "bn1": "bn_branch2a", "convs.conv1": "conv_branch2a", "convs.bn2": "bn_branch2b1", "convs.conv2": "conv_branch2b1",
-    "convs.bn3": "bn_branch2b2", "convs.conv3": "conv_branch2b2", "proj_conv": "conv_branch1",
+    "bn1": "bn_branch2a",
+    "convs.conv1": "conv_branch2a",
+    "convs.bn2": "bn_branch2b1",
+    "convs.conv2": "conv_branch2b1",
+    "convs.bn3": "bn_branch2b2",
+    "convs.conv3": "conv_branch2b2",
+    "proj_conv": "conv_branch1",
 }
 _BN_PARAM = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 _BLOCK = re.compile(r"^mod(\d+)\.block(\d+)\.(.+)$")
@@ -119,22 +124,27 @@ def unwrap_checkpoint(obj: Any, path: str) -> tuple[dict[str, Any], dict[str, st
                 skipped[".".join(trail + [str(k)])] = _describe(str(k), v)
         trail.append(inner)
         obj = obj[inner]
-    if (isinstance(obj, Mapping) and isinstance(obj.get("body"), Mapping)
-            and not any(torch.is_tensor(v) for v in obj.values())):
+    if (
+        isinstance(obj, Mapping)
+        and isinstance(obj.get("body"), Mapping)
+        and not any(torch.is_tensor(v) for v in obj.values())
+    ):
         container = "vistas"
         for k, v in obj.items():
             if k == "body":
                 continue
             what = {"head": "Vistas segmentation head (DeepLabV3)", "cls": "Vistas classifier conv"}.get(str(k))
             n = sum(1 for t in v.values() if torch.is_tensor(t)) if isinstance(v, Mapping) else 0
-            skipped[".".join(trail + [str(k)])] = (f"{what}: {n} tensors with no counterpart in ResNet38" if what
-                                                  else _describe(str(k), v))
+            skipped[".".join(trail + [str(k)])] = (
+                f"{what}: {n} tensors with no counterpart in ResNet38" if what else _describe(str(k), v)
+            )
         trail.append("body")
         obj = obj["body"]
     if not isinstance(obj, Mapping):
         where = f" under {'/'.join(trail)}" if trail else ""
         raise WeightsFormatError(
-            f"{path}: expected a state_dict (a dict of tensors){where}, found {type(obj).__name__}")
+            f"{path}: expected a state_dict (a dict of tensors){where}, found {type(obj).__name__}"
+        )
     state: dict[str, Any] = {}
     for k, v in obj.items():
         if torch.is_tensor(v):
@@ -144,8 +154,9 @@ def unwrap_checkpoint(obj: Any, path: str) -> tuple[dict[str, Any], dict[str, st
     return state, skipped, container
 
 
-def from_mapillary(state: Mapping[str, torch.Tensor], path: str, container: str | None
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+def from_mapillary(
+    state: Mapping[str, torch.Tensor], path: str, container: str | None
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """Mapillary/NVIDIA keys (``module.`` already stripped) -> (our state, skipped {pattern: what}, layout).
 
     Keys outside the trunk (a DeepLab/ASPP head of a segmentation checkpoint) are skipped and reported; a trunk
@@ -169,8 +180,9 @@ def from_mapillary(state: Mapping[str, torch.Tensor], path: str, container: str 
                 heads[group] = heads.get(group, 0) + 1
             continue
         if ours in out:
-            raise WeightsMismatchError(f"{path}: {source[ours]!r} and {key!r} both hold {ours}: a mixed layout",
-                                       path=path, unexpected=[key])
+            raise WeightsMismatchError(
+                f"{path}: {source[ours]!r} and {key!r} both hold {ours}: a mixed layout", path=path, unexpected=[key]
+            )
         if m := _BLOCK.match(key):
             blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]))
         out[ours], source[ours] = tensor, key
@@ -181,14 +193,16 @@ def from_mapillary(state: Mapping[str, torch.Tensor], path: str, container: str 
             f"{path}: {len(unknown)} keys of a Mapillary/NVIDIA WiderResNet trunk are of no known layout "
             f"(expected mod<L>.block<k>.bn1/convs.conv1.../proj_conv, optionally with .bn. or .0. before the BN "
             f"parameter): {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else ""),
-            path=path, unexpected=unknown,
+            path=path,
+            unexpected=unknown,
         )
     structure = [blocks.get(level, 0) for level in LEVELS]
     expected = [count for count, _ in LEVELS.values()]
     if structure != expected:
         raise WeightsMismatchError(
             f"{path}: a WiderResNet with structure {structure} (blocks in mod2..mod7); only ResNet-38's {expected} "
-            "(wider_resnet38 / wider_resnet38_a2) is built here", path=path,
+            "(wider_resnet38 / wider_resnet38_a2) is built here",
+            path=path,
         )
     if "0" in infixes:
         layout = "nvidia"

@@ -36,7 +36,9 @@ class LoadReport:
     layout: str = "widedeep"  # the file's key layout (see WeightsFile)
     convention: str | None = None  # BN-gamma convention applied (see WeightsFile)
     checksum_verified: bool = False  # True only when the file has a released name and the released md5
-    checksum: str = "unchecked"  # "verified", "mismatch" (released name, other md5: loaded as the user's) or "unchecked"
+    checksum: str = (
+        "unchecked"  # "verified", "mismatch" (released name, other md5: loaded as the user's) or "unchecked"
+    )
 
 
 def _fits_width(model: nn.Module, state: Mapping[str, torch.Tensor]) -> float | None:
@@ -95,8 +97,9 @@ def load_weights(
     else:
         wf = read_weights(source, verify=verify, weights_convention=weights_convention)
     path, state = wf.path, dict(wf.state)
-    report = LoadReport(path=path, checksum=wf.checksum, skipped=dict(wf.skipped), layout=wf.layout,
-                        convention=wf.convention)
+    report = LoadReport(
+        path=path, checksum=wf.checksum, skipped=dict(wf.skipped), layout=wf.layout, convention=wf.convention
+    )
     report.checksum_verified = report.checksum == "verified"
     target = model.state_dict()
     if drop_classifier:
@@ -105,15 +108,27 @@ def load_weights(
     if trunk_only:
         heads = [k for k in state if k.startswith(HEAD_PREFIXES) and k not in report.dropped]
         if heads:
-            log.info("%s: the model is a trunk without a classifier: dropped the file's %s (%d tensors)",
-                     path, "classifier" if all(k.startswith("fc.") for k in heads) else "head", len(heads))
+            log.info(
+                "%s: the model is a trunk without a classifier: dropped the file's %s (%d tensors)",
+                path,
+                "classifier" if all(k.startswith("fc.") for k in heads) else "head",
+                len(heads),
+            )
             report.dropped += heads
     state = {k: v for k, v in state.items() if k not in report.dropped}
-    report.missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")
-                      and not (drop_classifier and k.startswith(CLASSIFIER_PREFIXES))]
+    report.missing = [
+        k
+        for k in target
+        if k not in state
+        and not k.endswith("num_batches_tracked")
+        and not (drop_classifier and k.startswith(CLASSIFIER_PREFIXES))
+    ]
     report.unexpected = [k for k in state if k not in target]
-    mis_shaped = [(k, tuple(state[k].shape), tuple(target[k].shape))
-                  for k in state if k in target and state[k].shape != target[k].shape]
+    mis_shaped = [
+        (k, tuple(state[k].shape), tuple(target[k].shape))
+        for k in state
+        if k in target and state[k].shape != target[k].shape
+    ]
     file_classes, model_classes = num_classes_of(state), num_classes_of(target)
     model_width = getattr(model, "width", None)
     file_width = None
@@ -140,17 +155,27 @@ def load_weights(
         elif file_width is None:
             unexplained += cls
         if unexplained:
-            problems.append("shape mismatches: " + "; ".join(f"{k} file {a} vs model {b}" for k, a, b in unexplained[:10]))
+            problems.append(
+                "shape mismatches: " + "; ".join(f"{k} file {a} vs model {b}" for k, a, b in unexplained[:10])
+            )
     if strict and report.missing:
-        problems.append(f"missing from the file ({len(report.missing)}): {trim_names(report.missing)}"
-                        + _missing_hint(report.missing, file_classes, wf.layout))
+        problems.append(
+            f"missing from the file ({len(report.missing)}): {trim_names(report.missing)}"
+            + _missing_hint(report.missing, file_classes, wf.layout)
+        )
     if strict and report.unexpected:
         problems.append(f"not in the model ({len(report.unexpected)}): {trim_names(report.unexpected)}")
     if problems:
         raise WeightsMismatchError(
-            f"{path} does not fit {type(model).__name__}: " + "; ".join(problems), path=path,
-            missing=report.missing, unexpected=report.unexpected, mis_shaped=mis_shaped, file_classes=file_classes,
-            model_classes=model_classes, file_width=file_width, model_width=model_width,
+            f"{path} does not fit {type(model).__name__}: " + "; ".join(problems),
+            path=path,
+            missing=report.missing,
+            unexpected=report.unexpected,
+            mis_shaped=mis_shaped,
+            file_classes=file_classes,
+            model_classes=model_classes,
+            file_width=file_width,
+            model_width=model_width,
         )
     with torch.no_grad():
         for key, tensor in state.items():
@@ -170,6 +195,8 @@ def _missing_hint(missing: list[str], file_classes: int, layout: str) -> str:
     if head and file_classes == 0:
         hints.append("the file has no classifier (a trunk, e.g. a Vistas body): build the model with num_classes=0")
     if bn7 and layout == "nvidia":
-        hints.append("NVIDIA's DeepWV3Plus keeps no bn_out (bn7): load with strict=False (create_model: "
-                     "weights_strict=False) and use forward_features(x, bn7=False), the raw trunk output it uses")
+        hints.append(
+            "NVIDIA's DeepWV3Plus keeps no bn_out (bn7): load with strict=False (create_model: "
+            "weights_strict=False) and use forward_features(x, bn7=False), the raw trunk output it uses"
+        )
     return " (" + "; ".join(hints) + ")" if hints and len(head) + len(bn7) == len(missing) else ""

@@ -28,8 +28,12 @@ def pool_style_of(source: WeightsFile | str | os.PathLike | Mapping, variant: st
     if style in POOL_STYLES:
         return style, f"recorded in {Path(path).name}'s metadata"
     if variant in (None, "a") and suffix(path) == ".params" and is_released_model_a(path):
-        return "caffe", (f"{Path(path).name} has the md5 of the released {RELEASED_MODEL_A}, whose accuracy "
-                         "needs caffe-style (pad 0) pools")
-    return "mxnet", (f"default: {Path(path).name} records no pool style and is not the released Model A "
-                     "(by md5)" if variant in (None, "a") and suffix(path) == ".params"
-                     else f"default: {Path(path).name} records no pool style")
+        return "caffe", (
+            f"{Path(path).name} has the md5 of the released {RELEASED_MODEL_A}, whose accuracy "
+            "needs caffe-style (pad 0) pools"
+        )
+    return "mxnet", (
+        f"default: {Path(path).name} records no pool style and is not the released Model A (by md5)"
+        if variant in (None, "a") and suffix(path) == ".params"
+        else f"default: {Path(path).name} records no pool style"
+    )

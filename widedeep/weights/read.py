@@ -19,7 +19,12 @@ from safetensors import safe_open
 
 from .errors import WeightsFormatError, WeightsMismatchError, trim_names
 from .lineages import (
-    INPLACE_ABN_EPS, MAPILLARY_LAYOUTS, PLAIN_LAYOUTS, check_convention, inplace_abn_gammas, state_from_checkpoint,
+    INPLACE_ABN_EPS,
+    MAPILLARY_LAYOUTS,
+    PLAIN_LAYOUTS,
+    check_convention,
+    inplace_abn_gammas,
+    state_from_checkpoint,
 )
 from .mapping import UnknownNameError, ademxapp_to_key, is_segmentation_file
 from .mxnet_params import read_params
@@ -127,8 +132,9 @@ def _read_pth(path: str) -> tuple[Any, dict[str, str]]:
     return obj, metadata
 
 
-def read_weights(path: str | os.PathLike, *, verify: bool | str = True,
-                 weights_convention: str | None = None) -> WeightsFile:
+def read_weights(
+    path: str | os.PathLike, *, verify: bool | str = True, weights_convention: str | None = None
+) -> WeightsFile:
     """Read a weights file into our state_dict keys, with its metadata, layout, skipped entries and md5 status (see
     :func:`read_state_dict`; ``weights_convention`` as there)."""
     check_convention(weights_convention)
@@ -146,7 +152,8 @@ def checked_dtypes(state: Mapping[str, torch.Tensor], path: str) -> dict[str, to
                 raise WeightsFormatError(
                     f"{path}: tensor {key} is {str(t.dtype).replace('torch.', '')}, expected floating point "
                     "(float32, float16 or bfloat16) for this parameter; the file does not hold ResNet-38 weights as "
-                    "they were trained (a wrong export or conversion?)")
+                    "they were trained (a wrong export or conversion?)"
+                )
             if t.dtype == torch.float64:
                 doubles.append(key)
                 t = t.float()
@@ -165,8 +172,9 @@ def _read_weights_unchecked(path: str, verify: bool | str) -> WeightsFile:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such weights file")
     if Path(path).is_dir():
-        raise WeightsFormatError(f"{path}: a folder, expected a weights file (.params, .safetensors, .pth, .pt or "
-                                 ".pth.tar)")
+        raise WeightsFormatError(
+            f"{path}: a folder, expected a weights file (.params, .safetensors, .pth, .pt or .pth.tar)"
+        )
     ext = suffix(path)
     if ext in (".params", ".npz"):
         checksum = check_released(path, verify)
@@ -181,7 +189,9 @@ def _read_weights_unchecked(path: str, verify: bool | str) -> WeightsFile:
         if unknown:
             raise WeightsMismatchError(
                 f"{path}: {len(unknown)} arrays are not ResNet-38 (ademxapp) parameters: {', '.join(unknown[:10])}"
-                + (" ..." if len(unknown) > 10 else ""), path=path, unexpected=unknown,
+                + (" ..." if len(unknown) > 10 else ""),
+                path=path,
+                unexpected=unknown,
             )
         return WeightsFile(path, out, {}, checksum, layout="ademxapp")
     if ext in (".safetensors", ".pth", ".pt", ".pth.tar"):
@@ -193,8 +203,9 @@ def _read_weights_unchecked(path: str, verify: bool | str) -> WeightsFile:
     )
 
 
-def read_state_dict(path: str | os.PathLike, *, verify: bool | str = True,
-                    weights_convention: str | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | os.PathLike, *, verify: bool | str = True, weights_convention: str | None = None
+) -> dict[str, torch.Tensor]:
     """Read a weights file into our state_dict keys.
 
     ``.params``/``.npz``: ademxapp/MXNet arrays renamed; ``.safetensors``: as saved by :func:`save_weights`;
@@ -226,16 +237,22 @@ def with_convention(wf: WeightsFile, convention: str | None, *, warn: bool = Fal
     name = Path(wf.path).name
     if convention is None:
         if warn and wf.convention is None and wf.layout in MAPILLARY_LAYOUTS and wf.layout != "nvidia":
-            log.warning("%s: a Mapillary InPlace-ABN checkpoint (%s layout); its BN gammas are used as plain "
-                        "BatchNorm gammas. A file saved from InPlaceABN modules (Mapillary's ImageNet and Vistas "
-                        "files) normalises with |gamma| + eps: pass weights_convention='inplace_abn' for it, "
-                        "weights_convention='plain' to keep the values and silence this", wf.path, wf.layout)
+            log.warning(
+                "%s: a Mapillary InPlace-ABN checkpoint (%s layout); its BN gammas are used as plain "
+                "BatchNorm gammas. A file saved from InPlaceABN modules (Mapillary's ImageNet and Vistas "
+                "files) normalises with |gamma| + eps: pass weights_convention='inplace_abn' for it, "
+                "weights_convention='plain' to keep the values and silence this",
+                wf.path,
+                wf.layout,
+            )
         return wf
     if convention == wf.convention:
         return wf
     if wf.convention == "inplace_abn":  # |gamma| cannot be undone
-        raise ValueError(f"{wf.path}: its gammas were already converted (weights_convention='inplace_abn'); read the "
-                         f"file again for weights_convention={convention!r}")
+        raise ValueError(
+            f"{wf.path}: its gammas were already converted (weights_convention='inplace_abn'); read the "
+            f"file again for weights_convention={convention!r}"
+        )
     if convention == "plain":
         return replace(wf, convention="plain")
     if wf.layout in PLAIN_LAYOUTS:
@@ -245,9 +262,11 @@ def with_convention(wf: WeightsFile, convention: str | None, *, warn: bool = Fal
             "(or pass weights_convention='plain')"
         )
     if wf.layout == "nvidia":
-        log.warning("%s: NVIDIA's re-keyed checkpoints (BN as Sequential(BatchNorm2d, ReLU)) hold plain BatchNorm "
-                    "gammas, for which weights_convention='plain' is right; converting to |gamma| + eps as asked",
-                    wf.path)
+        log.warning(
+            "%s: NVIDIA's re-keyed checkpoints (BN as Sequential(BatchNorm2d, ReLU)) hold plain BatchNorm "
+            "gammas, for which weights_convention='plain' is right; converting to |gamma| + eps as asked",
+            wf.path,
+        )
     log.info("%s: BN gammas -> |gamma| + %g (InPlace-ABN convention)", wf.path, INPLACE_ABN_EPS)
     return replace(wf, state=inplace_abn_gammas(wf.state), convention="inplace_abn")
 

@@ -79,8 +79,14 @@ def check_released(path: str | os.PathLike, verify: bool | str = True) -> str:
             f"or the file was renamed. Re-download it, or pass verify=True to load it as your own file, or "
             f"{SKIP_HINT} to skip the check."
         )
-    log.warning("%s: md5 %s does not match the released %s (%s): loading it as your own file, not the released "
-                "one (re-download it if you meant the released file)", path, got, name, expected)
+    log.warning(
+        "%s: md5 %s does not match the released %s (%s): loading it as your own file, not the released "
+        "one (re-download it if you meant the released file)",
+        path,
+        got,
+        name,
+        expected,
+    )
     return "mismatch"
 
 

@@ -59,9 +59,14 @@ def save_weights(
     if ext == ".params":
         pooled = getattr(source, "variant", None) in ("a", "a2")
         if meta.get("pool_style", "mxnet") != "mxnet" and (pooled or not isinstance(source, nn.Module)):
-            log.warning("%s: .params files cannot record pool_style=%r; load it with pool_style=%r (on the command "
-                        "line: --pool-top-infer-style %s), or save as .safetensors", path, meta["pool_style"],
-                        meta["pool_style"], meta["pool_style"])
+            log.warning(
+                "%s: .params files cannot record pool_style=%r; load it with pool_style=%r (on the command "
+                "line: --pool-top-infer-style %s), or save as .safetensors",
+                path,
+                meta["pool_style"],
+                meta["pool_style"],
+                meta["pool_style"],
+            )
         write_params(path, to_ademxapp(state), fmt=params_format)
     elif ext == ".safetensors":
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
