@@ -3,8 +3,8 @@
 ``_stats_kernel``: each program runs Welford updates per lane over its slice of the N*H*W positions (fp32, no
 barrier or shuffle inside the loop; values shifted by a per-channel pivot, the channel's first element), merges
 its lanes once with Chan's formula (:func:`_chan_combine`, the one merge every kernel uses), and writes a
-partial (mean, M2) per channel. Then it takes a ticket for its channel block (an atomic counter); the program that takes the last ticket merges all the block's partials *in index
-order* (so the result does not depend on which program finished last: runs are bitwise repeatable) and
+partial (mean, M2) per channel. Then it takes a ticket for its channel block (an atomic counter); the program
+that takes the last ticket merges all the block's partials *in index order* (so the result does not depend on which program finished last: runs are bitwise repeatable) and
 finalises: the (len(STAT_ROWS), C) rows mean, var, rstd, scale = gamma * rstd, count; the running statistics
 (momentum, or the cumulative average with momentum=None); and num_batches_tracked (by the last finaliser of
 all channel blocks, after every finaliser has read it). It resets its ticket, so the ticket buffer (one per
