@@ -1,15 +1,15 @@
 """Per-channel batch statistics of an (N, C, H, W) tensor, NCHW or channels_last, fp32/fp16/bf16 in, in ONE launch.
 
 ``_stats_kernel``: each program runs Welford updates per lane over its slice of the N*H*W positions (fp32, no
-barrier or shuffle inside the loop; values shifted by a per-channel pivot, the channel's first element), merges
-its lanes once with Chan's formula (:func:`_chan_combine`, the one merge every kernel uses), and writes a
-partial (mean, M2) per channel. Then it takes a ticket for its channel block (an atomic counter); the program
-that takes the last ticket merges all the block's partials *in index order* (so the result does not depend on which program finished last: runs are bitwise repeatable) and
-finalises: the (len(STAT_ROWS), C) rows mean, var, rstd, scale = gamma * rstd, count; the running statistics
-(momentum, or the cumulative average with momentum=None); and num_batches_tracked (by the last finaliser of
-all channel blocks, after every finaliser has read it). It resets its ticket, so the ticket buffer (one per
-device, zeroed once) needs no clearing launch and the step stays capture-safe for CUDA graphs. No
-E[x^2] - E[x]^2 anywhere: inputs with |mean| >> std keep their precision.
+barrier or shuffle inside the loop; values shifted by a per-channel pivot, the channel's first element), merges its
+lanes once with Chan's formula (:func:`_chan_combine`, the one merge every kernel uses), and writes a partial
+(mean, M2) per channel. Then it takes a ticket for its channel block (an atomic counter); the program that takes
+the last ticket merges all the block's partials *in index order* (so the result does not depend on which program
+finished last: runs are bitwise repeatable) and finalises: the (len(STAT_ROWS), C) rows mean, var, rstd, scale =
+gamma * rstd, count; the running statistics (momentum, or the cumulative average with momentum=None); and
+num_batches_tracked (by the last finaliser of all channel blocks, after every finaliser has read it). It resets its
+ticket, so the ticket buffer (one per device, zeroed once) needs no clearing launch and the step stays capture-safe
+for CUDA graphs. No E[x^2] - E[x]^2 anywhere: inputs with |mean| >> std keep their precision.
 
 Memory ordering of the ticket: partial stores, then a CTA barrier, then one acq_rel atomic at GPU scope (PTX
 release is cumulative over what the barrier ordered); the last program reads the partials after its acquire,
