@@ -25,6 +25,7 @@ CHILD = r"""
 import json, os, sys
 from bench import stub_driver, host
 counter = stub_driver.LaunchCounter()
+stub_driver.CHECK_LAYOUT = True  # every C launch checked against the installed Triton's argument layout
 stub_driver.install(counter)
 import torch
 import kernels
