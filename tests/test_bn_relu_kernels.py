@@ -191,7 +191,7 @@ def test_unknown_activation_is_refused():
 
 def test_tiling_covers_gpu_shapes():
     """The tile the launchers pick per layout and size, and the grid limits of full-resolution Cityscapes."""
-    t = bn_relu_mod.elementwise_tiling
+    t = importlib.import_module("kernels.tiles").elementwise_tiling
     assert t((2, 37, 5, 9), False) == (74, 45, 64, 64)
     assert t((1, 5, 13, 11), False) == (5, 143, 64, 64)
     assert t((2, 150, 3, 5), True) == (30, 150, 64, 64)
