@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .conv import conv_dgrad, conv_fprop, conv_wgrad
+from . import conv as _conv  # module attribute: tests and tools can replace the launchers
 from .bn_relu import BNParams, bn_relu_backward, bn_relu_forward
 
 
@@ -172,7 +172,7 @@ def igemm_forward(x, p: BNParams, cdtype, weights, biases, geometry) -> tuple:
     act = dict(activation=p.activation, activation_param=p.activation_param)
     outs = []
     for w, b, (stride, padding, dilation, _groups) in zip(weights, biases, geometry):
-        y = conv_fprop(x, w.to(cdtype), stride[0], padding[0], dilation[0], vec, **act)
+        y = _conv.conv_fprop(x, w.to(cdtype), stride[0], padding[0], dilation[0], vec, **act)
         outs.append(y if b is None else y.add_(b.to(cdtype).view(1, -1, 1, 1)))
     return tuple(outs)
 
@@ -187,9 +187,9 @@ def igemm_backward(x, p: BNParams, cdtype, weights, has_bias, geometry, grad_out
         if gy is None:
             param_grads += [None, None]
             continue
-        gi, sg, sgx = conv_dgrad(gy, w.to(cdtype), x, stride[0], padding[0], dilation[0], vec, **act)
+        gi, sg, sgx = _conv.conv_dgrad(gy, w.to(cdtype), x, stride[0], padding[0], dilation[0], vec, **act)
         g, sum_g, sum_gx = (gi, sg, sgx) if g is None else (g.add_(gi), sum_g.add_(sg), sum_gx.add_(sgx))
-        dw = conv_wgrad(gy, x, w.shape, stride[0], padding[0], dilation[0], vec, dtype=cdtype, **act)
+        dw = _conv.conv_wgrad(gy, x, w.shape, stride[0], padding[0], dilation[0], vec, dtype=cdtype, **act)
         param_grads += [dw.to(w.dtype), gy.float().sum((0, 2, 3)).to(w.dtype) if has_b else None]
     if g is None:
         return None, None, None, param_grads

@@ -250,7 +250,16 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_stale_temporaries_are_removed(v
         "--checkpoint-interval",
         "1",
     ]
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    # a test run started in the background (`cmd &`) ignores SIGINT, and children inherit that: the child
+    # starts with the default disposition, as it would from a terminal
+    p = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.time() + 300
         while not (run / "last.pt").is_file() and time.time() < deadline and p.poll() is None:
@@ -487,11 +496,16 @@ class _CtrlCWhilePickled:
 def test_ctrl_c_during_a_checkpoint_write_finishes_the_file_then_interrupts(tmp_path):
     from widedeep.train import checkpoint
 
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(tmp_path / "last.pt", {"a": torch.ones(3), "b": _CtrlCWhilePickled(), "c": torch.zeros(2)})
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal (not `pytest &`)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.save(tmp_path / "last.pt", {"a": torch.ones(3), "b": _CtrlCWhilePickled(), "c": torch.zeros(2)})
+        handler_after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)
     saved = torch.load(tmp_path / "last.pt", weights_only=False)  # written whole, not a torn zip
     assert saved["b"] == 7 and torch.equal(saved["c"], torch.zeros(2))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C handling restored
+    assert handler_after is signal.default_int_handler  # Ctrl-C handling restored
 
 
 def test_compiled_training_equals_eager(voc5, tmp_path):

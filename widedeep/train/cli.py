@@ -132,7 +132,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m widedeep.train", description=__doc__, formatter_class=_HelpFormatter)
     _seed_flags(ap.add_argument_group("the seed's flags"))
-    _widedeep_flags(ap.add_argument_group("widedeep"))
+    group = ap.add_argument_group("widedeep")
+    _widedeep_flags(group)
+    _run_flags(group)
     _model_flags(ap.add_argument_group("model options"))
     return ap
 
@@ -202,6 +204,7 @@ NO_MEANING_FLAGS = ("--prefetcher", "--kvstore", "--cache-images", "--no-choose-
 
 
 def _widedeep_flags(o) -> None:
+    """How the step computes (precision, kernels, memory, statistics, loss); :func:`_run_flags` the rest."""
     o.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off", help="autocast dtype")
     o.add_argument(
         "--fused",
@@ -248,6 +251,9 @@ def _widedeep_flags(o) -> None:
         help="seg: labels subsampled [4::8] (the seed) or logits upsampled to the crop",
     )
     o.add_argument("--no-ohem", action="store_true", help="seg: plain cross-entropy instead of OHEM")
+
+
+def _run_flags(o) -> None:
     o.add_argument("--width", type=float, default=1.0, help="channel multiplier (demos/tests; 1 = published)")
     o.add_argument("--resume", nargs="?", const="auto", help="checkpoint to continue from ('auto' = <run>/last.pt)")
     o.add_argument(
