@@ -55,7 +55,7 @@ from .bn_stats import (
     launch_stats,
     scratch,
 )
-from .launch import Kernel, Slot
+from .launch import Kernel
 from .tiles import (
     ELEMENTWISE_WARPS,
     STATS_WARPS,  # noqa: F401
@@ -691,14 +691,6 @@ def _kernel_params_of(p: BNParams) -> tuple:
     )
 
 
-def _slot(geo, key, kernel, grid, warps) -> Slot:
-    """The launch slot of ``key`` in x's geometry (created on first use)."""
-    slot = geo.slots.get(key)
-    if slot is None:
-        slot = geo.slots[key] = Slot(kernel, grid, warps)
-    return slot
-
-
 def bn_relu_forward(
     x: torch.Tensor, p: BNParams, *, backend: str, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -717,8 +709,7 @@ def bn_relu_forward(
         return y
     stats, w, b, rm, rv, eps, running, affine = _kernel_params(p)
     act = p.act
-    slot = _slot(
-        geo,
+    slot = geo.slot(
         ("apply", x.dtype, out_dtype, w.dtype, b.dtype, act, x.data_ptr() & 15 == 0),
         APPLY,
         geo.ew_grid,
@@ -753,15 +744,10 @@ def _apply_gathered(x, y, p: BNParams, geo, channels_last: bool) -> None:
     statistics, and y, in one launch; later applies of the same p (the recompute in backward) read p.stats."""
     rows, running, momentum, eps = p.gathered
     p.gathered = None
-    stats, w, b = p.stats, p.weight, p.bias
-    if (w is None) != (b is None):  # one of the two: both as vectors (gamma/beta read no statistic)
-        w, b = p.gamma, p.beta
-    affine = w is not None
-    w, b = (w, b) if affine else (stats, stats)
+    stats, w, b, _, _, _, _, affine = _kernel_params(p)  # the same stand-ins the later launches of p use
     rm, rv, nbt = running if running is not None else (stats, stats, scratch(x.device, 0)[2])
     update = running is not None
-    slot = _slot(
-        geo,
+    slot = geo.slot(
         ("apply_gathered", x.dtype, y.dtype, w.dtype, b.dtype, p.act, x.data_ptr() & 15 == 0),
         APPLY_GATHERED,
         geo.ew_grid,
@@ -829,8 +815,7 @@ def _backward_triton(x, dy, p: BNParams, need_dx: bool, do_sync: bool, process_g
         g = geo.red
         part, tick, _ = scratch(x.device, 2 * g.splits * C)
         dx_arg = dx if write_dx else x
-        slot = _slot(
-            geo,
+        slot = geo.slot(
             ("sums", x.dtype, dy.dtype, w.dtype, b.dtype, act, _aligned(x, dy, dx_arg)),
             GRAD_SUMS,
             g.grid,
@@ -873,8 +858,8 @@ def _backward_triton(x, dy, p: BNParams, need_dx: bool, do_sync: bool, process_g
             return None, red[2], red[3]
     if do_sync:  # parameter gradients (rows 2, 3) stay local (DDP averages them); dx uses the group-wide sums
         torch.distributed.all_reduce(red[:2], group=process_group)
-    slot = _slot(
-        geo, ("dx", x.dtype, dy.dtype, w.dtype, b.dtype, act, _aligned(x, dy)), DX, geo.ew_grid, ELEMENTWISE_WARPS
+    slot = geo.slot(
+        ("dx", x.dtype, dy.dtype, w.dtype, b.dtype, act, _aligned(x, dy)), DX, geo.ew_grid, ELEMENTWISE_WARPS
     )  # dx: a fresh allocation
     slot(
         x,

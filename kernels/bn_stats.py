@@ -28,7 +28,7 @@ import torch
 from . import _runtime  # noqa: F401 (first: sets TRITON_INTERPRET before triton.jit runs)
 from ._common import TRITON_DTYPES, as_nchw_or_nhwc, cdiv
 from ._runtime import HAS_TRITON
-from .launch import Kernel, Slot
+from .launch import Kernel
 from .tiles import (
     FINALIZE_BLOCK_C,
     FINALIZE_BLOCK_K,
@@ -475,9 +475,7 @@ def launch_stats(
     w = weight if has_affine else out
     rm, rv = running if update and not triple else (out, out)
     key = ("stats", x.dtype, w.dtype, x.data_ptr() & 15 == 0)
-    slot = geo.slots.get(key)
-    if slot is None:
-        slot = geo.slots[key] = Slot(STATS, g.grid, STATS_WARPS)
+    slot = geo.slot(key, STATS, g.grid, STATS_WARPS)
     slot(
         x,
         part,

@@ -588,6 +588,14 @@ def tma_ok(t: torch.Tensor) -> bool:
     return t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
 
 
+# Triton's per-context allocator and its "none set" value (private; None for another Triton layout: then ours is set
+# on every call, the previous behaviour)
+try:
+    from triton.runtime._allocation import _NULL_ALLOCATOR, _allocator as _ALLOCATOR
+except ImportError:
+    _NULL_ALLOCATOR = _ALLOCATOR = None
+
+
 def _scratch_alloc(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")  # the current device: where Triton launches
 
@@ -600,15 +608,7 @@ def _ensure_allocator(x: torch.Tensor) -> None:
     interpreter needs none)."""
     if not _compiled(x):
         return
-    import triton
-
-    try:
-        from triton.runtime import _allocation
-
-        missing = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
-    except (ImportError, AttributeError):  # another Triton layout: set ours (the previous behaviour)
-        missing = True
-    if missing:
+    if _NULL_ALLOCATOR is None or _ALLOCATOR.get() is _NULL_ALLOCATOR:
         triton.set_allocator(_scratch_alloc)
 
 

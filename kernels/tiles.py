@@ -11,7 +11,7 @@ offset width and device alone (the elementwise view and grid, the reduction grid
 (:func:`geometry`) and carried by the BN parameters from forward to backward, so a training step does the
 arithmetic once per layer shape, not once per launch.
 
-A leaf module: torch, :mod:`._runtime`, :mod:`._common`.
+A leaf module: torch, :mod:`._runtime`, :mod:`._common`, :mod:`.launch`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from . import _common, _runtime
 from ._common import cdiv
+from .launch import Slot
 
 # ---- elementwise kernels (apply, dx): (rows, cols) view of x; NCHW rows are (n, c), channels_last rows positions
 ELEMENTWISE_TILE = 4096  # elements per program: 16 per thread at 8 warps (2-4 vector loads per operand)
@@ -137,6 +138,14 @@ class Geometry:
         self.R, self.L, self.block_r, self.block_l = elementwise_tiling(shape, channels_last)
         self._ew_grid = self._red = None
         self.slots: dict = {}
+
+    def slot(self, key, kernel, grid: tuple, num_warps: int) -> Slot:
+        """The launch slot of ``key`` (dtypes, activation, alignment: what the shape does not fix) for this
+        geometry, created on first use."""
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = Slot(kernel, grid, num_warps)
+        return slot
 
     @property
     def ew_grid(self) -> tuple[int, int, int]:
