@@ -2,10 +2,10 @@
 
 Per call, in this order: export/trace for inference takes plain aten ops (:mod:`kernels.plain`); under
 ``torch.compile`` the opaque custom ops of :mod:`kernels.ops` (Dynamo cannot trace the Triton launches and the
-BNParams on ``ctx``); otherwise the eager autograd Functions of :mod:`kernels.bn_relu` and
-:mod:`kernels.bn_relu_conv` (the lowest host cost). Both the ops and the Functions call the same forward and
-backward functions, so values are identical; this module sits above all of them, so the imports run one way:
-``api -> ops -> bn_relu_conv -> bn_relu -> bn_stats -> tiles/launch/_common``.
+BNParams on ``ctx``); otherwise the eager autograd Functions (the lowest host cost). Functions and ops are both
+generated from one spec per op (``BN_ACT``, ``BN_ACT_CONV``; :mod:`kernels.opspec`), so they take the same
+arguments and call the same implementations: values are identical. This module sits above all of them, so the
+imports run one way: ``api -> ops -> bn_relu_conv -> bn_relu -> opspec, bn_stats -> tiles/launch/_common``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from . import _runtime, ops
 from . import plain as _plain  # export/trace in inference: plain aten ops
-from .bn_relu import _BNReLUFunction, activation_code, bn_params, compute_dtype
-from .bn_relu_conv import _BNReLUConvFunction, _IGemmBNReLUConvFunction, _dropout_mask, _geometry, _igemm_supported
+from .bn_relu import BN_ACT, activation_code, bn_params, compute_dtype
+from .bn_relu_conv import BN_ACT_CONV, _dropout_mask, _geometry, _igemm_supported
 
 
 def bn_relu(
@@ -51,7 +51,20 @@ def bn_relu(
         activation=activation,
         activation_param=activation_param,
     )
-    return _BNReLUFunction.apply(x, bn.weight, bn.bias, p, resolved, compute_dtype(x), sync, process_group)
+    # BN_ACT's arguments in spec order (kernels/bn_relu.py), the BNParams in the statistics' place
+    return BN_ACT.apply(
+        x,
+        p,
+        bn.weight,
+        bn.bias,
+        p.batch_stats,
+        resolved,
+        compute_dtype(x),
+        activation,
+        p.activation_param,
+        sync,
+        process_group,
+    )
 
 
 def bn_relu_conv(
@@ -83,7 +96,7 @@ def bn_relu_conv(
     activation_code(activation)  # an unknown name fails here, on every path
     resolved = _runtime.resolve_backend(backend, x)
     if conv not in ("torch", "triton", "auto"):
-        raise ValueError(f"conv must resolved 'torch', 'triton' or 'auto', got {conv!r}")
+        raise ValueError(f"conv must be 'torch', 'triton' or 'auto', got {conv!r}")
     if conv == "auto":  # per layer, from the shipped/overridden table (kernels/conv_choice.py); never off CUDA
         from .conv_choice import choose  # here, not at the top: `python -m kernels.conv_choice` stays clean
 
@@ -99,7 +112,7 @@ def bn_relu_conv(
     if conv == "triton":
         why = "it needs backend='triton'" if resolved != "triton" else _igemm_supported(convs, dropout, sync)
         if why:
-            raise ValueError(f"conv='triton' cannot resolved used here: {why}")
+            raise ValueError(f"conv='triton' cannot be used here: {why}")
     cdtype = compute_dtype(x)
     geometry = tuple(_geometry(c) for c in convs)  # validates padding before any running statistic changes
     if _plain.exporting() and _plain.take_plain(bn, "kernels.bn_relu_conv"):  # export/trace for inference
@@ -118,14 +131,26 @@ def bn_relu_conv(
         activation=activation,
         activation_param=activation_param,
     )
-    if conv == "triton":
-        params_ = [t for c in convs for t in (c.weight, c.bias)]
-        return list(_IGemmBNReLUConvFunction.apply(x, bn.weight, bn.bias, p, cdtype, geometry, *params_))
-    mask, keep = _dropout_mask(x, dropout)
-    params: list[torch.Tensor | None] = []
-    for conv in convs:
-        params += [conv.weight, conv.bias]
-    outs = _BNReLUConvFunction.apply(
-        x, bn.weight, bn.bias, p, resolved, cdtype, mask, keep, sync, process_group, geometry, *params
-    )
-    return list(outs)
+    mask, keep = _dropout_mask(x, dropout) if conv == "torch" else (None, 1.0)
+    values = [  # BN_ACT_CONV's arguments in spec order (kernels/bn_relu_conv.py)
+        x,
+        p,
+        bn.weight,
+        bn.bias,
+        [c.weight for c in convs],
+        [c.bias for c in convs if c.bias is not None],
+        [c.bias is not None for c in convs],
+        geometry,
+        mask,
+        keep,
+        p.batch_stats,
+        resolved,
+        cdtype,
+        conv,
+        activation,
+        p.activation_param,
+        sync,
+        process_group,
+        None,
+    ]
+    return list(BN_ACT_CONV.apply(*BN_ACT_CONV.flat(values)))

@@ -56,6 +56,7 @@ from .bn_stats import (
     scratch,
 )
 from .launch import Kernel
+from .opspec import Arg, OpSpec, memory_format
 from .tiles import (
     ELEMENTWISE_WARPS,
     STATS_WARPS,  # noqa: F401
@@ -945,25 +946,81 @@ def compute_dtype(x: torch.Tensor, fallback: torch.dtype | None = None) -> torch
     return fallback or x.dtype
 
 
-class _BNReLUFunction(torch.autograd.Function):
-    """y = act(bn(x)) saving only x (statistics and the activation live in the BNParams on ctx)."""
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype``; no dispatch when it already is (the common case: a saved cast, an autocast gradient)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, p: BNParams, backend: str, out_dtype, sync: bool, group):
-        ctx.p, ctx.backend, ctx.sync, ctx.group = p, backend, sync, group
-        ctx.param_dtype = weight.dtype if weight is not None else x.dtype
-        ctx.save_for_backward(x)
-        return bn_relu_forward(x, p, backend=backend, out_dtype=out_dtype)
 
-    @staticmethod
-    def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        dx, dgamma, dbeta = bn_relu_backward(
-            x, dy, ctx.p, backend=ctx.backend, need_dx=ctx.needs_input_grad[0], sync=ctx.sync, process_group=ctx.group
-        )
-        dw = dgamma.to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
-        db = dbeta.to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None
+def _detached(t):
+    return None if t is None else t.detach()
+
+
+def decode_stats(a) -> BNParams:
+    """The statistics argument of a fused op as BNParams: an eager caller passes its BNParams (as it is); the op
+    passes the packed (5, C) STAT_ROWS tensor, read with the op's weight, bias and flags."""
+    s = a.stats
+    if isinstance(s, BNParams):
+        return s
+    return BNParams.from_stats(
+        s, _detached(a.weight), _detached(a.bias), a.batch_stats, a.activation, a.activation_param
+    )
+
+
+def param_grads(a, needs: dict, dgamma, dbeta) -> dict:
+    """{"weight": dgamma, "bias": dbeta} in the BN parameters' dtypes, where they are wanted."""
+    p, out = a.stats, {}  # the BNParams holds gamma and beta (the arguments themselves are not kept for backward)
+    if needs.get("weight") and p.weight is not None:
+        out["weight"] = _as(dgamma, p.weight.dtype)
+    if needs.get("bias") and p.bias is not None:
+        out["bias"] = _as(dbeta, p.bias.dtype)
+    return out
+
+
+# The arguments a fused BN-activation op starts with (bn_act and bn_act_conv share them; op order kept stable)
+BN_ARGS = (
+    Arg("x", "Tensor", grad=True, saved=True),
+    Arg("stats", "Tensor", saved=True, decode=decode_stats),  # eager: the BNParams of bn_params
+    # gamma, beta: the decoded statistics (BNParams) hold them for the backward (the op passes them to its backward
+    # op, as it does every differentiable argument); not saved here, so only x is kept at activation size
+    Arg("weight", "Tensor?", grad=True),
+    Arg("bias", "Tensor?", grad=True),
+)
+ACT_ARGS = (Arg("activation", "str"), Arg("activation_param", "float"))
+SYNC_ARGS = (  # eager only: a process group cannot be an op argument (kernels.ops: no sync under compile)
+    Arg("sync", None, default=False),
+    Arg("group", None, default=None),
+)
+
+
+def _bn_act_forward(a, stash):
+    return bn_relu_forward(a.x, a.stats, backend=a.backend, out_dtype=a.out_dtype)
+
+
+def _bn_act_backward(a, grads, needs):
+    dx, dgamma, dbeta = bn_relu_backward(
+        a.x, grads[0], a.stats, backend=a.backend, need_dx=needs["x"], sync=a.sync, process_group=a.group
+    )
+    return {"x": dx, **param_grads(a, needs, dgamma, dbeta)}
+
+
+BN_ACT = OpSpec(
+    "bn_act",
+    (
+        *BN_ARGS,
+        Arg("batch_stats", "bool"),
+        Arg("backend", "str"),
+        Arg("out_dtype", "ScalarType"),
+        *ACT_ARGS,
+        *SYNC_ARGS,
+    ),
+    forward=_bn_act_forward,
+    backward=_bn_act_backward,
+    fake=lambda a: a.x.new_empty(a.x.shape, dtype=a.out_dtype),
+    layout=lambda a: memory_format(a.x),
+)
+"""y = act(bn(x)) saving only x (statistics and activation in the BNParams): in x's layout, dtype ``out_dtype``;
+backward (dx, dgamma, dbeta) recomputing the activation's mask. Eager: ``BN_ACT.apply(...)``; compile: the
+``widedeep_kernels::bn_act`` op (:mod:`kernels.ops`)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

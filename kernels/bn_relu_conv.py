@@ -12,7 +12,6 @@ Dtypes: x fp32/fp16/bf16; the convs compute in the autocast dtype when autocast 
 
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
@@ -20,7 +19,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import conv as _conv  # module attribute: tests and tools can replace the launchers
-from .bn_relu import BNParams, bn_relu_backward, bn_relu_forward
+from .bn_relu import (
+    ACT_ARGS,
+    BN_ARGS,
+    SYNC_ARGS,
+    BNParams,
+    _as,
+    bn_relu_backward,
+    bn_relu_forward,
+    param_grads,
+)
+from .opspec import Arg, OpSpec, memory_format
 
 
 def _activation(x, p: BNParams, backend, dtype, mask, keep):
@@ -28,11 +37,6 @@ def _activation(x, p: BNParams, backend, dtype, mask, keep):
     if mask is not None:
         a = a.mul_(mask).mul_(1.0 / keep)
     return a
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in ``dtype``; no dispatch when it already is (the common case: a saved cast, an autocast gradient)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def conv_forward(x, p: BNParams, backend: str, cdtype, mask, keep: float, weights, biases, geometry) -> tuple:
@@ -104,68 +108,6 @@ def conv_backward(
     return dx, dgamma, dbeta, param_grads
 
 
-def _fixed_inputs(fn_cls) -> int:
-    """How many inputs an autograd Function's forward takes before ``*params``: its backward returns one
-    gradient (or None) per input, so the padding follows the signature instead of a hand count."""
-    n = getattr(fn_cls, "_n_fixed", None)
-    if n is None:
-        params = list(inspect.signature(fn_cls.forward).parameters.values())[1:]  # without ctx
-        n = fn_cls._n_fixed = sum(p.kind is not inspect.Parameter.VAR_POSITIONAL for p in params)
-    return n
-
-
-class _BNReLUConvFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, x, gamma, beta, p: BNParams, backend: str, cdtype, mask, keep: float, sync, group, geometry: tuple, *params
-    ):
-        # params: for each conv, (weight, bias-or-None); geometry: for each conv (stride, padding, dilation, groups)
-        weights, biases = params[0::2], params[1::2]
-        ctx.weight_dtypes = [w.dtype for w in weights]
-        weights = [_as(w, cdtype) for w in weights]  # cast once per step: backward reuses these copies
-        outs = conv_forward(x, p, backend, cdtype, mask, keep, weights, biases, geometry)
-        ctx.p, ctx.backend, ctx.cdtype, ctx.keep, ctx.sync, ctx.group = p, backend, cdtype, keep, sync, group
-        ctx.param_dtype = gamma.dtype if gamma is not None else x.dtype
-        ctx.geometry, ctx.has_bias, ctx.has_mask = geometry, [b is not None for b in biases], mask is not None
-        ctx.save_for_backward(x, *(() if mask is None else (mask,)), *weights)
-        return outs
-
-    @staticmethod
-    def backward(ctx, *grad_outs):
-        saved = ctx.saved_tensors
-        x, rest = saved[0], saved[1:]
-        mask, weights = (rest[0], rest[1:]) if ctx.has_mask else (None, rest)
-        n_fixed = _fixed_inputs(_BNReLUConvFunction)
-        need = ctx.needs_input_grad
-        dx, dgamma, dbeta, param_grads = conv_backward(
-            x,
-            ctx.p,
-            ctx.backend,
-            ctx.cdtype,
-            mask,
-            ctx.keep,
-            weights,
-            ctx.has_bias,
-            ctx.geometry,
-            grad_outs,
-            need[0],
-            need[n_fixed::2],
-            need[n_fixed + 1 :: 2],
-            ctx.sync,
-            ctx.group,
-            ctx.weight_dtypes,
-        )
-        if dgamma is None:
-            return (None,) * (n_fixed + len(param_grads))
-        return (
-            dx,
-            _as(dgamma, ctx.param_dtype) if need[1] else None,
-            _as(dbeta, ctx.param_dtype) if need[2] else None,
-            *([None] * (n_fixed - 3)),
-            *param_grads,
-        )
-
-
 def igemm_forward(x, p: BNParams, cdtype, weights, biases, geometry) -> tuple:
     """Forward with the implicit-GEMM kernels (:mod:`kernels.conv`): act(bn(x)) normalised in each operand load."""
     vec = (p.mean.float(), p.scale.float(), p.beta.float())
@@ -195,31 +137,6 @@ def igemm_backward(x, p: BNParams, cdtype, weights, has_bias, geometry, grad_out
         return None, None, None, param_grads
     dx, dgamma, dbeta = bn_relu_backward(x, g, p, backend="triton", sums=(sum_g, sum_gx), grad_wrt_z=True)
     return dx, dgamma, dbeta, param_grads
-
-
-class _IGemmBNReLUConvFunction(torch.autograd.Function):
-    """Same contract as _BNReLUConvFunction, with the implicit-GEMM kernels of :mod:`kernels.conv`:
-    relu(bn(x)) is never written, not even in forward or backward (it is recomputed in each operand load)."""
-
-    @staticmethod
-    def forward(ctx, x, gamma, beta, p: BNParams, cdtype, geometry: tuple, *params):
-        weights, biases = params[0::2], params[1::2]
-        outs = igemm_forward(x, p, cdtype, weights, biases, geometry)
-        ctx.p, ctx.cdtype, ctx.geometry, ctx.has_bias = p, cdtype, geometry, [b is not None for b in biases]
-        ctx.param_dtype = gamma.dtype if gamma is not None else x.dtype
-        ctx.save_for_backward(x, *weights)
-        return outs
-
-    @staticmethod
-    def backward(ctx, *grad_outs):
-        x, *weights = ctx.saved_tensors
-        dx, dgamma, dbeta, param_grads = igemm_backward(
-            x, ctx.p, ctx.cdtype, weights, ctx.has_bias, ctx.geometry, grad_outs
-        )
-        n_fixed = _fixed_inputs(_IGemmBNReLUConvFunction)
-        if dgamma is None:
-            return (None,) * (n_fixed + len(param_grads))
-        return (dx, dgamma.to(ctx.param_dtype), dbeta.to(ctx.param_dtype), None, None, None, *param_grads)
 
 
 def _dropout_mask(x: torch.Tensor, dropout: float) -> tuple[torch.Tensor | None, float]:
@@ -257,3 +174,120 @@ def _geometry(conv: nn.Conv2d) -> tuple:
             f"bn_relu_conv supports zero padding given as numbers, not {conv.padding!r}/{conv.padding_mode!r}"
         )
     return (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the op: one argument specification, the eager Function and the custom op generated from it (kernels/opspec.py)
+
+
+def unflatten_geometry(flat) -> list[tuple]:
+    """(stride, padding, dilation, groups) per conv from 7 ints per conv (the op's ``SymInt[] geometry``)."""
+    return [
+        ((flat[i], flat[i + 1]), (flat[i + 2], flat[i + 3]), (flat[i + 4], flat[i + 5]), flat[i + 6])
+        for i in range(0, len(flat), 7)
+    ]
+
+
+def flat_geometry(geometry: Sequence[tuple]) -> list[int]:
+    """7 ints per conv from its validated (stride, padding, dilation, groups) (:func:`_geometry`)."""
+    return [v for stride, padding, dilation, groups in geometry for v in (*stride, *padding, *dilation, groups)]
+
+
+def _decode_geometry(a):
+    g = a.geometry
+    return g if isinstance(g[0], tuple) else unflatten_geometry(g)  # eager callers pass the tuples
+
+
+def _spread(present: Sequence, has: Sequence[bool], absent=None) -> list:
+    """[present_i or ``absent``] per conv from the entries of the convs that have a bias."""
+    it = iter(present)
+    return [next(it) if h else absent for h in has]
+
+
+def _bn_act_conv_forward(a, stash):
+    biases = _spread(a.conv_biases, a.has_bias)
+    if a.conv_impl == "triton":
+        return igemm_forward(a.x, a.stats, a.cdtype, a.conv_weights, biases, a.geometry)
+    weights = a.conv_weights
+    if stash is not None:  # eager: cast once per step; the backward reuses these copies
+        weights = [_as(w, a.cdtype) for w in weights]
+        stash["conv_weights"], stash["weight_dtypes"] = weights, [w.dtype for w in a.conv_weights]
+    return conv_forward(a.x, a.stats, a.backend, a.cdtype, a.mask, a.keep, weights, biases, a.geometry)
+
+
+def _bn_act_conv_backward(a, grads, needs):
+    n = len(a.conv_weights)
+    if a.conv_impl == "triton":
+        dx, dgamma, dbeta, pg = igemm_backward(a.x, a.stats, a.cdtype, a.conv_weights, a.has_bias, a.geometry, grads)
+    else:
+        dx, dgamma, dbeta, pg = conv_backward(
+            a.x,
+            a.stats,
+            a.backend,
+            a.cdtype,
+            a.mask,
+            a.keep,
+            a.conv_weights,
+            a.has_bias,
+            a.geometry,
+            grads,
+            needs["x"],
+            needs.get("conv_weights", [False] * n),
+            _spread(needs.get("conv_biases", []), a.has_bias, False),
+            a.sync,
+            a.group,
+            a.weight_dtypes,
+        )
+    out = {"conv_weights": pg[0::2], "conv_biases": [g for g, h in zip(pg[1::2], a.has_bias) if h]}
+    if dgamma is None:  # no output received a gradient
+        return out
+    return {"x": dx, **param_grads(a, needs, dgamma, dbeta), **out}
+
+
+def conv_out_shape(x: torch.Tensor, w: torch.Tensor, geo: tuple) -> tuple[int, ...]:
+    (sh, sw), (ph, pw), (dh, dw), _g = geo
+    N, _C, H, W = x.shape
+    kh, kw = w.shape[2], w.shape[3]
+    return (N, w.shape[0], (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _bn_act_conv_fake(a):
+    geo = _decode_geometry(a)
+    return [a.x.new_empty(conv_out_shape(a.x, w, g), dtype=a.cdtype) for w, g in zip(a.conv_weights, geo)]
+
+
+def _bn_act_conv_layout(a) -> torch.memory_format:
+    # x's layout only: Inductor re-derives the outputs' layouts from its own view of the inputs, and for the
+    # parameters that view need not keep a channels_last weight's strides (cuDNN/oneDNN alone would follow them);
+    # the implicit GEMMs write channels_last
+    return torch.channels_last if a.conv_impl == "triton" else memory_format(a.x)
+
+
+BN_ACT_CONV = OpSpec(
+    "bn_act_conv",
+    (
+        *BN_ARGS,
+        Arg("conv_weights", "Tensor[]", grad=True, saved=True),
+        # only the biases that exist, ``has_bias`` says which convs have one (a list mixing tensors and None
+        # would not get per-element gradients from torch.library's autograd)
+        Arg("conv_biases", "Tensor[]", grad=True),
+        Arg("has_bias", "bool[]"),
+        Arg("geometry", "SymInt[]", decode=_decode_geometry),  # 7 ints per conv; eager: the tuples
+        Arg("mask", "Tensor?", saved=True),  # dropout's bool keep-mask, or None
+        Arg("keep", "float"),  # dropout's keep probability
+        Arg("batch_stats", "bool"),
+        Arg("backend", "str"),
+        Arg("cdtype", "ScalarType"),
+        Arg("conv_impl", "str"),  # "torch" (cuDNN/oneDNN) or "triton" (the implicit GEMMs of kernels.conv)
+        *ACT_ARGS,
+        *SYNC_ARGS,
+        Arg("weight_dtypes", None),  # eager: the parameters' dtypes where the forward stashed cast weights
+    ),
+    forward=_bn_act_conv_forward,
+    backward=_bn_act_conv_backward,
+    fake=_bn_act_conv_fake,
+    layout=_bn_act_conv_layout,
+    returns="Tensor[]",
+)
+"""[conv_i(dropout(act(bn(x))))] saving x (and the dropout mask), never act(bn(x)): outputs (N, K_i, H_i, W_i) in
+``cdtype``. Eager: ``BN_ACT_CONV.apply(*BN_ACT_CONV.flat(values))``; compile: ``widedeep_kernels::bn_act_conv``."""

@@ -235,6 +235,8 @@ def _compile_model_check(default_backend: str, fused: str) -> dict:
     points (``kernels.ops``' statistics, BN-ReLU and BN-ReLU-conv forward/backward) during the compiled step, so a
     test can tell which path really ran."""
     from kernels import ops as kops
+    from kernels.bn_relu import BN_ACT
+    from kernels.bn_relu_conv import BN_ACT_CONV
     from widedeep.models import create_model
 
     kernels.set_default_backend(default_backend)
@@ -250,24 +252,27 @@ def _compile_model_check(default_backend: str, fused: str) -> dict:
     ref = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32, device=device)
     seen = set()
-    originals = {
-        n: getattr(kops, n)
-        for n in ("bn_params", "bn_relu_forward", "bn_relu_backward", "conv_forward", "conv_backward")
-    }
+    # the statistics op's entry point, and the implementations both paths of each fused op call (kernels/opspec.py)
+    originals = [(kops, "bn_params", "bn_params")] + [
+        (spec, attr, f"{spec.name}.{attr}")
+        for spec in (BN_ACT, BN_ACT_CONV)
+        for attr in ("forward_impl", "backward_impl")
+    ]
 
     def recording(name, fn):
         def wrapped(*args, **kwargs):
-            seen.add((name, kwargs["backend"] if "backend" in kwargs else args[2]))
+            seen.add((name, kwargs["backend"] if "backend" in kwargs else args[0].backend))
             return fn(*args, **kwargs)
 
         return wrapped
 
-    for n, fn in originals.items():
-        setattr(kops, n, recording(n, fn))
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in originals]
+    for (owner, attr, name), (_, _, fn) in zip(originals, saved):
+        setattr(owner, attr, recording(name, fn))
     out = _inductor(model)(x)
     out.square().sum().backward()
-    for n, fn in originals.items():
-        setattr(kops, n, fn)
+    for owner, attr, fn in saved:
+        setattr(owner, attr, fn)
     out_ref = ref(x)
     out_ref.square().sum().backward()
     grads = [
@@ -300,7 +305,9 @@ def test_compiled_fused_resnet38_equals_eager(default_backend, fused):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["out"] < 1e-5 and res["grad"] < 1e-4 and res["buffers"] < 1e-6, res
     want = default_backend if fused == "auto" else fused
-    entry_points = {"bn_params", "bn_relu_forward", "bn_relu_backward", "conv_forward", "conv_backward"}
+    entry_points = {"bn_params"} | {
+        f"{op}.{f}" for op in ("bn_act", "bn_act_conv") for f in ("forward_impl", "backward_impl")
+    }
     assert {tuple(s) for s in res["seen"]} == {(n, want) for n in entry_points}, res
 
 
