@@ -153,4 +153,4 @@ def bn_relu_conv(
         process_group,
         None,
     ]
-    return list(BN_ACT_CONV.apply(*BN_ACT_CONV.flat(values)))
+    return list(BN_ACT_CONV.apply(*values))

@@ -966,9 +966,9 @@ def decode_stats(a) -> BNParams:
     )
 
 
-def param_grads(a, needs: dict, dgamma, dbeta) -> dict:
-    """{"weight": dgamma, "bias": dbeta} in the BN parameters' dtypes, where they are wanted."""
-    p, out = a.stats, {}  # the BNParams holds gamma and beta (the arguments themselves are not kept for backward)
+def param_grads(a, needs: dict, dgamma, dbeta, out: dict) -> dict:
+    """``out`` with "weight": dgamma and "bias": dbeta in the BN parameters' dtypes, where they are wanted."""
+    p = a.stats  # the BNParams holds gamma and beta (the arguments themselves are not kept for backward)
     if needs.get("weight") and p.weight is not None:
         out["weight"] = _as(dgamma, p.weight.dtype)
     if needs.get("bias") and p.bias is not None:
@@ -1000,7 +1000,7 @@ def _bn_act_backward(a, grads, needs):
     dx, dgamma, dbeta = bn_relu_backward(
         a.x, grads[0], a.stats, backend=a.backend, need_dx=needs["x"], sync=a.sync, process_group=a.group
     )
-    return {"x": dx, **param_grads(a, needs, dgamma, dbeta)}
+    return param_grads(a, needs, dgamma, dbeta, {"x": dx})
 
 
 BN_ACT = OpSpec(

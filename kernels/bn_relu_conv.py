@@ -205,7 +205,7 @@ def _spread(present: Sequence, has: Sequence[bool], absent=None) -> list:
 
 
 def _bn_act_conv_forward(a, stash):
-    biases = _spread(a.conv_biases, a.has_bias)
+    biases = _spread(a.conv_biases, a.has_bias) if a.conv_biases else [None] * len(a.has_bias)
     if a.conv_impl == "triton":
         return igemm_forward(a.x, a.stats, a.cdtype, a.conv_weights, biases, a.geometry)
     weights = a.conv_weights
@@ -232,16 +232,19 @@ def _bn_act_conv_backward(a, grads, needs):
             a.geometry,
             grads,
             needs["x"],
-            needs.get("conv_weights", [False] * n),
-            _spread(needs.get("conv_biases", []), a.has_bias, False),
+            needs["conv_weights"],
+            _spread(needs["conv_biases"], a.has_bias, False) if a.conv_biases else [False] * n,
             a.sync,
             a.group,
             a.weight_dtypes,
         )
-    out = {"conv_weights": pg[0::2], "conv_biases": [g for g, h in zip(pg[1::2], a.has_bias) if h]}
+    out = {"conv_weights": pg[0::2]}
+    if a.conv_biases:
+        out["conv_biases"] = [g for g, h in zip(pg[1::2], a.has_bias) if h]
     if dgamma is None:  # no output received a gradient
         return out
-    return {"x": dx, **param_grads(a, needs, dgamma, dbeta), **out}
+    out["x"] = dx
+    return param_grads(a, needs, dgamma, dbeta, out)
 
 
 def conv_out_shape(x: torch.Tensor, w: torch.Tensor, geo: tuple) -> tuple[int, ...]:
@@ -290,4 +293,4 @@ BN_ACT_CONV = OpSpec(
     returns="Tensor[]",
 )
 """[conv_i(dropout(act(bn(x))))] saving x (and the dropout mask), never act(bn(x)): outputs (N, K_i, H_i, W_i) in
-``cdtype``. Eager: ``BN_ACT_CONV.apply(*BN_ACT_CONV.flat(values))``; compile: ``widedeep_kernels::bn_act_conv``."""
+``cdtype``. Eager: ``BN_ACT_CONV.apply(*values)``; compile: ``widedeep_kernels::bn_act_conv``."""

@@ -55,7 +55,8 @@ class Arg:
     ``type``: its op-schema type (:data:`TYPES`), or None for an eager-only argument (``default`` in the op).
     ``grad``: differentiable (tensors only): the backward returns its gradient (a list for ``Tensor[]``).
     ``saved``: the backward reads it (tensors go through ``save_for_backward``: version checks and saved-tensor
-    hooks such as checkpointing see them; other arguments are kept on ``ctx``).
+    hooks such as checkpointing see them; other arguments are kept on ``ctx``; an argument with a ``decode`` is
+    kept on the eager ``ctx`` decoded, e.g. the BNParams, and saved as a tensor on the op path).
     ``decode``: ``f(args) -> value`` the implementations read, given the namedtuple of all arguments (called on
     both paths: it must accept the op's encoding and an eager caller's decoded value)."""
 
@@ -109,7 +110,7 @@ class OpSpec:
         # what the backward never reads, dropped from ctx (no activation kept alive outside save_for_backward)
         self.dropped = [i for i, a in enumerate(self.args) if a.type in _TENSOR_TYPES and not a.saved]
         self.op_args = [i for i, a in enumerate(self.args) if a.type is not None]
-        self._function = None
+        self._function = self._apply = None
 
     # ------------------------------------------------------------------------------------------------------------
     # shared
@@ -145,25 +146,19 @@ class OpSpec:
         """The eager ``torch.autograd.Function`` (built once). Arguments: the non-list arguments in spec order,
         then (if the op has ``Tensor[]`` arguments) a tuple of their lengths and their tensors, concatenated."""
         if self._function is None:
-            self._function = _make_function(self)
+            self._function, self._apply = _make_function(self)
         return self._function
 
-    def apply(self, *values):
-        """``function().apply(*values)`` (see :meth:`function` for the argument order) without
-        ``Function.apply``'s Python wrapper where it does nothing: it binds default arguments (only for a
-        ``setup_context`` Function; this one has none) and unwraps functorch wrappers (only meaningful under
-        vmap/grad/...: then the full path runs). ~7 us of host time per call, once per BN per step."""
-        fn = self.function()
-        if _transforms_active():
-            return fn.apply(*values)
-        return fn._fast_apply(*values)
-
-    def flat(self, values: list) -> list:
-        """The Function's arguments from all argument values in spec order (list arguments flattened)."""
-        if not self.lists:
-            return values
-        lists = [values[i] for i in self.lists]
-        return [*(values[i] for i in self.fixed), tuple(len(v) for v in lists), *(t for v in lists for t in v)]
+    @property
+    def apply(self) -> Callable:
+        """``apply(*values)``: the eager Function applied to the argument values in spec order (``Tensor[]`` as
+        lists; flattened for autograd here). It skips ``Function.apply``'s Python wrapper where that does nothing:
+        the wrapper binds default arguments (only for a ``setup_context`` Function; this one has none) and unwraps
+        functorch wrappers (only meaningful under vmap/grad/...: then the full path runs). ~7 us of host time per
+        call, once per BN per step."""
+        if self._apply is None:
+            self.function()
+        return self._apply
 
     # ------------------------------------------------------------------------------------------------------------
     # compile: the custom ops
@@ -173,96 +168,108 @@ class OpSpec:
         return _register(self, ns, tuple(tags))
 
 
-def _make_function(spec: OpSpec) -> type:
-    n_all, fixed, lists = len(spec.args), spec.fixed, spec.lists
-    n_fixed = len(fixed)
-    saved_t, saved_l, dropped = spec.saved_tensors, spec.saved_lists, spec.dropped
-    index, forward_impl, backward_impl, names = spec.index, spec.forward_impl, spec.backward_impl, spec.names
-    dropped_t = [i for i in dropped if spec.args[i].type != "Tensor[]"]
-    dropped_l = [i for i in dropped if spec.args[i].type == "Tensor[]"]
-    # (flat position, name) of the differentiable non-list arguments; (list index k, name) of the list ones
-    grad_fixed = [(k, names[i]) for k, i in enumerate(fixed) if spec.args[i].grad]
-    grad_lists = [(k, names[i]) for k, i in enumerate(lists) if spec.args[i].grad]
-    Tensor = torch.Tensor
+def function_source(spec: OpSpec) -> str:
+    """The Python source of the eager Function's ``forward`` and ``backward`` for ``spec``: straight-line code
+    written for this spec's arguments (what a hand-written Function would do, and no more: a generic loop over the
+    arguments cost ~7 us more per BN-ReLU forward + backward on the host). ``print(function_source(BN_ACT))``
+    shows it."""
+    names, args = spec.names, spec.args
+    fixed = [names[i] for i in spec.fixed]
+    lists = [names[i] for i in spec.lists]
+    allv = ", ".join(names)
+    sig = ", ".join(["ctx", *fixed, *(["_lens", "*_tail"] if lists else [])])
+    f = [f"def forward({sig}):"]
+    if lists:
+        f.append("    _k = 0")
+        for j, n in enumerate(lists):
+            f += [f"    {n} = list(_tail[_k : _k + _lens[{j}]])", f"    _k += _lens[{j}]"]
+    f.append(f"    a = _Args({allv})")
+    if spec.decoders:
+        f.append("    _changed = False")
+        for i, _ in spec.decoders:
+            n = names[i]
+            f += [f"    _v = _dec_{n}(a)", f"    if _v is not {n}:", f"        {n}, _changed = _v, True"]
+        f += ["    if _changed:", f"        a = _Args({allv})"]
+    f += [
+        "    _stash = {}",
+        "    _out = _forward_impl(a, _stash)",
+        "    if _stash:",
+        "        _v = list(a)",
+        "        for _n, _x in _stash.items():",
+        "            _v[_index[_n]] = _x",
+        f"        ({allv},) = _v",
+        "    if type(_out) is list:",
+        "        _out = tuple(_out)",
+    ]
+    saved_t = [names[i] for i in spec.saved_tensors if args[i].decode is None]
+    saved_l = [names[i] for i in spec.saved_lists]
+    f.append(f"    ctx.save_for_backward({', '.join([*saved_t, *(f'*{n}' for n in saved_l)])})")
+    if saved_l:
+        f.append(f"    ctx.lens = ({', '.join(f'len({n})' for n in saved_l)},)")
+    kept = []
+    for i, n in enumerate(names):
+        if n in saved_t or n in saved_l or (i in spec.dropped and args[i].type != "Tensor[]"):
+            kept.append("None")
+        elif i in spec.dropped:  # a list the backward does not read: only its length
+            kept.append(f"[None] * len({n})")
+        else:
+            kept.append(n)
+    f += [f"    ctx.values = ({', '.join(kept)},)", "    return _out"]
 
-    def values_of(flat) -> list:
-        if not lists:
-            return list(flat)
-        values = [None] * n_all
-        for k, i in enumerate(fixed):
-            values[i] = flat[k]
-        pos = n_fixed + 1
-        for i, n in zip(lists, flat[n_fixed]):
-            values[i] = list(flat[pos : pos + n])
-            pos += n
-        return values
+    b = ["def backward(ctx, *grads):", f"    ({allv},) = ctx.values"]
+    if saved_t or saved_l:
+        b.append("    _s = ctx.saved_tensors")
+        for k, n in enumerate(saved_t):
+            b.append(f"    {n} = _s[{k}]")
+        if saved_l:
+            b.append(f"    _k = {len(saved_t)}")
+            for j, n in enumerate(saved_l):
+                b += [f"    {n} = list(_s[_k : _k + ctx.lens[{j}]])", f"    _k += ctx.lens[{j}]"]
+    b += [f"    a = _Args({allv})", "    _need = ctx.needs_input_grad"]
+    entries = [f"{names[i]!r}: _need[{k}]" for k, i in enumerate(spec.fixed) if args[i].grad]
+    b.append(f"    _needs = {{{', '.join(entries)}}}")
+    if lists:
+        b.append(f"    _p = {len(fixed) + 1}")
+        for n in lists:
+            if args[spec.index[n]].grad:
+                b.append(f"    _needs[{n!r}] = list(_need[_p : _p + len({n})])")
+            b.append(f"    _p += len({n})")
+    b += ["    _g = _backward_impl(a, grads, _needs).get"]
+    outs = [f"_g({names[i]!r})" if args[i].grad else "None" for i in spec.fixed]
+    if lists:
+        outs.append("None")
+        for n in lists:
+            outs.append(f"*(_g({n!r}) or [None] * len({n}))" if args[spec.index[n]].grad else f"*[None] * len({n})")
+    b.append(f"    return ({', '.join(outs)},)")
+    flat = ", ".join(
+        [*fixed, *([f"({', '.join(f'len({n})' for n in lists)},)"] if lists else []), *(f"*{n}" for n in lists)]
+    )
+    a = [
+        f"def apply({allv}):",
+        "    if _transforms_active():",
+        f"        return _Function.apply({flat})",
+        f"    return _fast_apply({flat})",
+    ]
+    return "\n\n\n".join("\n".join(x) for x in (f, b, a)) + "\n"
 
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *flat):
-            values = values_of(flat)
-            a = spec.decode(values)
-            stash: dict = {}
-            out = forward_impl(a, stash)
-            if isinstance(out, list):  # autograd takes a tuple of outputs
-                out = tuple(out)
-            for name, v in stash.items():
-                values[index[name]] = v
-            # saved tensors through save_for_backward; a decoded object in a tensor's place (the BNParams) stays
-            tensors, where = [], []
-            for i in saved_t:
-                v = values[i]
-                if v is None or isinstance(v, Tensor):
-                    tensors.append(v)
-                    where.append(i)
-                    values[i] = None
-            lens = []
-            for i in saved_l:
-                tensors += values[i]
-                lens.append(len(values[i]))
-                values[i] = None
-            for i in dropped_t:
-                values[i] = None
-            for i in dropped_l:
-                values[i] = [None] * len(values[i])
-            ctx.save_for_backward(*tensors)
-            ctx.values, ctx.where, ctx.lens = values, where, lens
-            return out
 
-        @staticmethod
-        def backward(ctx, *grads):
-            values, saved = list(ctx.values), ctx.saved_tensors
-            k = len(ctx.where)
-            for j, i in enumerate(ctx.where):
-                values[i] = saved[j]
-            for i, n in zip(saved_l, ctx.lens):
-                values[i] = list(saved[k : k + n])
-                k += n
-            a = spec.Args._make(values)
-            need = ctx.needs_input_grad
-            needs = {name: need[k] for k, name in grad_fixed}
-            if lists:
-                starts, pos = [], n_fixed + 1
-                for i in lists:
-                    starts.append(pos)
-                    pos += len(values[i])
-                for k, name in grad_lists:
-                    i = lists[k]
-                    needs[name] = list(need[starts[k] : starts[k] + len(values[i])])
-            got = backward_impl(a, grads, needs)
-            out = [None] * n_fixed
-            for k, name in grad_fixed:
-                out[k] = got.get(name)
-            if lists:
-                out.append(None)  # the lengths
-                for i in lists:
-                    g = got.get(names[i])
-                    out += g if g is not None else [None] * len(values[i])
-            return tuple(out)
-
-    Function.__name__ = Function.__qualname__ = f"{spec.name}_function"
-    Function._fast_apply = _C_APPLY.__get__(None, Function)
-    return Function
+def _make_function(spec: OpSpec) -> tuple[type, Callable]:
+    env = {
+        "_Args": spec.Args,
+        "_index": spec.index,
+        "_transforms_active": _transforms_active,
+        "_forward_impl": spec.forward_impl,
+        "_backward_impl": spec.backward_impl,
+        **{f"_dec_{spec.names[i]}": dec for i, dec in spec.decoders},
+    }
+    exec(compile(function_source(spec), f"<opspec {spec.name}>", "exec"), env)
+    Function = type(
+        f"{spec.name}_function",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(env["forward"]), "backward": staticmethod(env["backward"]), "spec": spec},
+    )
+    env["_Function"], env["_fast_apply"] = Function, _C_APPLY.__get__(None, Function)
+    return Function, env["apply"]
 
 
 def _register(spec: OpSpec, ns: str, tags: tuple):

@@ -101,7 +101,7 @@ def test_both_paths_follow_the_spec(extra, with_bias):
 
     def eager(x, w, bias, ws, **kw):
         values = [x, w, bias, ws, (scale,), *([kw["shift"]] if extra else []), "eager"]
-        return spec.apply(*spec.flat(values))
+        return spec.apply(*values)
 
     def custom_op(x, w, bias, ws, **kw):
         return op(x, w, bias, ws, scale, *([kw["shift"]] if extra else []))
@@ -130,7 +130,7 @@ def test_eager_function_saves_tensors_through_save_for_backward():
 
     leaves = [t.clone().requires_grad_() for t in (x, w, bias)]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        outs = spec.apply(*spec.flat([*leaves, [t.clone().requires_grad_() for t in ws], 0.5, "eager"]))
+        outs = spec.apply(*leaves, [t.clone().requires_grad_() for t in ws], 0.5, "eager")
     assert len(packed) == 3 and all(any(p is q for q in leaves) for p in packed)
     sum(o.sum() for o in outs).backward()
     assert all(t.grad is not None for t in leaves)
