@@ -397,7 +397,8 @@ class BNParams:
 
     Views and vectors are derived lazily, so the hot path never pays for them. ``weight``/``bias``: gamma and beta
     (the module's tensors, or None for a BN without affine parameters). ``count``: elements per channel the
-    statistics came from (all ranks when synced): an int, or a 0-dim fp32 device tensor (no host sync).
+    statistics came from (all ranks when synced), always a 0-dim tensor on the statistics' device, of their dtype
+    (never copied to the host). Running statistics have x's elements per channel there, which no formula reads.
     ``activation``: "relu" | "leaky_relu" | "identity"; ``activation_param``: the leaky negative slope."""
 
     __slots__ = (
@@ -405,6 +406,7 @@ class BNParams:
         "_rstd",
         "_scale",
         "_count",
+        "_per_channel",
         "weight",
         "bias",
         "batch_stats",
@@ -431,6 +433,7 @@ class BNParams:
         activation_param: float = 0.01,
     ):
         self._mean, self._rstd, self._scale, self._count = mean, rstd, cached_scale, count
+        self._per_channel = 0
         self.weight, self.bias, self.batch_stats = weight, bias, batch_stats
         self.stats = self.running = self._kp = self.gathered = None
         self.activation, self.activation_param = activation, activation_param
@@ -461,12 +464,14 @@ class BNParams:
         eps: float,
         weight,
         bias,
-        count: int,
+        per_channel: int,
         activation: str = "relu",
         activation_param: float = 0.01,
     ) -> "BNParams":
-        p = cls(None, None, weight, bias, count, False, None, activation, activation_param)
+        """``per_channel``: x's elements per channel, what :attr:`count` then holds (made only if asked)."""
+        p = cls(None, None, weight, bias, None, False, None, activation, activation_param)
         p.running = (running_mean, running_var, float(eps))
+        p._per_channel = per_channel
         return p
 
     @property
@@ -495,9 +500,15 @@ class BNParams:
         return self._scale
 
     @property
-    def count(self):
+    def count(self) -> torch.Tensor:
         if self._count is None:
-            self._count = self.stats[ROW["count"], 0]
+            if self.stats is not None:
+                self._count = self.stats[ROW["count"], 0]
+            else:
+                # running statistics (:meth:`from_running`): no formula reads their count (frozen statistics have
+                # no gradient through them), so it is made here on first use rather than per call on the frozen
+                # hot path, which launches and allocates nothing for it; filled on the device (no host copy)
+                self._count = self.running[0].new_full((), self._per_channel, dtype=torch.float32)
         return self._count
 
     @property
@@ -511,19 +522,12 @@ class BNParams:
     def kernel_stats(self) -> torch.Tensor:
         """The (5, C) fp32 STAT_ROWS buffer the kernels read (built once from the vectors when needed)."""
         if self.stats is None:
-            C = self.mean.shape[0]
-            count = self.count
-            count = (
-                count.float().expand(C)
-                if isinstance(count, torch.Tensor)
-                else self.mean.new_full((C,), float(count), dtype=torch.float32)
-            )
             f = [
                 self.mean.float(),
                 torch.zeros_like(self.mean, dtype=torch.float32),
                 self.rstd.float(),
                 self.scale.float(),
-                count,
+                self.count.float().expand(self.mean.shape[0]),
             ]
             self.stats = torch.stack(f)
         return self.stats
@@ -557,13 +561,13 @@ def bn_params(
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     weight = bn.weight.detach().to(dt) if bn.weight is not None else x.new_ones(C, dtype=dt)
     bias = bn.bias.detach().to(dt) if bn.bias is not None else x.new_zeros(C, dtype=dt)
-    if not use_batch:
+    if not use_batch:  # the count (read by no formula) filled on the device: no host-to-device copy
         return BNParams(
             bn.running_mean.to(dt),
             torch.rsqrt(bn.running_var.to(dt) + bn.eps),
             weight,
             bias,
-            x.numel() // C,
+            x.new_full((), x.numel() // C, dtype=dt),
             False,
             **act,
         )
@@ -575,18 +579,19 @@ def bn_params(
     return BNParams(mean, torch.rsqrt(var + bn.eps), weight, bias, count, True, **act)
 
 
-def update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, count: int | torch.Tensor) -> None:
+def update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
     """nn.BatchNorm2d's running-statistics update in torch ops (the torch backend, and running buffers that are
-    not fp32); the triton statistics kernel does the same in its finalising programs."""
+    not fp32); the triton statistics kernel does the same in its finalising programs. ``count``: a 0-dim tensor."""
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
         if bn.momentum is not None:
             factor = bn.momentum
         else:  # 1 / num_batches_tracked as a tensor: no host sync
             factor = bn.num_batches_tracked.to(bn.running_mean.dtype).reciprocal()
-        unbiased = var * (
-            count / (count - 1).clamp_min(1) if isinstance(count, torch.Tensor) else count / max(count - 1, 1)
-        )
+        # Bessel's factor in fp64 on the device: the bits of the Python double n / max(n - 1, 1) (a 0-dim fp64
+        # tensor does not promote var's dtype, and is rounded to it like a Python float)
+        n = count.to(torch.float64)
+        unbiased = var * (n / (n - 1).clamp_min(1))
         bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
         bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
 
@@ -616,7 +621,8 @@ def _bn_params_triton(x, bn, sync: bool, process_group, activation: str, slope: 
     if not bn.training and rm is not None:  # running statistics: nothing launched here
         if _fp32_running(rm, rv):
             return BNParams.from_running(rm, rv, bn.eps, weight, bias, x.numel() // C, **act)
-        return BNParams(rm.float(), torch.rsqrt(rv.float() + bn.eps), weight, bias, x.numel() // C, False, **act)
+        n = x.new_full((), x.numel() // C, dtype=torch.float32)  # read by no formula; no host-to-device copy
+        return BNParams(rm.float(), torch.rsqrt(rv.float() + bn.eps), weight, bias, n, False, **act)
     track = bn.training and bn.track_running_stats and rm is not None
     in_kernel = track and _fp32_running(rm, rv)  # running-stat update inside the statistics kernel
     if _dist_active(sync) and (in_kernel or not track):

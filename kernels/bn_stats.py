@@ -598,42 +598,49 @@ def gather_stats(x: torch.Tensor, *, process_group=None, num_batches_tracked=Non
     return _all_gather_rows(local, process_group)
 
 
-def _stats_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _stats_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, M2, count) per channel; count: a 0-dim tensor of the statistics dtype on x's device (filled there:
+    no host-to-device copy)."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     M = x.numel() // x.shape[1]
+    count = xf.new_full((), M)
     if xf.device.type == "cpu" or not xf.numel():  # two-pass in ATen on CPU: no cancellation
         var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
-        return mean, var * M, M
+        return mean, var * M, count
     # CUDA's var_mean is a one-pass fp32 Welford that lost ~2% of the variance at |mean|/std ~ 1e6 (H100,
     # torch 2.11): shift by one sample per channel first (x - x[0] is exact for nearby values, Sterbenz).
     # Not on CPU: there the result stays bitwise equal to aten's batch_norm statistics.
     shift = xf[:1, :, :1, :1]
     var, mean = torch.var_mean(xf - shift, dim=(0, 2, 3), unbiased=False)
-    return mean + shift.flatten(), var * M, M
+    return mean + shift.flatten(), var * M, count
 
 
 def channel_stats(
     x: torch.Tensor, *, backend: str = "triton", sync: bool = False, process_group=None
-) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel (mean, biased var, count) of x (N, C, H, W); fp32 vectors of length C (fp64 for torch fp64).
 
-    ``sync=True`` with torch.distributed initialised merges the statistics of every rank in the group; the
-    count is then a 0-dim device tensor (the group's total, never copied to the host), else an int.
+    ``sync=True`` with torch.distributed initialised merges the statistics of every rank in the group. ``count``:
+    the elements per channel (the group's total when synced), a 0-dim tensor of the statistics dtype on x's device,
+    never copied to the host.
     """
     if backend == "triton":
         out = finalize_stats(x, sync=sync, process_group=process_group)
-        count = out[ROW["count"], 0] if _dist_active(sync) else x.numel() // x.shape[1]
-        return out[ROW["mean"]], out[ROW["var"]], count
+        return out[ROW["mean"]], out[ROW["var"]], out[ROW["count"], 0]
     mean, m2, count = _stats_torch(x)
     if _dist_active(sync):
         mean, m2, count = _sync(mean, m2, count, process_group)
         return mean, m2 / count.clamp_min(1), count
-    return mean, m2 / max(count, 1), count
+    # divided by the host-side element count, as always: on CUDA aten multiplies by the reciprocal of a Python
+    # divisor but divides by a device tensor (an ulp apart), and the torch backend's bits stay what they were
+    return mean, m2 / max(x.numel() // x.shape[1], 1), count
 
 
-def _sync(mean: torch.Tensor, m2: torch.Tensor, count: int, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sync(
+    mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor, group
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch-backend merge over the group: (mean, M2, count as a 0-dim tensor of mean's dtype), no host sync."""
-    local = torch.stack([torch.full_like(mean, float(count)), mean, m2])
+    local = torch.stack([count.expand_as(mean), mean, m2])
     g = _all_gather_rows(local, group)  # (world, 3, C)
     total, mean, m2 = merge_partials(g[:, 0], g[:, 1], g[:, 2])
     return mean, m2, total[0]

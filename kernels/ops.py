@@ -93,8 +93,7 @@ def bn_stats(
         return p.stats
     C = x.shape[1]
     dt = _stats_dtype(x, backend)
-    # an int count (eval statistics) is filled on the device: no host-to-device copy to wait for
-    count = p.count.to(dt).expand(C) if isinstance(p.count, Tensor) else p.mean.new_full((C,), float(p.count), dtype=dt)
+    count = p.count.to(dt).expand(C)  # a 0-dim device tensor in every mode: no host-to-device copy to wait for
     return torch.stack([p.mean.to(dt), torch.zeros_like(count), p.rstd.to(dt), p.scale.to(dt), count])
 
 

@@ -258,6 +258,59 @@ def test_running_statistics_over_several_steps(backend, momentum, device):
     torch.testing.assert_close(bn.running_var, bn_ref.running_var, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_count_is_a_0dim_device_tensor_in_every_mode(backend, mode, device):
+    """The BN statistics' count is one type (issue 24): a 0-dim tensor on x's device of the statistics dtype
+    (fp64 for fp64 inputs on the torch backend, else fp32) holding x's elements per channel, for BNParams (batch
+    statistics, running statistics through fp32 or other running buffers), channel_stats and the bn_stats op."""
+    from kernels import ops
+
+    dtypes = (torch.float32, torch.float64) if backend == "torch" else (torch.float32, torch.bfloat16)
+    for dtype, running_dtype in [(d, d if d == torch.float64 else torch.float32) for d in dtypes] + [
+        (torch.float32, torch.float16)  # running buffers that are not fp32: the torch-ops fallbacks
+    ]:
+        bn = _bn(5, mode, device)
+        bn.running_mean.data, bn.running_var.data = bn.running_mean.to(running_dtype), bn.running_var.to(running_dtype)
+        x = torch.randn(3, 5, 6, 7, device=device).to(dtype)
+        want = torch.float64 if (backend, dtype) == ("torch", torch.float64) else torch.float32
+        counts = {
+            "BNParams": kernels.bn_params(x, bn, backend=backend).count,
+            "channel_stats": kernels.channel_stats(x, backend=backend)[2],
+        }
+        if running_dtype != torch.float16:  # the op: one pass per input dtype is enough
+            counts["bn_stats op"] = ops.stats_of(x, bn, backend)[4]
+        for name, count in counts.items():
+            case = (name, backend, mode, dtype, running_dtype)
+            assert isinstance(count, torch.Tensor) and count.device == x.device, case
+            assert count.dtype == want and count.shape == (() if name != "bn_stats op" else (5,)), case
+            assert bool((count == 3 * 6 * 7).all()), case
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_torch_running_statistics_are_the_int_count_formula_bitwise(dtype, momentum, device):
+    """With a tensor count the torch backend's running statistics keep the bits of the Python-int formula they
+    had (Bessel's factor n / max(n - 1, 1) as a Python double) over 3 steps, and stay close to nn.BatchNorm2d's.
+    Not bitwise nn.BatchNorm2d's: its own update (momentum * new + (1 - momentum) * old, var_sum / (n - 1))
+    rounds differently from lerp_ and var * n / (n - 1), by a few ulps, with an int count as well."""
+    bn, bn_ref = _bn(5, "train", device, momentum).to(dtype), _bn(5, "train", device, momentum).to(dtype)
+    bn_ref.load_state_dict(bn.state_dict())
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    for step in range(3):
+        x = (torch.randn(3, 5, 6, 7, device=device) * (step + 1) + step).to(dtype)
+        mean, var, _ = kernels.channel_stats(x, backend="torch")
+        n = x.numel() // x.shape[1]
+        factor = momentum if momentum is not None else 1.0 / (step + 1)
+        rm.lerp_(mean, factor)
+        rv.lerp_(var * (n / max(n - 1, 1)), factor)
+        kernels.bn_relu(x, bn, backend="torch")
+        bn_ref(x)
+    assert torch.equal(bn.running_mean, rm) and torch.equal(bn.running_var, rv)
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean)
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var)
+
+
 def test_bn_without_affine_or_running_stats(device):
     for bn in (nn.BatchNorm2d(6, affine=False), nn.BatchNorm2d(6, track_running_stats=False)):
         bn = bn.to(device)
