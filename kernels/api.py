@@ -132,7 +132,7 @@ def bn_relu_conv(
         activation_param=activation_param,
     )
     mask, keep = _dropout_mask(x, dropout) if conv == "torch" else (None, 1.0)
-    values = [  # BN_ACT_CONV's arguments in spec order (kernels/bn_relu_conv.py)
+    outs = BN_ACT_CONV.apply(  # BN_ACT_CONV's arguments in spec order (kernels/bn_relu_conv.py)
         x,
         p,
         bn.weight,
@@ -152,5 +152,5 @@ def bn_relu_conv(
         sync,
         process_group,
         None,
-    ]
-    return list(BN_ACT_CONV.apply(*values))
+    )
+    return list(outs)

@@ -291,6 +291,7 @@ BN_ACT_CONV = OpSpec(
     fake=_bn_act_conv_fake,
     layout=_bn_act_conv_layout,
     returns="Tensor[]",
+    stashes=("conv_weights", "weight_dtypes"),
 )
 """[conv_i(dropout(act(bn(x))))] saving x (and the dropout mask), never act(bn(x)): outputs (N, K_i, H_i, W_i) in
 ``cdtype``. Eager: ``BN_ACT_CONV.apply(*values)``; compile: ``widedeep_kernels::bn_act_conv``."""

@@ -88,15 +88,19 @@ class OpSpec:
     ``backward(a, grads, needs) -> {name: gradient}``: ``grads`` one per output (zeros for unused outputs on the
     op path, as autograd materialises them on the eager path); ``needs`` {name: bool, or a list for
     ``Tensor[]``}; absent names mean no gradient. Gradients in their argument's dtype.
+    ``stashes``: the argument names ``forward`` may put in ``stash``.
     ``fake(a) -> output(s)``: shapes and dtypes only (the layout follows ``layout``).
     ``layout(a) -> memory_format`` of the op's outputs. ``returns``: "Tensor" or "Tensor[]"."""
 
-    def __init__(self, name: str, args, *, forward, backward, fake, layout, returns: str = "Tensor"):
+    def __init__(self, name: str, args, *, forward, backward, fake, layout, returns: str = "Tensor", stashes=()):
         if returns not in ("Tensor", "Tensor[]"):
             raise ValueError(f"returns must be 'Tensor' or 'Tensor[]', got {returns!r}")
         self.name, self.args, self.returns = name, tuple(args), returns
         self.forward_impl, self.backward_impl, self.fake_impl, self.layout = forward, backward, fake, layout
         self.names = [a.name for a in self.args]
+        self.stashes = tuple(stashes)  # the arguments the eager forward may replace for the backward
+        if set(self.stashes) - set(self.names):
+            raise ValueError(f"{name}: stashes {sorted(set(self.stashes) - set(self.names))} are not arguments")
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"{name}: argument names repeat")
         self.Args = collections.namedtuple(f"{name}_args", self.names)
@@ -193,11 +197,7 @@ def function_source(spec: OpSpec) -> str:
     f += [
         "    _stash = {}",
         "    _out = _forward_impl(a, _stash)",
-        "    if _stash:",
-        "        _v = list(a)",
-        "        for _n, _x in _stash.items():",
-        "            _v[_index[_n]] = _x",
-        f"        ({allv},) = _v",
+        *(f"    {n} = _stash.get({n!r}, {n})" for n in spec.stashes),
         "    if type(_out) is list:",
         "        _out = tuple(_out)",
     ]
@@ -256,7 +256,6 @@ def function_source(spec: OpSpec) -> str:
 def _make_function(spec: OpSpec) -> tuple[type, Callable]:
     env = {
         "_Args": spec.Args,
-        "_index": spec.index,
         "_transforms_active": _transforms_active,
         "_forward_impl": spec.forward_impl,
         "_backward_impl": spec.backward_impl,
