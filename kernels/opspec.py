@@ -173,16 +173,26 @@ class OpSpec:
 
 
 def function_source(spec: OpSpec) -> str:
-    """The Python source of the eager Function's ``forward`` and ``backward`` for ``spec``: straight-line code
-    written for this spec's arguments (what a hand-written Function would do, and no more: a generic loop over the
-    arguments cost ~7 us more per BN-ReLU forward + backward on the host). ``print(function_source(BN_ACT))``
-    shows it."""
+    """The Python source of the eager Function's ``forward``, ``backward`` and ``apply`` for ``spec``: straight-line
+    code written for this spec's arguments (a generic loop over the arguments cost ~7 us more per BN-ReLU forward +
+    backward on the host). ``print(function_source(BN_ACT))`` shows it.
+
+    The Function's inputs: a tuple of the arguments autograd need not see (non-tensors, decoded arguments), then
+    the differentiable and saved tensors, then, if any, the lengths of the ``Tensor[]`` arguments and their tensors.
+    Fewer autograd inputs cost less in ``apply`` and in the engine's backward."""
     names, args = spec.names, spec.args
-    fixed = [names[i] for i in spec.fixed]
+    direct = [
+        n
+        for i, n in enumerate(names)
+        if i in spec.fixed
+        and (args[i].grad or (args[i].saved and args[i].decode is None and args[i].type in _TENSOR_TYPES))
+    ]
+    rest = [names[i] for i in spec.fixed if names[i] not in direct]
     lists = [names[i] for i in spec.lists]
     allv = ", ".join(names)
-    sig = ", ".join(["ctx", *fixed, *(["_lens", "*_tail"] if lists else [])])
-    f = [f"def forward({sig}):"]
+    tup = lambda ns: f"({', '.join(ns)}{',' if len(ns) == 1 else ''})"  # noqa: E731
+    sig = ", ".join(["ctx", "_rest", *direct, *(["_lens", "*_tail"] if lists else [])])
+    f = [f"def forward({sig}):", f"    {tup(rest)} = _rest" if rest else "    pass"]
     if lists:
         f.append("    _k = 0")
         for j, n in enumerate(lists):
@@ -205,7 +215,7 @@ def function_source(spec: OpSpec) -> str:
     saved_l = [names[i] for i in spec.saved_lists]
     f.append(f"    ctx.save_for_backward({', '.join([*saved_t, *(f'*{n}' for n in saved_l)])})")
     if saved_l:
-        f.append(f"    ctx.lens = ({', '.join(f'len({n})' for n in saved_l)},)")
+        f.append(f"    ctx.lens = {tup([f'len({n})' for n in saved_l])}")
     kept = []
     for i, n in enumerate(names):
         if n in saved_t or n in saved_l or (i in spec.dropped and args[i].type != "Tensor[]"):
@@ -214,9 +224,9 @@ def function_source(spec: OpSpec) -> str:
             kept.append(f"[None] * len({n})")
         else:
             kept.append(n)
-    f += [f"    ctx.values = ({', '.join(kept)},)", "    return _out"]
+    f += [f"    ctx.values = {tup(kept)}", "    return _out"]
 
-    b = ["def backward(ctx, *grads):", f"    ({allv},) = ctx.values"]
+    b = ["def backward(ctx, *grads):", f"    {tup(names)} = ctx.values"]
     if saved_t or saved_l:
         b.append("    _s = ctx.saved_tensors")
         for k, n in enumerate(saved_t):
@@ -226,23 +236,24 @@ def function_source(spec: OpSpec) -> str:
             for j, n in enumerate(saved_l):
                 b += [f"    {n} = list(_s[_k : _k + ctx.lens[{j}]])", f"    _k += ctx.lens[{j}]"]
     b += [f"    a = _Args({allv})", "    _need = ctx.needs_input_grad"]
-    entries = [f"{names[i]!r}: _need[{k}]" for k, i in enumerate(spec.fixed) if args[i].grad]
+    entries = [f"{n!r}: _need[{k + 1}]" for k, n in enumerate(direct) if args[spec.index[n]].grad]
     b.append(f"    _needs = {{{', '.join(entries)}}}")
     if lists:
-        b.append(f"    _p = {len(fixed) + 1}")
+        b.append(f"    _p = {len(direct) + 2}")
         for n in lists:
             if args[spec.index[n]].grad:
                 b.append(f"    _needs[{n!r}] = list(_need[_p : _p + len({n})])")
             b.append(f"    _p += len({n})")
     b += ["    _g = _backward_impl(a, grads, _needs).get"]
-    outs = [f"_g({names[i]!r})" if args[i].grad else "None" for i in spec.fixed]
+    outs = ["None", *(f"_g({n!r})" if args[spec.index[n]].grad else "None" for n in direct)]
     if lists:
         outs.append("None")
         for n in lists:
-            outs.append(f"*(_g({n!r}) or [None] * len({n}))" if args[spec.index[n]].grad else f"*[None] * len({n})")
-    b.append(f"    return ({', '.join(outs)},)")
+            g = args[spec.index[n]].grad
+            outs.append(f"*(_g({n!r}) or [None] * len({n}))" if g else f"*[None] * len({n})")
+    b.append(f"    return {tup(outs)}")
     flat = ", ".join(
-        [*fixed, *([f"({', '.join(f'len({n})' for n in lists)},)"] if lists else []), *(f"*{n}" for n in lists)]
+        [tup(rest), *direct, *([tup([f"len({n})" for n in lists])] if lists else []), *(f"*{n}" for n in lists)]
     )
     a = [
         f"def apply({allv}):",
