@@ -973,7 +973,9 @@ def decode_stats(a) -> BNParams:
 
 
 def param_grads(a, needs: dict, dgamma, dbeta, out: dict) -> dict:
-    """``out`` with "weight": dgamma and "bias": dbeta in the BN parameters' dtypes, where they are wanted."""
+    """``out`` with "weight": dgamma and "bias": dbeta where they are wanted, in the dtype of gamma/beta as the
+    BNParams holds them (the module's on the triton backend; the torch backend's fp32/fp64 copies, which the
+    autograd engine then casts to the parameters' dtype)."""
     p = a.stats  # the BNParams holds gamma and beta (the arguments themselves are not kept for backward)
     if needs.get("weight") and p.weight is not None:
         out["weight"] = _as(dgamma, p.weight.dtype)

@@ -238,9 +238,7 @@ def _bn_act_conv_backward(a, grads, needs):
             a.group,
             a.weight_dtypes,
         )
-    out = {"conv_weights": pg[0::2]}
-    if a.conv_biases:
-        out["conv_biases"] = [g for g, h in zip(pg[1::2], a.has_bias) if h]
+    out = {"conv_weights": pg[0::2], "conv_biases": [g for g, h in zip(pg[1::2], a.has_bias) if h]}
     if dgamma is None:  # no output received a gradient
         return out
     out["x"] = dx

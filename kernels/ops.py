@@ -47,11 +47,6 @@ def _stats_dtype(x: Tensor, backend: str) -> torch.dtype:
     return torch.float64 if (x.dtype == torch.float64 and backend != "triton") else torch.float32
 
 
-def _fmt(t: Tensor) -> torch.memory_format:
-    """The layout an op output takes from the tensor ``t`` it follows: channels_last if ``t`` is, else NCHW."""
-    return memory_format(t)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # statistics
 
@@ -155,7 +150,7 @@ bn_act_conv_backward = bn_act_conv.backward_op
 
 def _dense_with_stats(x: Tensor, bn, backend: str) -> tuple[Tensor, Tensor, bool]:
     """(x made dense, its packed statistics, whether they are batch statistics: nn.BatchNorm2d's rule)."""
-    x = x.contiguous(memory_format=_fmt(x))  # dense: a strided view's layout is ambiguous to Inductor
+    x = x.contiguous(memory_format=memory_format(x))  # dense: a strided view's layout is ambiguous to Inductor
     return x, stats_of(x, bn, backend), bool(bn.training or bn.running_mean is None)
 
 

@@ -114,7 +114,9 @@ class OpSpec:
         # what the backward never reads, dropped from ctx (no activation kept alive outside save_for_backward)
         self.dropped = [i for i, a in enumerate(self.args) if a.type in _TENSOR_TYPES and not a.saved]
         self.op_args = [i for i, a in enumerate(self.args) if a.type is not None]
-        self._function = self._apply = None
+        # built here, not on first use: a first call under Dynamo (SyncBN blocks, which keep the eager Function
+        # while compiling) must not trace exec/compile/type()
+        self._function, self._apply = _make_function(self)
 
     # ------------------------------------------------------------------------------------------------------------
     # shared
@@ -149,8 +151,6 @@ class OpSpec:
     def function(self) -> type:
         """The eager ``torch.autograd.Function`` (built once). Arguments: the non-list arguments in spec order,
         then (if the op has ``Tensor[]`` arguments) a tuple of their lengths and their tensors, concatenated."""
-        if self._function is None:
-            self._function, self._apply = _make_function(self)
         return self._function
 
     @property
@@ -160,8 +160,6 @@ class OpSpec:
         the wrapper binds default arguments (only for a ``setup_context`` Function; this one has none) and unwraps
         functorch wrappers (only meaningful under vmap/grad/...: then the full path runs). ~7 us of host time per
         call, once per BN per step."""
-        if self._apply is None:
-            self.function()
         return self._apply
 
     # ------------------------------------------------------------------------------------------------------------
@@ -226,7 +224,12 @@ def function_source(spec: OpSpec) -> str:
             kept.append(n)
     f += [f"    ctx.values = {tup(kept)}", "    return _out"]
 
-    b = ["def backward(ctx, *grads):", f"    {tup(names)} = ctx.values"]
+    b = [
+        "def backward(ctx, *grads):",
+        "    if _grad_enabled():  # create_graph=True: this backward is not itself differentiable",
+        f"        raise RuntimeError({spec.name + ': double backward (create_graph=True) is not supported'!r})",
+        f"    {tup(names)} = ctx.values",
+    ]
     if saved_t or saved_l:
         b.append("    _s = ctx.saved_tensors")
         for k, n in enumerate(saved_t):
@@ -268,6 +271,9 @@ def _make_function(spec: OpSpec) -> tuple[type, Callable]:
     env = {
         "_Args": spec.Args,
         "_transforms_active": _transforms_active,
+        "_grad_enabled": torch.is_grad_enabled,
+        # bound now: the eager Function calls the implementations the spec had when it was built (the op path looks
+        # them up per call, which is what tests that wrap them rely on)
         "_forward_impl": spec.forward_impl,
         "_backward_impl": spec.backward_impl,
         **{f"_dec_{spec.names[i]}": dec for i, dec in spec.decoders},
@@ -316,27 +322,29 @@ def _register(spec: OpSpec, ns: str, tags: tuple):
             v = a[i]
             needs[args[i].name] = [True] * len(v) if args[i].type == "Tensor[]" else v is not None
         got = spec.backward_impl(a, tuple(grads), needs)
-        inputs = [t for v in op_values for t in (v if isinstance(v, (list, tuple)) else [v])]
-        inputs = [t for t in inputs if isinstance(t, torch.Tensor)]
-        outs, seen = [], {t.untyped_storage().data_ptr() for t in inputs}
+        inputs = _tensors(op_values)
+        seen = {t.untyped_storage().data_ptr() for t in (*inputs, *grads)}  # no output aliases an input
+        outs = []
         for i in spec.grads:
             name, ref = args[i].name, a[i]
+            g = got.get(name)
+            if g is None and (ref if args[i].type == "Tensor[]" else ref is not None):
+                raise RuntimeError(f"{spec.name}: the backward returned no gradient for {name!r}")
             if args[i].type == "Tensor[]":
-                outs.append([_fresh(g, r, seen) for g, r in zip(got[name], ref)])
-            else:
-                g = got.get(name)
-                outs.append(inputs[0].new_empty(0) if ref is None or g is None else _fresh(g, ref, seen))
+                outs.append([_fresh(gi, r, seen) for gi, r in zip(g or (), ref)])
+            else:  # an absent optional input: an empty tensor of the first input's dtype (as the fake says)
+                outs.append(inputs[0].new_empty(0) if ref is None else _fresh(g, ref, seen))
         return tuple(outs)
 
     def bwd_fake(grads, *op_values):
         a = spec.Args._make(full(op_values, bwd_args))
-        outs = []
+        first, outs = _tensors(op_values)[0], []
         for i in spec.grads:
             ref = a[i]
             if args[i].type == "Tensor[]":
                 outs.append([_like(r) for r in ref])
             else:
-                outs.append(grads[0].new_empty(0) if ref is None else _like(ref))
+                outs.append(first.new_empty(0) if ref is None else _like(ref))
         return tuple(outs)
 
     bwd = torch.library.custom_op(
@@ -375,6 +383,12 @@ def _register(spec: OpSpec, ns: str, tags: tuple):
     op.register_autograd(backward, setup_context=setup_context)
     op.backward_op = bwd
     return op
+
+
+def _tensors(values) -> list[torch.Tensor]:
+    """The tensors among op argument values, lists flattened, in order."""
+    flat = [t for v in values for t in (v if isinstance(v, (list, tuple)) else [v])]
+    return [t for t in flat if isinstance(t, torch.Tensor)]
 
 
 def _like(ref: torch.Tensor) -> torch.Tensor:

@@ -158,3 +158,57 @@ def test_fused_op_schemas_are_stable():
     )
     assert BN_ACT.backward_schema().endswith("-> (Tensor, Tensor, Tensor)")
     assert BN_ACT_CONV.backward_schema().endswith("-> (Tensor, Tensor, Tensor, Tensor[], Tensor[])")
+
+
+def test_op_backward_with_an_empty_tensor_list():
+    """No conv has a bias (ResNet-38's case): the op path's backward returns an empty list for ``conv_biases``."""
+    spec = toy_spec()
+    op = spec.register("widedeep_opspec_test")
+    x, w, bias, _ = _inputs(True)
+    y, g = _run(lambda x, w, b, ws: op(x, w, b, ws, 0.5), (x, w, bias, []))
+    want_y, want_g = _run(lambda x, w, b, ws: _reference(x, w, b, ws, 0.5), (x, w, bias, []))
+    for a, b in zip(y + g, want_y + want_g):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_is_refused_clearly():
+    """The generated backward is not differentiable: create_graph=True raises instead of a silently wrong result."""
+    spec = toy_spec()
+    x, w, bias, ws = _inputs(True)
+    x.requires_grad_()
+    y = spec.apply(x, w, bias, ws, 0.5, "eager")[0].square().sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y, x, create_graph=True)
+
+
+def test_bn_act_backward_op_fake_matches_real_without_affine():
+    """An absent gamma/beta: the backward op's real and fake outputs agree (dtype included) under autocast-like
+    dtypes (x fp32, y bf16)."""
+    from kernels import ops
+
+    bn = torch.nn.BatchNorm2d(4, affine=False)
+    x = torch.randn(2, 4, 3, 3)
+    stats = ops.stats_of(x, bn, "torch")
+    dy = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)
+    args = ([dy], x, stats, None, None, True, "torch", torch.bfloat16, "relu", 0.01)
+    torch.library.opcheck(ops.bn_act_backward, args)
+
+
+def test_sync_block_compiles_fullgraph_as_the_first_call(tmp_path):
+    """SyncBN blocks keep the eager Function under torch.compile (a process group is no op argument): Dynamo
+    traces it, so it must exist before the first call (no exec/type() inside the trace). A fresh interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch, torch.nn as nn, kernels\n"
+        "bn = nn.BatchNorm2d(4)\n"
+        "f = torch.compile(lambda x: kernels.bn_relu(x, bn, backend='torch', sync=True).sum(), backend='eager',"
+        " fullgraph=True)\n"
+        "print('ok', float(f(torch.randn(2, 4, 3, 3))))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
