@@ -145,9 +145,7 @@ def _dropout_mask(x: torch.Tensor, dropout: float) -> tuple[torch.Tensor | None,
         return None, 1.0
     keep = 1.0 - dropout
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        mask = mask.contiguous(memory_format=torch.channels_last)
-    return mask, keep
+    return mask.contiguous(memory_format=memory_format(x)), keep  # a no-op for NCHW x
 
 
 def _igemm_supported(convs: Sequence[nn.Conv2d], dropout: float, sync: bool) -> str | None:
