@@ -806,6 +806,13 @@ def _act_grad_torch(z: torch.Tensor, dy: torch.Tensor, act: int, slope: float) -
     return dy
 
 
+def _param_rows(red: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgamma, dbeta): rows 2 and 3 of the (4, C) backward sums, as views. One ``unbind`` costs about half of two
+    ``red[i]`` indexings (Python's ``__getitem__`` parses its index) on this hot path."""
+    r = red.unbind(0)
+    return r[2], r[3]
+
+
 def _backward_triton(x, dy, p: BNParams, need_dx: bool, do_sync: bool, process_group, sums, act: int):
     x, channels_last = as_nchw_or_nhwc(x)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -857,12 +864,12 @@ def _backward_triton(x, dy, p: BNParams, need_dx: bool, do_sync: bool, process_g
             g.merge_k,
         )
         if write_dx or not need_dx:
-            return dx, red[2], red[3]
+            return (dx, *_param_rows(red))
     else:  # (sum g, sum g*(x-mean)) from elsewhere (the implicit-GEMM dgrad epilogue), (C,) or (K, C) partials
         sum_g, sum_gx = (s.float().sum(0) if s.dim() == 2 else s.float() for s in sums)
         red = torch.stack([sum_g, sum_gx, sum_gx * p.rstd.float(), sum_g])
         if not need_dx:
-            return None, red[2], red[3]
+            return (None, *_param_rows(red))
     if do_sync:  # parameter gradients (rows 2, 3) stay local (DDP averages them); dx uses the group-wide sums
         torch.distributed.all_reduce(red[:2], group=process_group)
     slot = geo.slot(
@@ -892,7 +899,7 @@ def _backward_triton(x, dy, p: BNParams, need_dx: bool, do_sync: bool, process_g
         geo.block_r,
         geo.block_l,
     )
-    return dx, red[2], red[3]
+    return (dx, *_param_rows(red))
 
 
 def bn_relu_backward(

@@ -66,6 +66,20 @@ def test_smoke_counts_launches_and_ops(smoke):
     assert "Triton launches" in stdout and "targets:" in stdout
 
 
+def test_smoke_floor_probe_makes_the_fused_launches(smoke):
+    """The floor probe (a hand-written Function: the fused BN-ReLU-conv's allocations, launches and convolutions
+    only) makes exactly the fused call's Triton launches, so its time is a fair floor for the fused path."""
+    res, stdout = smoke
+    f = res.get("floor")
+    if f is None:
+        pytest.skip(next((n for n in res["notes"] if n.startswith("floor probe")), "no floor probe"))
+    assert sum(f["launches_fused"].values()) == 5
+    assert f["launches_floor"] == f["launches_fused"]
+    assert f["eager_us"] > 0 and f["fused_us"] > 0 and f["floor_us"] > 0
+    assert f["floor_ratio"] == pytest.approx(f["floor_us"] / f["eager_us"], abs=2e-3)
+    assert "floor probe (BN-ReLU-conv)" in stdout
+
+
 def test_smoke_checks_agree_with_values(smoke):
     res, _ = smoke
     t = res["targets"]
